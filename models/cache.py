@@ -1,0 +1,118 @@
+"""Static-shape caches: explicit pytrees, one dict per layer, no hidden counters.
+
+Layouts (heads first, as Hugging Face, LiteRT-LM and ONNX Runtime's GroupQueryAttention expect):
+  global attention layer: {"k", "v"}: [B, K, max_len, D]; row r holds position r.
+  local attention layer:  {"k", "v"}: [B, K, R, D] with R = min(window, max_len), a ring buffer;
+                          position p lives in row p % R.
+  recurrent layer:        {"conv": [B, conv_width - 1, lru_width] (last raw conv inputs, oldest
+                          first), "rg_lru": [B, lru_width] float32}.
+Nothing in a cache records positions: the caller passes the chunk's start position, and every
+row's position follows from it (see `ring_positions`). That keeps caches exactly the tensors a
+runtime passes in and out.
+
+Right-padded chunks: only the first `num_valid` tokens of a chunk are real. Pad tokens never
+write a ring row nor change a recurrent state. Global layers may write pad rows past the prompt:
+those rows hold positions after every real query and are overwritten before they become visible.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.config import LayerKind, ModelConfig
+
+Cache = tuple  # tuple of per-layer dicts
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> Cache:
+    """Zeroed caches for `batch` sequences of up to `max_len` tokens (default cfg.max_seq_len)."""
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    layers = []
+    for kind in cfg.layer_kinds:
+        if kind is LayerKind.RECURRENT:
+            rc = cfg.recurrent
+            layers.append({
+                "conv": jnp.zeros((batch, rc.conv_width - 1, rc.lru_width), dtype),
+                "rg_lru": jnp.zeros((batch, rc.lru_width), jnp.float32),
+            })
+        else:
+            shape = (batch, cfg.num_kv_heads, cfg.cache_len(kind, max_len), cfg.head_dim)
+            layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+    return tuple(layers)
+
+
+def cache_max_len(cfg: ModelConfig, cache: Cache) -> int | None:
+    """The context a cache was built for: its global layers' length (None if it has none)."""
+    for kind, layer in zip(cfg.layer_kinds, cache):
+        if kind is LayerKind.GLOBAL:
+            return layer["k"].shape[2]
+    return None
+
+
+def cache_bytes(cache: Cache) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+
+
+def ring_positions(start, rows: int):
+    """Absolute position held by each ring row before a chunk starting at `start` is written.
+
+    start: [B] int32 -> [B, rows]; -1 where the row was never written. Row r holds the latest
+    position p < start with p % rows == r.
+    """
+    last = start[:, None] - 1
+    pos = last - jnp.mod(last - jnp.arange(rows, dtype=start.dtype)[None, :], rows)
+    return jnp.where(pos >= 0, pos, -1)
+
+
+def write_ring(ring, chunk, start, num_valid):
+    """Write the valid tokens of a chunk into a ring buffer at rows (start + t) % R.
+
+    ring: [B, K, R, D]; chunk: [B, K, T, D]; start, num_valid: [B]. With T > R only the last R valid
+    tokens survive, as in a sequential write.
+    """
+    rows, t = ring.shape[2], chunk.shape[2]
+    if t == 1:  # decode: one row, never wraps -> a dynamic_update_slice per sequence
+        slot = jnp.mod(start, rows)
+        return _update_rows(ring, chunk, slot, num_valid > 0)
+    # row r receives the chunk token t_r = the last valid t with (start + t) % R == r
+    dist = jnp.mod(jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None], rows)  # [B, R]
+    nv = num_valid[:, None]
+    src = dist + rows * (jnp.maximum(nv - 1 - dist, 0) // rows)
+    gathered = jnp.take_along_axis(chunk, jnp.clip(src, 0, t - 1)[:, None, :, None], axis=2)
+    return jnp.where((dist < nv)[:, None, :, None], gathered, ring)
+
+
+def write_global(cache, chunk, start):
+    """Write a chunk into a full-length cache at rows start .. start + T - 1.
+
+    cache: [B, K, S, D]; chunk: [B, K, T, D]; start: [B]. Rows at or past S are dropped (they can
+    only hold pad tokens: callers check that real tokens fit). dynamic_update_slice clamps its
+    offset to S - T, so near the end the chunk is shifted to keep every row at its position.
+    """
+    s, t = cache.shape[2], chunk.shape[2]
+    if t > s:
+        raise ValueError(f"chunk of {t} tokens does not fit a cache of {s} positions")
+    if t == 1:
+        return _update_rows(cache, chunk, start, None)
+    offset = jnp.minimum(start, s - t)
+    shift = start - offset  # > 0 only when the chunk runs past the end
+    src = jnp.arange(t, dtype=start.dtype)[None, :] - shift[:, None]  # [B, T]
+    moved = jnp.take_along_axis(chunk, jnp.clip(src, 0, t - 1)[:, None, :, None], axis=2)
+    old = jnp.stack([
+        jax.lax.dynamic_slice_in_dim(cache[i], offset[i], t, axis=1) for i in range(cache.shape[0])
+    ])
+    rows = jnp.where((src >= 0)[:, None, :, None], moved, old)
+    return _update_rows(cache, rows, offset, None)
+
+
+def _update_rows(cache, rows, offset, keep_new):
+    """Per sequence: cache[i, :, offset[i]:offset[i]+T] = rows[i] (old rows where keep_new is False)."""
+    out = []
+    for i in range(cache.shape[0]):
+        new = rows[i]
+        if keep_new is not None:
+            old = jax.lax.dynamic_slice_in_dim(cache[i], offset[i], new.shape[1], axis=1)
+            new = jnp.where(keep_new[i], new, old)
+        out.append(jax.lax.dynamic_update_slice_in_dim(cache[i], new.astype(cache.dtype), offset[i], 1))
+    return jnp.stack(out)

@@ -1,0 +1,26 @@
+"""Gemma 2 and Gemma 3 decoder layer (MODEL_SPEC 1.7): pre- and post-norms around attention and
+the GeGLU MLP. Gemma 2 and 3 differ only in config data (soft-caps, QK-norm, pattern, RoPE)."""
+
+from __future__ import annotations
+
+from models.attention import attention_block
+from models.config import LayerKind, ModelConfig
+from models.layers import Params, dense, gelu_tanh, rms_norm
+
+
+def geglu_mlp(p: Params, x):
+    """down(gelu_tanh(gate(x)) * up(x)), biases where the family has them."""
+    gate = dense(x, p["mlp.gate"], p.get("mlp.gate_bias"))
+    up = dense(x, p["mlp.up"], p.get("mlp.up_bias"))
+    return dense(gelu_tanh(gate) * up, p["mlp.down"], p.get("mlp.down_bias"))
+
+
+def gemma_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, start, num_valid,
+                cache: dict):
+    eps = cfg.norm_eps
+    h = rms_norm(x, p["pre_attn_norm"], eps)
+    a, cache = attention_block(p, cfg, kind, h, positions, start, num_valid, cache)
+    x = x + rms_norm(a, p["post_attn_norm"], eps)
+    h = rms_norm(x, p["pre_ffw_norm"], eps)
+    x = x + rms_norm(geglu_mlp(p, h), p["post_ffw_norm"], eps)
+    return x, cache

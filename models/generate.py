@@ -1,0 +1,136 @@
+"""Reference generation in JAX: chunked prefill into static caches, then one-token decode steps.
+
+Sampling: greedy (temperature 0), or temperature with optional top-k and top-p, reproducible from
+a seed. Prompts of different lengths share a batch: each row is right-padded and decodes at its
+own position, so no row ever sees padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.cache import init_cache
+from models.config import ModelConfig
+from models.model import activation_dtype, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+GREEDY = Sampling()
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt, without the stop token
+    stopped: list[bool]  # True where a stop token ended the row (else max_new_tokens did)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _forward(params, cfg, tokens, start, cache, num_valid):
+    return forward(params, cfg, tokens, start, cache, num_valid)
+
+
+def sample(logits, key, sampling: Sampling, vocab_limit: int | None = None):
+    """logits [B, V] -> token ids [B]. Rows past vocab_limit (placeholder rows) are never picked."""
+    logits = logits.astype(jnp.float32)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        sorted_logits = jnp.where(before < sampling.top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(
+            sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             *, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] | None = None,
+             max_len: int | None = None, prefill_chunk: int | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt (lists of token ids, BOS included).
+
+    max_len: the context (global cache length); default the config's max_seq_len. A prompt plus
+    max_new_tokens beyond it is an error. prefill_chunk: prefill in chunks of this many tokens
+    (default: the whole prompt at once). stop_tokens default to the config's (EOS, and
+    <end_of_turn> for instruction-tuned models).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (BOS)")
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
+            f"{max_len}; shorten the prompt, lower max_new_tokens or raise max_len"
+        )
+    if stop_tokens is None:
+        stop_tokens = cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,)
+    stop = np.array(sorted(set(stop_tokens)), np.int32)
+    batch = len(prompts)
+    cache = init_cache(cfg, batch, min(max_len, longest + max_new_tokens), activation_dtype(params))
+
+    # prefill: right-padded chunks; each row keeps the logits of its last prompt token
+    chunk = longest if prefill_chunk is None else prefill_chunk
+    padded = np.zeros((batch, -(-longest // chunk) * chunk), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    last_logits = np.zeros((batch, cfg.vocab_size), np.float32)
+    for s in range(0, longest, chunk):
+        valid = np.clip(lengths - s, 0, chunk)
+        logits, cache = _forward(params, cfg, jnp.asarray(padded[:, s:s + chunk]),
+                                 jnp.full((batch,), s, jnp.int32), cache, jnp.asarray(valid))
+        ends = (lengths > s) & (lengths <= s + chunk)
+        if ends.any():
+            at = np.asarray(logits)[np.arange(batch), np.clip(lengths - 1 - s, 0, chunk - 1)]
+            last_logits[ends] = at[ends]
+
+    key = jax.random.PRNGKey(sampling.seed)
+    out = [[] for _ in prompts]
+    done = np.zeros(batch, bool)
+    stopped = np.zeros(batch, bool)
+    pos = lengths.copy()
+    logits = jnp.asarray(last_logits)
+    for step in range(max_new_tokens):
+        token = np.asarray(sample(logits, jax.random.fold_in(key, step), sampling, cfg.sample_vocab_size))
+        hit = np.isin(token, stop) & ~done
+        for i in np.flatnonzero(~done & ~hit):
+            out[i].append(int(token[i]))
+        stopped |= hit
+        done |= hit
+        if done.all() or step == max_new_tokens - 1:
+            break
+        step_logits, cache = _forward(params, cfg, jnp.asarray(token[:, None]), jnp.asarray(pos), cache,
+                                      jnp.ones((batch,), jnp.int32))
+        logits = step_logits[:, 0]
+        pos = pos + 1
+    return Generation(tokens=out, stopped=stopped.tolist())
+

@@ -1,0 +1,68 @@
+"""Checkpoint loading: `load_checkpoint(path, model=None)` -> (config, params).
+
+Formats, detected from the folder:
+  Hugging Face: model.safetensors or sharded with model.safetensors.index.json (bf16/f16/f32),
+                config from its config.json unless a model name is given;
+  official:     an Orbax PyTree checkpoint (Gemma 2/3 flat or nested layout, RecurrentGemma);
+                these carry no config, so a model name is required.
+Every tensor is checked against the config before data is read; the first missing, unexpected or
+mis-shaped tensor is a one-line CheckpointError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.errors import CheckpointError
+from models.hf_config import config_from_hf
+from models.loaders import hf, official
+from models.loaders.common import assemble
+from models.loaders.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
+from models.registry import get_config
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        raise CheckpointError(f"{path}: pass the checkpoint folder, not a file inside it")
+    if (path / INDEX_FILE).exists() or any(path.glob("*.safetensors")):
+        return "hf"
+    if official.looks_official(path):
+        return "official"
+    raise CheckpointError(
+        f"{path}: neither *.safetensors (Hugging Face) nor an Orbax checkpoint (official Flax) found"
+    )
+
+
+def resolve_config(path: Path, model: str | ModelConfig | None, fmt: str) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    if model is not None:
+        return get_config(model)
+    if fmt == "official":
+        raise CheckpointError(f"{path}: official checkpoints carry no config.json; pass --model NAME")
+    return config_from_hf(path)
+
+
+def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float32,
+                    ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Load a checkpoint folder as (config, flat params of `dtype`)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    cfg = resolve_config(path, model, fmt)
+    if fmt == "hf":
+        with SafetensorsCheckpoint(path) as reader:
+            params = assemble(cfg, reader, hf.hf_sources(cfg, reader), dtype=dtype,
+                              ignore=hf.is_ignored, where=str(path))
+    else:
+        reader = official.OrbaxReader(path)
+        params = assemble(cfg, reader, official.official_sources(cfg, reader), dtype=dtype,
+                          ignore=official.is_ignored, where=str(path))
+    return cfg, params
+
+
+__all__ = ["load_checkpoint", "detect_format", "CheckpointError"]

@@ -1,0 +1,105 @@
+"""Hugging Face safetensors checkpoints (Gemma2ForCausalLM, Gemma3ForCausalLM,
+Gemma3ForConditionalGeneration's text part, RecurrentGemmaForCausalLM): MODEL_SPEC 6.2, 6.3.
+
+Our parameter layout is HF's ([out, in] matmul weights), so almost every tensor maps one to one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from models.config import Family, ModelConfig
+from models.loaders.common import Source, TensorReader
+from models.params import param_shapes
+
+# HF names of a Gemma 2/3 layer's tensors, relative to `{prefix}layers.{i}.`
+_GEMMA_LAYER = {
+    "pre_attn_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "pre_ffw_norm": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm": "post_feedforward_layernorm.weight",
+    "attn.q": "self_attn.q_proj.weight",
+    "attn.k": "self_attn.k_proj.weight",
+    "attn.v": "self_attn.v_proj.weight",
+    "attn.o": "self_attn.o_proj.weight",
+    "attn.q_norm": "self_attn.q_norm.weight",
+    "attn.k_norm": "self_attn.k_norm.weight",
+    "mlp.gate": "mlp.gate_proj.weight",
+    "mlp.up": "mlp.up_proj.weight",
+    "mlp.down": "mlp.down_proj.weight",
+}
+
+_GRIFFIN_LAYER = {
+    "temporal_pre_norm": "temporal_pre_norm.weight",
+    "channel_pre_norm": "channel_pre_norm.weight",
+    "attn.q": "temporal_block.q_proj.weight",
+    "attn.k": "temporal_block.k_proj.weight",
+    "attn.v": "temporal_block.v_proj.weight",
+    "attn.o": "temporal_block.o_proj.weight",
+    "attn.o_bias": "temporal_block.o_proj.bias",
+    "rec.linear_x": "temporal_block.linear_x.weight",
+    "rec.linear_x_bias": "temporal_block.linear_x.bias",
+    "rec.linear_y": "temporal_block.linear_y.weight",
+    "rec.linear_y_bias": "temporal_block.linear_y.bias",
+    "rec.linear_out": "temporal_block.linear_out.weight",
+    "rec.linear_out_bias": "temporal_block.linear_out.bias",
+    "rec.conv_w": "temporal_block.conv_1d.weight",
+    "rec.conv_bias": "temporal_block.conv_1d.bias",
+    "rec.a_param": "temporal_block.rg_lru.recurrent_param",
+    "rec.input_gate": "temporal_block.rg_lru.input_gate_weight",
+    "rec.input_gate_bias": "temporal_block.rg_lru.input_gate_bias",
+    "rec.a_gate": "temporal_block.rg_lru.recurrent_gate_weight",
+    "rec.a_gate_bias": "temporal_block.rg_lru.recurrent_gate_bias",
+    "mlp.gate": "mlp_block.gate_proj.weight",
+    "mlp.gate_bias": "mlp_block.gate_proj.bias",
+    "mlp.up": "mlp_block.up_proj.weight",
+    "mlp.up_bias": "mlp_block.up_proj.bias",
+    "mlp.down": "mlp_block.down_proj.weight",
+    "mlp.down_bias": "mlp_block.down_proj.bias",
+}
+
+
+def _conv_from_hf(w: np.ndarray) -> np.ndarray:
+    """HF depthwise Conv1d weight [C, 1, W] -> ours [W, C]."""
+    return w[:, 0, :].T
+
+
+_TRANSFORMS = {"rec.conv_w": _conv_from_hf}
+
+# Text-decoder prefixes: text-only models, transformers <= 4.51 multimodal, >= 4.52 multimodal.
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+# Tensors an HF checkpoint may hold that the text decoder does not use: the tied LM head and the
+# Gemma 3 vision tower and projector (loaded by the vision model, not here).
+_IGNORED = re.compile(
+    r"^(lm_head\.weight|language_model\.lm_head\.weight|(model\.)?(vision_tower|multi_modal_projector)\..*)$"
+)
+
+
+def detect_prefix(names: list[str]) -> str:
+    names = set(names)
+    for prefix in _PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            return prefix
+    return "model."
+
+
+def hf_sources(cfg: ModelConfig, reader: TensorReader) -> dict[str, Source]:
+    prefix = detect_prefix(reader.names())
+    final = "final_norm.weight" if cfg.family is Family.RECURRENTGEMMA else "norm.weight"
+    layer_names = _GRIFFIN_LAYER if cfg.family is Family.RECURRENTGEMMA else _GEMMA_LAYER
+    sources = {}
+    for ours in param_shapes(cfg):
+        if ours == "embed":
+            sources[ours] = Source(prefix + "embed_tokens.weight")
+        elif ours == "final_norm":
+            sources[ours] = Source(prefix + final)
+        else:
+            _, i, leaf = ours.split(".", 2)
+            sources[ours] = Source(f"{prefix}layers.{i}.{layer_names[leaf]}", _TRANSFORMS.get(leaf))
+    return sources
+
+
+def is_ignored(name: str) -> bool:
+    return bool(_IGNORED.match(name))

@@ -1,0 +1,173 @@
+"""Memory-lean reading and writing of safetensors files, single or sharded.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON ({name: {dtype, shape,
+data_offsets: [begin, end]}} plus optional "__metadata__"), then the raw tensor bytes. Reading
+memory-maps the file and converts one tensor at a time; after a tensor is converted its pages are
+dropped from the process (madvise DONTNEED), so peak memory is the converted parameters plus about
+one tensor, never a second copy of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from models.errors import CheckpointError
+
+_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class SafetensorsFile:
+    """One memory-mapped .safetensors file: `names()`, `shape(name)`, `read(name, dtype)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (header runs past the end)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if self._base + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file: tensor '{name}' needs bytes up to "
+                    f"{self._base + end}, the file has {size}; re-download or re-save the checkpoint"
+                )
+            if entry["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+        self._file = open(self.path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return _DTYPES[self._entries[name]["dtype"]]
+
+    def read(self, name: str, dtype=None) -> np.ndarray:
+        """The tensor as a fresh (writable, owned) array, converted to `dtype` if given."""
+        entry = self._entries[name]
+        begin, end = (self._base + o for o in entry["data_offsets"])
+        src = np.frombuffer(self._map, dtype=self.dtype(name), count=(end - begin) // self.dtype(name).itemsize,
+                            offset=begin).reshape(entry["shape"])
+        out = src.astype(dtype or src.dtype, copy=True)
+        del src
+        self._drop_pages(begin, end)
+        return out
+
+    def _drop_pages(self, begin: int, end: int):
+        page = mmap.PAGESIZE
+        start = begin - begin % page
+        if hasattr(self._map, "madvise") and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self):
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a checkpoint folder (model.safetensors or a sharded index) by name."""
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        index = folder / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (folder / shard).exists():
+                    raise CheckpointError(f"{folder}: shard '{shard}' named in {INDEX_FILE} is missing")
+        else:
+            shards = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{folder}: no *.safetensors files")
+        self._files = [SafetensorsFile(folder / s) for s in shards]
+        self._where = {n: f for f in self._files for n in f.names()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
+    def read(self, name: str, dtype=None) -> np.ndarray:
+        return self._where[name].read(name, dtype)
+
+    def close(self):
+        for f in self._files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):
+    """Write tensors as one .safetensors file, atomically (temp file, then rename)."""
+    path = Path(path)
+    header, offset = {}, 0
+    for name, arr in tensors.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
+def iter_tensors(ckpt: SafetensorsCheckpoint, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    for name in ckpt.names():
+        yield name, ckpt.read(name, dtype)

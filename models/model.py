@@ -1,0 +1,68 @@
+"""The model: embedding, the layer stack of a family, final norm, tied unembedding.
+
+`forward` is the one code path for prefill of T tokens at any start position and for one-token
+decode; a full-sequence forward is a prefill at position 0 into a fresh cache.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from models.cache import Cache, cache_max_len
+from models.config import Family, ModelConfig
+from models.gemma import gemma_layer
+from models.griffin import griffin_layer
+from models.layers import F32, Params, rms_norm, softcap
+
+_LAYER_FNS = {
+    Family.GEMMA2: gemma_layer,
+    Family.GEMMA3: gemma_layer,
+    Family.RECURRENTGEMMA: griffin_layer,
+}
+
+
+def activation_dtype(params: dict):
+    """bf16 weights compute in bf16 (with f32 accumulation and f32 norms/softmax); f16 and f32
+    weights compute in f32 (f16 activations overflow in Gemma: MODEL_SPEC 8.3 item 12)."""
+    return jnp.bfloat16 if params["embed"].dtype == jnp.bfloat16 else F32
+
+
+def embed_tokens(params: dict, cfg: ModelConfig, tokens):
+    """tokens [B, T] -> [B, T, E], scaled by sqrt(E) rounded as the reference does."""
+    dtype = activation_dtype(params)
+    x = jnp.take(params["embed"], tokens, axis=0, mode="clip").astype(dtype)
+    return x * jnp.asarray(cfg.embed_scale(dtype), dtype)
+
+
+def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None):
+    """Run T tokens through the model, reading and writing the caches.
+
+    params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
+    position of tokens[:, 0]; cache: from `init_cache`; num_valid: [B] or scalar, how many
+    tokens of each row are real (the rest is right padding that must not touch the caches;
+    default T). Returns (logits [B, T, V] float32, new cache).
+    """
+    b, t = tokens.shape
+    start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
+    nv = jnp.broadcast_to(jnp.asarray(t if num_valid is None else num_valid, jnp.int32), (b,))
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    max_len = cache_max_len(cfg, cache)
+    if max_len is not None and t > max_len:
+        raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
+
+    layer_fn = _LAYER_FNS[cfg.family]
+    x = embed_tokens(params, cfg, tokens)
+    new_cache = []
+    for i, kind in enumerate(cfg.layer_kinds):
+        x, layer_cache = layer_fn(Params(params, f"layers.{i}."), cfg, kind, x, positions, start, nv,
+                                  cache[i])
+        new_cache.append(layer_cache)
+    return unembed(params, cfg, x), tuple(new_cache)
+
+
+def unembed(params: dict, cfg: ModelConfig, x):
+    """Final norm, tied output projection, final soft-cap. x [B, T, E] -> logits [B, T, V] f32."""
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    table = params["embed"].astype(x.dtype)
+    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=F32)
+    return softcap(logits, cfg.final_softcap)
