@@ -146,7 +146,7 @@ def _gemma(raw, name, family, defaults, instruction_tuned, file, vision=None) ->
             types = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(layers)]
     kinds = {"sliding_attention": LayerKind.LOCAL, "full_attention": LayerKind.GLOBAL}
     try:
-        pattern = tuple(kinds[t] for t in types)
+        pattern = _shortest_period(tuple(kinds[t] for t in types))
     except KeyError as e:
         raise ConfigError(f"{file}: unknown layer type {e}") from None
     if raw.get("use_bidirectional_attention"):
@@ -173,6 +173,14 @@ def _gemma(raw, name, family, defaults, instruction_tuned, file, vision=None) ->
         instruction_tuned=instruction_tuned, vision=vision,
         sample_vocab_size=GEMMA3_TEXT_VOCAB if vision and vocab > GEMMA3_TEXT_VOCAB else None,
     )
+
+
+def _shortest_period(kinds: tuple) -> tuple:
+    """The shortest prefix whose tiling gives the whole per-layer list (the pattern as data)."""
+    for p in range(1, len(kinds) + 1):
+        if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
+            return kinds[:p]
+    return kinds
 
 
 def _griffin(raw, name, instruction_tuned, file) -> ModelConfig:

@@ -1,0 +1,99 @@
+"""Shared fixtures: jitted model calls and tiny random Hugging Face checkpoints (the oracle)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from models.cache import init_cache  # noqa: E402
+from models.model import forward  # noqa: E402
+
+FAMILIES = ("gemma2", "gemma3", "recurrentgemma")
+TINY = {f: f"{f}-tiny" for f in FAMILIES}
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def jit_forward(params, cfg, tokens, start, cache, num_valid):
+    return forward(params, cfg, tokens, start, cache, num_valid)
+
+
+def full_logits(params, cfg, tokens, max_len=64):
+    """Logits of a whole sequence: one prefill at position 0 into a fresh cache. [B, T, V]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    cache = init_cache(cfg, b, max_len)
+    logits, _ = jit_forward(params, cfg, tokens, jnp.zeros(b, jnp.int32), cache,
+                            jnp.full(b, t, jnp.int32))
+    return np.asarray(logits)
+
+
+def random_tokens(n, vocab=256, seed=0, batch=1):
+    return np.random.default_rng(seed).integers(3, vocab, (batch, n)).astype(np.int32)
+
+
+# ---- Hugging Face oracle ------------------------------------------------------------------------
+def hf_config(family: str, **overrides):
+    """A transformers config with the same architecture as our `{family}-tiny`."""
+    import transformers as tf
+
+    if family == "gemma2":
+        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=5.0,
+                  final_logit_softcapping=3.0, max_position_embeddings=128)
+        return tf.Gemma2Config(**{**kw, **overrides})
+    if family == "gemma3":
+        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  query_pre_attn_scalar=16, sliding_window=8, max_position_embeddings=128,
+                  rope_parameters={
+                      "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        return tf.Gemma3TextConfig(**{**kw, **overrides})
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=2 * 192, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=1, attention_window_size=8)
+    return tf.RecurrentGemmaConfig(**{**kw, **overrides})
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    """A tiny random HF causal LM (fp32, eager attention) with weights large enough that every
+    feature matters: norm scales ~ N(0, 0.1) instead of HF's zeros, weights ~ N(0, 1/fan_in)."""
+    import torch
+    import transformers as tf
+
+    cls = {"gemma2": tf.Gemma2ForCausalLM, "gemma3": tf.Gemma3ForCausalLM,
+           "recurrentgemma": tf.RecurrentGemmaForCausalLM}[family]
+    cfg = hf_config(family, **overrides)
+    cfg._attn_implementation = "eager"  # soft-capping needs eager attention
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.1)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 1.0 / np.sqrt(p.shape[-1]))
+            else:
+                p.normal_(0.0, 0.05)
+    model.generation_config.eos_token_id = None  # random models: generate the full length
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{family: (folder, torch model)}: tiny random HF models saved with save_pretrained."""
+    out = {}
+    for family in FAMILIES:
+        model = hf_model(family)
+        folder = tmp_path_factory.mktemp(f"hf-{family}")
+        model.save_pretrained(folder)
+        out[family] = (folder, model)
+    return out
