@@ -131,6 +131,6 @@ def get_config(name: str) -> ModelConfig:
         close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(
-            f"unknown model '{name}'{hint} (see --list-models, or pass --checkpoint with a "
+            f"unknown model '{name}'{hint} (see `python -m models list`, or pass --checkpoint with a "
             "config.json)"
         ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -11,6 +12,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import sentencepiece  # noqa: E402
 
 from models.cache import init_cache  # noqa: E402
 from models.model import forward  # noqa: E402
@@ -97,3 +99,57 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(folder)
         out[family] = (folder, model)
     return out
+
+
+# ---- a tiny Gemma-style SentencePiece model -------------------------------------------------------
+_WORDS = (
+    "the a an quick brown fox jumps over lazy dog model user hello world how are "
+    "you today I am fine thank what is your name my tokenizer test gemma chat "
+    "turn write short poem about sea sky river answer question please explain "
+    "why this that it was good bad small large number one two three"
+).split()
+
+
+def tiny_corpus(n_lines: int = 400) -> list[str]:
+    """A deterministic English-ish corpus for training the tiny model."""
+    rng = random.Random(1234)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 9999)))
+        line = " ".join(words)
+        lines.append(line[0].upper() + line[1:] + rng.choice(".?!,"))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """Path of a tiny Gemma-style SentencePiece model trained for the session."""
+    out = tmp_path_factory.mktemp("spm")
+    prefix = out / "tiny"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()),
+        model_prefix=str(prefix),
+        # byte_fallback reserves 256 byte pieces, so the vocab must exceed
+        # 256 + meta pieces + corpus characters (about 300).
+        vocab_size=360,
+        model_type="bpe",
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        num_threads=1,
+        minloglevel=2,
+    )
+    return out / "tiny.model"

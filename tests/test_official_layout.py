@@ -82,7 +82,7 @@ def rg_oracle(tmp_path_factory):
     model = rg.Griffin(gcfg)
     tokens = jnp.asarray(random_tokens(RG_T, seed=1))  # the oracle type-checks for jax arrays
     segment_pos = jnp.broadcast_to(jnp.arange(RG_T, dtype=jnp.int32), (B, RG_T))
-    variables = model.init(jax.random.PRNGKey(0), tokens[:, :1], segment_pos[:, :1])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:, :1], segment_pos[:, :1])
 
     # Norm scales and biases initialise at zero: perturb them so that every parameter matters.
     # a_param keeps its init (a stable recurrence, a in [0.9, 0.999]).
@@ -240,7 +240,8 @@ def official_flat(cfg, params, *, prefix="transformer/", transposed_gating=False
     tree = {f"{prefix}embedder": {"input_embedding": embed},
             f"{prefix}final_norm": {"scale": params["final_norm"]}}
     for i in range(cfg.num_layers):
-        for path, leaves in official_layer(cfg, params, i, transposed_gating=transposed_gating).items():
+        layer = official_layer(cfg, params, i, transposed_gating=transposed_gating)
+        for path, leaves in layer.items():
             tree[f"{prefix}layer_{i}/{path}"] = leaves
     return jax.tree.map(lambda x: np.asarray(x, dtype), tree)
 
@@ -390,14 +391,32 @@ def test_official_checkpoint_needs_a_model_name(rg_oracle, gemma_params, tmp_pat
         load_checkpoint(folder)
 
 
-def test_wrong_shape_names_tensor_and_expected_shape(gemma_params, tmp_path):
+@pytest.mark.parametrize("tensor, bad_shape, official_shape", [
+    ("layer_1/attn/q_einsum", (5, 64, 16), (4, 64, 16)),  # one head too many
+    ("layer_1/attn/q_einsum", (8, 64, 8), (4, 64, 16)),  # same size: a reshape alone accepts it
+    ("layer_3/attn/kv_einsum", (2, 2, 64, 8), (2, 2, 64, 16)),
+    ("layer_0/attn/attn_vec_einsum", (4, 64, 16), (4, 16, 64)),  # [H, E, D] instead of [H, D, E]
+    ("layer_5/mlp/gating_einsum", (3, 128, 64), (2, 128, 64)),  # w[0], w[1] alone accept it
+    ("layer_6/mlp/linear", (64, 128), (128, 64)),  # [E, F]: named in the official layout
+])
+def test_wrong_shape_names_tensor_and_expected_shape(gemma_params, tmp_path, tensor, bad_shape,
+                                                      official_shape):
     cfg, params = gemma_params["gemma3-tiny"]
     tree = official_flat(cfg, params)
-    tree["transformer/layer_1/attn/q_einsum"]["w"] = np.zeros((5, 64, 16), np.float32)  # H + 1
+    tree[f"transformer/{tensor}"]["w"] = np.zeros(bad_shape, np.float32)
     message = _load_error(tmp_path, tree)
-    assert "layer_1/attn/q_einsum/w" in message
-    assert "[5, 64, 16]" in message  # what the checkpoint has
-    assert f"[{cfg.num_heads * cfg.head_dim}, {cfg.embed_dim}]" in message  # what layers.1.attn.q needs
+    assert f"'{tensor}/w'" in message
+    assert str(tmp_path) in message  # the checkpoint folder
+    assert "[" + ", ".join(map(str, bad_shape)) + "]" in message  # what the checkpoint has
+    assert "[" + ", ".join(map(str, official_shape)) + "]" in message  # what the model needs
+
+
+def test_wrong_shape_of_a_plain_tensor(gemma_params, tmp_path):
+    cfg, params = gemma_params["gemma2-tiny"]
+    tree = official_flat(cfg, params)
+    tree["transformer/layer_1/pre_ffw_norm"]["scale"] = np.zeros(63, np.float32)
+    message = _load_error(tmp_path, tree, "gemma2-tiny")
+    assert "'layer_1/pre_ffw_norm/scale'" in message and "[63]" in message and "[64]" in message
 
 
 def test_wrong_embedding_rows_is_an_error(gemma_params, tmp_path):

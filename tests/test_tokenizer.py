@@ -9,25 +9,17 @@ no text normalization.
 from __future__ import annotations
 
 import enum
-import random
 import shutil
 
 import pytest
+import sentencepiece
 
-sentencepiece = pytest.importorskip("sentencepiece")
-
-from models.tokenizer import (  # noqa: E402
+from conftest import tiny_corpus
+from models.tokenizer import (
     Tokenizer,
     apply_chat_template,
     normalize_family,
 )
-
-_WORDS = (
-    "the a an quick brown fox jumps over lazy dog model user hello world how are "
-    "you today I am fine thank what is your name my tokenizer test gemma chat "
-    "turn write short poem about sea sky river answer question please explain "
-    "why this that it was good bad small large number one two three"
-).split()
 
 ROUND_TRIP_TEXTS = [
     "hello world",
@@ -43,51 +35,6 @@ USER_ASSISTANT = [
     {"role": "user", "content": "Hello there!"},
     {"role": "assistant", "content": "Hi. How can I help?"},
 ]
-
-
-def _corpus(n_lines: int = 400) -> list[str]:
-    """A deterministic English-ish corpus for training the tiny model."""
-    rng = random.Random(1234)
-    lines = []
-    for _ in range(n_lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
-        if rng.random() < 0.3:
-            words.append(str(rng.randint(0, 9999)))
-        line = " ".join(words)
-        lines.append(line[0].upper() + line[1:] + rng.choice(".?!,"))
-    return lines
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory):
-    """Path of a tiny Gemma-style SentencePiece model trained for the session."""
-    out = tmp_path_factory.mktemp("spm")
-    prefix = out / "tiny"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_prefix=str(prefix),
-        # byte_fallback reserves 256 byte pieces, so the vocab must exceed
-        # 256 + meta pieces + corpus characters (about 300).
-        vocab_size=360,
-        model_type="bpe",
-        add_dummy_prefix=False,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        num_threads=1,
-        minloglevel=2,
-    )
-    return out / "tiny.model"
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +69,7 @@ def test_special_ids(tok):
 
 def test_turn_ids_are_none_without_turn_pieces(tmp_path):
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(100)),
+        sentence_iterator=iter(tiny_corpus(100)),
         model_prefix=str(tmp_path / "plain"),
         vocab_size=100,
         model_type="bpe",

@@ -21,10 +21,13 @@ PADDING_EMBED_ROWS = (64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where a parameter comes from: a source tensor name and a layout transform."""
+    """Where a parameter comes from: a source tensor name, a layout transform, and the stored
+    shape the transform expects where it matters (an einsum weight that is indexed and reshaped
+    could otherwise crash, or silently accept a permuted tensor with the same element count)."""
 
     name: str
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    shape: tuple[int, ...] | None = None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return x if self.transform is None else self.transform(x)
@@ -40,9 +43,13 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def _shape_after(src: Source, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape `src.transform` gives, computed on a zero-stride stand-in (no memory)."""
-    return tuple(src.apply(np.broadcast_to(np.zeros((), np.float32), shape)).shape)
+def _shape_after(src: Source, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape `src.transform` gives, computed on a zero-stride stand-in (no memory); None if
+    the transform cannot take a tensor of that shape."""
+    try:
+        return tuple(src.apply(np.broadcast_to(np.zeros((), np.float32), shape)).shape)
+    except (ValueError, IndexError):
+        return None
 
 
 def assemble(cfg: ModelConfig, reader: TensorReader, sources: dict[str, Source], *,
@@ -61,10 +68,18 @@ def assemble(cfg: ModelConfig, reader: TensorReader, sources: dict[str, Source],
             raise CheckpointError(
                 f"{where}: missing tensor '{src.name}' (expected for {ours}, shape {_fmt(shape)}); {hint}"
             )
-        got = _shape_after(src, reader.shape(src.name))
-        if got != shape and not _is_padded_embedding(ours, got, shape):
+        stored = reader.shape(src.name)
+        if src.shape is not None:
+            if stored != src.shape:
+                raise CheckpointError(
+                    f"{where}: tensor '{src.name}' has shape {_fmt(stored)}, expected "
+                    f"{_fmt(src.shape)} for {cfg.name}; {hint}"
+                )
+            continue
+        got = _shape_after(src, stored)
+        if got != shape and not (got and _is_padded_embedding(ours, got, shape)):
             raise CheckpointError(
-                f"{where}: tensor '{src.name}' has shape {_fmt(reader.shape(src.name))}, expected "
+                f"{where}: tensor '{src.name}' has shape {_fmt(stored)}, expected "
                 f"{_fmt(shape)} after layout conversion for {cfg.name}; {hint}"
             )
     used = {s.name for s in sources.values()}

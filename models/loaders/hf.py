@@ -66,7 +66,12 @@ def _conv_from_hf(w: np.ndarray) -> np.ndarray:
     return w[:, 0, :].T
 
 
+def _conv_to_hf(w: np.ndarray) -> np.ndarray:
+    return w.T[:, None, :]
+
+
 _TRANSFORMS = {"rec.conv_w": _conv_from_hf}
+_INVERSE = {"rec.conv_w": _conv_to_hf}
 
 # Text-decoder prefixes: text-only models, transformers <= 4.51 multimodal, >= 4.52 multimodal.
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -86,7 +91,10 @@ def detect_prefix(names: list[str]) -> str:
 
 
 def hf_sources(cfg: ModelConfig, reader: TensorReader) -> dict[str, Source]:
-    prefix = detect_prefix(reader.names())
+    return _sources(cfg, detect_prefix(reader.names()))
+
+
+def _sources(cfg: ModelConfig, prefix: str) -> dict[str, Source]:
     final = "final_norm.weight" if cfg.family is Family.RECURRENTGEMMA else "norm.weight"
     layer_names = _GRIFFIN_LAYER if cfg.family is Family.RECURRENTGEMMA else _GEMMA_LAYER
     sources = {}
@@ -103,3 +111,13 @@ def hf_sources(cfg: ModelConfig, reader: TensorReader) -> dict[str, Source]:
 
 def is_ignored(name: str) -> bool:
     return bool(_IGNORED.match(name))
+
+
+def to_hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our parameters under HF names and layouts (text-only model, `model.` prefix)."""
+    out = {}
+    for ours, src in _sources(cfg, "model.").items():
+        leaf = ours.split(".", 2)[-1]
+        inverse = _INVERSE.get(leaf)
+        out[src.name] = np.ascontiguousarray(inverse(params[ours]) if inverse else params[ours])
+    return out

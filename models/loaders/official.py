@@ -102,7 +102,9 @@ def _gemma_sources(cfg: ModelConfig, reader) -> dict[str, Source]:
         # [2, F, E] in every checkpoint except Gemma 2 2B's [2, E, F] (MODEL_SPEC 1.6)
         name = f"layer_{i}/mlp/gating_einsum/w"
         transposed = name in reader.names() and reader.shape(name) == (2, e, f) and e != f
-        return Source(name, (lambda w: w[branch].T) if transposed else (lambda w: w[branch]))
+        if transposed:
+            return Source(name, lambda w: w[branch].T, (2, e, f))
+        return Source(name, lambda w: w[branch], (2, f, e))
 
     leaf_sources = {
         "pre_attn_norm": ("pre_attention_norm/scale", None),
@@ -120,6 +122,12 @@ def _gemma_sources(cfg: ModelConfig, reader) -> dict[str, Source]:
         "attn.k_norm": ("attn/_key_norm/scale", None),
         "mlp.down": ("mlp/linear/w", lambda w: w.T),  # [F, E] -> [E, F]
     }
+    einsum_shapes = {  # official shapes (MODEL_SPEC 6.1)
+        "attn/q_einsum/w": (h, e, d),
+        "attn/kv_einsum/w": (2, k, e, d),
+        "attn/attn_vec_einsum/w": (h, d, e),
+        "mlp/linear/w": (f, e),
+    }
     sources = {
         "embed": Source("embedder/input_embedding"),
         "final_norm": Source("final_norm/scale"),
@@ -132,7 +140,7 @@ def _gemma_sources(cfg: ModelConfig, reader) -> dict[str, Source]:
             sources[ours] = gating(i, 1 if leaf == "mlp.up" else 0)
         else:
             name, transform = leaf_sources[leaf]
-            sources[ours] = Source(f"layer_{i}/{name}", transform)
+            sources[ours] = Source(f"layer_{i}/{name}", transform, einsum_shapes.get(name))
     return sources
 
 
