@@ -109,9 +109,9 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
         logits, cache = _forward(params, cfg, jnp.asarray(padded[:, s:s + chunk]),
                                  jnp.full((batch,), s, jnp.int32), cache, jnp.asarray(valid))
         ends = (lengths > s) & (lengths <= s + chunk)
-        if ends.any():
-            at = np.asarray(logits)[np.arange(batch), np.clip(lengths - 1 - s, 0, chunk - 1)]
-            last_logits[ends] = at[ends]
+        if ends.any():  # copy back only the rows of last prompt tokens, not [B, chunk, V]
+            at = logits[jnp.arange(batch), jnp.asarray(np.clip(lengths - 1 - s, 0, chunk - 1))]
+            last_logits[ends] = np.asarray(at)[ends]
 
     key = jax.random.PRNGKey(sampling.seed)
     out = [[] for _ in prompts]

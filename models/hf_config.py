@@ -96,17 +96,23 @@ def _has_chat_template(folder: Path) -> bool:
         return False
 
 
+# Keys whose explicit null means "off" rather than "use the default".
+_NULLABLE = frozenset({"final_logit_softcapping", "attn_logit_softcapping", "logits_soft_cap"})
+
+
 def _getter(raw: dict, defaults: dict):
     def get(key):
-        value = raw.get(key, defaults.get(key))
-        return defaults.get(key) if value is None and key in defaults else value
+        if key in raw and (raw[key] is not None or key in _NULLABLE):
+            return raw[key]
+        return defaults.get(key)
     return get
 
 
 def _check_activation(get, file):
     act = get("hidden_activation") or get("hidden_act")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ConfigError(f"{file}: hidden_activation '{act}' is not Gemma's tanh GELU; is this a Gemma config?")
+        raise ConfigError(
+            f"{file}: hidden_activation '{act}' is not Gemma's tanh GELU; is this a Gemma config?")
 
 
 def _tokens(get, end_of_turn_default: int | None) -> SpecialTokens:

@@ -119,3 +119,38 @@ def test_chunk_longer_than_cache_is_an_error(family):
     cache = init_cache(cfg, 1, 16)
     with pytest.raises(ValueError, match="longer than the cache"):
         jit_forward(params, cfg, jnp.asarray(random_tokens(17)), jnp.array([0]), cache, jnp.array([17]))
+
+
+def test_bf16_weights_compute_in_bf16_close_to_f32(model):
+    """bf16 parameters run the bf16 path (bf16 caches, f32 norms/softmax/logits) and stay close
+    to the f32 model."""
+    import ml_dtypes
+
+    cfg, params = model
+    half = {k: v.astype(ml_dtypes.bfloat16) for k, v in params.items()}
+    rounded = {k: v.astype(np.float32) for k, v in half.items()}
+    tokens = random_tokens(TOTAL)
+    cache = init_cache(cfg, 1, MAX_LEN, jnp.bfloat16)
+    logits, new_cache = jit_forward(half, cfg, jnp.asarray(tokens), jnp.array([0]), cache,
+                                    jnp.array([TOTAL]))
+    assert logits.dtype == jnp.float32
+    for layer in new_cache:
+        for name, x in layer.items():
+            assert x.dtype == (jnp.float32 if name == "rg_lru" else jnp.bfloat16), name
+    ref = full_logits(rounded, cfg, tokens, MAX_LEN)
+    rel_rms = np.sqrt(np.mean((np.asarray(logits) - ref) ** 2) / np.mean(ref**2))
+    assert rel_rms < 3e-2, rel_rms
+    assert np.mean(np.asarray(logits).argmax(-1) == ref.argmax(-1)) > 0.8
+
+
+def test_a_used_cache_restarts_at_position_zero(model):
+    """Starting a new sequence at position 0 ignores whatever a cache holds: stale attention rows
+    are masked by position, conv taps before position 0 are zero, the RG-LRU state resets."""
+    cfg, params = model
+    tokens = random_tokens(12, seed=5)
+    fresh = full_logits(params, cfg, tokens, MAX_LEN)
+    cache = init_cache(cfg, 1, MAX_LEN)
+    _, used = jit_forward(params, cfg, jnp.asarray(random_tokens(12, seed=6)), jnp.array([0]), cache,
+                          jnp.array([12]))
+    again, _ = jit_forward(params, cfg, jnp.asarray(tokens), jnp.array([0]), used, jnp.array([12]))
+    np.testing.assert_allclose(np.asarray(again), fresh, atol=1e-5)

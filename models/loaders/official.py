@@ -47,7 +47,8 @@ class OrbaxReader:
         try:
             meta = self._checkpointer.metadata(self.path)
         except Exception as e:  # orbax raises many types for a folder it cannot read
-            raise CheckpointError(f"{self.path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
+            raise CheckpointError(
+                f"{self.path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
         tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         self._shapes = {normalize(_join(k)): tuple(m.shape) for k, m in flat}

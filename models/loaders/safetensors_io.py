@@ -13,7 +13,6 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -79,7 +78,8 @@ class SafetensorsFile:
         """The tensor as a fresh (writable, owned) array, converted to `dtype` if given."""
         entry = self._entries[name]
         begin, end = (self._base + o for o in entry["data_offsets"])
-        src = np.frombuffer(self._map, dtype=self.dtype(name), count=(end - begin) // self.dtype(name).itemsize,
+        dtype_in = self.dtype(name)
+        src = np.frombuffer(self._map, dtype=dtype_in, count=(end - begin) // dtype_in.itemsize,
                             offset=begin).reshape(entry["shape"])
         out = src.astype(dtype or src.dtype, copy=True)
         del src
@@ -167,7 +167,3 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
             f.write(np.ascontiguousarray(arr).tobytes())
     os.replace(tmp, path)
 
-
-def iter_tensors(ckpt: SafetensorsCheckpoint, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    for name in ckpt.names():
-        yield name, ckpt.read(name, dtype)
