@@ -1,7 +1,9 @@
 """The attention block shared by Gemma 2/3 layers and RecurrentGemma's local-attention blocks.
 
-Projections and RoPE happen here; the core (`layers.attention_core`) sees q, the keys/values it may
-attend and their positions. Cache handling by layer kind:
+Projections, RoPE and the mask happen here; the core is the `odml.scaled_dot_product_attention`
+composite (models/fused.py), which takes q [B, T, N, H], the keys/values it may attend
+[B, S, Nkv, H] and an additive mask. Caches are [B, Nkv, rows, H] (heads first); they are
+transposed to the composite's layout (a reshape when Nkv == 1). Cache handling by layer kind:
   GLOBAL: write the chunk into the full-length cache first, then attend over all of it.
   LOCAL:  attend over concat(ring before the write, chunk), then write the chunk into the ring.
           The ring keeps the previous R positions, so a chunk of any length (also one that wraps
@@ -14,7 +16,8 @@ import jax.numpy as jnp
 
 from models.cache import ring_positions, write_global, write_ring
 from models.config import LayerKind, ModelConfig
-from models.layers import Params, apply_rope, attention_core, dense, rms_norm
+from models.fused import attention_mask, scaled_dot_product_attention
+from models.layers import Params, apply_rope, dense, rms_norm
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, positions, start,
@@ -31,22 +34,25 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, positions, 
     base, scale = cfg.rope_params(kind)
     q = apply_rope(q, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
     k = apply_rope(k, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
-    # [B, T, K, D] -> [B, K, T, D], the cache layout
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
     core = dict(scale=cfg.query_scale, logit_cap=cfg.attn_softcap)
     if kind is LayerKind.GLOBAL:
-        ck, cv = write_global(cache["k"], k, start), write_global(cache["v"], v, start)
+        # [B, T, K, D] -> [B, K, T, D], the cache layout; write first, then attend over the cache
+        ck = write_global(cache["k"], k.transpose(0, 2, 1, 3), start)
+        cv = write_global(cache["v"], v.transpose(0, 2, 1, 3), start)
         rows = ck.shape[2]
         k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
-        out = attention_core(q, ck, cv, positions, k_pos, **core)
+        keys, values = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
+        mask = attention_mask(positions, k_pos)
     else:
+        # attend over the ring as it was plus the chunk, then write the chunk into the ring
         ring_k, ring_v = cache["k"], cache["v"]
         k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
-        keys = jnp.concatenate([ring_k.astype(k.dtype), k], axis=2)
-        values = jnp.concatenate([ring_v.astype(v.dtype), v], axis=2)
-        out = attention_core(q, keys, values, positions, k_pos, window_span=cfg.window_span, **core)
-        ck, cv = write_ring(ring_k, k, start, num_valid), write_ring(ring_v, v, start, num_valid)
+        keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
+        mask = attention_mask(positions, k_pos, cfg.window_span)
+        ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
+        cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
+    out = scaled_dot_product_attention(q, keys, values, mask, **core)
     # [B, T, H, D] -> [B, T, H*D]
     out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
     return out, {"k": ck, "v": cv}

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from models.attention import attention_block
 from models.config import LayerKind, ModelConfig
+from models.fused import linear_recurrence
 from models.gemma import geglu_mlp
 from models.layers import F32, Params, dense, gelu_tanh, rms_norm
 
@@ -81,22 +82,5 @@ def rg_lru(p: Params, cfg: ModelConfig, u, positions, valid, state):
     a = jnp.where(reset, 0.0, a)
     keep = valid[..., None]
     a, x = jnp.where(keep, a, 1.0), jnp.where(keep, x, 0.0)
-    y, last = linear_scan(a, x, state.astype(F32))
+    y, last = linear_recurrence(a, x, state)
     return y.astype(u.dtype), last
-
-
-def linear_scan(a, x, h0):
-    """h_t = a_t * h_{t-1} + x_t over axis 1, in f32. a, x: [B, T, C]; h0: [B, C].
-
-    Returns (all h_t [B, T, C], h_T [B, C]).
-    """
-    if a.shape[1] == 1:
-        h = a[:, 0] * h0 + x[:, 0]
-        return h[:, None], h
-
-    def step(h, ax):
-        h = ax[0] * h + ax[1]
-        return h, h
-
-    last, hs = jax.lax.scan(step, h0, (a.swapaxes(0, 1), x.swapaxes(0, 1)))
-    return hs.swapaxes(0, 1), last

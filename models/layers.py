@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models import fused
+
 F32 = jnp.float32
-# Masked attention logits are *replaced* by this value (the official implementations' K_MASK).
-MASK_VALUE = -2.3819763e38
 
 
 class Params:
@@ -43,11 +43,9 @@ def dense(x, w, bias=None):
 
 
 def rms_norm(x, scale, eps: float = 1e-6):
-    """Gemma RMSNorm with a (1 + scale) gain; statistics in f32 (MODEL_SPEC 1.1)."""
-    xf = x.astype(F32)
-    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-    y = xf * jax.lax.rsqrt(var + eps)
-    return (y * (1.0 + scale.astype(F32))).astype(x.dtype)
+    """Gemma RMSNorm with a (1 + scale) gain; statistics in f32 (MODEL_SPEC 1.1). The gain is
+    formed outside the `odml.rms_norm` composite, whose second operand is the multiplier."""
+    return fused.rms_norm(x, 1.0 + scale.astype(F32), eps)
 
 
 def gelu_tanh(x):
@@ -78,28 +76,3 @@ def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int |
     a, b, rest = xf[..., :half], xf[..., half:rope_dim], xf[..., rope_dim:]
     out = jnp.concatenate([a * cos - b * sin, b * cos + a * sin, rest], axis=-1)
     return out.astype(x.dtype)
-
-
-def attention_core(q, k, v, q_pos, k_pos, *, scale: float, logit_cap: float | None = None,
-                   window_span: int | None = None):
-    """Scaled dot-product attention with GQA, soft-cap, causal and sliding-window masks.
-
-    q: [B, T, H, D]; k, v: [B, K, S, D]; q_pos: [B, T] and k_pos: [B, S] absolute positions
-    (k_pos < 0 marks an empty cache slot). A key is visible iff 0 <= k_pos <= q_pos and, with a
-    window, k_pos > q_pos - window_span. Query head n reads kv head n // G (contiguous groups).
-    Returns [B, T, H, D] in v's dtype.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[1]
-    # [B, T, H, D] -> [B, T, K, G, D]
-    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=F32) * scale
-    logits = softcap(logits, logit_cap)
-    kp, qp = k_pos[:, None, :], q_pos[:, :, None]  # [B, 1, S], [B, T, 1]
-    visible = (kp >= 0) & (kp <= qp)
-    if window_span is not None:
-        visible &= kp > qp - window_span
-    logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=F32)
-    return out.reshape(b, t, h, d).astype(v.dtype)

@@ -12,6 +12,7 @@ from models.cache import Cache, cache_max_len
 from models.config import Family, ModelConfig
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
+from models.fused import embedding_lookup
 from models.layers import F32, Params, rms_norm, softcap
 
 _LAYER_FNS = {
@@ -30,17 +31,20 @@ def activation_dtype(params: dict):
 def embed_tokens(params: dict, cfg: ModelConfig, tokens):
     """tokens [B, T] -> [B, T, E], scaled by sqrt(E) rounded as the reference does."""
     dtype = activation_dtype(params)
-    x = jnp.take(params["embed"], tokens, axis=0, mode="clip").astype(dtype)
+    x = embedding_lookup(params["embed"], tokens).astype(dtype)
     return x * jnp.asarray(cfg.embed_scale(dtype), dtype)
 
 
-def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None):
+def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
+            last_only: bool = False):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
     position of tokens[:, 0]; cache: from `init_cache`; num_valid: [B] or scalar, how many
     tokens of each row are real (the rest is right padding that must not touch the caches;
-    default T). Returns (logits [B, T, V] float32, new cache).
+    default T). Returns (logits [B, T, V] float32, new cache); with last_only, logits
+    [B, 1, V] of each row's last real token (a prefill needs no more, and the vocabulary
+    projection of every position is the most expensive part of a long prefill).
     """
     b, t = tokens.shape
     start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
@@ -57,6 +61,8 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
         x, layer_cache = layer_fn(Params(params, f"layers.{i}."), cfg, kind, x, positions, start, nv,
                                   cache[i])
         new_cache.append(layer_cache)
+    if last_only:  # [B, T, E] -> [B, 1, E]
+        x = jnp.take_along_axis(x, jnp.maximum(nv - 1, 0)[:, None, None], axis=1)
     return unembed(params, cfg, x), tuple(new_cache)
 
 

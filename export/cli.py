@@ -1,0 +1,182 @@
+"""`python -m export`: model -> signatures -> StableHLO -> artifact -> parity gate.
+
+  python -m export --model gemma3-270m --random-init 0 --target tflite
+  python -m export --checkpoint ./gemma-3-1b-it --target tflite --max-seq-len 4096 --prefill-lens 32,128
+  python -m export --list-models
+
+Bad input exits 2 with one line naming the problem and the fix; a parity failure exits 1 and says
+where (signature, step, error). Artifacts are written to a temporary name and renamed, so a
+failed or interrupted export never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = ("f32", "bf16", "f16")
+# The gate compares with the source model holding the stored weights (f32 compute in both), so one
+# tolerance serves every stored dtype: relative RMS error of logits, identical greedy tokens.
+TOLERANCE = 1e-4
+GREEDY_STEPS = 64
+
+
+class Stage:
+    """Prints `[stage] ... done in N s` around a block."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        print(f"[{self.name}] ...", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"[{self.name}] done in {time.perf_counter() - self.t0:.1f} s", flush=True)
+
+
+def progress(i: int, n: int, label: str):
+    width = 24
+    filled = int(width * i / n)
+    end = "\n" if i == n else ""
+    print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label:<24}", end=end, flush=True)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="registry name; optional with a --checkpoint holding config.json")
+    ap.add_argument("--checkpoint", type=Path, help="HF safetensors or official Orbax folder")
+    ap.add_argument("--random-init", type=int, metavar="SEED", help="random weights (architecture dry run)")
+    ap.add_argument("--target", choices=["tflite"], default="tflite")
+    ap.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
+    ap.add_argument("--max-seq-len", type=int, help="context of the global caches (default min(4096, model's))")
+    ap.add_argument("--prefill-lens", default="32,128", help="comma-separated prefill signature lengths")
+    ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype")
+    ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
+    ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
+    ap.add_argument("--list-models", action="store_true", help="print the registry and exit")
+    return ap.parse_args(argv)
+
+
+def load_source(args):
+    from models import get_config, init_params, load_checkpoint
+
+    if args.checkpoint is not None:
+        if args.random_init is not None:
+            raise ValueError("pass either --checkpoint or --random-init, not both")
+        return load_checkpoint(args.checkpoint, args.model)
+    if args.model is None:
+        raise ValueError("pass --model NAME (see --list-models) or --checkpoint PATH")
+    if args.random_init is None:
+        raise ValueError(f"no weights for {args.model}: pass --checkpoint PATH, or --random-init SEED "
+                         "for an architecture dry run")
+    cfg = get_config(args.model)
+    return cfg, init_params(cfg, args.random_init)
+
+
+def check_output(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable; pass --out to a writable folder")
+
+
+def parse_prefill_lens(text: str, max_len: int) -> list[int]:
+    try:
+        lens = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--prefill-lens '{text}' is not a comma-separated list of integers") from None
+    for t in lens:
+        if t < 2 or t > max_len:
+            raise ValueError(f"prefill length {t} must be between 2 and the context ({max_len}); "
+                             "lower --prefill-lens or raise --max-seq-len")
+    return lens
+
+
+def verify_prompts(cfg, max_len: int, lens: list[int], steps: int) -> list[list[int]]:
+    """Prompts that cross the sliding window and wrap the ring during decode: a long one (two
+    prefill chunks when they fit), a short one; tokens drawn from the vocabulary after BOS."""
+    rng = np.random.default_rng(0)
+    window = cfg.sliding_window
+    # decode from window - steps/2 onwards crosses the window and wraps the local rings
+    long_len = min(max(lens[-1] + lens[0] // 2, window - steps // 2), max_len - steps)
+    short_len = min(max(3, window // 2), max_len - steps)
+    prompts = []
+    for n in (long_len, short_len):
+        if n >= 1:
+            p = rng.integers(3, cfg.vocab_size, n).tolist()
+            p[0] = cfg.tokens.bos
+            prompts.append(p)
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.list_models:
+        from models.__main__ import cmd_list
+
+        return cmd_list(args)
+    from export.pipeline import export_tflite
+
+    check_output(args.out)
+    with Stage("load"):
+        cfg, params = load_source(args)
+        n = sum(p.size for p in params.values())
+        print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters")
+    max_len = args.max_seq_len or min(4096, cfg.max_seq_len)
+    if max_len < 2:
+        raise ValueError(f"--max-seq-len {max_len} is too small")
+    lens = parse_prefill_lens(args.prefill_lens, max_len)
+    result = export_tflite(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
+                           dtype=args.dtype, stage=Stage, progress=progress)
+    print(result.summary())
+    if args.no_verify:
+        return 0
+    from runtime_py import load
+    from runtime_py.jax_backend import jax_session
+    from runtime_py.parity import parity
+
+    steps = max(1, min(args.verify_steps, max_len - 4))
+    with Stage("verify"):
+        session = load(result.path)
+        ref_params = result.reference_params
+        reference = jax_session(cfg, ref_params, lens, max_len)
+        report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
+        tol, greedy = TOLERANCE, min(GREEDY_STEPS, steps)
+        ok = report.passes(tol, greedy)
+        parity_path = result.path.with_suffix(".parity.json")
+        tmp = parity_path.with_name(parity_path.name + ".tmp")
+        tmp.write_text(report.to_json(artifact=result.path.name, tolerance_rel_rms=tol,
+                                      greedy_steps_required=greedy, passed=ok))
+        os.replace(tmp, parity_path)
+    worst = report.worst()
+    print(f"parity: max rel RMS {report.max_rel_rms:.2e} (tolerance {tol:.0e}), max abs "
+          f"{report.max_abs:.2e}, top-1 agreement {report.top1_agreement:.3f}, greedy match "
+          f"{report.greedy_match} of {report.decode_steps} -> {'PASS' if ok else 'FAIL'} ({parity_path})")
+    if not ok:
+        print(f"parity failed: worst at signature {worst.signature}, prompt {worst.prompt}, step "
+              f"{worst.step} (position {worst.position}): rel RMS {worst.rel_rms:.2e}, max abs "
+              f"{worst.max_abs:.2e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The export pipeline, target-independent up to the artifact writer: build signatures, choose the
+stored weight dtype, write the artifact with its metadata, describe it.
+
+Weight storage: `f32`, or `bf16` / `f16` with f32 compute (the casts are graph ops; 16-bit compute
+does not legalize and f16 activations overflow in Gemma). The embedding table stays f32 in every
+case: LiteRT's EMBEDDING_LOOKUP and GATHER_ND do not take 16-bit tables (its quantized forms come
+with the quantization recipes).
+The parity reference is the source model with the stored weights (rounded to the stored dtype,
+computing in f32), so the gate measures the lowering; the cost of 16-bit storage itself is
+measured by the quantization tooling.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from export.signatures import Signature, build_signature, state_names, state_specs
+from models.config import LayerKind, ModelConfig
+
+STORED = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16)}
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    cfg: ModelConfig
+    signatures: list[Signature]
+    stored_params: dict
+    reference_params: dict
+    max_len: int
+    dtype: str
+    seconds: dict
+
+    def summary(self) -> str:
+        from export.lowering.tflite.inspect import read
+
+        report = read(self.path)
+        weights = sum(v.nbytes for v in self.stored_params.values())
+        lines = [f"artifact: {self.path}",
+                 f"  size {report.file_bytes / 2**20:.1f} MiB, stored weights {weights / 2**20:.1f} MiB "
+                 f"({self.dtype}; ratio {report.file_bytes / weights:.3f})"]
+        for name, sig in report.signatures.items():
+            ins = {n: list(s) for n, s, _ in sig["inputs"]}
+            outs = {n: list(s) for n, s, _ in sig["outputs"]}
+            lines.append(f"  signature {name}: tokens{ins.pop('tokens')} input_pos{ins.pop('input_pos')} "
+                         f"+ {len(ins)} states -> logits{outs.pop('logits')} + {len(outs)} states")
+        decode = report.op_histogram.get("decode", {})
+        top = ", ".join(f"{op} {n}" for op, n in decode.most_common(12))
+        lines.append(f"  decode ops: {top}")
+        lines.append("  composites: " + ", ".join(f"{k} x{v}" for k, v in sorted(report.composites.items())))
+        if report.custom_ops:
+            lines.append(f"  CUSTOM ops: {dict(report.custom_ops)}")
+        lines.append("  state bytes by layer kind (context %d): %s" % (self.max_len, ", ".join(
+            f"{k} {v / 2**20:.2f} MiB" for k, v in state_bytes(self.cfg, self.max_len).items())))
+        lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def state_bytes(cfg: ModelConfig, max_len: int) -> dict[str, int]:
+    """Bytes of the state tensors per layer kind (f32)."""
+    kinds = cfg.layer_kinds
+    out = collections.Counter()
+    for (layer, _, _), spec in zip(state_names(cfg), state_specs(cfg, max_len)):
+        out[kinds[layer].value] += int(np.prod(spec.shape)) * spec.dtype.itemsize
+    return dict(out)
+
+
+def stored_params(params: dict, dtype: str) -> dict:
+    target = STORED[dtype]
+    return {k: np.asarray(v) if k == "embed" or target == np.float32 else np.asarray(v).astype(target)
+            for k, v in params.items()}
+
+
+def metadata(cfg: ModelConfig, max_len: int, lens: list[int], dtype: str) -> str:
+    kinds = cfg.layer_kinds
+    states = [{"name": spec.name, "layer": layer, "kind": kinds[layer].value, "shape": list(spec.shape),
+               "dtype": str(spec.dtype)}
+              for (layer, _, _), spec in zip(state_names(cfg), state_specs(cfg, max_len))]
+    body = {
+        "format": FORMAT_VERSION, "model": cfg.name, "family": cfg.family.value,
+        "max_seq_len": max_len, "prefill_lengths": lens, "weight_dtype": dtype,
+        "vocab_size": cfg.vocab_size, "sample_vocab_size": cfg.sample_vocab_size,
+        "sliding_window": cfg.sliding_window, "instruction_tuned": cfg.instruction_tuned,
+        "bos": cfg.tokens.bos, "eos": cfg.tokens.eos, "stop_tokens": list(cfg.tokens.stop_ids()),
+        "states": states, "config": _config_dict(cfg),
+    }
+    return json.dumps(body, sort_keys=True)
+
+
+def _config_dict(cfg: ModelConfig) -> dict:
+    raw = dataclasses.asdict(cfg)
+    raw["layer_pattern"] = [k.value for k in cfg.layer_pattern]
+    raw["family"] = cfg.family.value
+    return raw
+
+
+def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, prefill_lens: list[int],
+                  dtype: str = "f32", stage=None, progress=None, name: str | None = None) -> ExportResult:
+    import time
+
+    from export.lowering.tflite.convert import convert
+
+    seconds = {}
+    signatures = [build_signature(cfg, t, max_len) for t in prefill_lens]
+    signatures.append(build_signature(cfg, 1, max_len))
+    stored = stored_params(params, dtype)
+    compute = None if dtype == "f32" else _upcast
+    path = Path(out_dir) / (name or f"{cfg.name}_{dtype}_ctx{max_len}.tflite")
+    t0 = time.perf_counter()
+    ctx = stage("convert") if stage else _null()
+    with ctx:
+        convert(signatures, stored, path, compute=compute, metadata=metadata(cfg, max_len, prefill_lens, dtype),
+                progress=progress)
+    seconds["convert"] = time.perf_counter() - t0
+    reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
+    return ExportResult(path, cfg, signatures, stored, reference, max_len, dtype, seconds)
+
+
+def _upcast(params: dict) -> dict:
+    import jax.numpy as jnp
+
+    return {k: v.astype(jnp.float32) for k, v in params.items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["ExportResult", "export_tflite", "state_bytes", "stored_params", "LayerKind"]

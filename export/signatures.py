@@ -1,0 +1,102 @@
+"""Signatures: the pure functions an artifact exports, with the tensor names of DESIGN section 5.
+
+  prefill_{T}(tokens int32[1, T], input_pos int32[T], *states) -> (logits f32[1, 1, V], *states)
+  decode     (tokens int32[1, 1], input_pos int32[1], *states) -> (logits f32[1, 1, V], *states)
+
+States, each both an input and an output of the same name, per layer i:
+  attention layer: kv_cache_k_{i}, kv_cache_v_{i}   [1, K, rows, D]  (rows = context for global
+                   layers, the window for local ones; see models/cache.py)
+  recurrent layer: conv_state_{i} [1, conv_width - 1, lru_width], rg_lru_state_{i} [1, lru_width] f32
+
+Prefill writes the cache rows of its chunk at input_pos[0] + t. Runtimes right-pad chunks; the real
+tokens are the leading run where input_pos[t] == input_pos[0] + t (pad entries, e.g. 0 or -1, end
+the run), so pad tokens never overwrite a ring row nor change a recurrent state. A prefill
+returns the logits of its last real token only (the vocabulary projection of every position would
+dominate a long prefill); decode returns the logits of its token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.cache import init_cache
+from models.config import LayerKind, ModelConfig
+from models.model import forward
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    name: str
+    length: int  # tokens per call (T)
+    inputs: tuple[TensorSpec, ...]  # in call order, after the weights
+    outputs: tuple[TensorSpec, ...]
+    fn: Callable  # fn(params, *inputs) -> tuple matching outputs
+
+    @property
+    def state_names(self) -> list[str]:
+        return [s.name for s in self.inputs[2:]]
+
+
+def state_names(cfg: ModelConfig) -> list[tuple[int, str, str]]:
+    """(layer, cache key, tensor name) of every state tensor, in signature order."""
+    names = []
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind is LayerKind.RECURRENT:
+            names += [(i, "conv", f"conv_state_{i}"), (i, "rg_lru", f"rg_lru_state_{i}")]
+        else:
+            names += [(i, "k", f"kv_cache_k_{i}"), (i, "v", f"kv_cache_v_{i}")]
+    return names
+
+
+def state_specs(cfg: ModelConfig, max_len: int, dtype=jnp.float32) -> list[TensorSpec]:
+    cache = init_cache_shapes(cfg, max_len, dtype)
+    return [TensorSpec(name, cache[i][key].shape, np.dtype(cache[i][key].dtype))
+            for i, key, name in state_names(cfg)]
+
+
+def init_cache_shapes(cfg: ModelConfig, max_len: int, dtype):
+    import jax
+
+    return jax.eval_shape(lambda: init_cache(cfg, 1, max_len, dtype))
+
+
+def valid_length(input_pos):
+    """Length of the leading run input_pos[t] == input_pos[0] + t: the chunk's real tokens."""
+    t = input_pos.shape[0]
+    run = input_pos == input_pos[0] + jnp.arange(t, dtype=input_pos.dtype)
+    return jnp.sum(jnp.cumprod(run.astype(jnp.int32)))
+
+
+def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float32,
+                    name: str | None = None) -> Signature:
+    """The prefill (length > 1) or decode (length == 1) signature for a context of max_len."""
+    if length < 1 or length > max_len:
+        raise ValueError(f"prefill length {length} must be between 1 and the context ({max_len})")
+    name = name or ("decode" if length == 1 else f"prefill_{length}")
+    states = state_specs(cfg, max_len, dtype)
+    layout = state_names(cfg)
+    inputs = (TensorSpec("tokens", (1, length), np.dtype(np.int32)),
+              TensorSpec("input_pos", (length,), np.dtype(np.int32)), *states)
+    outputs = (TensorSpec("logits", (1, 1, cfg.vocab_size), np.dtype(np.float32)), *states)
+
+    def fn(params, tokens, input_pos, *state_values):
+        cache = [dict() for _ in cfg.layer_kinds]
+        for (i, key, _), value in zip(layout, state_values):
+            cache[i][key] = value
+        nv = valid_length(input_pos)
+        logits, new_cache = forward(params, cfg, tokens, input_pos[:1], tuple(cache), nv[None],
+                                    last_only=True)
+        return (logits, *(new_cache[i][key] for i, key, _ in layout))
+
+    return Signature(name, length, inputs, outputs, fn)

@@ -1,0 +1,110 @@
+"""Fused ops: StableHLO composites with a reference decomposition (DESIGN section 3).
+
+Each op is a `jax.lax.composite`: JAX (and every runtime that does not know the name) runs the
+decomposition; a runtime or delegate that knows the name may swap in a fused kernel. Names,
+operand orders and attributes follow what LiteRT knows (litert-torch's conventions):
+
+  odml.embedding_lookup(ids int32[N], table[V, D]) -> [N, D]                  (no attributes)
+  odml.rms_norm(x[..., D], gain[D]) -> like x                                 epsilon: f32
+      gain is the *effective* multiplier (Gemma's 1 + scale is added outside the composite)
+  odml.scaled_dot_product_attention(q[B, T, N, H], k[B, S, Nkv, H], v[B, S, Nkv, H],
+                                    mask[B, 1, T, S] additive f32) -> [B, T, N, H]
+      scale: f32, logit_cap: f32 (absent when there is no soft-cap); soft-cap before the mask
+  gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> (h[B, T, C], h_T[B, C])
+      h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode)
+
+Rules that keep composites intact through conversion: no weights inside a composite (quantizers
+skip them), decompositions close over no arrays (closed-over constants would become extra leading
+operands), attributes are numpy f32 scalars.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+# Masked attention logits: the official implementations' K_MASK, as an additive f32 bias.
+MASK_VALUE = -2.3819763e38
+
+
+def embedding_lookup(table, ids):
+    """table [V, D], ids int [...] -> [..., D] (out-of-range ids clip)."""
+
+    def impl(flat_ids, tbl):
+        return jnp.take(tbl, flat_ids, axis=0, mode="clip")
+
+    flat = ids.reshape(-1).astype(jnp.int32)
+    out = jax.lax.composite(impl, name="odml.embedding_lookup")(flat, table)
+    return out.reshape(*ids.shape, table.shape[-1])
+
+
+def rms_norm(x, gain, eps: float):
+    """x * rsqrt(mean(x^2) + eps) * gain, statistics in f32."""
+
+    def impl(x, gain, *, epsilon):
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
+        return (y * gain.astype(F32)).astype(x.dtype)
+
+    return jax.lax.composite(impl, name="odml.rms_norm")(x, gain, epsilon=np.float32(eps))
+
+
+def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: float | None = None):
+    """q [B, T, N, H]; k, v [B, S, Nkv, H]; mask [B, 1, T, S] additive. -> [B, T, N, H].
+
+    Query head n reads kv head n // (N / Nkv) (contiguous groups).
+    """
+
+    def impl(q, k, v, mask, *, scale, logit_cap=None):
+        b, t, n, h = q.shape
+        kv = k.shape[2]
+        # [B, T, N, H] -> [B, T, Nkv, G, H]
+        qg = q.reshape(b, t, kv, n // kv, h)
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=F32) * scale
+        if logit_cap is not None:
+            logits = logit_cap * jnp.tanh(logits / logit_cap)
+        logits = logits + mask[:, :, None].astype(F32)  # [B, 1, 1, T, S] over kv heads and groups
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=F32)
+        return out.reshape(b, t, n, h).astype(v.dtype)
+
+    cap = None if logit_cap is None else np.float32(logit_cap)
+    return jax.lax.composite(impl, name="odml.scaled_dot_product_attention")(
+        q, k, v, mask, scale=np.float32(scale), logit_cap=cap)
+
+
+def attention_mask(q_pos, k_pos, window_span: int | None = None):
+    """Additive mask [B, 1, T, S]: 0 where 0 <= k_pos <= q_pos (and k_pos > q_pos - window_span),
+    MASK_VALUE elsewhere. q_pos [B, T], k_pos [B, S]; k_pos < 0 marks an empty cache row."""
+    kp, qp = k_pos[:, None, :], q_pos[:, :, None]
+    visible = (kp >= 0) & (kp <= qp)
+    if window_span is not None:
+        visible &= kp > qp - window_span
+    return jnp.where(visible, 0.0, MASK_VALUE).astype(F32)[:, None]
+
+
+def linear_recurrence(a, x, h0):
+    """h_t = a_t * h_{t-1} + x_t over axis 1 in f32. a, x [B, T, C]; h0 [B, C] -> (h, h_T).
+
+    A one-token call is a single multiply-add; a longer one a parallel (log-depth) scan, which has
+    a static graph (no while loop) and the same value up to f32 rounding.
+    """
+
+    def impl(a, x, h0):
+        if a.shape[1] == 1:
+            h = a[:, 0] * h0 + x[:, 0]
+            return h[:, None], h
+        # fold the initial state into the first step, then combine (a1, x1) o (a2, x2)
+        x = jnp.concatenate([x[:, :1] + a[:, :1] * h0[:, None], x[:, 1:]], axis=1)
+
+        def combine(left, right):
+            (a1, x1), (a2, x2) = left, right
+            return a1 * a2, a2 * x1 + x2
+
+        _, h = jax.lax.associative_scan(combine, (a, x), axis=1)
+        return h, h[:, -1]
+
+    return jax.lax.composite(impl, name="gemma_edge.linear_recurrence")(
+        a.astype(F32), x.astype(F32), h0.astype(F32))

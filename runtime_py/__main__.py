@@ -1,0 +1,69 @@
+"""`python -m runtime_py`: run an exported artifact.
+
+  python -m runtime_py generate --artifact artifacts/gemma3-1b_f32_ctx4096.tflite \
+      --tokenizer ./gemma-3-1b-it/tokenizer.model --prompt "Why is the sky blue?"
+
+Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
+--raw). Bad input exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_generate(args) -> int:
+    from models.generate import Sampling
+    from models.tokenizer import Tokenizer
+    from runtime_py import load
+
+    session = load(args.artifact, args.threads)
+    tok = Tokenizer(args.tokenizer)
+    meta = session.metadata
+    if meta.get("instruction_tuned") and not args.raw:
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], family=meta["family"])
+    else:
+        ids = tok.encode(args.prompt)
+    stops = meta.get("stop_tokens") if meta.get("instruction_tuned") else [meta.get("eos", tok.eos_id)]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    t0 = time.perf_counter()
+    out, printed = [], ""
+    for token in session.generate_stream(ids, args.max_new_tokens, sampling=sampling, stop_tokens=stops or ()):
+        out.append(token)
+        text = tok.decode(out)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    seconds = time.perf_counter() - t0
+    print(f"[{len(ids)} prompt tokens, {len(out)} generated in {seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime_py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from an artifact")
+    gen.add_argument("--artifact", type=Path, required=True)
+    gen.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.model or its folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--threads", type=int, help="interpreter threads (default: runtime's choice)")
+    args = ap.parse_args(argv)
+    try:
+        return cmd_generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Parity of an artifact session against the JAX reference on the same token stream.
+
+Both sessions see identical inputs: each prompt is prefilled with the artifact's own chunking
+(every prefill call is compared), then `decode_steps` tokens are decoded, each step fed the
+reference's greedy token (teacher forcing keeps the streams identical even after a mismatch).
+Per step: max abs error and relative RMS error of the logits, top-1 agreement, KL(ref || art).
+The greedy-match length counts the decode steps until the artifact's argmax first differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime_py.session import Session
+
+
+@dataclasses.dataclass
+class StepReport:
+    prompt: int
+    signature: str
+    step: int  # prefill chunk index, or decode step
+    position: int  # position of the last token fed
+    max_abs: float
+    rel_rms: float
+    top1_match: bool
+    kl: float
+
+
+@dataclasses.dataclass
+class ParityReport:
+    steps: list[StepReport]
+    greedy_match: list[int]  # per prompt: decode steps before the first argmax mismatch
+    decode_steps: int
+
+    @property
+    def max_rel_rms(self) -> float:
+        return max(s.rel_rms for s in self.steps)
+
+    @property
+    def max_abs(self) -> float:
+        return max(s.max_abs for s in self.steps)
+
+    @property
+    def top1_agreement(self) -> float:
+        return float(np.mean([s.top1_match for s in self.steps]))
+
+    def worst(self) -> StepReport:
+        return max(self.steps, key=lambda s: s.rel_rms)
+
+    def passes(self, rel_rms_tol: float, greedy_steps: int) -> bool:
+        return self.max_rel_rms <= rel_rms_tol and min(self.greedy_match) >= min(greedy_steps,
+                                                                                   self.decode_steps)
+
+    def to_json(self, **extra) -> str:
+        body = {"max_abs": self.max_abs, "max_rel_rms": self.max_rel_rms,
+                "top1_agreement": self.top1_agreement, "greedy_match": self.greedy_match,
+                "decode_steps": self.decode_steps, **extra,
+                "steps": [dataclasses.asdict(s) for s in self.steps]}
+        return json.dumps(body, indent=1)
+
+
+def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool, float]:
+    ref, art = ref.astype(np.float64), art.astype(np.float64)
+    max_abs = float(np.abs(ref - art).max())
+    rel_rms = float(np.sqrt(np.mean((ref - art) ** 2) / max(np.mean(ref**2), 1e-30)))
+    p = np.exp(ref - ref.max()); p /= p.sum()
+    log_p = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
+    log_q = art - art.max() - np.log(np.exp(art - art.max()).sum())
+    kl = float(np.sum(p * (log_p - log_q)))
+    return max_abs, rel_rms, bool(ref.argmax() == art.argmax()), kl
+
+
+def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int]],
+           decode_steps: int) -> ParityReport:
+    steps, greedy = [], []
+    for pi, prompt in enumerate(prompts):
+        reference.reset()
+        artifact.reset()
+        done = 0
+        for ci, (name, take) in enumerate(artifact.chunks(len(prompt))):
+            chunk = list(prompt[done:done + take])
+            ref, art = reference.prefill(chunk), artifact.prefill(chunk)
+            done += take
+            steps.append(StepReport(pi, name, ci, done - 1, *compare_logits(ref, art)))
+        matched = None
+        for d in range(decode_steps):
+            token = int(ref.argmax())
+            if matched is None and int(art.argmax()) != token:
+                matched = d
+            ref, art = reference.decode(token), artifact.decode(token)
+            steps.append(StepReport(pi, "decode", d, reference.position - 1, *compare_logits(ref, art)))
+        greedy.append(decode_steps if matched is None else matched)
+    return ParityReport(steps, greedy, decode_steps)

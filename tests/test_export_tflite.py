@@ -1,0 +1,178 @@
+"""TFLite export: all three tiny families export, pass the parity gate, run through runtime_py;
+graph checks; window-sized local caches; determinism; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import FAMILIES, TINY
+from export.cli import main as export_main
+from export.lowering.tflite.inspect import read
+from models import GREEDY, LayerKind, generate, get_config, init_params
+from runtime_py import ContextFullError, load
+
+MAX_LEN = 64
+LENS = "4,16"
+
+
+def export_args(model, out, *extra):
+    return ["--model", model, "--random-init", "0", "--out", str(out), "--max-seq-len", str(MAX_LEN),
+            "--prefill-lens", LENS, "--verify-steps", "40", *extra]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """{family: path}: each tiny family exported once (with the parity gate) for the module."""
+    out = tmp_path_factory.mktemp("artifacts")
+    paths = {}
+    for family in FAMILIES:
+        assert export_main(export_args(TINY[family], out)) == 0
+        paths[family] = out / f"{TINY[family]}_f32_ctx{MAX_LEN}.tflite"
+    return paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_gate_passed_and_was_written(artifacts, family):
+    report = json.loads(artifacts[family].with_suffix(".parity.json").read_text())
+    assert report["passed"] and report["max_rel_rms"] <= 1e-4
+    assert report["greedy_match"] == [40] * len(report["greedy_match"])
+    # the long verify prompt wraps the local rings while decoding past the window
+    window = get_config(TINY[family]).sliding_window
+    assert max(s["position"] for s in report["steps"]) > 2 * window
+    assert {s["signature"] for s in report["steps"]} >= {"prefill_4", "prefill_16", "decode"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_matches_the_jax_reference(artifacts, family):
+    cfg = get_config(TINY[family])
+    params = init_params(cfg, 0)
+    session = load(artifacts[family])
+    prompt = [2] + list(range(10, 31))  # 22 tokens: prefill_16 + prefill_16 (6 real, 10 pads)
+    ours = session.generate(prompt, 24, sampling=GREEDY)
+    ref = generate(params, cfg, [prompt], 24, stop_tokens=(), max_len=MAX_LEN)
+    assert ours == ref.tokens[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_ops(artifacts, family):
+    report = read(artifacts[family])
+    cfg = get_config(TINY[family])
+    n_attention = sum(k.is_attention for k in cfg.layer_kinds)
+    n_recurrent = sum(k is LayerKind.RECURRENT for k in cfg.layer_kinds)
+    n_global = sum(k is LayerKind.GLOBAL for k in cfg.layer_kinds)
+    signatures = len(report.signatures)
+    assert report.composites["odml.scaled_dot_product_attention"] == n_attention * signatures
+    assert report.composites["gemma_edge.linear_recurrence"] == n_recurrent * signatures
+    assert report.composites["odml.rms_norm"] > 0
+    assert not report.custom_ops
+    assert not report.transposed_weights  # matmul weights are stored [out, in]
+    for name in ("decode", "prefill_4", "prefill_16"):
+        ops = report.op_histogram[name]
+        assert ops["EMBEDDING_LOOKUP"] == 1
+        assert ops["FULLY_CONNECTED"] >= n_attention * 4
+        # cache writes: a dynamic_update_slice per K and V of global layers, and of local layers
+        # in decode (a prefill chunk that may wrap the ring is a gather + select)
+        writes = n_attention if name == "decode" else n_global
+        assert ops["DYNAMIC_UPDATE_SLICE"] >= 2 * writes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_caches_are_window_sized(artifacts, family):
+    cfg = get_config(TINY[family])
+    report = read(artifacts[family])
+    inputs = {n: shape for n, shape, _ in report.signatures["decode"]["inputs"]}
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind is LayerKind.RECURRENT:
+            assert inputs[f"rg_lru_state_{i}"] == (1, cfg.recurrent.lru_width)
+            assert inputs[f"conv_state_{i}"] == (1, cfg.recurrent.conv_width - 1, cfg.recurrent.lru_width)
+        else:
+            rows = cfg.sliding_window if kind is LayerKind.LOCAL else MAX_LEN
+            assert inputs[f"kv_cache_k_{i}"] == (1, cfg.num_kv_heads, rows, cfg.head_dim)
+    outputs = {n for n, _, _ in report.signatures["decode"]["outputs"]}
+    assert set(inputs) - {"tokens", "input_pos"} | {"logits"} == outputs  # states in = states out
+
+
+def test_metadata_describes_the_artifact(artifacts):
+    meta = read(artifacts["gemma3"]).metadata
+    assert meta["model"] == "gemma3-tiny" and meta["max_seq_len"] == MAX_LEN
+    assert meta["prefill_lengths"] == [4, 16] and meta["weight_dtype"] == "f32"
+    assert [s["name"] for s in meta["states"]][:2] == ["kv_cache_k_0", "kv_cache_v_0"]
+
+
+def test_same_input_gives_a_byte_identical_file(artifacts, tmp_path):
+    assert export_main(export_args("gemma2-tiny", tmp_path, "--no-verify")) == 0
+    again = tmp_path / f"gemma2-tiny_f32_ctx{MAX_LEN}.tflite"
+    assert again.read_bytes() == artifacts["gemma2"].read_bytes()
+
+
+def test_bf16_weights_stay_16_bit(tmp_path):
+    assert export_main(export_args("gemma3-tiny", tmp_path, "--dtype", "bf16")) == 0
+    report = read(tmp_path / f"gemma3-tiny_bf16_ctx{MAX_LEN}.tflite")
+    assert report.weight_bytes.get("BFLOAT16", 0) > report.weight_bytes.get("FLOAT32", 0) / 2
+
+
+def test_runtime_refuses_a_full_context(artifacts):
+    session = load(artifacts["gemma2"])
+    session.prefill(list(range(2, 2 + MAX_LEN - 1)))
+    session.decode(5)
+    with pytest.raises(ContextFullError, match="context full"):
+        session.decode(5)
+    with pytest.raises(ContextFullError, match="exceeds the context"):
+        session.generate([2] * 60, 10)
+
+
+def test_runtime_chunks_long_prompts(artifacts):
+    session = load(artifacts["gemma3"])
+    assert session.chunks(40) == [("prefill_16", 16), ("prefill_16", 16), ("prefill_16", 8)]
+    assert session.chunks(3) == [("prefill_4", 3)]
+
+
+def test_right_padded_prefill_leaves_states_exact(artifacts):
+    """A 3-token prompt in prefill_4 (one pad) leaves the same states as 3 decode steps."""
+    session = load(artifacts["recurrentgemma"])
+    session.prefill([2, 17, 33])
+    padded = {k: v.copy() for k, v in session.states.items()}
+    session.reset()
+    for t in (2, 17, 33):
+        session.decode(t)
+    for name, value in session.states.items():
+        np.testing.assert_allclose(padded[name], value, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gemma3-1bb", "--random-init", "0"], "unknown model 'gemma3-1bb'; did you mean gemma3-1b"),
+    (["--model", "gemma3-tiny", "--random-init", "0", "--prefill-lens", "4,999", "--max-seq-len", "64"],
+     "prefill length 999 must be between 2 and the context"),
+    (["--model", "gemma3-tiny"], "no weights for gemma3-tiny"),
+    (["--random-init", "0"], "pass --model NAME"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    assert export_main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_checkpoint_that_does_not_match(hf_checkpoints, tmp_path, capsys):
+    folder = hf_checkpoints["gemma2"][0]
+    assert export_main(["--checkpoint", str(folder), "--model", "gemma3-tiny", "--out", str(tmp_path)]) == 2
+    assert "missing tensor" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unwritable_output_path(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert export_main(export_args("gemma3-tiny", blocker / "sub")) == 2
+    assert "cannot create output folder" in capsys.readouterr().err
+
+
+def test_export_from_an_hf_checkpoint(hf_checkpoints, tmp_path):
+    folder = hf_checkpoints["gemma3"][0]
+    assert export_main(["--checkpoint", str(folder), "--out", str(tmp_path), "--max-seq-len", "64",
+                        "--prefill-lens", "8", "--verify-steps", "16"]) == 0
+    produced = sorted(p.name for p in tmp_path.iterdir())
+    assert len(produced) == 2 and produced[0].endswith(".parity.json") and produced[1].endswith(".tflite")
