@@ -176,3 +176,32 @@ def test_export_from_an_hf_checkpoint(hf_checkpoints, tmp_path):
                         "--prefill-lens", "8", "--verify-steps", "16"]) == 0
     produced = sorted(p.name for p in tmp_path.iterdir())
     assert len(produced) == 2 and produced[0].endswith(".parity.json") and produced[1].endswith(".tflite")
+
+
+def test_runtime_cli_streams_the_reference_text(tmp_path, model_path):
+    """`python -m runtime_py generate` on an artifact exported from an HF folder with its
+    tokenizer prints what the JAX reference generates."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import hf_model
+    from models import load_checkpoint
+    from models.tokenizer import Tokenizer
+
+    folder = tmp_path / "ckpt"
+    hf_model("gemma3", vocab_size=360).save_pretrained(folder)
+    shutil.copy(model_path, folder / "tokenizer.model")
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", str(folder), "--out", str(out), "--max-seq-len", "64",
+                        "--prefill-lens", "8", "--no-verify"]) == 0
+    artifact = next(out.glob("*.tflite"))
+    run = subprocess.run([sys.executable, "-m", "runtime_py", "generate", "--artifact", str(artifact),
+                          "--tokenizer", str(folder), "--prompt", "hello world", "--max-new-tokens", "12"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    tok = Tokenizer(folder)
+    cfg, params = load_checkpoint(folder)
+    ref = generate(params, cfg, [tok.encode("hello world")], 12, max_len=64)
+    assert run.stdout == tok.decode(ref.tokens[0]) + "\n"
+    assert "generated in" in run.stderr
