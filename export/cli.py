@@ -149,15 +149,13 @@ def run(args) -> int:
     print(result.summary())
     if args.no_verify:
         return 0
-    from runtime_py import load
-    from runtime_py.jax_backend import jax_session
-    from runtime_py.parity import parity
+    from runtime_py import load, parity, reference_session
 
     steps = max(1, min(args.verify_steps, max_len - 4))
     with Stage("verify"):
         session = load(result.path)
         ref_params = result.reference_params
-        reference = jax_session(cfg, ref_params, lens, max_len)
+        reference = reference_session(cfg, ref_params, lens, max_len)
         report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
         tol, greedy = TOLERANCE, min(GREEDY_STEPS, steps)
         ok = report.passes(tol, greedy)

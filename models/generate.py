@@ -96,6 +96,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
         stop_tokens = cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,)
     stop = np.array(sorted(set(stop_tokens)), np.int32)
     batch = len(prompts)
+    params = jax.device_put(params)  # once: numpy arguments would be copied on every step
     cache = init_cache(cfg, batch, min(max_len, longest + max_new_tokens), activation_dtype(params))
 
     # prefill: right-padded chunks; each row keeps the logits of its last prompt token

@@ -1,13 +1,16 @@
 """Load exported artifacts, run prefill/decode with static caches, generate, check parity.
 
-  session = runtime_py.load("artifacts/gemma3-270m.tflite")
+  session = runtime_py.load("artifacts/gemma3-270m_f32_ctx4096.tflite")
   ids = session.generate(prompt_ids, max_new_tokens=32)
+  report = runtime_py.parity(runtime_py.reference_session(cfg, params, [32, 128], 4096), session,
+                             prompts, decode_steps=64)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from runtime_py.parity import ParityReport, parity
 from runtime_py.session import ContextFullError, Session
 
 
@@ -23,4 +26,11 @@ def load(path, num_threads: int | None = None) -> Session:
     raise ValueError(f"{path}: unknown artifact type '{path.suffix}' (supported: .tflite)")
 
 
-__all__ = ["ContextFullError", "Session", "load"]
+def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:
+    """The JAX source model as a session with the same signatures (the parity reference)."""
+    from runtime_py.jax_backend import jax_session
+
+    return jax_session(cfg, params, prefill_lengths, max_len)
+
+
+__all__ = ["ContextFullError", "ParityReport", "Session", "load", "parity", "reference_session"]

@@ -18,6 +18,7 @@ def _info(specs):
 
 def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -> Session:
     dtype = activation_dtype(params)
+    params = jax.device_put(params)  # once: numpy arguments would be copied on every call
     sigs = [build_signature(cfg, t, max_len, dtype) for t in sorted(set(prefill_lengths)) if t > 1]
     sigs.append(build_signature(cfg, 1, max_len, dtype))
     compiled = {s.name: jax.jit(s.fn) for s in sigs}

@@ -67,10 +67,9 @@ def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool
     ref, art = ref.astype(np.float64), art.astype(np.float64)
     max_abs = float(np.abs(ref - art).max())
     rel_rms = float(np.sqrt(np.mean((ref - art) ** 2) / max(np.mean(ref**2), 1e-30)))
-    p = np.exp(ref - ref.max()); p /= p.sum()
     log_p = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
     log_q = art - art.max() - np.log(np.exp(art - art.max()).sum())
-    kl = float(np.sum(p * (log_p - log_q)))
+    kl = float(np.sum(np.exp(log_p) * (log_p - log_q)))
     return max_abs, rel_rms, bool(ref.argmax() == art.argmax()), kl
 
 

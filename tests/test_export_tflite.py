@@ -4,6 +4,7 @@ graph checks; window-sized local caches; determinism; bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,36 @@ def test_runtime_cli_streams_the_reference_text(tmp_path, model_path):
     ref = generate(params, cfg, [tok.encode("hello world")], 12, max_len=64)
     assert run.stdout == tok.decode(ref.tokens[0]) + "\n"
     assert "generated in" in run.stderr
+
+
+def test_parity_failure_exits_1_and_says_where(tmp_path, capsys, monkeypatch):
+    """A reference that differs from the artifact fails the gate: exit 1, the worst place named."""
+    import export.pipeline
+
+    real = export.pipeline.export_tflite
+
+    def perturbed(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.reference_params = dict(result.reference_params)
+        result.reference_params["final_norm"] = result.reference_params["final_norm"] + 0.5
+        return result
+
+    monkeypatch.setattr(export.pipeline, "export_tflite", perturbed)
+    assert export_main(export_args("gemma2-tiny", tmp_path, "--verify-steps", "8")) == 1
+    err = capsys.readouterr().err
+    assert "parity failed: worst at signature" in err and "rel RMS" in err
+    report = json.loads(next(tmp_path.glob("*.parity.json")).read_text())
+    assert report["passed"] is False
+
+
+def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):
+    from litert_converter import converter_api_ext
+
+    def boom(op, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(converter_api_ext, "export_flatbuffer_to_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_main(export_args("gemma2-tiny", tmp_path, "--no-verify"))
+    assert not list(tmp_path.iterdir())

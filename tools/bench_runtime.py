@@ -2,7 +2,8 @@
 
   python tools/bench_runtime.py ARTIFACT [ARTIFACT ...] [--threads 2]
 
-Per artifact: time to first token for a 128-token prompt (prefill + the first sampled token),
+Each artifact runs in its own process (its peak RSS is reported). Per artifact: time to first
+token for a 128-token prompt (prefill + the first sampled token),
 prefill tokens/s of the largest prefill signature, decode tokens/s at context position ~128 and
 near the end of the context (every step attends over its full window/context). Median of
 --repeats runs. Prints a table, writes JSON.
@@ -57,6 +58,18 @@ def bench(path: Path, threads: int, repeats: int, steps: int) -> dict:
             "decode_tok_s_at_128": early, "decode_tok_s_at_end": late, "end_position": late_pos}
 
 
+def bench_in_child(path: Path, args) -> dict:
+    """Run one artifact's benchmark in a fresh process, so its peak RSS is its own."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, str(path), "--threads", str(args.threads), "--repeats",
+                        str(args.repeats), "--steps", str(args.steps), "--json", out.name, "--child"],
+                       check=True, capture_output=True)
+        return json.loads(Path(out.name).read_text())[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifacts", nargs="+", type=Path)
@@ -64,16 +77,24 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     ap.add_argument("--json", type=Path, default=Path("bench_runtime.json"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    rows = [bench(p, args.threads, args.repeats, args.steps) for p in args.artifacts]
+    if args.child:
+        import resource
+
+        row = bench(args.artifacts[0], args.threads, args.repeats, args.steps)
+        row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        args.json.write_text(json.dumps([row]))
+        return 0
+    rows = [bench_in_child(p, args) for p in args.artifacts]
     header = f"{'artifact':<36}{'ctx':>6}{'MiB':>7}{'TTFT128 s':>11}{'prefill tok/s':>15}" \
-             f"{'decode@128':>12}{'decode@end':>12}"
+             f"{'decode@128':>12}{'decode@end':>12}{'peak RSS MiB':>14}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{Path(r['artifact']).name:<36}{r['context']:>6}{r['file_bytes'] / 2**20:>7.0f}"
               f"{r['ttft_128_s']:>11.3f}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s_at_128']:>12.1f}"
-              f"{r['decode_tok_s_at_end']:>12.1f}")
+              f"{r['decode_tok_s_at_end']:>12.1f}{r['peak_rss'] / 2**20:>14.0f}")
     args.json.write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.json}")
     return 0
