@@ -239,3 +239,18 @@ def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_main(export_args("gemma2-tiny", tmp_path, "--no-verify"))
     assert not list(tmp_path.iterdir())
+
+
+def test_runtime_sampling_and_stop_tokens(artifacts):
+    from models import Sampling
+
+    session = load(artifacts["gemma3"])
+    prompt = [2, 40, 41, 42, 43]
+    greedy = session.generate(prompt, 12)
+    assert session.generate(prompt, 12, sampling=Sampling(temperature=3.0, top_k=1, seed=4)) == greedy
+    hot = Sampling(temperature=3.0, top_p=0.95, seed=4)
+    first = session.generate(prompt, 12, sampling=hot)
+    assert session.generate(prompt, 12, sampling=hot) == first  # seeded: reproducible
+    assert session.generate(prompt, 12, sampling=Sampling(temperature=3.0, top_p=0.95, seed=5)) != first
+    stop_at = greedy[4]
+    assert session.generate(prompt, 12, stop_tokens=[stop_at]) == greedy[:greedy.index(stop_at)]
