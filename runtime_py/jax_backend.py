@@ -9,7 +9,7 @@ import numpy as np
 from export.signatures import build_signature
 from models.config import ModelConfig
 from models.model import activation_dtype
-from runtime_py.session import Session, SignatureInfo, TensorInfo
+from runtime_py.session import FeedBackend, Session, SignatureInfo, TensorInfo
 
 
 def _info(specs):
@@ -29,4 +29,4 @@ def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -
         outs = compiled[name](params, *(feed[t.name] for t in sig.inputs))
         return {t.name: np.asarray(v) for t, v in zip(sig.outputs, outs)}
 
-    return Session(infos, run, max_len, {"sample_vocab_size": cfg.sample_vocab_size})
+    return Session(FeedBackend(infos, run), max_len, {"sample_vocab_size": cfg.sample_vocab_size})

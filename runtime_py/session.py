@@ -39,40 +39,60 @@ class ContextFullError(ValueError):
     pass
 
 
-class Session:
-    """Prefill/decode/generate over a backend's signatures (`decode` and `prefill_{T}`)."""
+class FeedBackend:
+    """States held as numpy arrays and fed to a `run(name, feed) -> outputs` function."""
 
-    def __init__(self, signatures: dict[str, SignatureInfo], run: Callable[[str, dict], dict],
-                 max_len: int, metadata: dict | None = None):
-        if "decode" not in signatures:
-            raise ValueError("artifact has no 'decode' signature")
-        self.signatures = signatures
-        self._run = run
-        self.max_len = max_len
-        self.metadata = metadata or {}
-        self.prefill_lengths = sorted(s.length for n, s in signatures.items() if n != "decode")
-        self.position = 0
+    def __init__(self, signatures: dict[str, SignatureInfo], run: Callable[[str, dict], dict]):
+        self.signatures, self._run = signatures, run
         self._states: dict[str, np.ndarray] = {}
-        self.reset()
 
     def reset(self):
-        """Forget the sequence: zero every state tensor."""
         decode = self.signatures["decode"]
         self._states = {t.name: np.zeros(t.shape, t.dtype) for t in decode.state_inputs}
-        self.position = 0
 
-    @property
     def states(self) -> dict[str, np.ndarray]:
-        return self._states
+        return {k: np.array(v) for k, v in self._states.items()}
 
-    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
         sig = self.signatures[name]
-        feed = {"tokens": tokens.astype(np.int32), "input_pos": input_pos.astype(np.int32)}
+        feed = {"tokens": tokens, "input_pos": input_pos}
         feed.update({t.name: self._states[t.name] for t in sig.state_inputs})
         out = self._run(name, feed)
         for t in sig.state_inputs:
             self._states[t.name] = out[t.name]
         return np.asarray(out["logits"])[0, -1]
+
+
+class Session:
+    """Prefill/decode/generate over a backend's signatures (`decode` and `prefill_{T}`).
+
+    A backend has `signatures`, `reset()` (zero every state), `states()` (copies, for inspection)
+    and `call(name, tokens, input_pos) -> logits [V]`, carrying the states from call to call.
+    """
+
+    def __init__(self, backend, max_len: int, metadata: dict | None = None):
+        signatures = backend.signatures
+        if "decode" not in signatures:
+            raise ValueError("artifact has no 'decode' signature")
+        self.signatures = signatures
+        self.backend = backend
+        self.max_len = max_len
+        self.metadata = metadata or {}
+        self.prefill_lengths = sorted(s.length for n, s in signatures.items() if n != "decode")
+        self.position = 0
+        self.reset()
+
+    def reset(self):
+        """Forget the sequence: zero every state tensor."""
+        self.backend.reset()
+        self.position = 0
+
+    @property
+    def states(self) -> dict[str, np.ndarray]:
+        return self.backend.states()
+
+    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+        return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32))
 
     def _check_room(self, n: int):
         if self.position + n > self.max_len:

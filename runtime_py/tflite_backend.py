@@ -1,4 +1,10 @@
-"""A Session over a .tflite artifact, run by ai_edge_litert's interpreter (signature runners)."""
+"""A Session over a .tflite artifact, run by ai_edge_litert's interpreter.
+
+States never round-trip through fresh numpy arrays: each signature's tensors are allocated once,
+and before a call every state input is filled in place from where the state now lives (the
+previous call's output tensor, or the zeroed initial arrays), one memcpy per state. Views into
+interpreter tensors are taken right before use and never held across an invoke.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,45 @@ def _signature_length(name: str) -> int:
     return int(m.group(1))
 
 
+class TFLiteBackend:
+    def __init__(self, interpreter, signatures: dict[str, SignatureInfo]):
+        self.signatures = signatures
+        self._interpreter = interpreter
+        self._wrapper = interpreter._interpreter
+        defs = interpreter._get_full_signature_list()
+        self._io = {}
+        for name in signatures:
+            subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
+            self._wrapper.AllocateTensors(subgraph)
+            self._io[name] = (subgraph, defs[name]["inputs"], defs[name]["outputs"])
+        self._source: dict[str, tuple] = {}  # state name -> ("array", ndarray) | ("tensor", sg, index)
+
+    def _view(self, subgraph: int, index: int) -> np.ndarray:
+        return self._wrapper.tensor(self._interpreter, index, subgraph)
+
+    def reset(self):
+        decode = self.signatures["decode"]
+        self._source = {t.name: ("array", np.zeros(t.shape, t.dtype)) for t in decode.state_inputs}
+
+    def _value(self, name: str) -> np.ndarray:
+        src = self._source[name]
+        return src[1] if src[0] == "array" else self._view(src[1], src[2])
+
+    def states(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self._value(name)) for name in self._source}
+
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+        subgraph, inputs, outputs = self._io[name]
+        np.copyto(self._view(subgraph, inputs["tokens"]), tokens)
+        np.copyto(self._view(subgraph, inputs["input_pos"]), input_pos)
+        for state in self._source:
+            np.copyto(self._view(subgraph, inputs[state]), self._value(state))
+        self._wrapper.Invoke(subgraph)
+        for state in self._source:
+            self._source[state] = ("tensor", subgraph, outputs[state])
+        return np.array(self._view(subgraph, outputs["logits"])[0, -1])
+
+
 def load_tflite(path, num_threads: int | None = None) -> Session:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -36,14 +81,9 @@ def load_tflite(path, num_threads: int | None = None) -> Session:
             return tuple(TensorInfo(n, shape, np.dtype(_DTYPES[t])) for n, shape, t in items)
         infos[name] = SignatureInfo(name, _signature_length(name), tensors(sig["inputs"]),
                                     tensors(sig["outputs"]))
-    runners = {name: interpreter.get_signature_runner(name) for name in infos}
     meta = report.metadata
     max_len = meta.get("max_seq_len") or _context_from_caches(infos["decode"])
-
-    def run(name, feed):
-        return runners[name](**feed)
-
-    session = Session(infos, run, max_len, meta)
+    session = Session(TFLiteBackend(interpreter, infos), max_len, meta)
     session.interpreter = interpreter
     return session
 
