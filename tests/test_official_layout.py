@@ -446,3 +446,17 @@ def test_wrong_family_is_an_error(gemma_params, tmp_path):
     cfg, params = gemma_params["gemma2-tiny"]
     message = _load_error(tmp_path, official_flat(cfg, params), "gemma3-tiny")
     assert "layer_0/attn/_query_norm/scale" in message
+
+
+def test_export_from_an_official_recurrentgemma_checkpoint(rg_oracle, tmp_path):
+    """`python -m export --checkpoint <Orbax folder> --model ...` exports and passes the gate."""
+    import json
+
+    from export.cli import main as export_main
+
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", rg_oracle["folder"], "--model", "recurrentgemma-tiny",
+                        "--out", str(out), "--max-seq-len", "48", "--prefill-lens", "8",
+                        "--verify-steps", "24"]) == 0
+    report = json.loads(next(out.glob("*.parity.json")).read_text())
+    assert report["passed"] and report["greedy_match"] == [24, 24]
