@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from export.signatures import Signature, build_signature, state_names, state_specs
-from models.config import LayerKind, ModelConfig
+from models.config import ModelConfig
 
 STORED = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16)}
 FORMAT_VERSION = 1
@@ -137,4 +137,4 @@ class _null:
         return False
 
 
-__all__ = ["ExportResult", "export_tflite", "state_bytes", "stored_params", "LayerKind"]
+__all__ = ["ExportResult", "export_tflite", "state_bytes", "stored_params"]
