@@ -26,26 +26,15 @@ import numpy as np
 from models.cache import init_cache
 from models.config import LayerKind, ModelConfig
 from models.model import forward
+from runtime_py.session import SignatureInfo, TensorInfo
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
+class Signature(SignatureInfo):
+    """A signature's tensors (the runtime's SignatureInfo) plus the function that computes it:
+    fn(params, *inputs) -> tuple matching outputs."""
 
-
-@dataclasses.dataclass(frozen=True)
-class Signature:
-    name: str
-    length: int  # tokens per call (T)
-    inputs: tuple[TensorSpec, ...]  # in call order, after the weights
-    outputs: tuple[TensorSpec, ...]
-    fn: Callable  # fn(params, *inputs) -> tuple matching outputs
-
-    @property
-    def state_names(self) -> list[str]:
-        return [s.name for s in self.inputs[2:]]
+    fn: Callable | None = None
 
 
 def state_names(cfg: ModelConfig) -> list[tuple[int, str, str]]:
@@ -59,9 +48,9 @@ def state_names(cfg: ModelConfig) -> list[tuple[int, str, str]]:
     return names
 
 
-def state_specs(cfg: ModelConfig, max_len: int, dtype=jnp.float32) -> list[TensorSpec]:
+def state_specs(cfg: ModelConfig, max_len: int, dtype=jnp.float32) -> list[TensorInfo]:
     cache = init_cache_shapes(cfg, max_len, dtype)
-    return [TensorSpec(name, cache[i][key].shape, np.dtype(cache[i][key].dtype))
+    return [TensorInfo(name, cache[i][key].shape, np.dtype(cache[i][key].dtype))
             for i, key, name in state_names(cfg)]
 
 
@@ -86,9 +75,9 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
     name = name or ("decode" if length == 1 else f"prefill_{length}")
     states = state_specs(cfg, max_len, dtype)
     layout = state_names(cfg)
-    inputs = (TensorSpec("tokens", (1, length), np.dtype(np.int32)),
-              TensorSpec("input_pos", (length,), np.dtype(np.int32)), *states)
-    outputs = (TensorSpec("logits", (1, 1, cfg.vocab_size), np.dtype(np.float32)), *states)
+    inputs = (TensorInfo("tokens", (1, length), np.dtype(np.int32)),
+              TensorInfo("input_pos", (length,), np.dtype(np.int32)), *states)
+    outputs = (TensorInfo("logits", (1, 1, cfg.vocab_size), np.dtype(np.float32)), *states)
 
     def fn(params, tokens, input_pos, *state_values):
         cache = [dict() for _ in cfg.layer_kinds]

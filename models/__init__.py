@@ -1,7 +1,7 @@
 """Gemma 2, Gemma 3 and RecurrentGemma in pure JAX: configs, parameters, caches, forward pass,
 reference generation, checkpoint loaders and the tokenizer. Imports nothing from `export/`."""
 
-from models.cache import cache_bytes, init_cache
+from models.cache import init_cache
 from models.config import Family, LayerKind, ModelConfig, RecurrentConfig, VisionConfig
 from models.errors import CheckpointError, ConfigError
 from models.generate import GREEDY, Generation, Sampling, generate, sample
@@ -14,6 +14,6 @@ from models.registry import MODELS, UnknownModelError, get_config, list_models
 __all__ = [
     "CheckpointError", "ConfigError", "Family", "GREEDY", "Generation", "LayerKind", "MODELS",
     "ModelConfig", "RecurrentConfig", "Sampling", "UnknownModelError", "VisionConfig",
-    "cache_bytes", "config_from_hf", "count_params", "forward", "generate", "get_config",
+    "config_from_hf", "count_params", "forward", "generate", "get_config",
     "init_cache", "init_params", "list_models", "load_checkpoint", "param_shapes", "sample",
 ]

@@ -50,10 +50,6 @@ def cache_max_len(cfg: ModelConfig, cache: Cache) -> int | None:
     return None
 
 
-def cache_bytes(cache: Cache) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
-
-
 def ring_positions(start, rows: int):
     """Absolute position held by each ring row before a chunk starting at `start` is written.
 

@@ -9,11 +9,7 @@ import numpy as np
 from export.signatures import build_signature
 from models.config import ModelConfig
 from models.model import activation_dtype
-from runtime_py.session import FeedBackend, Session, SignatureInfo, TensorInfo
-
-
-def _info(specs):
-    return tuple(TensorInfo(s.name, tuple(s.shape), np.dtype(s.dtype)) for s in specs)
+from runtime_py.session import FeedBackend, Session
 
 
 def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -> Session:
@@ -22,7 +18,7 @@ def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -
     sigs = [build_signature(cfg, t, max_len, dtype) for t in sorted(set(prefill_lengths)) if t > 1]
     sigs.append(build_signature(cfg, 1, max_len, dtype))
     compiled = {s.name: jax.jit(s.fn) for s in sigs}
-    infos = {s.name: SignatureInfo(s.name, s.length, _info(s.inputs), _info(s.outputs)) for s in sigs}
+    infos = {s.name: s for s in sigs}  # a Signature is the runtime's SignatureInfo
 
     def run(name, feed):
         sig = infos[name]
