@@ -2,7 +2,9 @@
 
   python -m export --model gemma3-270m --random-init 0 --target tflite
   python -m export --checkpoint ./gemma-3-1b-it --target tflite --max-seq-len 4096 --prefill-lens 32,128
+  python -m export --checkpoint ./gemma-3-1b-it --target onnx [--onnx-ops standard]
   python -m export --list-models
+  python -m export --list-onnx-ops
 
 Bad input exits 2 with one line naming the problem and the fix; a parity failure exits 1 and says
 where (signature, step, error). Artifacts are written to a temporary name and renamed, so a
@@ -54,10 +56,20 @@ def parse_args(argv):
     ap.add_argument("--model", help="registry name; optional with a --checkpoint holding config.json")
     ap.add_argument("--checkpoint", type=Path, help="HF safetensors or official Orbax folder")
     ap.add_argument("--random-init", type=int, metavar="SEED", help="random weights (architecture dry run)")
-    ap.add_argument("--target", choices=["tflite"], default="tflite")
+    ap.add_argument("--target", choices=["tflite", "onnx"], default="tflite",
+                    help="tflite: one .tflite with prefill_T/decode signatures; onnx: an onnxruntime-genai "
+                         "folder (model.onnx, genai_config.json, tokenizer)")
+    ap.add_argument("--onnx-ops", choices=["default", "standard"], default="default",
+                    help="onnx: 'default' uses ONNX Runtime's GroupQueryAttention; 'standard' only standard "
+                         "ONNX ops (attention as model-local functions), for runtimes without contrib ops")
+    ap.add_argument("--tokenizer", type=Path,
+                    help="tokenizer folder or tokenizer.model/.json (default: the --checkpoint folder)")
+    ap.add_argument("--list-onnx-ops", action="store_true", help="print the ONNX lowering's op coverage and exit")
     ap.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
     ap.add_argument("--max-seq-len", type=int, help="context of the global caches (default min(4096, model's))")
-    ap.add_argument("--prefill-lens", default="32,128", help="comma-separated prefill signature lengths")
+    ap.add_argument("--prefill-lens", default="32,128",
+                    help="comma-separated prefill signature lengths (tflite; onnx takes any length, and "
+                         "uses these only to shape the parity prompts)")
     ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
@@ -128,12 +140,29 @@ def main(argv=None) -> int:
         return 2
 
 
+def list_onnx_ops() -> int:
+    from export.lowering.onnx.convert import RULES
+    from export.lowering.onnx.fused import OP_SETS
+
+    print(f"StableHLO ops with an ONNX rule ({len(RULES)}):")
+    for name in sorted(RULES):
+        doc = (RULES[name].__doc__ or "").strip().splitlines()
+        print(f"  {name:<40} {doc[0] if doc else ''}")
+    for op_set, table in OP_SETS.items():
+        print(f"composites, op set '{op_set}' (others run their decomposition):")
+        for name in sorted(table):
+            print(f"  {name:<40} {(table[name].__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
 def run(args) -> int:
     if args.list_models:
         from models.__main__ import cmd_list
 
         return cmd_list(args)
-    from export.pipeline import export_tflite
+    if args.list_onnx_ops:
+        return list_onnx_ops()
+    from export.pipeline import export_onnx, export_tflite
 
     check_output(args.out)
     with Stage("load"):
@@ -144,8 +173,20 @@ def run(args) -> int:
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
     lens = parse_prefill_lens(args.prefill_lens, max_len)
-    result = export_tflite(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
-                           dtype=args.dtype, stage=Stage, progress=progress)
+    if args.target == "onnx":
+        tokenizer = args.tokenizer or args.checkpoint
+        if tokenizer is not None and not Path(tokenizer).exists():
+            raise ValueError(f"tokenizer not found: {tokenizer}")
+        result = export_onnx(cfg, params, out_dir=args.out, max_len=max_len, dtype=args.dtype,
+                             op_set=args.onnx_ops, tokenizer_source=tokenizer, stage=Stage, lens=lens)
+        if not result.tokenizer_files:
+            print(f"warning: no tokenizer found{f' in {tokenizer}' if tokenizer else ''}: {result.path} has "
+                  "the model and genai_config.json but onnxruntime-genai also needs tokenizer.json and "
+                  "tokenizer_config.json; pass --tokenizer PATH (a folder with tokenizer.json or a "
+                  "SentencePiece tokenizer.model)", file=sys.stderr)
+    else:
+        result = export_tflite(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
+                               dtype=args.dtype, stage=Stage, progress=progress)
     print(result.summary())
     if args.no_verify:
         return 0
@@ -159,7 +200,7 @@ def run(args) -> int:
         report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
         tol, greedy = TOLERANCE, min(GREEDY_STEPS, steps)
         ok = report.passes(tol, greedy)
-        parity_path = result.path.with_suffix(".parity.json")
+        parity_path = result.path / "parity.json" if result.path.is_dir() else result.path.with_suffix(".parity.json")
         tmp = parity_path.with_name(parity_path.name + ".tmp")
         tmp.write_text(report.to_json(artifact=result.path.name, tolerance_rel_rms=tol,
                                       greedy_steps_required=greedy, passed=ok))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -123,6 +124,99 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
     return ExportResult(path, cfg, signatures, stored, reference, max_len, dtype, seconds)
 
 
+@dataclasses.dataclass
+class OnnxExportResult:
+    path: Path  # the onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer files)
+    cfg: ModelConfig
+    stored_params: dict
+    reference_params: dict
+    max_len: int
+    dtype: str
+    op_set: str
+    tokenizer_files: list[str] | None
+    seconds: dict
+
+    def summary(self) -> str:
+        from export.lowering.onnx.inspect import read
+
+        report = read(self.path)
+        weights = sum(v.nbytes for v in self.stored_params.values())
+        lines = [f"artifact: {self.path}/ (onnxruntime-genai folder, op set '{self.op_set}')",
+                 f"  size {report.file_bytes / 2**20:.1f} MiB, stored weights {weights / 2**20:.1f} MiB "
+                 f"({self.dtype}; ratio {report.file_bytes / weights:.3f})"]
+        states = [(t["name"], t["shape"]) for t in report.metadata["states"]]
+        lines.append(f"  inputs: input_ids, attention_mask + {len(states)} states -> logits + {len(states)} states")
+        top = ", ".join(f"{op} {n}" for op, n in report.op_histogram.most_common(12))
+        lines.append(f"  ops ({sum(report.op_histogram.values())} nodes): {top}")
+        if report.function_ops:
+            lines.append("  functions: " + ", ".join(sorted(report.function_ops)))
+        kinds = self.cfg.layer_kinds
+        by_kind = collections.Counter()
+        for name, shape in states:
+            by_kind[kinds[int(name.split(".")[1])].value] += int(np.prod(shape)) * 4
+        lines.append("  state bytes by layer kind (context %d): %s" % (self.max_len, ", ".join(
+            f"{k} {v / 2**20:.2f} MiB" for k, v in by_kind.items())))
+        lines.append("  tokenizer: " + (", ".join(self.tokenizer_files) if self.tokenizer_files else "none"))
+        lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, dtype: str = "f32",
+                op_set: str = "default", tokenizer_source: Path | None = None, stage=None,
+                name: str | None = None, lens: list[int] | None = None) -> OnnxExportResult:
+    """Write an onnxruntime-genai folder: model.onnx (+ .data past 2 GB), genai_config.json and the
+    tokenizer files. The folder is built under a temporary name and renamed into place."""
+    import shutil
+    import time
+
+    from export.lowering.onnx.convert import assemble, lower_to_graph, save, state_shapes
+    from export.lowering.onnx.genai import genai_config
+    from export.signatures import build_decoder_signature
+
+    seconds = {}
+    stored = stored_params(params, dtype)
+    compute = None if dtype == "f32" else _upcast
+    sig = build_decoder_signature(cfg, max_len)
+    suffix = "" if op_set == "default" else f"_{op_set}"
+    folder = Path(out_dir) / (name or f"{cfg.name}_{dtype}_ctx{max_len}{suffix}_onnx")
+    tmp = folder.with_name(folder.name + ".tmp")
+    t0 = time.perf_counter()
+    with stage("lower") if stage else _null():
+        lw = lower_to_graph(sig, stored, op_set=op_set, max_len=max_len, compute=compute)
+    seconds["lower"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with stage("write") if stage else _null():
+        body = json.loads(metadata(cfg, max_len, lens or [], dtype))
+        model, weights = assemble(sig, lw, {})
+        shapes = state_shapes(sig, lw)
+        body.update(onnx_op_set=op_set, states=[{"name": k, "shape": list(v)} for k, v in shapes.items()])
+        body.pop("prefill_lengths")
+        from onnx import helper
+
+        helper.set_model_props(model, {"gemma_edge": json.dumps(body, sort_keys=True)})
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save(model, weights, tmp / "model.onnx")
+            config = genai_config(cfg, max_len, shapes, symbolic_local=op_set == "default")
+            (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
+            files = None
+            if tokenizer_source is not None:
+                from export.tokenizer_files import write_tokenizer_files
+
+                files = write_tokenizer_files(Path(tokenizer_source), tmp)
+            old = folder.with_name(folder.name + ".old")
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    seconds["write"] = time.perf_counter() - t0
+    reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
+    return OnnxExportResult(folder, cfg, stored, reference, max_len, dtype, op_set, files, seconds)
+
+
 def _upcast(params: dict) -> dict:
     import jax.numpy as jnp
 
@@ -137,4 +231,4 @@ class _null:
         return False
 
 
-__all__ = ["ExportResult", "export_tflite", "state_bytes", "stored_params"]
+__all__ = ["ExportResult", "OnnxExportResult", "export_onnx", "export_tflite", "state_bytes", "stored_params"]

@@ -35,6 +35,8 @@ class Signature(SignatureInfo):
     fn(params, *inputs) -> tuple matching outputs."""
 
     fn: Callable | None = None
+    # symbolic-dimension constraints, e.g. "sequence_length <= 4096" (jax.export syntax)
+    constraints: tuple[str, ...] = ()
 
 
 def state_names(cfg: ModelConfig) -> list[tuple[int, str, str]]:
@@ -89,3 +91,51 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
         return (logits, *(new_cache[i][key] for i, key, _ in layout))
 
     return Signature(name, length, inputs, outputs, fn)
+
+
+# ---- the ONNX decoder signature (onnxruntime-genai's conventions, DESIGN section 5) ---------------
+SEQ, TOTAL = "sequence_length", "total_sequence_length"
+
+
+def decoder_state_names(cfg: ModelConfig) -> list[tuple[int, str, str, str]]:
+    """(layer, cache key, input name, output name) of every state, in signature order, numbered by
+    model layer (onnxruntime-genai discovers KV and recurrent layers at any indices by name)."""
+    names = []
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind is LayerKind.RECURRENT:
+            names += [(i, "conv", f"past.{i}.conv", f"present.{i}.conv"),
+                      (i, "rg_lru", f"past.{i}.recurrent", f"present.{i}.recurrent")]
+        else:
+            names += [(i, "k", f"past_key_values.{i}.key", f"present.{i}.key"),
+                      (i, "v", f"past_key_values.{i}.value", f"present.{i}.value")]
+    return names
+
+
+def build_decoder_signature(cfg: ModelConfig, max_len: int, dtype=jnp.float32) -> Signature:
+    """One function for every chunk length (ONNX graphs have symbolic dimensions):
+
+      (input_ids int32[1, T], attention_mask int32[1, L], *past) -> (logits f32[1, 1, V], *present)
+
+    attention_mask covers the past and the chunk (all ones: batch 1, no padding), so the chunk
+    starts at position sum(attention_mask) - T. States have the same static shapes as the TFLite
+    signatures' (window-sized rings for local layers). Logits are those of the chunk's last token.
+    """
+    cache = init_cache_shapes(cfg, max_len, dtype)
+    layout = decoder_state_names(cfg)
+    past = tuple(TensorInfo(name, cache[i][key].shape, np.dtype(cache[i][key].dtype))
+                 for i, key, name, _ in layout)
+    present = tuple(TensorInfo(out, t.shape, t.dtype) for (_, _, _, out), t in zip(layout, past))
+    inputs = (TensorInfo("input_ids", (1, SEQ), np.dtype(np.int32)),
+              TensorInfo("attention_mask", (1, TOTAL), np.dtype(np.int32)), *past)
+    outputs = (TensorInfo("logits", (1, 1, cfg.vocab_size), np.dtype(np.float32)), *present)
+
+    def fn(params, input_ids, attention_mask, *state_values):
+        cache = [dict() for _ in cfg.layer_kinds]
+        for (i, key, _, _), value in zip(layout, state_values):
+            cache[i][key] = value
+        t = input_ids.shape[1]
+        start = jnp.sum(attention_mask, axis=1, dtype=jnp.int32) - t
+        logits, new_cache = forward(params, cfg, input_ids, start, tuple(cache), None, last_only=True)
+        return (logits, *(new_cache[i][key] for i, key, _, _ in layout))
+
+    return Signature("decoder", 0, inputs, outputs, fn, constraints=(f"{SEQ} <= {max_len}",))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from models.cache import ring_positions, write_global, write_ring
 from models.config import LayerKind, ModelConfig
-from models.fused import attention_mask, scaled_dot_product_attention
+from models.fused import attention_mask, cached_attention, scaled_dot_product_attention
 from models.layers import Params, apply_rope, dense, rms_norm
 
 
@@ -34,25 +34,49 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, positions, 
     base, scale = cfg.rope_params(kind)
     q = apply_rope(q, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
     k = apply_rope(k, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
-    core = dict(scale=cfg.query_scale, logit_cap=cfg.attn_softcap)
     if kind is LayerKind.GLOBAL:
-        # [B, T, K, D] -> [B, K, T, D], the cache layout; write first, then attend over the cache
-        ck = write_global(cache["k"], k.transpose(0, 2, 1, 3), start)
-        cv = write_global(cache["v"], v.transpose(0, 2, 1, 3), start)
-        rows = ck.shape[2]
-        k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
-        keys, values = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
-        mask = attention_mask(positions, k_pos)
+        out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
+                                       cache["k"], cache["v"], start, num_valid,
+                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap)
     else:
-        # attend over the ring as it was plus the chunk, then write the chunk into the ring
-        ring_k, ring_v = cache["k"], cache["v"]
-        k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
-        keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
-        mask = attention_mask(positions, k_pos, cfg.window_span)
-        ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
-        cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
-    out = scaled_dot_product_attention(q, keys, values, mask, **core)
+        out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
+                                       cache["k"], cache["v"], start, num_valid,
+                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
+                                       window=cfg.window_span)
     # [B, T, H, D] -> [B, T, H*D]
     out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
     return out, {"k": ck, "v": cv}
+
+
+def _positions(start, t):
+    """[B] -> [B, T]: the chunk's positions."""
+    return start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]
+
+
+def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, logit_cap=None):
+    """Write the chunk into the full-length cache first, then attend over all of it."""
+    b, t = q.shape[:2]
+    positions = _positions(start, t)
+    # [B, T, K, D] -> [B, K, T, D], the cache layout
+    ck = write_global(cache_k, k.transpose(0, 2, 1, 3), start)
+    cv = write_global(cache_v, v.transpose(0, 2, 1, 3), start)
+    rows = ck.shape[2]
+    k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
+    keys, values = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
+    mask = attention_mask(positions, k_pos)
+    out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
+    return out, ck, cv
+
+
+def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, logit_cap=None):
+    """Attend over the ring as it was plus the chunk, then write the chunk into the ring."""
+    t = q.shape[1]
+    positions = _positions(start, t)
+    k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
+    keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
+    mask = attention_mask(positions, k_pos, int(window))
+    ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
+    cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
+    out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
+    return out, ck, cv

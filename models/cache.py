@@ -25,6 +25,12 @@ from models.config import LayerKind, ModelConfig
 Cache = tuple  # tuple of per-layer dicts
 
 
+def is_static(n) -> bool:
+    """True for a concrete length; False for a symbolic one (the ONNX export traces one graph for
+    every chunk length, so length-specialised shortcuts must not fire for it)."""
+    return isinstance(n, int)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> Cache:
     """Zeroed caches for `batch` sequences of up to `max_len` tokens (default cfg.max_seq_len)."""
     max_len = cfg.max_seq_len if max_len is None else max_len
@@ -68,7 +74,7 @@ def write_ring(ring, chunk, start, num_valid):
     tokens survive, as in a sequential write.
     """
     rows, t = ring.shape[2], chunk.shape[2]
-    if t == 1:  # decode: one row, never wraps -> a dynamic_update_slice per sequence
+    if is_static(t) and t == 1:  # decode: one row, never wraps -> a dynamic_update_slice per sequence
         slot = jnp.mod(start, rows)
         return _update_rows(ring, chunk, slot, num_valid > 0)
     # row r receives the chunk token t_r = the last valid t with (start + t) % R == r
@@ -87,9 +93,9 @@ def write_global(cache, chunk, start):
     offset to S - T, so near the end the chunk is shifted to keep every row at its position.
     """
     s, t = cache.shape[2], chunk.shape[2]
-    if t > s:
+    if is_static(t) and t > s:
         raise ValueError(f"chunk of {t} tokens does not fit a cache of {s} positions")
-    if t == 1:
+    if is_static(t) and t == 1:
         return _update_rows(cache, chunk, start, None)
     offset = jnp.minimum(start, s - t)
     shift = start - offset  # > 0 only when the chunk runs past the end

@@ -12,6 +12,10 @@ operand orders and attributes follow what LiteRT knows (litert-torch's conventio
       scale: f32, logit_cap: f32 (absent when there is no soft-cap); soft-cap before the mask
   gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> (h[B, T, C], h_T[B, C])
       h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode)
+  gemma_edge.global_attention / gemma_edge.local_attention (ONNX export only, see
+      `cache_owning_attention`): the attention core *with* its cache write,
+      (q[B, T, N, H], k[B, T, Nkv, H], v, cache_k[B, Nkv, R, H], cache_v, start[B], num_valid[B])
+      -> (out[B, T, N, H], cache_k', cache_v');  scale, logit_cap, window (local: keys a query sees)
 
 Rules that keep composites intact through conversion: no weights inside a composite (quantizers
 skip them), decompositions close over no arrays (closed-over constants would become extra leading
@@ -20,6 +24,9 @@ operands), attributes are numpy f32 scalars.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +34,31 @@ import numpy as np
 F32 = jnp.float32
 # Masked attention logits: the official implementations' K_MASK, as an additive f32 bias.
 MASK_VALUE = -2.3819763e38
+
+_CACHE_OWNING = contextvars.ContextVar("cache_owning_attention", default=False)
+
+
+@contextlib.contextmanager
+def cache_owning_attention():
+    """While active, attention layers trace their cache write *inside* the attention composite
+    (`gemma_edge.{global,local}_attention`). ONNX Runtime's GroupQueryAttention owns the KV cache
+    (it writes the new keys itself), so the ONNX lowering needs the write and the attention as one
+    op; LiteRT's SDPA kernel does not, so the TFLite export traces without this."""
+    token = _CACHE_OWNING.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_OWNING.reset(token)
+
+
+def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, **attributes):
+    """Run `impl(q, k, v, cache_k, cache_v, start, num_valid, **attributes) -> (out, ck, cv)`,
+    as the composite `name` under `cache_owning_attention`, inline otherwise."""
+    if not _CACHE_OWNING.get():
+        return impl(q, k, v, cache_k, cache_v, start, num_valid, **attributes)
+    attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)
+             for k_, v_ in attributes.items()}
+    return jax.lax.composite(impl, name=name)(q, k, v, cache_k, cache_v, start, num_valid, **attrs)
 
 
 def embedding_lookup(table, ids):
@@ -89,10 +121,19 @@ def linear_recurrence(a, x, h0):
     """h_t = a_t * h_{t-1} + x_t over axis 1 in f32. a, x [B, T, C]; h0 [B, C] -> (h, h_T).
 
     A one-token call is a single multiply-add; a longer one a parallel (log-depth) scan, which has
-    a static graph (no while loop) and the same value up to f32 rounding.
+    a static graph (no while loop) and the same value up to f32 rounding. A symbolic length (the
+    ONNX export's one graph for every chunk length) traces a sequential scan: its exporter replaces
+    the composite with an ONNX Scan anyway.
     """
 
     def impl(a, x, h0):
+        if not isinstance(a.shape[1], int):
+            def step(h, ax):
+                h = ax[0] * h + ax[1]
+                return h, h
+
+            last, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)))
+            return jnp.moveaxis(h, 0, 1), last
         if a.shape[1] == 1:
             h = a[:, 0] * h0 + x[:, 0]
             return h[:, None], h

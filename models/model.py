@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from models.cache import Cache, cache_max_len
+from models.cache import Cache, cache_max_len, is_static
 from models.config import Family, ModelConfig
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
@@ -51,7 +51,7 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     nv = jnp.broadcast_to(jnp.asarray(t if num_valid is None else num_valid, jnp.int32), (b,))
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     max_len = cache_max_len(cfg, cache)
-    if max_len is not None and t > max_len:
+    if max_len is not None and is_static(t) and t > max_len:
         raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
 
     layer_fn = _LAYER_FNS[cfg.family]

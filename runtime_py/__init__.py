@@ -15,7 +15,8 @@ from runtime_py.session import ContextFullError, Session
 
 
 def load(path, num_threads: int | None = None) -> Session:
-    """A session for an artifact: `.tflite` (more formats come with their exporters)."""
+    """A session for an artifact: a `.tflite` file, a `.onnx` file, or an onnxruntime-genai folder
+    (holding model.onnx and genai_config.json)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact not found: {path}")
@@ -23,7 +24,11 @@ def load(path, num_threads: int | None = None) -> Session:
         from runtime_py.tflite_backend import load_tflite
 
         return load_tflite(path, num_threads)
-    raise ValueError(f"{path}: unknown artifact type '{path.suffix}' (supported: .tflite)")
+    if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        from runtime_py.onnx_backend import load_onnx
+
+        return load_onnx(path, num_threads)
+    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .onnx, an onnxruntime-genai folder)")
 
 
 def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:

@@ -1,0 +1,179 @@
+"""A decoder signature -> an ONNX model: trace (trace.py), walk (graph.py + rules), assemble.
+
+The model follows onnxruntime-genai's decoder conventions (DESIGN section 5): inputs
+`input_ids` and `attention_mask` (int64, as onnxruntime-genai feeds them; cast to int32 in the
+graph), the state inputs `past_key_values.{i}.key/value` (and `past.{i}.conv/recurrent`), outputs
+`logits` and the `present.*` states. Weights are initializers, in the file or, past 2 GB, in one
+external data file written tensor by tensor (no second in-memory copy of the weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+# import for their registrations
+from export.lowering.onnx import rules_elementwise, rules_gather, rules_reduce_dot, rules_shape  # noqa: F401
+from export.lowering.onnx.fused import MS_DOMAIN, OP_SETS, OPSET
+from export.lowering.onnx.graph import NUMPY_TO_ONNX, Lowering
+from export.signatures import Signature
+from export.stablehlo import weight_names
+
+GRAPH_INPUT_TYPES = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype(np.int64)}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below the 2 GB protobuf limit, with room for the graph
+IR_VERSION = 10
+
+
+def lower_to_graph(sig: Signature, params: dict, *, op_set: str, max_len: int, compute=None) -> Lowering:
+    """Trace the signature with symbolic lengths and lower it; returns the filled Lowering."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    from export.lowering.onnx.trace import export_stablehlo
+
+    if op_set not in OP_SETS:
+        raise ValueError(f"unknown ONNX op set '{op_set}' (choose from {', '.join(OP_SETS)})")
+    text = export_stablehlo(sig, params, compute)
+    context = jax_mlir.make_ir_context()
+    module = ir.Module.parse(text, context=context)
+    with context:
+        lw = Lowering(module, OP_SETS[op_set], params)
+        lw.options.update(max_len=max_len, opset=OPSET)
+        names = weight_names(params)
+        lw.weight_names = names
+        main = lw.funcs["main"]
+        lw.analyze_weight_uses(main, len(names))
+        args = list(names)
+        for t in sig.inputs:
+            if t.name in GRAPH_INPUT_TYPES:
+                args.append(lw.node1("Cast", [t.name], to=NUMPY_TO_ONNX[t.dtype], hint=f"{t.name}_i32"))
+            else:
+                args.append(t.name)
+        lw.results = lw.lower_function("main", args)
+    return lw
+
+
+def _value_info(name: str, dtype, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, NUMPY_TO_ONNX[np.dtype(dtype)], list(shape))
+
+
+def _state_shape(lw: Lowering, name: str, shape, concrete: bool = False) -> tuple:
+    """A state's shape as the graph declares it (symbolic rows where a fused op asked for them),
+    or with `concrete`, the shape runtime_py allocates."""
+    if name not in lw.state_rows:
+        return tuple(shape)
+    rows, symbol = lw.state_rows[name]
+    return (shape[0], shape[1], rows if concrete or symbol is None else symbol, *shape[3:])
+
+
+def state_shapes(sig: Signature, lw: Lowering) -> dict[str, tuple]:
+    """{state input name: the shape runtime_py allocates}."""
+    return {t.name: _state_shape(lw, t.name, t.shape, concrete=True) for t in sig.inputs
+            if t.name.startswith("past")}
+
+
+def assemble(sig: Signature, lw: Lowering, metadata: dict[str, str]) -> tuple[onnx.ModelProto, dict]:
+    """The model proto without weights, and the weights to attach {name: array}."""
+    nodes = list(lw.nodes)
+    producers = {out: node for node in nodes for out in node.output}
+    renames, outputs = {}, []
+    for info, result in zip(sig.outputs, lw.results):
+        shape = _state_shape(lw, result, info.shape)
+        if result in producers and result not in renames and producers[result].op_type != "Constant":
+            renames[result] = info.name
+        else:
+            nodes.append(helper.make_node("Identity", [result], [info.name]))
+        outputs.append(_value_info(info.name, info.dtype, shape))
+    for node in nodes:
+        node.output[:] = [renames.get(o, o) for o in node.output]
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    nodes = live_nodes(nodes, [o.name for o in outputs])
+    inputs = [_value_info(t.name, GRAPH_INPUT_TYPES.get(t.name, t.dtype), _state_shape(lw, t.name, t.shape))
+              for t in sig.inputs]
+    used = {i for node in nodes for i in node.input}
+    weights = dict(lw.initializers)
+    for name in lw.weight_names:
+        if name in used and name not in weights:
+            weights[name] = lw.weights[name]
+    weights = {k: v for k, v in weights.items() if k in used}
+    graph = helper.make_graph(nodes, "decoder", inputs, outputs)
+    imports = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in sorted(lw.opset_imports.items())]
+    model = helper.make_model(graph, opset_imports=imports, producer_name="gemma-edge",
+                              functions=list(lw.functions.values()))
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, metadata)
+    return model, weights
+
+
+def live_nodes(nodes: list, outputs: list[str]) -> list:
+    """The nodes the outputs depend on, in their original (topological) order."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    return keep[::-1]
+
+
+def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    array = np.ascontiguousarray(array)
+    tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
+    tensor.raw_data = array.view(np.uint16).tobytes() if array.dtype.itemsize == 2 and array.dtype.kind == "V" \
+        else array.tobytes()
+    return tensor
+
+
+def save(model: onnx.ModelProto, weights: dict, path: Path) -> list[Path]:
+    """Write model.onnx (+ model.onnx.data when the weights pass EXTERNAL_DATA_BYTES), each to a
+    temporary name first. Weights go in sorted order, so the same inputs give identical bytes."""
+    path = Path(path)
+    total = sum(a.nbytes for a in weights.values())
+    written = []
+    data_path = path.with_name(path.name + ".data")
+    tmp_data = data_path.with_name(data_path.name + ".tmp")
+    try:
+        if total > EXTERNAL_DATA_BYTES:
+            with open(tmp_data, "wb") as f:
+                for name in sorted(weights):
+                    array = np.ascontiguousarray(weights[name])
+                    pad = (-f.tell()) % 64
+                    f.write(b"\0" * pad)
+                    offset = f.tell()
+                    f.write(memoryview(array.view(np.uint8).reshape(-1)))
+                    tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
+                    tensor.data_location = TensorProto.EXTERNAL
+                    for key, value in (("location", data_path.name), ("offset", str(offset)),
+                                       ("length", str(array.nbytes))):
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, value
+                    model.graph.initializer.append(tensor)
+            written.append(data_path)
+        else:
+            model.graph.initializer.extend(_tensor(name, weights[name]) for name in sorted(weights))
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        if total > EXTERNAL_DATA_BYTES:
+            os.replace(tmp_data, data_path)
+        os.replace(tmp, path)
+        written.insert(0, path)
+    finally:
+        for leftover in (tmp_data, path.with_name(path.name + ".tmp")):
+            if leftover.exists():
+                leftover.unlink()
+    return written
+
+
+def contrib_ops(model: onnx.ModelProto) -> set[str]:
+    """Ops from Microsoft's contrib domain, anywhere in the model (graph and functions)."""
+    ops = {n.op_type for n in model.graph.node if n.domain == MS_DOMAIN}
+    for f in model.functions:
+        ops |= {n.op_type for n in f.node if n.domain == MS_DOMAIN}
+    return ops
+
+
+__all__ = ["assemble", "contrib_ops", "lower_to_graph", "save", "state_shapes"]

@@ -1,0 +1,178 @@
+"""Composite rules: what each fused op (models/fused.py) becomes in ONNX, per op set.
+
+  op set     | attention (gemma_edge.{global,local}_attention)    | RG-LRU                | rms_norm
+  -----------+----------------------------------------------------+-----------------------+------------------
+  default    | com.microsoft::GroupQueryAttention, caches shared  | gemma_edge.Linear-    | RMSNormalization
+             | in place; local layers: local_window_size +        | Recurrence (a Scan)   | (opset 23)
+             | sliding_window_cache (a window-sized cache)        |                       |
+  standard   | gemma_edge.GlobalAttention / LocalAttention:       | same                  | same
+             | model-local functions lowered from the composite's |                       |
+             | decomposition (ring caches, standard ops only)     |                       |
+
+odml.embedding_lookup is a Gather in both; the inner odml.scaled_dot_product_attention only occurs
+inside attention decompositions, which are lowered op by op.
+
+GroupQueryAttention (default op set), per attention layer:
+
+    q [1,T,N,H] -> Reshape [1,T,N*H] --+
+    k [1,T,K,H] -> Reshape [1,T,K*H] --+--> GroupQueryAttention --> out [1,T,N*H] -> Reshape [1,T,N,H]
+    v [1,T,K,H] -> Reshape [1,T,K*H] --+     num_heads=N, kv_num_heads=K, scale, softcap,
+    past_key / past_value [1,K,R,H] ---+     local_window_size=window, sliding_window_cache=1 (local)
+    seqlens_k = start + num_valid - 1 -+--> present_key / present_value (the same buffers)
+    total_sequence_length = start + num_valid
+
+Cache rows R: the context for global layers; for local layers at least the window the query sees
+(its `window` attribute, itself included: W for Gemma, W + 1 for RecurrentGemma) unless that
+reaches the context, in which case the layer keeps the whole context and needs no window. Both
+are symbolic dimensions in the graph (GLOBAL_ROWS, LOCAL_ROWS): onnxruntime-genai allocates
+max_length rows for global layers and window + cache_slack rows (16 on CPU) for local ones, and
+GQA compacts a local cache only every cache_slack + 1 steps; runtime_py allocates exactly R. GQA keeps a
+local cache's rows in its own order (the newest positions packed at the front), so these
+caches are not the reference's ring: only the logits are comparable, which is what the parity
+gate compares. The standard op set keeps the reference's ring layout exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from export.lowering.onnx.graph import Lowering, tensor_type
+from export.lowering.onnx.rules_shape import axes
+
+DOMAIN = "gemma_edge"
+MS_DOMAIN = "com.microsoft"
+OPSET = 23  # RMSNormalization
+
+# symbolic cache rows (default op set): the runtime sizes these buffers
+GLOBAL_ROWS, LOCAL_ROWS = "max_sequence_length", "sliding_window_cache_length"
+
+DEFAULT: dict = {}
+STANDARD: dict = {}
+OP_SETS = {"default": DEFAULT, "standard": STANDARD}
+
+
+def composite(name: str, *op_sets: dict):
+    def register(fn):
+        for table in op_sets:
+            table[name] = fn
+        return fn
+
+    return register
+
+
+@composite("odml.embedding_lookup", DEFAULT, STANDARD)
+def lower_embedding_lookup(lw: Lowering, op):
+    """odml.embedding_lookup(ids int32 [N], table [V, D]) -> Gather(table, clip(ids), axis=0)."""
+    ids, table = lw.composite_operands(op)
+    v = tensor_type(lw.composite_operand_values(op)[1])[0][0]
+    ids = lw.node1("Max", [lw.node1("Min", [ids, lw.const(np.array(v - 1, np.int32))]),
+                          lw.const(np.array(0, np.int32))])
+    out = lw.node1("Gather", [table, ids], axis=0)
+    out_dtype = tensor_type(op.results[0])[1]
+    if lw.weight_source(table) is not None and lw.weights[lw.weight_source(table)].dtype != out_dtype:
+        from export.lowering.onnx.graph import NUMPY_TO_ONNX
+
+        out = lw.node1("Cast", [out], to=NUMPY_TO_ONNX[out_dtype])
+    return [out]
+
+
+@composite("odml.rms_norm", DEFAULT, STANDARD)
+def lower_rms_norm(lw: Lowering, op):
+    """odml.rms_norm(x [..., D], gain [D]) {epsilon} -> RMSNormalization(axis=-1) (ONNX opset 23)."""
+    x, gain = lw.composite_operands(op)
+    eps = float(lw.composite_attributes(op)["epsilon"])
+    return [lw.node1("RMSNormalization", [x, gain], axis=-1, epsilon=eps)]
+
+
+def _linear_recurrence_function() -> onnx.FunctionProto:
+    """gemma_edge.LinearRecurrence(a [B,T,C], x [B,T,C], h0 [B,C]) -> (h [B,T,C], h_T [B,C]):
+    h_t = a_t * h_{t-1} + x_t, as a Scan over axis 1 (one step for decode)."""
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["a_t", "h_prev"], ["ah"]),
+         helper.make_node("Add", ["ah", "x_t"], ["h_next"]),
+         helper.make_node("Identity", ["h_next"], ["h_out"])],
+        "linear_recurrence_step",
+        [helper.make_tensor_value_info("h_prev", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("a_t", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("h_next", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)])
+    scan = helper.make_node("Scan", ["h0", "a", "x"], ["h_last", "h"], num_scan_inputs=2,
+                            scan_input_axes=[1, 1], scan_output_axes=[1], body=body)
+    return helper.make_function(DOMAIN, "LinearRecurrence", ["a", "x", "h0"], ["h", "h_last"], [scan],
+                                [helper.make_opsetid("", OPSET)])
+
+
+@composite("gemma_edge.linear_recurrence", DEFAULT, STANDARD)
+def lower_linear_recurrence(lw: Lowering, op):
+    """gemma_edge.linear_recurrence(a, x, h0) -> gemma_edge.LinearRecurrence (a Scan)."""
+    lw.add_function(_linear_recurrence_function())
+    return lw.node(  # outputs: h, h_last
+        "LinearRecurrence", lw.composite_operands(op), n_out=2, domain=DOMAIN, hint="rg_lru")
+
+
+def _gqa(lw: Lowering, op, local: bool):
+    q, k, v, cache_k, cache_v, start, num_valid = lw.composite_operands(op)
+    values = lw.composite_operand_values(op)
+    attrs = lw.composite_attributes(op)
+    _, n, h = tensor_type(values[0])[0][1:]
+    kv = tensor_type(values[1])[0][2]
+    cache_shape = tensor_type(values[3])[0]
+    max_len = lw.options["max_len"]
+    gqa_attrs = dict(num_heads=n, kv_num_heads=kv, scale=float(attrs["scale"]),
+                     softcap=float(attrs.get("logit_cap", 0.0)))
+    rows, symbol = cache_shape[2], GLOBAL_ROWS
+    if local:
+        window = int(attrs["window"])
+        if window < max_len:
+            rows, symbol = window, LOCAL_ROWS
+            gqa_attrs.update(local_window_size=window, sliding_window_cache=1)
+        else:  # the window spans the whole context: a plain causal cache of the context
+            rows = max_len
+    for name in (cache_k, cache_v):
+        lw.declare_state_rows(name, rows, symbol)
+    flat = lw.const(np.array([0, 0, -1], np.int64))
+    total = lw.node1("Add", [start, num_valid])  # [1] int32
+    seqlens = lw.node1("Sub", [total, lw.const(np.array([1], np.int32))])
+    total_scalar = lw.node1("Reshape", [total, lw.const(np.array([], np.int64))])
+    out, present_k, present_v = lw.node(
+        "GroupQueryAttention",
+        [lw.node1("Reshape", [q, flat]), lw.node1("Reshape", [k, flat]), lw.node1("Reshape", [v, flat]),
+         cache_k, cache_v, seqlens, total_scalar],
+        n_out=3, domain=MS_DOMAIN, hint="gqa", **gqa_attrs)
+    out = lw.node1("Reshape", [out, lw.const(np.array([0, 0, n, h], np.int64))])
+    for name in (present_k, present_v):
+        lw.declare_state_rows(name, rows, symbol)
+    return [out, present_k, present_v]
+
+
+@composite("gemma_edge.global_attention", DEFAULT)
+def lower_global_attention_gqa(lw: Lowering, op):
+    """gemma_edge.global_attention(q, k, v, cache_k, cache_v, start, num_valid) {scale, logit_cap}
+    -> com.microsoft::GroupQueryAttention over a context-sized cache."""
+    return _gqa(lw, op, local=False)
+
+
+@composite("gemma_edge.local_attention", DEFAULT)
+def lower_local_attention_gqa(lw: Lowering, op):
+    """gemma_edge.local_attention(...) {scale, logit_cap, window} -> GroupQueryAttention with
+    local_window_size and a window-sized cache (sliding_window_cache=1)."""
+    return _gqa(lw, op, local=True)
+
+
+@composite("gemma_edge.global_attention", STANDARD)
+def lower_global_attention_function(lw: Lowering, op):
+    """gemma_edge.global_attention -> gemma_edge.GlobalAttention, a model-local function whose
+    body is the composite's decomposition in standard ops."""
+    return lw.call_as_function(op, "GlobalAttention", DOMAIN)
+
+
+@composite("gemma_edge.local_attention", STANDARD)
+def lower_local_attention_function(lw: Lowering, op):
+    """gemma_edge.local_attention -> gemma_edge.LocalAttention (model-local function, ring cache)."""
+    return lw.call_as_function(op, "LocalAttention", DOMAIN)
+
+
+del axes

@@ -1,0 +1,105 @@
+"""A Session over an ONNX decoder (a `.onnx` file or an onnxruntime-genai folder), run by
+onnxruntime.
+
+The graph takes any chunk length (`input_ids [1, T]`, `attention_mask [1, past + T]`), so the
+session's prefill chunks are trimmed to their real tokens before each call (no padding reaches
+the model). States are the `past*` inputs; each call's `present*` outputs become the next
+call's past, as onnxruntime-genai does with its shared buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from runtime_py.session import Session, SignatureInfo, TensorInfo
+
+METADATA_KEY = "gemma_edge"
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(float16)": np.float16}
+
+
+def present_name(past: str) -> str:
+    """past_key_values.{i}.key -> present.{i}.key; past.{i}.conv -> present.{i}.conv."""
+    if past.startswith("past_key_values."):
+        return "present." + past[len("past_key_values."):]
+    return "present." + past[len("past."):]
+
+
+def model_file(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.onnx"] if (path / "model.onnx").exists() else sorted(path.glob("*.onnx"))
+        if not candidates:
+            raise FileNotFoundError(f"no .onnx model in {path}")
+        return candidates[0]
+    return path
+
+
+class OnnxBackend:
+    def __init__(self, session, signatures: dict[str, SignatureInfo], states: list[TensorInfo]):
+        self.signatures = signatures
+        self._session = session
+        self._state_infos = states
+        self._outputs = ["logits"] + [present_name(t.name) for t in states]
+        self._states: dict[str, np.ndarray] = {}
+
+    def reset(self):
+        self._states = {t.name: np.zeros(t.shape, t.dtype) for t in self._state_infos}
+
+    def states(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self._states.items()}
+
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+        run = input_pos == input_pos[0] + np.arange(input_pos.size)
+        n = int(np.cumprod(run).sum())  # the leading run of real tokens (pads end it)
+        start = int(input_pos[0])
+        feed = {"input_ids": tokens[:, :n].astype(np.int64),
+                "attention_mask": np.ones((1, start + n), np.int64), **self._states}
+        logits, *presents = self._session.run(self._outputs, feed)
+        for info, value in zip(self._state_infos, presents):
+            self._states[info.name] = value
+        return np.array(logits[0, -1])
+
+
+def read_metadata(model_path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+
+
+def load_onnx(path, num_threads: int | None = None) -> Session:
+    import onnxruntime as ort
+
+    path = Path(path)
+    file = model_file(path)
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    meta = read_metadata(file)
+    exported = {t["name"]: tuple(t["shape"]) for t in meta.get("states", [])}
+    states = [TensorInfo(i.name, exported.get(i.name, tuple(i.shape)), np.dtype(_ORT_TYPES[i.type]))
+              for i in session.get_inputs() if i.name.startswith("past")]
+    if any(not isinstance(d, int) for t in states for d in t.shape):
+        raise ValueError(f"{file}: state inputs have symbolic shapes and the model has no metadata giving "
+                         f"their sizes ({[t.shape for t in states]})")
+    max_len = meta.get("max_seq_len")
+    if max_len is None and path.is_dir() and (path / "genai_config.json").exists():
+        max_len = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
+    if max_len is None:
+        raise ValueError(f"{file}: no context length in its metadata or a genai_config.json beside it")
+    ids = TensorInfo("tokens", (1, max_len), np.dtype(np.int32))
+    signatures = {}
+    for name, length in (("decode", 1), (f"prefill_{max_len}", max_len)):
+        signatures[name] = SignatureInfo(name, length, (TensorInfo("tokens", (1, length), ids.dtype),
+                                                        TensorInfo("input_pos", (length,), ids.dtype), *states),
+                                         (TensorInfo("logits", (1, 1, -1), np.dtype(np.float32)),))
+    result = Session(OnnxBackend(session, signatures, states), max_len, meta)
+    result.ort_session = session
+    return result
