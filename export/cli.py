@@ -26,6 +26,7 @@ DTYPES = ("f32", "bf16", "f16")
 # tolerance serves every stored dtype: relative RMS error of logits, identical greedy tokens.
 TOLERANCE = 1e-4
 GREEDY_STEPS = 64
+DEFAULT_PREFILL_LENS = (32, 128)
 
 
 class Stage:
@@ -67,9 +68,9 @@ def parse_args(argv):
     ap.add_argument("--list-onnx-ops", action="store_true", help="print the ONNX lowering's op coverage and exit")
     ap.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
     ap.add_argument("--max-seq-len", type=int, help="context of the global caches (default min(4096, model's))")
-    ap.add_argument("--prefill-lens", default="32,128",
-                    help="comma-separated prefill signature lengths (tflite; onnx takes any length, and "
-                         "uses these only to shape the parity prompts)")
+    ap.add_argument("--prefill-lens", default=None,
+                    help="comma-separated prefill signature lengths (tflite; default 32,128). onnx takes "
+                         "any length and uses these only to shape the parity prompts")
     ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
@@ -172,7 +173,10 @@ def run(args) -> int:
     max_len = args.max_seq_len or min(4096, cfg.max_seq_len)
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
-    lens = parse_prefill_lens(args.prefill_lens, max_len)
+    if args.prefill_lens is None and args.target == "onnx":
+        lens = [t for t in DEFAULT_PREFILL_LENS if t <= max_len] or [max(2, max_len // 2)]
+    else:
+        lens = parse_prefill_lens(args.prefill_lens or ",".join(map(str, DEFAULT_PREFILL_LENS)), max_len)
     if args.target == "onnx":
         tokenizer = args.tokenizer or args.checkpoint
         if tokenizer is not None and not Path(tokenizer).exists():

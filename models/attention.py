@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from models.cache import ring_positions, write_global, write_ring
+from models.cache import is_static, ring_from_window, ring_positions, write_global, write_ring
 from models.config import LayerKind, ModelConfig
 from models.fused import attention_mask, cached_attention, scaled_dot_product_attention
 from models.layers import Params, apply_rope, dense, rms_norm
@@ -76,7 +76,15 @@ def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, log
     keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
     values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
     mask = attention_mask(positions, k_pos, int(window))
-    ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
-    cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
+    if is_static(t):
+        ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
+        cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
+    else:
+        # One graph for every length (ONNX): runtimes bind a state's past and present to one buffer,
+        # so the new ring is read out of `keys` (old ring + chunk), which orders every read of the
+        # old ring before the write that replaces it.
+        rows = ring_k.shape[2]
+        ck = ring_from_window(keys, start, num_valid, rows).transpose(0, 2, 1, 3).astype(ring_k.dtype)
+        cv = ring_from_window(values, start, num_valid, rows).transpose(0, 2, 1, 3).astype(ring_v.dtype)
     out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
     return out, ck, cv

@@ -85,6 +85,21 @@ def write_ring(ring, chunk, start, num_valid):
     return jnp.where((dist < nv)[:, None, :, None], gathered, ring)
 
 
+def ring_from_window(window, start, num_valid, rows: int):
+    """The ring after writing a chunk, gathered from `window` = concat(ring rows, chunk) along axis 1.
+
+    window: [B, R + T, ...] (the R ring rows, then the T chunk tokens); start, num_valid: [B].
+    Returns [B, R, ...]: row r holds the last valid chunk token t with (start + t) % R == r, else
+    its old value. The same result as `write_ring`, as one gather.
+    """
+    dist = jnp.mod(jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None], rows)  # [B, R]
+    nv = num_valid[:, None]
+    src = rows + dist + rows * (jnp.maximum(nv - 1 - dist, 0) // rows)
+    index = jnp.where(dist < nv, src, jnp.arange(rows, dtype=start.dtype)[None, :])
+    index = index.reshape(*index.shape, *([1] * (window.ndim - 2)))
+    return jnp.take_along_axis(window, index, axis=1)
+
+
 def write_global(cache, chunk, start):
     """Write a chunk into a full-length cache at rows start .. start + T - 1.
 

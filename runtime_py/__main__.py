@@ -2,6 +2,7 @@
 
   python -m runtime_py generate --artifact artifacts/gemma3-1b_f32_ctx4096.tflite \
       --tokenizer ./gemma-3-1b-it/tokenizer.model --prompt "Why is the sky blue?"
+  python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_f32_ctx4096_onnx --prompt "Hi"
 
 Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
 --raw). Bad input exits 2 with one line.
@@ -21,7 +22,13 @@ def cmd_generate(args) -> int:
     from runtime_py import load
 
     session = load(args.artifact, args.threads)
-    tok = Tokenizer(args.tokenizer)
+    tokenizer = args.tokenizer
+    if tokenizer is None:  # an onnxruntime-genai folder carries its tokenizer
+        bundled = Path(args.artifact) / "tokenizer.model"
+        if not bundled.exists():
+            raise ValueError(f"{args.artifact} holds no tokenizer.model: pass --tokenizer PATH")
+        tokenizer = bundled
+    tok = Tokenizer(tokenizer)
     meta = session.metadata
     if meta.get("instruction_tuned") and not args.raw:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}], family=meta["family"])
@@ -48,7 +55,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from an artifact")
     gen.add_argument("--artifact", type=Path, required=True)
-    gen.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.model or its folder")
+    gen.add_argument("--tokenizer", type=Path,
+                     help="tokenizer.model or its folder (default: the one in an ONNX artifact folder)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
