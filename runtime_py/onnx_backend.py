@@ -3,8 +3,9 @@ onnxruntime.
 
 The graph takes any chunk length (`input_ids [1, T]`, `attention_mask [1, past + T]`), so the
 session's prefill chunks are trimmed to their real tokens before each call (no padding reaches
-the model). States are the `past*` inputs; each call's `present*` outputs become the next
-call's past, as onnxruntime-genai does with its shared buffers.
+the model). States are the `past*` inputs; as onnxruntime-genai does, each state is one buffer
+bound both as its `past*` input and its `present*` output (I/O binding), so the graph updates
+it in place and no state is copied between calls.
 """
 
 from __future__ import annotations
@@ -40,27 +41,33 @@ def model_file(path: Path) -> Path:
 
 class OnnxBackend:
     def __init__(self, session, signatures: dict[str, SignatureInfo], states: list[TensorInfo]):
+        import onnxruntime as ort
+
         self.signatures = signatures
         self._session = session
         self._state_infos = states
-        self._outputs = ["logits"] + [present_name(t.name) for t in states]
-        self._states: dict[str, np.ndarray] = {}
+        self._values = {t.name: ort.OrtValue.ortvalue_from_numpy(np.zeros(t.shape, t.dtype)) for t in states}
+        self._binding = session.io_binding()
+        self._binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for t in states:
+            self._binding.bind_ortvalue_input(t.name, self._values[t.name])
+            self._binding.bind_ortvalue_output(present_name(t.name), self._values[t.name])
 
     def reset(self):
-        self._states = {t.name: np.zeros(t.shape, t.dtype) for t in self._state_infos}
+        for t in self._state_infos:
+            self._values[t.name].update_inplace(np.zeros(t.shape, t.dtype))
 
     def states(self) -> dict[str, np.ndarray]:
-        return {k: np.array(v) for k, v in self._states.items()}
+        return {name: np.array(value.numpy()) for name, value in self._values.items()}
 
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
         run = input_pos == input_pos[0] + np.arange(input_pos.size)
         n = int(np.cumprod(run).sum())  # the leading run of real tokens (pads end it)
         start = int(input_pos[0])
-        feed = {"input_ids": tokens[:, :n].astype(np.int64),
-                "attention_mask": np.ones((1, start + n), np.int64), **self._states}
-        logits, *presents = self._session.run(self._outputs, feed)
-        for info, value in zip(self._state_infos, presents):
-            self._states[info.name] = value
+        self._binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, :n], np.int64))
+        self._binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
+        self._session.run_with_iobinding(self._binding)
+        logits = self._binding.get_outputs()[0].numpy()
         return np.array(logits[0, -1])
 
 

@@ -181,8 +181,7 @@ CASES += [
     C("max_min_i32", lambda x, y: (jnp.maximum(x, y), jnp.minimum(x, y), -x, jnp.abs(x), jnp.sign(x)),
       [I(3, 4), I(3, 4)], [S + "maximum", S + "minimum", S + "negate", S + "abs", S + "sign"]),
     C("is_finite", jnp.isfinite, [Halves(3, 4)], [S + "is_finite"],
-      xfail="rules_elementwise.py TABLE maps stablehlo.is_finite to 'IsFinite', which is not an "
-            "ONNX operator (ONNX has IsInf and IsNaN); ONNX Runtime rejects the model"),
+      ),
     *[C(f"{name}_{t}", fn, [g(3, 4), g(3, 4)], [S + name])
       for name, fn in (("and", jnp.bitwise_and), ("or", jnp.bitwise_or), ("xor", jnp.bitwise_xor))
       for t, g in (("bool", B), ("i32", I))],
@@ -206,9 +205,7 @@ CASES += [
       [I(3, 4)], [S + "constant", S + "convert"]),
     C("constant_bf16", lambda x: x + jnp.array([1.5, -2.25, 3.0, 0.125], BF16).astype(F32),
       [F(3, 4)], [S + "constant", S + "convert"],
-      xfail="graph.py dense_attr_to_numpy: np.array(attr) raises 'TypeError: Unsupported "
-            "floating-point type' for a non-splat bf16 DenseElementsAttr, so any non-splat bf16 "
-            "stablehlo.constant fails to lower"),
+      ),
     # ---- shapes ----
     C("reshape", lambda x: x.reshape(2, 6, 1), [F(3, 4)], [S + "reshape"]),
     C("reshape_symbolic", lambda x: x.reshape(-1, 2), [F("T", 4)], [S + "reshape"],
@@ -279,12 +276,7 @@ CASES += [
       [F(6), V([5, 0, 11, -4, 2])], [S + "gather"]),
     C("getitem_index", lambda x, i: x[i], [F(6, 2), V([1, -2, 5])], [S + "gather"]),
     C("take_axis1_symbolic_rows", lambda x, i: jnp.take(x, i, axis=1, mode="clip"),
-      [F("T", 4), V([2, 0, 7])], [S + "gather"], dyn_ops=[S + "dynamic_gather"],
-      xfail="rules_gather.py lower_dynamic_gather computes rank_out from the operand "
-            "(len(x_shape) - len(collapsed)) instead of the result, so a take with index batch "
-            "dims (x [T, 4], idx [3], axis=1 -> [T, 3]) passes the 'slice only' check and is "
-            "lowered as one Slice + Squeeze -> [T] (the indices' batch dims are dropped)",
-      xfail_modes=("sym",)),
+      [F("T", 4), V([2, 0, 7])], [S + "gather"], dyn_ops=[S + "dynamic_gather"]),
     C("dynamic_slice_symbolic_axis", lambda x, i: tuple(jax.lax.dynamic_slice(x, (i + d, 1), (1, 2))
                                                         for d in (0, 9, -9)), [F("T", 4), V(2)],
       [S + "dynamic_slice"]),
@@ -352,11 +344,7 @@ CASES += [
     C("matmul_weight_and_einsum_lhs_contract0",
       lambda p, x, y: (linear(x, p["w"]), jnp.einsum("kb,nk->bn", y, p["w"])), [F(3, 4), F(4, 2)],
       [S + "dot_general"], params={"w": W_NK[:4].copy()},  # square: runs, silently wrong
-      xfail="graph.py Lowering.analyze_weight_uses marks a weight matmul-only from the rhs dims "
-            "alone (rc == [1], no batch) and stores it transposed [K, N], but rules_reduce_dot.py "
-            "lower_dot_general takes the weight_matmul path only when lhs contracts its last dim; "
-            "einsum('kb,nk->bn', y, w) (lhs contracting dim 0) falls to Einsum on the transposed "
-            "initializer: wrong values"),
+      ),
     # ---- composites (models/fused.py) and their ONNX forms ----
     C("rms_norm", lambda x, g: fused.rms_norm(x, g, 1e-6), [F(1, "T", 8), F(8)],
       ["composite odml.rms_norm"], nodes=("RMSNormalization",)),

@@ -61,7 +61,8 @@ class UnsupportedOpError(ValueError):
     """An op no rule lowers; the message names the op and the model source line."""
 
 
-_SOURCE = re.compile(r'"[^"]*/((?:models|export)/[^"]+\.py)":(\d+)')
+_SOURCE = re.compile(r'"([^"]+\.py)":(\d+)')
+_INTERNAL = ("/site-packages/", "/export/lowering/", "/export/signatures.py", "<frozen")
 
 
 def op_name(op) -> str:
@@ -70,13 +71,14 @@ def op_name(op) -> str:
 
 
 def source_location(op) -> str:
-    """The first model source line in an op's location (`models/layers.py:39`), else the raw text."""
+    """The innermost source line of an op outside the exporter and jax (`models/layers.py:39`),
+    else the raw location text."""
     text = str(op.location)
-    hits = _SOURCE.findall(text)
-    for path, line in hits:
-        if path.startswith("models/"):
-            return f"{path}:{line}"
-    return f"{hits[0][0]}:{hits[0][1]}" if hits else text[:120]
+    for path, line in _SOURCE.findall(text):
+        if not any(part in path for part in _INTERNAL):
+            short = re.search(r"((?:models|export|tests|tools)/.+)$", path)
+            return f"{short.group(1) if short else path}:{line}"
+    return text[:160]
 
 
 def tensor_type(value) -> tuple[list[int | None], np.dtype]:
@@ -272,7 +274,10 @@ class Lowering:
                     from jax._src.lib.mlir.dialects import hlo
 
                     dn = hlo.DotDimensionNumbers(owner.attributes["dot_dimension_numbers"])
-                    if list(dn.rhs_batching_dimensions) or list(dn.rhs_contracting_dimensions) != [1]:
+                    lhs_rank = len(tensor_type(owner.operands[0])[0])
+                    # the form lower_dot_general turns into MatMul: lhs [..., K] . w[N, K]
+                    if list(dn.rhs_batching_dimensions) or list(dn.rhs_contracting_dimensions) != [1] \
+                            or list(dn.lhs_contracting_dimensions) != [lhs_rank - 1]:
                         ok[root] = False
                 else:
                     ok[root] = False
@@ -381,6 +386,12 @@ def dense_attr_to_numpy(attr, dtype: np.dtype, shape) -> np.ndarray:
         return np.full(shape, value.value, dtype)
     if dtype == np.bool_:
         return np.array(attr).astype(np.bool_).reshape(shape)
-    if dtype == ml_dtypes.bfloat16:
-        return np.array(attr).view(np.uint16).view(dtype).reshape(shape)
+    if dtype == ml_dtypes.bfloat16:  # the bindings' buffer protocol does not know bf16: read the text
+        text = str(attr)
+        hexdata = re.search(r'"0x([0-9A-Fa-f]+)"', text)
+        if hexdata:
+            return np.frombuffer(bytes.fromhex(hexdata.group(1)), np.uint16).view(dtype).reshape(shape)
+        body = text[text.index("<") + 1:text.rindex(">")].rsplit(":", 1)[0]
+        numbers = re.findall(r"[-+]?(?:inf|nan|\d+\.?\d*(?:[eE][-+]?\d+)?)", body)
+        return np.array([float(v) for v in numbers], np.float32).astype(dtype).reshape(shape)
     return np.array(attr).astype(dtype).reshape(shape)

@@ -43,7 +43,6 @@ TABLE = {
     "stablehlo.ceil": ("Ceil", np.ceil),
     "stablehlo.sign": ("Sign", np.sign),
     "stablehlo.round_nearest_even": ("Round", np.round),
-    "stablehlo.is_finite": ("IsFinite", None),
 }
 BITWISE = {  # bool operands use the logical op, integers the bitwise one
     "stablehlo.and": ("And", "BitwiseAnd", np.bitwise_and),
@@ -123,6 +122,14 @@ def lower_expm1(lw, op):
     x = lw.operand(op, 0)
     one = lw.const(np.array(1, result_dtype(op)))
     return [folded(lw, op, np.expm1, [x]) or lw.node1("Sub", [lw.node1("Exp", [x]), one])]
+
+
+@rule("stablehlo.is_finite")
+def lower_is_finite(lw, op):
+    """is_finite(x) -> Not(Or(IsInf(x), IsNaN(x)))."""
+    x = lw.operand(op, 0)
+    return [folded(lw, op, np.isfinite, [x]) or
+            lw.node1("Not", [lw.node1("Or", [lw.node1("IsInf", [x]), lw.node1("IsNaN", [x])])])]
 
 
 @rule("stablehlo.remainder")

@@ -4,7 +4,8 @@ a slice stays in bounds; ONNX Gather rejects out-of-range indices, so indices ar
 
   stablehlo.gather(x, idx) {collapsed = start_index_map = [a], full slices elsewhere}
       -> Gather(x, Clip(idx, 0, dim_a - 1), axis=a) [-> Transpose]
-  stablehlo.dynamic_gather(x, idx, sizes) {a slice of dynamic size; collapsed dims have size 1}
+  stablehlo.dynamic_gather(x, idx, sizes) {a take, as gather; or a slice of dynamic size whose
+      collapsed dims have size 1}
       -> Slice(x, clamp(idx), clamp(idx) + sizes) [-> Squeeze(collapsed dims)]
   stablehlo.dynamic_slice(x, *starts) {slice_sizes} -> Slice(x, clamp(starts), + sizes)
   stablehlo.dynamic_update_slice(x, update, *starts)
@@ -33,6 +34,44 @@ def _unsupported(op, why: str):
     return UnsupportedOpError(f"unsupported form of {op_name(op)} at {source_location(op)}: {why}")
 
 
+def _is_take(dn, idx_shape) -> bool:
+    index_map = list(dn.start_index_map)
+    return (len(index_map) == 1 and list(dn.collapsed_slice_dims) == index_map
+            and not list(dn.operand_batching_dims) and len(idx_shape) >= 1
+            and dn.index_vector_dim == len(idx_shape) - 1 and idx_shape[-1] == 1)
+
+
+def _take(lw, op, dn):
+    """A single-axis take: Gather(x, clamp(idx), axis=a), transposed to StableHLO's output order."""
+    x_shape, _ = tensor_type(op.operands[0])
+    idx_shape, _ = tensor_type(op.operands[1])
+    a = list(dn.start_index_map)[0]
+    x, idx = lw.operand(op, 0), lw.operand(op, 1)
+    # [..., 1] -> [...]
+    idx = lw.node1("Squeeze", [idx, axes(lw, [len(idx_shape) - 1])]) if lw.constant_value(idx) is None \
+        else lw.const(lw.constant_value(idx)[..., 0])
+    value = lw.constant_value(idx)
+    if value is not None and x_shape[a] is not None:
+        idx = lw.const(np.clip(value, 0, x_shape[a] - 1).astype(np.int64))
+    else:
+        hi = lw.node1("Sub", [dim_of(lw, x, op.operands[0], a), lw.const(np.array([1], np.int64))])
+        hi = lw.node1("Reshape", [hi, lw.const(np.array([], np.int64))])
+        idx = lw.node1("Min", [lw.node1("Max", [i64(lw, idx), lw.const(np.array(0, np.int64))]), hi])
+    out = lw.node1("Gather", [x, idx], axis=a)
+    # ONNX puts the index dims at a; StableHLO at the output positions not in offset_dims
+    rank_out = len(tensor_type(op.results[0])[0])
+    batch_positions = [i for i in range(rank_out) if i not in list(dn.offset_dims)]
+    n_batch = len(batch_positions)
+    offsets = iter(range(len(x_shape) - 1))
+    want = [("b", batch_positions.index(i)) if i in batch_positions else ("o", next(offsets))
+            for i in range(rank_out)]
+    have = [("o", i) for i in range(a)] + [("b", j) for j in range(n_batch)] + \
+           [("o", i) for i in range(a, len(x_shape) - 1)]
+    if want != have:
+        out = lw.node1("Transpose", [out], perm=[have.index(w) for w in want])
+    return [out]
+
+
 @rule("stablehlo.gather")
 def lower_gather(lw, op):
     """gather(x, idx) {collapsed_slice_dims = start_index_map = [a], full slices on other dims,
@@ -43,39 +82,12 @@ def lower_gather(lw, op):
     x_shape, _ = tensor_type(op.operands[0])
     idx_shape, _ = tensor_type(op.operands[1])
     sizes = [int(s) for s in op.attributes["slice_sizes"]]
-    collapsed, index_map = list(dn.collapsed_slice_dims), list(dn.start_index_map)
-    if (len(index_map) != 1 or collapsed != index_map or list(dn.operand_batching_dims)
-            or dn.index_vector_dim != len(idx_shape) - 1 or idx_shape[-1] != 1):
+    if not _is_take(dn, idx_shape):
         raise _unsupported(op, "only single-axis takes are lowered")
-    a = index_map[0]
+    a = list(dn.start_index_map)[0]
     if any(sizes[d] != x_shape[d] and d != a for d in range(len(sizes))):
         raise _unsupported(op, "partial slices on non-indexed dims")
-    x, idx = lw.operand(op, 0), lw.operand(op, 1)
-    # [..., 1] -> [...]
-    idx = lw.node1("Squeeze", [idx, axes(lw, [len(idx_shape) - 1])]) if lw.constant_value(idx) is None \
-        else lw.const(lw.constant_value(idx)[..., 0])
-    n = dim_of(lw, x, op.operands[0], a)
-    value = lw.constant_value(idx)
-    if value is not None and x_shape[a] is not None:
-        idx = lw.const(np.clip(value, 0, x_shape[a] - 1).astype(np.int64))
-    else:
-        hi = lw.node1("Sub", [n, lw.const(np.array([1], np.int64))])
-        hi = lw.node1("Reshape", [hi, lw.const(np.array([], np.int64))])
-        idx = lw.node1("Min", [lw.node1("Max", [i64(lw, idx), lw.const(np.array(0, np.int64))]), hi])
-    out = lw.node1("Gather", [x, idx], axis=a)
-    # ONNX puts the index dims at a; StableHLO at the output positions not in offset_dims
-    rank_out = len(tensor_type(op.results[0])[0])
-    batch_positions = [i for i in range(rank_out) if i not in list(dn.offset_dims)]
-    n_batch = len(batch_positions)
-    want = []
-    offset_iter = iter(range(len(x_shape) - 1))
-    for i in range(rank_out):
-        want.append(("b", batch_positions.index(i)) if i in batch_positions else ("o", next(offset_iter)))
-    have = [("o", i) for i in range(a)] + [("b", j) for j in range(n_batch)] + \
-           [("o", i) for i in range(a, len(x_shape) - 1)]
-    if want != have:
-        out = lw.node1("Transpose", [out], perm=[have.index(w) for w in want])
-    return [out]
+    return _take(lw, op, dn)
 
 
 @rule("stablehlo.dynamic_gather")
@@ -87,8 +99,16 @@ def lower_dynamic_gather(lw, op):
     dn = hlo.GatherDimensionNumbers(op.attributes["dimension_numbers"])
     x_shape, _ = tensor_type(op.operands[0])
     collapsed = [int(d) for d in dn.collapsed_slice_dims]
-    rank_out = len(x_shape) - len(collapsed)
-    if list(dn.offset_dims) != list(range(rank_out)) or list(dn.operand_batching_dims) \
+    out_shape, _ = tensor_type(op.results[0])
+    rank_out = len(out_shape)
+    idx_shape, _ = tensor_type(op.operands[1])
+    if _is_take(dn, idx_shape):  # a take whose table has a symbolic dim: full slices elsewhere
+        kept = [d for d in range(len(x_shape)) if d not in collapsed]
+        offset_sizes = [out_shape[i] for i in dn.offset_dims]
+        if all(o is None or x_shape[d] is None or o == x_shape[d] for o, d in zip(offset_sizes, kept)):
+            return _take(lw, op, dn)
+    if rank_out != len(x_shape) - len(collapsed) or list(dn.offset_dims) != list(range(rank_out)) \
+            or list(dn.operand_batching_dims) or idx_shape != [len(dn.start_index_map)] \
             or not set(collapsed) <= set(int(d) for d in dn.start_index_map):
         raise _unsupported(op, "only slices (a start index vector, no batch dims) are lowered")
     x, idx, sizes = (lw.name(v) for v in op.operands)
