@@ -142,7 +142,8 @@ def main(argv=None) -> int:
 
 
 def list_onnx_ops() -> int:
-    from export.lowering.onnx.convert import RULES
+    import export.lowering.onnx.convert  # noqa: F401  (registers the rules)
+    from export.lowering.onnx.graph import RULES
     from export.lowering.onnx.fused import OP_SETS
 
     print(f"StableHLO ops with an ONNX rule ({len(RULES)}):")

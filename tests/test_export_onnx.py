@@ -284,3 +284,14 @@ def test_tokenizer_files_and_runtime_cli(tmp_path, model_path, capsys):
     cfg, params = load_checkpoint(folder)
     ref = generate(params, cfg, [tok.encode("hello world")], 12, max_len=64)
     assert run.stdout == tok.decode(ref.tokens[0]) + "\n"
+
+
+def test_list_onnx_ops_prints_the_registry(capsys):
+    from export.lowering.onnx.fused import OP_SETS
+    from export.lowering.onnx.graph import RULES
+
+    assert export_main(["--list-onnx-ops"]) == 0
+    out = capsys.readouterr().out
+    for name in [*RULES, *OP_SETS["default"]]:
+        assert f"  {name} " in out
+    assert all(RULES[name].__doc__ for name in RULES)  # each rule says what it lowers

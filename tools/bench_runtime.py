@@ -2,6 +2,8 @@
 
   python tools/bench_runtime.py ARTIFACT [ARTIFACT ...] [--threads 2]
 
+ARTIFACT: a .tflite file or an ONNX folder (python -m export --target onnx).
+
 Each artifact runs in its own process (its peak RSS is reported). Per artifact: time to first
 token for a 128-token prompt (prefill + the first sampled token),
 prefill tokens/s of the largest prefill signature, decode tokens/s at context position ~128 and
@@ -21,6 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def artifact_bytes(path: Path) -> int:
+    """A .tflite file's size, or an ONNX folder's model.onnx plus its external data."""
+    return sum(p.stat().st_size for p in path.glob("model.onnx*")) if path.is_dir() else path.stat().st_size
+
+
 def decode_rate(session, start: int, steps: int) -> float:
     """Decode tokens/s for `steps` tokens from position `start` (state fast-forwarded)."""
     session.reset()
@@ -37,7 +44,8 @@ def bench(path: Path, threads: int, repeats: int, steps: int) -> dict:
     session = load(path, threads)
     prompt = [2] + [10 + i % 200 for i in range(127)]
     ttft, prefill = [], []
-    longest = max(session.prefill_lengths) if session.prefill_lengths else 1
+    # the largest prefill signature, at most the prompt (ONNX graphs take any length)
+    longest = min(max(session.prefill_lengths) if session.prefill_lengths else 1, len(prompt))
     session.prefill(prompt)  # warm-up (allocations)
     for _ in range(repeats):
         session.reset()
@@ -53,7 +61,7 @@ def bench(path: Path, threads: int, repeats: int, steps: int) -> dict:
     late_pos = max(128, session.max_len - steps - 1)
     late = statistics.median(decode_rate(session, late_pos, steps) for _ in range(repeats))
     return {"artifact": str(path), "context": session.max_len, "threads": threads,
-            "file_bytes": path.stat().st_size, "ttft_128_s": statistics.median(ttft),
+            "file_bytes": artifact_bytes(path), "ttft_128_s": statistics.median(ttft),
             "prefill_tok_s": statistics.median(prefill), "prefill_len": longest,
             "decode_tok_s_at_128": early, "decode_tok_s_at_end": late, "end_position": late_pos}
 

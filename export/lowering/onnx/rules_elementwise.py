@@ -86,6 +86,7 @@ def _bitwise_rule(logical, bitwise, fn):
         kind = logical if result_dtype(op) == np.bool_ else bitwise
         return [folded(lw, op, fn, args) or lw.node1(kind, args)]
 
+    lower.__doc__ = f"-> {logical} (bool) | {bitwise} (integers)"
     return lower
 
 
