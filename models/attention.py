@@ -20,9 +20,9 @@ from models.fused import attention_mask, cached_attention, scaled_dot_product_at
 from models.layers import Params, apply_rope, dense, rms_norm
 
 
-def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, positions, start,
-                    num_valid, cache: dict):
-    """h: [B, T, E]; positions: [B, T]; start, num_valid: [B]. Returns ([B, T, E], new cache)."""
+def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict):
+    """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t). Returns
+    ([B, T, E], new cache)."""
     b, t, _ = h.shape
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = dense(h, p["attn.q"]).reshape(b, t, heads, d)
@@ -32,17 +32,17 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, positions, 
         q = rms_norm(q, p["attn.q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["attn.k_norm"], cfg.norm_eps)
     base, scale = cfg.rope_params(kind)
-    q = apply_rope(q, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
-    k = apply_rope(k, positions, base=base, scale=scale, rope_dim=cfg.rope_dim)
+    # RoPE happens inside the core (so that ONNX Runtime's attention can apply it: do_rotary)
+    rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
                                        cache["k"], cache["v"], start, num_valid,
-                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap)
+                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope)
     else:
         out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
                                        cache["k"], cache["v"], start, num_valid,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
-                                       window=cfg.window_span)
+                                       window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
     out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
     return out, {"k": ck, "v": cv}
@@ -53,10 +53,17 @@ def _positions(start, t):
     return start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]
 
 
-def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, logit_cap=None):
-    """Write the chunk into the full-length cache first, then attend over all of it."""
+def _rope(q, k, positions, rope_base, rope_scale, rope_dim):
+    kw = dict(base=rope_base, scale=rope_scale, rope_dim=int(rope_dim))
+    return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
+
+
+def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, rope_base, rope_scale, rope_dim,
+                 logit_cap=None):
+    """RoPE, write the chunk into the full-length cache, then attend over all of it."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
     # [B, T, K, D] -> [B, K, T, D], the cache layout
     ck = write_global(cache_k, k.transpose(0, 2, 1, 3), start)
     cv = write_global(cache_v, v.transpose(0, 2, 1, 3), start)
@@ -68,10 +75,12 @@ def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, logit_ca
     return out, ck, cv
 
 
-def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, logit_cap=None):
-    """Attend over the ring as it was plus the chunk, then write the chunk into the ring."""
+def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, rope_base, rope_scale,
+                rope_dim, logit_cap=None):
+    """RoPE, attend over the ring as it was plus the chunk, then write the chunk into the ring."""
     t = q.shape[1]
     positions = _positions(start, t)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
     k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
     keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
     values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)

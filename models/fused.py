@@ -15,7 +15,8 @@ operand orders and attributes follow what LiteRT knows (litert-torch's conventio
   gemma_edge.global_attention / gemma_edge.local_attention (ONNX export only, see
       `cache_owning_attention`): the attention core *with* its cache write,
       (q[B, T, N, H], k[B, T, Nkv, H], v, cache_k[B, Nkv, R, H], cache_v, start[B], num_valid[B])
-      -> (out[B, T, N, H], cache_k', cache_v');  scale, logit_cap, window (local: keys a query sees)
+      -> (out[B, T, N, H], cache_k', cache_v');  scale, logit_cap, window (local: keys a query sees),
+      rope_base, rope_scale, rope_dim (q and k arrive before RoPE, which the op applies)
 
 Rules that keep composites intact through conversion: no weights inside a composite (quantizers
 skip them), decompositions close over no arrays (closed-over constants would become extra leading

@@ -23,7 +23,7 @@ def griffin_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, st
     if kind is LayerKind.RECURRENT:
         h, cache = recurrent_block(p.scope("rec."), cfg, h, positions, start, num_valid, cache)
     else:
-        h, cache = attention_block(p, cfg, kind, h, positions, start, num_valid, cache)
+        h, cache = attention_block(p, cfg, kind, h, start, num_valid, cache)
     r = x + h
     return r + geglu_mlp(p, rms_norm(r, p["channel_pre_norm"], cfg.norm_eps)), cache
 

@@ -24,7 +24,10 @@ from export.signatures import Signature
 from export.stablehlo import weight_names
 
 GRAPH_INPUT_TYPES = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype(np.int64)}
-EXTERNAL_DATA_BYTES = 1_800_000_000  # below the 2 GB protobuf limit, with room for the graph
+# Weights past this go to model.onnx.data, streamed tensor by tensor: an in-file model is
+# serialised in memory (about 3x the weights at peak), and protobuf caps a file at 2 GB.
+EXTERNAL_DATA_BYTES = 64 * 2**20
+BLOCK_BYTES = 32 * 2**20  # transposed weights are made contiguous this much at a time
 IR_VERSION = 10
 
 
@@ -119,6 +122,17 @@ def live_nodes(nodes: list, outputs: list[str]) -> list:
     return keep[::-1]
 
 
+def _write_rows(f, array: np.ndarray):
+    """Write an array's bytes in C order, a block of rows at a time (views, e.g. a transposed
+    weight, are never copied whole)."""
+    if array.flags.c_contiguous:
+        f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        return
+    rows = max(1, BLOCK_BYTES // max(1, array[0].nbytes))
+    for i in range(0, array.shape[0], rows):
+        f.write(memoryview(np.ascontiguousarray(array[i:i + rows]).reshape(-1).view(np.uint8)))
+
+
 def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
     array = np.ascontiguousarray(array)
     tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
@@ -139,11 +153,11 @@ def save(model: onnx.ModelProto, weights: dict, path: Path) -> list[Path]:
         if total > EXTERNAL_DATA_BYTES:
             with open(tmp_data, "wb") as f:
                 for name in sorted(weights):
-                    array = np.ascontiguousarray(weights[name])
+                    array = weights[name]
                     pad = (-f.tell()) % 64
                     f.write(b"\0" * pad)
                     offset = f.tell()
-                    f.write(memoryview(array.view(np.uint8).reshape(-1)))
+                    _write_rows(f, array)
                     tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
                     tensor.data_location = TensorProto.EXTERNAL
                     for key, value in (("location", data_path.name), ("offset", str(offset)),

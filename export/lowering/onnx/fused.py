@@ -17,9 +17,10 @@ GroupQueryAttention (default op set), per attention layer:
     q [1,T,N,H] -> Reshape [1,T,N*H] --+
     k [1,T,K,H] -> Reshape [1,T,K*H] --+--> GroupQueryAttention --> out [1,T,N*H] -> Reshape [1,T,N,H]
     v [1,T,K,H] -> Reshape [1,T,K*H] --+     num_heads=N, kv_num_heads=K, scale, softcap,
-    past_key / past_value [1,K,R,H] ---+     local_window_size=window, sliding_window_cache=1 (local)
-    seqlens_k = start + num_valid - 1 -+--> present_key / present_value (the same buffers)
-    total_sequence_length = start + num_valid
+    past_key / past_value [1,K,R,H] ---+     do_rotary=1 (RoPE on the first rope_dim features,
+    seqlens_k = start + num_valid - 1 -+     rotate-half), local_window_size=window and
+    total_sequence_length = start + nv +     sliding_window_cache=1 (local layers)
+    cos/sin caches [context, rope_dim/2] +--> present_key / present_value (the same buffers)
 
 Cache rows R: the context for global layers; for local layers at least the window the query sees
 (its `window` attribute, itself included: W for Gemma, W + 1 for RecurrentGemma) unless that
@@ -123,6 +124,23 @@ def _gqa(lw: Lowering, op, local: bool):
     max_len = lw.options["max_len"]
     gqa_attrs = dict(num_heads=n, kv_num_heads=kv, scale=float(attrs["scale"]),
                      softcap=float(attrs.get("logit_cap", 0.0)))
+    rope_dim = int(attrs["rope_dim"])
+    cos, sin = _rope_tables(lw, max_len, float(attrs["rope_base"]), float(attrs["rope_scale"]), rope_dim)
+    rope_inputs = [cos, sin]
+    if (rope_dim // 2) % 8 == 0:  # GQA's rotary kernel takes tables of a multiple of 8 columns
+        gqa_attrs.update(do_rotary=1, rotary_interleaved=0)
+    else:  # ONNX's RotaryEmbedding (opset 23) on q and k, then GQA without rotary
+        rope_inputs = []
+        t = lw.node1("Shape", [q], start=1, end=2)
+        first = lw.node1("Cast", [start], to=TensorProto.INT64)  # [1]
+        pos = lw.node1("Range", [lw.node1("Squeeze", [first]), lw.node1("Squeeze", [lw.node1("Add", [first, t])]),
+                                 lw.const(np.array(1, np.int64))])
+        pos = lw.node1("Unsqueeze", [pos, lw.const(np.array([0], np.int64))])  # [1, T]
+    flat = lw.const(np.array([0, 0, -1], np.int64))
+    q, k, v = (lw.node1("Reshape", [x, flat]) for x in (q, k, v))  # [1, T, heads * H]
+    if not rope_inputs:
+        q, k = (lw.node1("RotaryEmbedding", [x, cos, sin, pos], interleaved=0, rotary_embedding_dim=rope_dim,
+                         num_heads=heads) for x, heads in ((q, n), (k, kv)))
     rows, symbol = cache_shape[2], GLOBAL_ROWS
     if local:
         window = int(attrs["window"])
@@ -133,19 +151,32 @@ def _gqa(lw: Lowering, op, local: bool):
             rows = max_len
     for name in (cache_k, cache_v):
         lw.declare_state_rows(name, rows, symbol)
-    flat = lw.const(np.array([0, 0, -1], np.int64))
     total = lw.node1("Add", [start, num_valid])  # [1] int32
     seqlens = lw.node1("Sub", [total, lw.const(np.array([1], np.int32))])
     total_scalar = lw.node1("Reshape", [total, lw.const(np.array([], np.int64))])
     out, present_k, present_v = lw.node(
         "GroupQueryAttention",
-        [lw.node1("Reshape", [q, flat]), lw.node1("Reshape", [k, flat]), lw.node1("Reshape", [v, flat]),
-         cache_k, cache_v, seqlens, total_scalar],
+        [q, k, v, cache_k, cache_v, seqlens, total_scalar, *rope_inputs],
         n_out=3, domain=MS_DOMAIN, hint="gqa", **gqa_attrs)
     out = lw.node1("Reshape", [out, lw.const(np.array([0, 0, n, h], np.int64))])
     for name in (present_k, present_v):
         lw.declare_state_rows(name, rows, symbol)
     return [out, present_k, present_v]
+
+
+def _rope_tables(lw: Lowering, max_len: int, base: float, scale: float, rope_dim: int) -> tuple[str, str]:
+    """GQA's cos/sin caches [max_len, rope_dim / 2] (initializers), computed as models.layers.
+    apply_rope computes its angles (f32, same operation order), so both rotate identically."""
+    import jax.numpy as jnp
+
+    name = f"rope_{base:g}_{scale:g}_{rope_dim}"
+    if f"{name}.cos" not in lw.initializers:
+        half = rope_dim // 2
+        timescale = jnp.float32(base) ** ((2.0 / rope_dim) * jnp.arange(half, dtype=jnp.float32))
+        angle = jnp.arange(max_len, dtype=jnp.float32)[:, None] / jnp.float32(scale) / timescale
+        lw.initializers[f"{name}.cos"] = np.asarray(jnp.cos(angle))
+        lw.initializers[f"{name}.sin"] = np.asarray(jnp.sin(angle))
+    return f"{name}.cos", f"{name}.sin"
 
 
 @composite("gemma_edge.global_attention", DEFAULT)

@@ -230,7 +230,7 @@ class Lowering:
         cast = None if stored.dtype == out_dtype else NUMPY_TO_ONNX[np.dtype(out_dtype)]
         if weight in self.matmul_only:
             if weight not in self._matmul_weights:
-                self.initializers[weight] = np.ascontiguousarray(stored.T)
+                self.initializers[weight] = stored.T  # a view: written out transposed, block by block
                 name = weight if cast is None else self.node1("Cast", [weight], to=cast)
                 self._matmul_weights[weight] = name
             return self.node1("MatMul", [lhs, self._matmul_weights[weight]])
