@@ -211,6 +211,14 @@ CASES += [
     C("reshape_symbolic", lambda x: x.reshape(-1, 2), [F("T", 4)], [S + "reshape"],
       dyn_ops=[S + "dynamic_reshape", S + "get_dimension_size"]),
     C("broadcast_to", lambda x: jnp.broadcast_to(x, (2, 3, 4)), [F(3, 1)], [S + "broadcast_in_dim"]),
+    # unit-shaped broadcasts into elementwise ops are elided (ONNX broadcasts), unless every operand
+    # is one; a broadcast that is itself an output stays
+    C("broadcast_elided_into_elementwise", lambda x, s: (x * s + 2.0, jnp.maximum(s, 0.5) * jnp.ones_like(x),
+                                                         jnp.broadcast_to(s, x.shape)),
+      [F("T", 3), F(1)], [S + "multiply", S + "broadcast_in_dim"],
+      dyn_ops=[S + "multiply", S + "dynamic_broadcast_in_dim"], nodes=("Expand",)),
+    C("dynamic_reshape_one_symbolic_dim", lambda x: (x.reshape(x.shape[0], 2, 2), x.reshape(-1)),
+      [F("T", 4)], [S + "reshape"], dyn_ops=[S + "dynamic_reshape"]),
     C("broadcast_in_dim_permuted", lambda x: jax.lax.broadcast_in_dim(x, (4, 2, 3), (2, 0)), [F(3, 4)],
       [S + "broadcast_in_dim"], nodes=("Transpose", "Expand")),
     C("broadcast_in_dim_permuted_symbolic",

@@ -116,24 +116,32 @@ class Lowering:
         self.matmul_only: set[str] = set()  # weights every use of which is a matmul's [N, K] rhs
         self._matmul_weights: dict[str, str] = {}  # weight -> its [K, N] (or Gemm) ONNX name
         self.options: dict = {}
+        # broadcast result -> its source when every source dim is 1: elementwise ops take the
+        # source instead (ONNX broadcasts implicitly), and the Expand becomes dead code
+        self.broadcast_source: dict[str, str] = {}
+        self.results: list[str] = []  # the lowered main function's results
         # state tensor name -> (rows a fused op needs, symbolic name of that dimension in the graph)
         self.state_rows: dict[str, tuple[int, str | None]] = {}
         self._function_bodies: dict[bytes, str] = {}
-        self.current_op = None
 
     # -- names and values ---------------------------------------------------------------------
     def fresh(self, hint: str = "v") -> str:
         self._counter += 1
         return f"{hint}_{self._counter}"
 
-    def bind(self, value, name: str):
-        self._names[value] = name
-
     def name(self, value) -> str:
         return self._names[value]
 
     def operand(self, op, i: int) -> str:
         return self._names[op.operands[i]]
+
+    def elementwise_operands(self, names: list[str]) -> list[str]:
+        """Operands of a StableHLO elementwise op (all of the result's shape) for an ONNX op that
+        broadcasts: explicit broadcasts of unit-shaped values are skipped, as long as one operand
+        keeps the full shape."""
+        if all(n in self.broadcast_source for n in names):
+            return names
+        return [self.broadcast_source.get(n, n) for n in names]
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of an ONNX name if it is known at export time (a constant), else None."""
@@ -149,10 +157,6 @@ class Lowering:
         self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name)))
         self._constants[name] = arr
         self._const_cache[key] = name
-        return name
-
-    def known(self, name: str, value: np.ndarray) -> str:
-        self._constants[name] = np.asarray(value)
         return name
 
     def node(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", hint: str | None = None,
@@ -298,7 +302,6 @@ class Lowering:
 
     def lower_op(self, op):
         name = op_name(op)
-        self.current_op = op
         if name == "func.call":
             outs = self.lower_function(op.attributes["callee"].value, [self.name(v) for v in op.operands])
         elif name == "stablehlo.composite":
@@ -329,19 +332,17 @@ class Lowering:
             attrs[named.name] = attribute_value(named.attr)
         return attrs
 
-    def composite_operands(self, op) -> list[str]:
-        """The composite's own operands: without the dimension variables that the export passes
-        first (export/lowering/onnx/trace.py)."""
-        decomposition = self.funcs[op.attributes["decomposition"].value]
-        args = decomposition.regions[0].blocks[0].arguments
-        n_dim_vars = sum(1 for i in range(len(args)) if _is_dim_var(decomposition, i))
-        return [self.name(v) for v in list(op.operands)[n_dim_vars:]]
-
     def composite_operand_values(self, op) -> list:
+        """The composite's own operands (MLIR values): without the dimension variables that the
+        export passes first (export/lowering/onnx/trace.py)."""
         decomposition = self.funcs[op.attributes["decomposition"].value]
-        args = decomposition.regions[0].blocks[0].arguments
-        n_dim_vars = sum(1 for i in range(len(args)) if _is_dim_var(decomposition, i))
+        n_args = len(decomposition.regions[0].blocks[0].arguments)
+        n_dim_vars = sum(1 for i in range(n_args) if _is_dim_var(decomposition, i))
         return list(op.operands)[n_dim_vars:]
+
+    def composite_operands(self, op) -> list[str]:
+        """The composite's own operands as ONNX names."""
+        return [self.name(v) for v in self.composite_operand_values(op)]
 
     def lower_composite(self, op) -> list[str]:
         name = self.composite_name(op)

@@ -55,7 +55,8 @@ def read(path) -> OnnxReport:
             weight_bytes += int({e.key: e.value for e in t.external_data}["length"])
         else:
             weight_bytes += len(t.raw_data)
-    files = [file] + [file.with_name(file.name + ".data")] if file.with_name(file.name + ".data").exists() else [file]
+    data = file.with_name(file.name + ".data")
+    files = [file, data] if data.exists() else [file]
     props = {p.key: p.value for p in model.metadata_props}
     genai = file.parent / "genai_config.json"
     return OnnxReport(

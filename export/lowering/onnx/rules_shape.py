@@ -65,15 +65,26 @@ def lower_reshape(lw, op):
 
 @rule("stablehlo.dynamic_reshape")
 def lower_dynamic_reshape(lw, op):
-    """dynamic_reshape(x, shape) -> Reshape(x, Cast<int64>(shape))."""
+    """dynamic_reshape(x, shape) -> Reshape(x, Cast<int64>(shape)); with one dynamic result dim,
+    Reshape(x, static shape with -1 there) (no run-time shape arithmetic)."""
     x, shape = lw.operand(op, 0), lw.operand(op, 1)
     value, shape_value = lw.constant_value(x), lw.constant_value(shape)
     if value is not None and shape_value is not None:
         return [lw.const(value.reshape(shape_value))]
+    result, _ = tensor_type(op.results[0])
+    if sum(d is None for d in result) == 1 and all(d != 0 for d in result):
+        return [lw.node1("Reshape", [x, lw.const(np.array([-1 if d is None else d for d in result], np.int64))])]
     return [lw.node1("Reshape", [x, i64(lw, shape)])]
 
 
 def _broadcast(lw, op, x: str, dims: list[int], out_shape: str | None, static_shape):
+    out = _broadcast_nodes(lw, op, x, dims, out_shape, static_shape)
+    if out != x and all(d == 1 for d in tensor_type(op.operands[0])[0]) and lw.constant_value(out) is None:
+        lw.broadcast_source[out] = x
+    return out
+
+
+def _broadcast_nodes(lw, op, x: str, dims: list[int], out_shape: str | None, static_shape):
     rank_out = len(static_shape)
     value = lw.constant_value(x)
     if value is not None and out_shape is None and int(np.prod(static_shape)) <= FOLD_LIMIT:
@@ -118,6 +129,13 @@ def lower_dynamic_broadcast_in_dim(lw, op):
     target_value = lw.constant_value(target)
     if target_value is not None:
         return [_broadcast(lw, op, lw.operand(op, 0), dims, None, [int(d) for d in target_value])]
+    in_shape, _ = tensor_type(op.operands[0])
+    # a dynamic result dim that the operand already has (mapped from a dynamic operand dim)
+    # needs no size in Expand's shape: 1 broadcasts to it
+    carried = {d for i, d in enumerate(dims) if in_shape[i] is None}
+    if all(s is not None or i in carried for i, s in enumerate(shape)):
+        static = lw.const(np.array([1 if s is None else s for s in shape], np.int64))
+        return [_broadcast(lw, op, lw.operand(op, 0), dims, static, shape)]
     return [_broadcast(lw, op, lw.operand(op, 0), dims, i64(lw, target), shape)]
 
 
