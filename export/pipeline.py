@@ -135,6 +135,8 @@ class OnnxExportResult:
     op_set: str
     tokenizer_files: list[str] | None
     seconds: dict
+    stablehlo_ops: dict  # StableHLO ops (and composites) the lowering met -> count
+
 
     def summary(self) -> str:
         from export.lowering.onnx.inspect import read
@@ -146,8 +148,10 @@ class OnnxExportResult:
                  f"({self.dtype}; ratio {report.file_bytes / weights:.3f})"]
         states = [(t["name"], t["shape"]) for t in report.metadata["states"]]
         lines.append(f"  inputs: input_ids, attention_mask + {len(states)} states -> logits + {len(states)} states")
+        met = ", ".join(f"{op.replace('stablehlo.', '')} {n}" for op, n in sorted(self.stablehlo_ops.items()))
+        lines.append(f"  StableHLO ops lowered: {met}")
         top = ", ".join(f"{op} {n}" for op, n in report.op_histogram.most_common(12))
-        lines.append(f"  ops ({sum(report.op_histogram.values())} nodes): {top}")
+        lines.append(f"  ONNX ops ({sum(report.op_histogram.values())} nodes): {top}")
         if report.function_ops:
             lines.append("  functions: " + ", ".join(sorted(report.function_ops)))
         kinds = self.cfg.layer_kinds
@@ -214,7 +218,8 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
             shutil.rmtree(tmp, ignore_errors=True)
     seconds["write"] = time.perf_counter() - t0
     reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
-    return OnnxExportResult(folder, cfg, stored, reference, max_len, dtype, op_set, files, seconds)
+    return OnnxExportResult(folder, cfg, stored, reference, max_len, dtype, op_set, files, seconds,
+                            dict(lw.ops_seen))
 
 
 def _upcast(params: dict) -> dict:

@@ -273,7 +273,11 @@ def test_tokenizer_files_and_runtime_cli(tmp_path, model_path, capsys):
     out = tmp_path / "out"
     assert export_main(["--checkpoint", str(folder), "--target", "onnx", "--out", str(out),
                         "--max-seq-len", "64", "--no-verify"]) == 0
-    assert "warning: no tokenizer found" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "warning: no tokenizer found" in captured.err
+    # the summary lists the StableHLO ops and composites the lowering met
+    met = next(line for line in captured.out.splitlines() if "StableHLO ops lowered:" in line)
+    assert "dot_general" in met and "composite gemma_edge.local_attention" in met
     shutil.copy(model_path, folder / "tokenizer.model")
     assert export_main(["--checkpoint", str(folder), "--target", "onnx", "--out", str(out),
                         "--max-seq-len", "64", "--no-verify"]) == 0
@@ -298,3 +302,25 @@ def test_list_onnx_ops_prints_the_registry(capsys):
     for name in [*RULES, *OP_SETS["default"]]:
         assert f"  {name} " in out
     assert all(RULES[name].__doc__ for name in RULES)  # each rule says what it lowers
+
+
+def test_partial_rotary_inside_group_query_attention(tmp_path):
+    """RecurrentGemma rotates half of each head. With 8+ table columns (every released size) GQA
+    applies it (do_rotary with a partial table); the tiny config takes the RotaryEmbedding path."""
+    import dataclasses
+
+    from export.pipeline import export_onnx
+    from runtime_py import parity, reference_session
+
+    cfg = dataclasses.replace(get_config("recurrentgemma-tiny"), num_heads=2, head_dim=32)
+    assert cfg.rope_dim // 2 % 8 == 0
+    params = {k: np.asarray(v) for k, v in init_params(cfg, 0).items()}
+    result = export_onnx(cfg, params, out_dir=tmp_path, max_len=MAX_LEN)
+    model = onnx.load(str(result.path / "model.onnx"))
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all({a.name: a.i for a in gqa[0].attribute}.get("do_rotary") == 1 for _ in gqa)
+    assert not [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    reference = reference_session(cfg, result.reference_params, [16], MAX_LEN)
+    prompts = [[2] + list(range(10, 30)), [2, 7, 9]]
+    report = parity(reference, load(result.path), prompts, 24)
+    assert report.passes(1e-4, 24)
