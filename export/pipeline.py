@@ -43,10 +43,7 @@ class ExportResult:
         from export.lowering.tflite.inspect import read
 
         report = read(self.path)
-        weights = sum(v.nbytes for v in self.stored_params.values())
-        lines = [f"artifact: {self.path}",
-                 f"  size {report.file_bytes / 2**20:.1f} MiB, stored weights {weights / 2**20:.1f} MiB "
-                 f"({self.dtype}; ratio {report.file_bytes / weights:.3f})"]
+        lines = [f"artifact: {self.path}", size_line(report.file_bytes, self.stored_params, self.dtype)]
         for name, sig in report.signatures.items():
             ins = {n: list(s) for n, s, _ in sig["inputs"]}
             outs = {n: list(s) for n, s, _ in sig["outputs"]}
@@ -62,6 +59,12 @@ class ExportResult:
             f"{k} {v / 2**20:.2f} MiB" for k, v in state_bytes(self.cfg, self.max_len).items())))
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def size_line(file_bytes: int, stored: dict, dtype: str) -> str:
+    weights = sum(v.nbytes for v in stored.values())
+    return (f"  size {file_bytes / 2**20:.1f} MiB, stored weights {weights / 2**20:.1f} MiB "
+            f"({dtype}; ratio {file_bytes / weights:.3f})")
 
 
 def state_bytes(cfg: ModelConfig, max_len: int) -> dict[str, int]:
@@ -137,15 +140,12 @@ class OnnxExportResult:
     seconds: dict
     stablehlo_ops: dict  # StableHLO ops (and composites) the lowering met -> count
 
-
     def summary(self) -> str:
         from export.lowering.onnx.inspect import read
 
         report = read(self.path)
-        weights = sum(v.nbytes for v in self.stored_params.values())
         lines = [f"artifact: {self.path}/ (onnxruntime-genai folder, op set '{self.op_set}')",
-                 f"  size {report.file_bytes / 2**20:.1f} MiB, stored weights {weights / 2**20:.1f} MiB "
-                 f"({self.dtype}; ratio {report.file_bytes / weights:.3f})"]
+                 size_line(report.file_bytes, self.stored_params, self.dtype)]
         states = [(t["name"], t["shape"]) for t in report.metadata["states"]]
         lines.append(f"  inputs: input_ids, attention_mask + {len(states)} states -> logits + {len(states)} states")
         met = ", ".join(f"{op.replace('stablehlo.', '')} {n}" for op, n in sorted(self.stablehlo_ops.items()))

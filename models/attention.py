@@ -1,9 +1,12 @@
 """The attention block shared by Gemma 2/3 layers and RecurrentGemma's local-attention blocks.
 
-Projections, RoPE and the mask happen here; the core is the `odml.scaled_dot_product_attention`
+Projections (and QK-norm) happen in the block; the core (`_global_core` / `_local_core`) applies
+RoPE, writes the cache and builds the mask around the `odml.scaled_dot_product_attention`
 composite (models/fused.py), which takes q [B, T, N, H], the keys/values it may attend
-[B, S, Nkv, H] and an additive mask. Caches are [B, Nkv, rows, H] (heads first); they are
-transposed to the composite's layout (a reshape when Nkv == 1). Cache handling by layer kind:
+[B, S, Nkv, H] and an additive mask. The ONNX export traces the core itself as one composite
+(`fused.cached_attention`), because ONNX Runtime's attention owns RoPE and the cache write.
+Caches are [B, Nkv, rows, H] (heads first); they are transposed to the composite's layout (a
+reshape when Nkv == 1). Cache handling by layer kind:
   GLOBAL: write the chunk into the full-length cache first, then attend over all of it.
   LOCAL:  attend over concat(ring before the write, chunk), then write the chunk into the ring.
           The ring keeps the previous R positions, so a chunk of any length (also one that wraps
