@@ -324,3 +324,19 @@ def test_partial_rotary_inside_group_query_attention(tmp_path):
     prompts = [[2] + list(range(10, 30)), [2, 7, 9]]
     report = parity(reference, load(result.path), prompts, 24)
     assert report.passes(1e-4, 24)
+
+
+def test_genai_config_of_an_instruction_tuned_model():
+    """No export needed: the config of gemma3-1b-it at 4096 with GQA's window-sized local caches."""
+    from export.lowering.onnx.genai import genai_config
+
+    cfg = get_config("gemma3-1b-it")
+    shapes = {}
+    for i, kind in enumerate(cfg.layer_kinds):
+        rows = cfg.sliding_window if kind is LayerKind.LOCAL else 4096
+        shapes[f"past_key_values.{i}.key"] = (1, cfg.num_kv_heads, rows, cfg.head_dim)
+    config = genai_config(cfg, 4096, shapes, symbolic_local=True)["model"]
+    assert config["type"] == "gemma3_text" and config["context_length"] == 4096
+    assert config["eos_token_id"] == [cfg.tokens.eos, cfg.tokens.end_of_turn]  # every stop token
+    sliding = config["decoder"]["sliding_window"]
+    assert sliding["window_size"] == 512 and len(sliding["layers"]) == 22  # 5 of every 6 of 26 layers

@@ -40,7 +40,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from export.lowering.onnx.graph import Lowering, tensor_type
-from export.lowering.onnx.rules_shape import axes
 
 DOMAIN = "gemma_edge"
 MS_DOMAIN = "com.microsoft"
@@ -204,6 +203,3 @@ def lower_global_attention_function(lw: Lowering, op):
 def lower_local_attention_function(lw: Lowering, op):
     """gemma_edge.local_attention -> gemma_edge.LocalAttention (model-local function, ring cache)."""
     return lw.call_as_function(op, "LocalAttention", DOMAIN)
-
-
-del axes
