@@ -128,17 +128,12 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
 
 
 @dataclasses.dataclass
-class OnnxExportResult:
-    path: Path  # the onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer files)
-    cfg: ModelConfig
-    stored_params: dict
-    reference_params: dict
-    max_len: int
-    dtype: str
-    op_set: str
-    tokenizer_files: list[str] | None
-    seconds: dict
-    stablehlo_ops: dict  # StableHLO ops (and composites) the lowering met -> count
+class OnnxExportResult(ExportResult):
+    """path is the onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer files)."""
+
+    op_set: str = "default"
+    tokenizer_files: list[str] | None = None
+    stablehlo_ops: dict = dataclasses.field(default_factory=dict)  # ops (and composites) met -> count
 
     def summary(self) -> str:
         from export.lowering.onnx.inspect import read
@@ -168,8 +163,8 @@ class OnnxExportResult:
 def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, dtype: str = "f32",
                 op_set: str = "default", tokenizer_source: Path | None = None, stage=None,
                 name: str | None = None, lens: list[int] | None = None) -> OnnxExportResult:
-    """Write an onnxruntime-genai folder: model.onnx (+ .data past 2 GB), genai_config.json and the
-    tokenizer files. The folder is built under a temporary name and renamed into place."""
+    """Write an onnxruntime-genai folder: model.onnx (+ model.onnx.data for large models),
+    genai_config.json and the tokenizer files. The folder is built under a temporary name and renamed into place."""
     import shutil
     import time
 
@@ -218,8 +213,8 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
             shutil.rmtree(tmp, ignore_errors=True)
     seconds["write"] = time.perf_counter() - t0
     reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
-    return OnnxExportResult(folder, cfg, stored, reference, max_len, dtype, op_set, files, seconds,
-                            dict(lw.ops_seen))
+    return OnnxExportResult(folder, cfg, [sig], stored, reference, max_len, dtype, seconds, op_set=op_set,
+                            tokenizer_files=files, stablehlo_ops=dict(lw.ops_seen))
 
 
 def _upcast(params: dict) -> dict:

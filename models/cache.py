@@ -77,12 +77,17 @@ def write_ring(ring, chunk, start, num_valid):
     if is_static(t) and t == 1:  # decode: one row, never wraps -> a dynamic_update_slice per sequence
         slot = jnp.mod(start, rows)
         return _update_rows(ring, chunk, slot, num_valid > 0)
-    # row r receives the chunk token t_r = the last valid t with (start + t) % R == r
+    src, written = _ring_sources(start, num_valid, rows)
+    gathered = jnp.take_along_axis(chunk, jnp.clip(src, 0, t - 1)[:, None, :, None], axis=2)
+    return jnp.where(written[:, None, :, None], gathered, ring)
+
+
+def _ring_sources(start, num_valid, rows: int):
+    """For each ring row r ([B, R]): the chunk token t that a write of the chunk leaves there (the
+    last valid t with (start + t) % R == r), and whether any valid token lands there at all."""
     dist = jnp.mod(jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None], rows)  # [B, R]
     nv = num_valid[:, None]
-    src = dist + rows * (jnp.maximum(nv - 1 - dist, 0) // rows)
-    gathered = jnp.take_along_axis(chunk, jnp.clip(src, 0, t - 1)[:, None, :, None], axis=2)
-    return jnp.where((dist < nv)[:, None, :, None], gathered, ring)
+    return dist + rows * (jnp.maximum(nv - 1 - dist, 0) // rows), dist < nv
 
 
 def ring_from_window(window, start, num_valid, rows: int):
@@ -92,10 +97,8 @@ def ring_from_window(window, start, num_valid, rows: int):
     Returns [B, R, ...]: row r holds the last valid chunk token t with (start + t) % R == r, else
     its old value. The same result as `write_ring`, as one gather.
     """
-    dist = jnp.mod(jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None], rows)  # [B, R]
-    nv = num_valid[:, None]
-    src = rows + dist + rows * (jnp.maximum(nv - 1 - dist, 0) // rows)
-    index = jnp.where(dist < nv, src, jnp.arange(rows, dtype=start.dtype)[None, :])
+    src, written = _ring_sources(start, num_valid, rows)
+    index = jnp.where(written, rows + src, jnp.arange(rows, dtype=start.dtype)[None, :])
     index = index.reshape(*index.shape, *([1] * (window.ndim - 2)))
     return jnp.take_along_axis(window, index, axis=1)
 

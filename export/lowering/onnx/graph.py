@@ -208,11 +208,6 @@ class Lowering:
                          n_out=len(results), domain=domain, hint=base_name.lower())
 
     # -- weights ------------------------------------------------------------------------------------
-    def weight(self, name: str) -> str:
-        """The initializer of a weight in its stored layout."""
-        self.initializers.setdefault(name, self.weights[name])
-        return name
-
     def note_cast(self, out: str, src: str):
         root = self.weight_source(src)
         if root is not None:
@@ -238,9 +233,8 @@ class Lowering:
                 name = weight if cast is None else self.node1("Cast", [weight], to=cast)
                 self._matmul_weights[weight] = name
             return self.node1("MatMul", [lhs, self._matmul_weights[weight]])
-        if weight not in self._matmul_weights:
-            name = self.weight(weight)
-            self._matmul_weights[weight] = name if cast is None else self.node1("Cast", [name], to=cast)
+        if weight not in self._matmul_weights:  # stored as is (convert.assemble attaches used weights)
+            self._matmul_weights[weight] = weight if cast is None else self.node1("Cast", [weight], to=cast)
         k = l_shape[-1]
         flat = self.node1("Reshape", [lhs, self.const(np.array([-1, k], np.int64))])
         out = self.node1("Gemm", [flat, self._matmul_weights[weight]], transB=1)
