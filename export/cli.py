@@ -3,8 +3,10 @@
   python -m export --model gemma3-270m --random-init 0 --target tflite
   python -m export --checkpoint ./gemma-3-1b-it --target tflite --max-seq-len 4096 --prefill-lens 32,128
   python -m export --checkpoint ./gemma-3-1b-it --target onnx [--onnx-ops standard]
+  python -m export --checkpoint ./gemma-3-1b-it --target tflite --quant int4-b32
   python -m export --list-models
   python -m export --list-onnx-ops
+  python -m export --list-quant
 
 Bad input exits 2 with one line naming the problem and the fix; a parity failure exits 1 and says
 where (signature, step, error). Artifacts are written to a temporary name and renamed, so a
@@ -71,7 +73,12 @@ def parse_args(argv):
     ap.add_argument("--prefill-lens", default=None,
                     help="comma-separated prefill signature lengths (tflite; default 32,128). onnx takes "
                          "any length and uses these only to shape the parity prompts")
-    ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype")
+    ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype (without --quant)")
+    ap.add_argument("--quant", metavar="RECIPE",
+                    help="post-training quantization recipe: fp16, int8, dynamic-int8, int4-b32, int4-b128 "
+                         "(see --list-quant for which target runs which); the parity gate then uses the "
+                         "recipe's accuracy thresholds")
+    ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
     ap.add_argument("--list-models", action="store_true", help="print the registry and exit")
@@ -164,8 +171,19 @@ def run(args) -> int:
         return cmd_list(args)
     if args.list_onnx_ops:
         return list_onnx_ops()
+    if args.list_quant:
+        from export.quantize import support_table
+
+        print(support_table())
+        return 0
     from export.pipeline import export_onnx, export_tflite
 
+    if args.quant is not None:  # the support table is checked before any work starts
+        from export.quantize import check
+
+        check(args.target, args.quant, args.onnx_ops if args.target == "onnx" else None)
+        if args.dtype != "f32":
+            raise ValueError(f"--quant {args.quant} quantizes the f32 weights; drop --dtype {args.dtype}")
     check_output(args.out)
     with Stage("load"):
         cfg, params = load_source(args)
@@ -183,7 +201,8 @@ def run(args) -> int:
         if tokenizer is not None and not Path(tokenizer).exists():
             raise ValueError(f"tokenizer not found: {tokenizer}")
         result = export_onnx(cfg, params, out_dir=args.out, max_len=max_len, dtype=args.dtype,
-                             op_set=args.onnx_ops, tokenizer_source=tokenizer, stage=Stage, lens=lens)
+                             op_set=args.onnx_ops, tokenizer_source=tokenizer, stage=Stage, lens=lens,
+                             quant=args.quant)
         if not result.tokenizer_files:
             print(f"warning: no tokenizer found{f' in {tokenizer}' if tokenizer else ''}: {result.path} has "
                   "the model and genai_config.json but onnxruntime-genai also needs tokenizer.json and "
@@ -191,7 +210,7 @@ def run(args) -> int:
                   "SentencePiece tokenizer.model)", file=sys.stderr)
     else:
         result = export_tflite(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
-                               dtype=args.dtype, stage=Stage, progress=progress)
+                               dtype=args.dtype, stage=Stage, progress=progress, quant=args.quant)
     print(result.summary())
     if args.no_verify:
         return 0
@@ -206,16 +225,33 @@ def run(args) -> int:
         session = load(result.path)
         report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
         tol, greedy = TOLERANCE, min(GREEDY_STEPS, steps)
-        ok = report.passes(tol, greedy)
+        if result.quant is None:
+            ok, failures, gate = report.passes(tol, greedy), [], {"tolerance_rel_rms": tol,
+                                                                  "greedy_steps_required": greedy}
+        else:
+            from export.quantize import RECIPES
+
+            failures = RECIPES[result.quant].gate.failures(report)
+            ok, gate = not failures, {"quantization": result.quant, **RECIPES[result.quant].gate.as_dict()}
         parity_path = result.path / "parity.json" if result.path.is_dir() else result.path.with_suffix(".parity.json")
         tmp = parity_path.with_name(parity_path.name + ".tmp")
-        tmp.write_text(report.to_json(artifact=result.path.name, tolerance_rel_rms=tol,
-                                      greedy_steps_required=greedy, passed=ok))
+        tmp.write_text(report.to_json(artifact=result.path.name, gate=gate, passed=ok))
         os.replace(tmp, parity_path)
     worst = report.worst()
-    print(f"parity: max rel RMS {report.max_rel_rms:.2e} (tolerance {tol:.0e}), max abs "
-          f"{report.max_abs:.2e}, top-1 agreement {report.top1_agreement:.3f}, greedy match "
-          f"{report.greedy_match} of {report.decode_steps} -> {'PASS' if ok else 'FAIL'} ({parity_path})")
+    if result.quant is None:
+        print(f"parity: max rel RMS {report.max_rel_rms:.2e} (tolerance {tol:.0e}), max abs "
+              f"{report.max_abs:.2e}, top-1 agreement {report.top1_agreement:.3f}, greedy match "
+              f"{report.greedy_match} of {report.decode_steps} -> {'PASS' if ok else 'FAIL'} ({parity_path})")
+    else:
+        print(f"parity ({result.quant} vs the f32 model): mean rel RMS {report.mean_rel_rms:.2e} "
+              f"(SQNR {report.sqnr_db:.1f} dB), top-1 agreement {report.top1_agreement:.3f} "
+              f"({report.top1_agreement_ties:.3f} counting ties), mean KL "
+              f"{report.mean_kl:.2e}, greedy match {report.greedy_match} of {report.decode_steps} -> "
+              f"{'PASS' if ok else 'FAIL'} ({parity_path})")
+        if failures:
+            print(f"parity failed the {result.quant} gate: {'; '.join(failures)}", file=sys.stderr)
+            return 1
+        return 0
     if not ok:
         print(f"parity failed: worst at signature {worst.signature}, prompt {worst.prompt}, step "
               f"{worst.step} (position {worst.position}): rel RMS {worst.rel_rms:.2e}, max abs "

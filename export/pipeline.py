@@ -38,12 +38,23 @@ class ExportResult:
     max_len: int
     dtype: str
     seconds: dict
+    quant: str | None = None  # the quantization recipe, None for float storage
+
+    def size_line(self, file_bytes: int, target: str) -> str:
+        if self.quant is None:
+            return size_line(file_bytes, self.stored_params, self.dtype)
+        from export.quantize.sizes import ideal_bytes
+
+        ideal = ideal_bytes(self.stored_params, self.quant, target)
+        f32 = sum(v.size for v in self.stored_params.values()) * 4
+        return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}; {f32 / file_bytes:.2f}x smaller than f32, "
+                f"{file_bytes / ideal:.3f}x the ideal {ideal / 2**20:.1f} MiB of parameters x bits + scales)")
 
     def summary(self) -> str:
         from export.lowering.tflite.inspect import read
 
         report = read(self.path)
-        lines = [f"artifact: {self.path}", size_line(report.file_bytes, self.stored_params, self.dtype)]
+        lines = [f"artifact: {self.path}", self.size_line(report.file_bytes, "tflite")]
         for name, sig in report.signatures.items():
             ins = {n: list(s) for n, s, _ in sig["inputs"]}
             outs = {n: list(s) for n, s, _ in sig["outputs"]}
@@ -76,20 +87,22 @@ def state_bytes(cfg: ModelConfig, max_len: int) -> dict[str, int]:
     return dict(out)
 
 
-def stored_params(params: dict, dtype: str) -> dict:
+def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
+    """The weights as stored; the embedding table stays f32 unless `embed_16bit` (ONNX's Gather
+    takes any dtype; LiteRT's lookup ops do not)."""
     target = STORED[dtype]
-    return {k: np.asarray(v) if k == "embed" or target == np.float32 else np.asarray(v).astype(target)
-            for k, v in params.items()}
+    return {k: np.asarray(v) if (k == "embed" and not embed_16bit) or target == np.float32
+            else np.asarray(v).astype(target) for k, v in params.items()}
 
 
-def metadata(cfg: ModelConfig, max_len: int, lens: list[int], dtype: str) -> str:
+def metadata(cfg: ModelConfig, max_len: int, lens: list[int], dtype: str, quant: str | None = None) -> str:
     kinds = cfg.layer_kinds
     states = [{"name": spec.name, "layer": layer, "kind": kinds[layer].value, "shape": list(spec.shape),
                "dtype": str(spec.dtype)}
               for (layer, _, _), spec in zip(state_names(cfg), state_specs(cfg, max_len))]
     body = {
         "format": FORMAT_VERSION, "model": cfg.name, "family": cfg.family.value,
-        "max_seq_len": max_len, "prefill_lengths": lens, "weight_dtype": dtype,
+        "max_seq_len": max_len, "prefill_lengths": lens, "weight_dtype": dtype, "quantization": quant,
         "vocab_size": cfg.vocab_size, "sample_vocab_size": cfg.sample_vocab_size,
         "sliding_window": cfg.sliding_window, "instruction_tuned": cfg.instruction_tuned,
         "bos": cfg.tokens.bos, "eos": cfg.tokens.eos, "stop_tokens": list(cfg.tokens.stop_ids()),
@@ -106,25 +119,50 @@ def _config_dict(cfg: ModelConfig) -> dict:
 
 
 def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, prefill_lens: list[int],
-                  dtype: str = "f32", stage=None, progress=None, name: str | None = None) -> ExportResult:
+                  dtype: str = "f32", stage=None, progress=None, name: str | None = None,
+                  quant: str | None = None) -> ExportResult:
+    """Write one .tflite. With `quant`, the f32 model is converted to a temporary file and
+    quantized by ai-edge-quantizer into the artifact (export/quantize/tflite.py)."""
     import time
 
     from export.lowering.tflite.convert import convert
 
+    recipe = _recipe(cfg, "tflite", None, quant, dtype)
     seconds = {}
     signatures = [build_signature(cfg, t, max_len) for t in prefill_lens]
     signatures.append(build_signature(cfg, 1, max_len))
     stored = stored_params(params, dtype)
     compute = None if dtype == "f32" else _upcast
-    path = Path(out_dir) / (name or f"{cfg.name}_{dtype}_ctx{max_len}.tflite")
+    path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.tflite")
+    float_path = path if recipe is None else path.with_name(path.name + ".float.tmp")
     t0 = time.perf_counter()
-    ctx = stage("convert") if stage else _null()
-    with ctx:
-        convert(signatures, stored, path, compute=compute, metadata=metadata(cfg, max_len, prefill_lens, dtype),
-                progress=progress)
-    seconds["convert"] = time.perf_counter() - t0
+    try:
+        with stage("convert") if stage else _null():
+            convert(signatures, stored, float_path, compute=compute, progress=progress,
+                    metadata=metadata(cfg, max_len, prefill_lens, dtype, quant))
+        seconds["convert"] = time.perf_counter() - t0
+        if recipe is not None:
+            from export.quantize.tflite import quantize_file
+
+            t0 = time.perf_counter()
+            with stage(f"quantize {quant}") if stage else _null():
+                quantize_file(float_path, path, recipe)
+            seconds["quantize"] = time.perf_counter() - t0
+    finally:
+        if recipe is not None and float_path.exists():
+            float_path.unlink()
     reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
-    return ExportResult(path, cfg, signatures, stored, reference, max_len, dtype, seconds)
+    return ExportResult(path, cfg, signatures, stored, reference, max_len, dtype, seconds, quant=quant)
+
+
+def _recipe(cfg: ModelConfig, target: str, op_set: str | None, quant: str | None, dtype: str):
+    if quant is None:
+        return None
+    from export.quantize import check
+
+    if dtype != "f32":
+        raise ValueError(f"--quant {quant} quantizes the f32 weights; drop --dtype {dtype}")
+    return check(target, quant, op_set, cfg)
 
 
 @dataclasses.dataclass
@@ -140,7 +178,7 @@ class OnnxExportResult(ExportResult):
 
         report = read(self.path)
         lines = [f"artifact: {self.path}/ (onnxruntime-genai folder, op set '{self.op_set}')",
-                 size_line(report.file_bytes, self.stored_params, self.dtype)]
+                 self.size_line(report.file_bytes, "onnx")]
         states = [(t["name"], t["shape"]) for t in report.metadata["states"]]
         lines.append(f"  inputs: input_ids, attention_mask + {len(states)} states -> logits + {len(states)} states")
         met = ", ".join(f"{op.replace('stablehlo.', '')} {n}" for op, n in sorted(self.stablehlo_ops.items()))
@@ -162,7 +200,8 @@ class OnnxExportResult(ExportResult):
 
 def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, dtype: str = "f32",
                 op_set: str = "default", tokenizer_source: Path | None = None, stage=None,
-                name: str | None = None, lens: list[int] | None = None) -> OnnxExportResult:
+                name: str | None = None, lens: list[int] | None = None,
+                quant: str | None = None) -> OnnxExportResult:
     """Write an onnxruntime-genai folder: model.onnx (+ model.onnx.data for large models),
     genai_config.json and the tokenizer files. The folder is built under a temporary name and renamed into place."""
     import shutil
@@ -172,12 +211,15 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 
+    recipe = _recipe(cfg, "onnx", op_set, quant, dtype)
     seconds = {}
-    stored = stored_params(params, dtype)
-    compute = None if dtype == "f32" else _upcast
+    # fp16 is 16-bit storage, the embedding included; the integer recipes quantize the assembled graph
+    storage = "f16" if quant == "fp16" else dtype
+    stored = stored_params(params, storage, embed_16bit=quant == "fp16")
+    compute = None if storage == "f32" else _upcast
     sig = build_decoder_signature(cfg, max_len)
     suffix = "" if op_set == "default" else f"_{op_set}"
-    folder = Path(out_dir) / (name or f"{cfg.name}_{dtype}_ctx{max_len}{suffix}_onnx")
+    folder = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}{suffix}_onnx")
     tmp = folder.with_name(folder.name + ".tmp")
     t0 = time.perf_counter()
     with stage("lower") if stage else _null():
@@ -185,8 +227,12 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     seconds["lower"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with stage("write") if stage else _null():
-        body = json.loads(metadata(cfg, max_len, lens or [], dtype))
+        body = json.loads(metadata(cfg, max_len, lens or [], storage, quant))
         model, weights = assemble(sig, lw, {})
+        if recipe is not None and recipe.bits < 16:
+            from export.quantize.onnx import quantize_model
+
+            weights = quantize_model(model, weights, recipe)
         shapes = state_shapes(sig, lw)
         body.update(onnx_op_set=op_set, states=[{"name": k, "shape": list(v)} for k, v in shapes.items()])
         body.pop("prefill_lengths")
@@ -212,9 +258,11 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     seconds["write"] = time.perf_counter() - t0
+    if quant is not None:  # the gate compares with the source (f32) model
+        stored = {k: np.asarray(v) for k, v in params.items()}
     reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
-    return OnnxExportResult(folder, cfg, [sig], stored, reference, max_len, dtype, seconds, op_set=op_set,
-                            tokenizer_files=files, stablehlo_ops=dict(lw.ops_seen))
+    return OnnxExportResult(folder, cfg, [sig], stored, reference, max_len, storage, seconds, quant=quant,
+                            op_set=op_set, tokenizer_files=files, stablehlo_ops=dict(lw.ops_seen))
 
 
 def _upcast(params: dict) -> dict:

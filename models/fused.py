@@ -37,6 +37,23 @@ F32 = jnp.float32
 MASK_VALUE = -2.3819763e38
 
 _CACHE_OWNING = contextvars.ContextVar("cache_owning_attention", default=False)
+_DECOMPOSED = contextvars.ContextVar("decomposed", default=False)
+
+
+@contextlib.contextmanager
+def decomposed():
+    """While active, fused ops trace as their plain decompositions, with no composite around
+    them: the same computation, and differentiable (JAX defines no derivative for a composite).
+    tools/train_tiny.py trains through this; exports never use it."""
+    token = _DECOMPOSED.set(True)
+    try:
+        yield
+    finally:
+        _DECOMPOSED.reset(token)
+
+
+def _composite(impl, name: str):
+    return impl if _DECOMPOSED.get() else jax.lax.composite(impl, name=name)
 
 
 @contextlib.contextmanager
@@ -59,7 +76,7 @@ def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_vali
         return impl(q, k, v, cache_k, cache_v, start, num_valid, **attributes)
     attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)
              for k_, v_ in attributes.items()}
-    return jax.lax.composite(impl, name=name)(q, k, v, cache_k, cache_v, start, num_valid, **attrs)
+    return _composite(impl, name)(q, k, v, cache_k, cache_v, start, num_valid, **attrs)
 
 
 def embedding_lookup(table, ids):
@@ -69,7 +86,7 @@ def embedding_lookup(table, ids):
         return jnp.take(tbl, flat_ids, axis=0, mode="clip")
 
     flat = ids.reshape(-1).astype(jnp.int32)
-    out = jax.lax.composite(impl, name="odml.embedding_lookup")(flat, table)
+    out = _composite(impl, "odml.embedding_lookup")(flat, table)
     return out.reshape(*ids.shape, table.shape[-1])
 
 
@@ -81,7 +98,7 @@ def rms_norm(x, gain, eps: float):
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
         return (y * gain.astype(F32)).astype(x.dtype)
 
-    return jax.lax.composite(impl, name="odml.rms_norm")(x, gain, epsilon=np.float32(eps))
+    return _composite(impl, "odml.rms_norm")(x, gain, epsilon=np.float32(eps))
 
 
 def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: float | None = None):
@@ -104,7 +121,7 @@ def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: floa
         return out.reshape(b, t, n, h).astype(v.dtype)
 
     cap = None if logit_cap is None else np.float32(logit_cap)
-    return jax.lax.composite(impl, name="odml.scaled_dot_product_attention")(
+    return _composite(impl, "odml.scaled_dot_product_attention")(
         q, k, v, mask, scale=np.float32(scale), logit_cap=cap)
 
 
@@ -148,5 +165,5 @@ def linear_recurrence(a, x, h0):
         _, h = jax.lax.associative_scan(combine, (a, x), axis=1)
         return h, h[:, -1]
 
-    return jax.lax.composite(impl, name="gemma_edge.linear_recurrence")(
+    return _composite(impl, "gemma_edge.linear_recurrence")(
         a.astype(F32), x.astype(F32), h0.astype(F32))

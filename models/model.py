@@ -12,8 +12,9 @@ from models.cache import Cache, cache_max_len, is_static
 from models.config import Family, ModelConfig
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
+from models import fused
 from models.fused import embedding_lookup
-from models.layers import F32, Params, rms_norm, softcap
+from models.layers import F32, Params
 
 _LAYER_FNS = {
     Family.GEMMA2: gemma_layer,
@@ -67,8 +68,15 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
 
 
 def unembed(params: dict, cfg: ModelConfig, x):
-    """Final norm, tied output projection, final soft-cap. x [B, T, E] -> logits [B, T, V] f32."""
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    """Final norm, tied output projection, final soft-cap. x [B, T, E] -> logits [B, T, V] f32.
+
+    The soft-cap's 1/cap is folded into the final norm's gain: cap * tanh((x W^T) / cap) equals
+    cap * tanh((x / cap) W^T). A division after the matmul is what the TFLite converter folds into
+    the matmul's weight, which for the tied table means a [V, E] multiply every step and, once
+    quantized, a second float copy of the table."""
+    cap = cfg.final_softcap
+    gain = 1.0 + params["final_norm"].astype(F32)
+    x = fused.rms_norm(x, gain if cap is None else gain / cap, cfg.norm_eps)
     table = params["embed"].astype(x.dtype)
     logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=F32)
-    return softcap(logits, cfg.final_softcap)
+    return logits if cap is None else cap * jnp.tanh(logits)

@@ -17,6 +17,11 @@ import numpy as np
 
 from runtime_py.session import Session
 
+# Two next tokens whose reference logits differ by less than this (1% in probability) are a tie:
+# which of them an artifact picks is decided by rounding (the trained tiny models' corpus has many
+# such exact alternatives). `top1_agreement_ties` counts picking either as agreement.
+TIE_LOGIT = 0.01
+
 
 @dataclasses.dataclass
 class StepReport:
@@ -28,6 +33,7 @@ class StepReport:
     rel_rms: float
     top1_match: bool
     kl: float
+    top1_tie: bool = False  # the artifact's argmax is within TIE_LOGIT of the reference's max
 
 
 @dataclasses.dataclass
@@ -45,8 +51,25 @@ class ParityReport:
         return max(s.max_abs for s in self.steps)
 
     @property
+    def top1_agreement_ties(self) -> float:
+        return float(np.mean([s.top1_match or s.top1_tie for s in self.steps]))
+
+    @property
+    def mean_rel_rms(self) -> float:
+        return float(np.mean([s.rel_rms for s in self.steps]))
+
+    @property
+    def mean_kl(self) -> float:
+        return float(np.mean([s.kl for s in self.steps]))
+
+    @property
     def top1_agreement(self) -> float:
         return float(np.mean([s.top1_match for s in self.steps]))
+
+    @property
+    def sqnr_db(self) -> float:
+        """Signal-to-quantization-noise ratio of the logits, from the mean relative RMS error."""
+        return float(-20 * np.log10(max(self.mean_rel_rms, 1e-30)))
 
     def worst(self) -> StepReport:
         return max(self.steps, key=lambda s: s.rel_rms)
@@ -56,21 +79,24 @@ class ParityReport:
                                                                                    self.decode_steps)
 
     def to_json(self, **extra) -> str:
-        body = {"max_abs": self.max_abs, "max_rel_rms": self.max_rel_rms,
-                "top1_agreement": self.top1_agreement, "greedy_match": self.greedy_match,
+        body = {"max_abs": self.max_abs, "max_rel_rms": self.max_rel_rms, "mean_rel_rms": self.mean_rel_rms,
+                "sqnr_db": self.sqnr_db, "top1_agreement": self.top1_agreement,
+                "top1_agreement_ties": self.top1_agreement_ties, "tie_logit": TIE_LOGIT, "mean_kl": self.mean_kl,
+                "greedy_match": self.greedy_match,
                 "decode_steps": self.decode_steps, **extra,
                 "steps": [dataclasses.asdict(s) for s in self.steps]}
         return json.dumps(body, indent=1)
 
 
-def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool, float]:
+def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool, float, bool]:
     ref, art = ref.astype(np.float64), art.astype(np.float64)
     max_abs = float(np.abs(ref - art).max())
     rel_rms = float(np.sqrt(np.mean((ref - art) ** 2) / max(np.mean(ref**2), 1e-30)))
     log_p = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
     log_q = art - art.max() - np.log(np.exp(art - art.max()).sum())
     kl = float(np.sum(np.exp(log_p) * (log_p - log_q)))
-    return max_abs, rel_rms, bool(ref.argmax() == art.argmax()), kl
+    tie = bool(ref.max() - ref[art.argmax()] < TIE_LOGIT)
+    return max_abs, rel_rms, bool(ref.argmax() == art.argmax()), kl, tie
 
 
 def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int]],

@@ -27,6 +27,7 @@ GRAPH_INPUT_TYPES = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype
 # Weights past this go to model.onnx.data, streamed tensor by tensor: an in-file model is
 # serialised in memory (about 3x the weights at peak), and protobuf caps a file at 2 GB.
 EXTERNAL_DATA_BYTES = 64 * 2**20
+INLINE_BYTES = 1024  # tensors below this stay in model.onnx even when the weights go external
 BLOCK_BYTES = 32 * 2**20  # transposed weights are made contiguous this much at a time
 IR_VERSION = 10
 
@@ -151,8 +152,11 @@ def save(model: onnx.ModelProto, weights: dict, path: Path) -> list[Path]:
     tmp_data = data_path.with_name(data_path.name + ".tmp")
     try:
         if total > EXTERNAL_DATA_BYTES:
+            # small tensors (shapes, scalars) stay in the model: shape inference reads them
+            inline = sorted(n for n, a in weights.items() if a.nbytes < INLINE_BYTES)
+            model.graph.initializer.extend(_tensor(name, weights[name]) for name in inline)
             with open(tmp_data, "wb") as f:
-                for name in sorted(weights):
+                for name in sorted(set(weights) - set(inline)):
                     array = weights[name]
                     pad = (-f.tell()) % 64
                     f.write(b"\0" * pad)

@@ -27,6 +27,14 @@ def _names(enum_cls) -> dict[int, str]:
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_")}
 
 
+def _buffer_bytes(buf, data) -> bytes:
+    """A buffer's bytes, stored inline or (files past 2 GB, and ai-edge-quantizer's output) after
+    the flatbuffer at an offset."""
+    if data.DataLength():
+        return data.DataAsNumpy().tobytes()
+    return bytes(buf[data.Offset():data.Offset() + data.Size()])
+
+
 def read(path) -> TFLiteReport:
     from ai_edge_litert import schema_py_generated as S
 
@@ -91,6 +99,6 @@ def read(path) -> TFLiteReport:
     for i in range(model.MetadataLength()):
         md = model.Metadata(i)
         if md.Name().decode() == "gemma_edge":
-            metadata = json.loads(model.Buffers(md.Buffer()).DataAsNumpy().tobytes().decode())
+            metadata = json.loads(_buffer_bytes(buf, model.Buffers(md.Buffer())).decode())
     return TFLiteReport(path, len(buf), signatures, histogram, composites, custom, dict(weight_bytes),
                         transposed, metadata)

@@ -1,0 +1,205 @@
+"""Quantize an assembled ONNX decoder (the model proto and its weights, before they are written).
+
+Weights are quantized with onnxruntime's block quantizer (`quantize_matmul_4bits` /
+`quantize_matmul_8bits`, the kernels behind onnxruntime.quantization's MatMulNBitsQuantizer),
+symmetric, into MatMulNBits' layout: B [N, K / block, block * bits / 8] uint8 and scales
+[N, K / block] f32. The rewrite:
+
+  MatMul(x, W[K, N])                 -> MatMulNBits(x, B, scales)          (every matmul weight)
+  Gemm(x, E[V, D], transB=1)         -> MatMulNBits(x, B, scales)          (tied logits)
+  Gather(E[V, D], ids)               -> GatherBlockQuantized(B, ids, scales as [V, D/block, 1])
+                                        -> Reshape to [..., D]             (embedding)
+
+so the tied table is stored once, in the layout both ops read (GatherBlockQuantized takes the 3-D
+MatMulNBits tensor with quantize_axis 2; only the small scale tensor is reshaped). MatMulNBits
+runs with accuracy_level 4 (activations quantized to int8 per row inside the kernel), the fast
+CPU path and what onnxruntime-genai's own builder uses. `dynamic-int8` uses 8-bit MatMulNBits with
+a block of 128 inputs (or the largest power of two dividing the width): MatMulNBits has no
+per-channel form for widths that are not a power of two.
+
+fp16 does not come through here: the weights are stored float16 by the exporter (embedding
+included) and cast to f32 in the graph.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from export.quantize.recipes import Recipe
+
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits (ORT CPU's fast path)
+INT8_BLOCK = 128
+CHUNK_COLUMNS = 8192  # output channels quantized at a time (bounds the transient f32 copy)
+
+
+def block_for(recipe: Recipe, k: int) -> int:
+    if recipe.block is not None:
+        return recipe.block
+    for b in (INT8_BLOCK, 64, 32, 16):
+        if k % b == 0:
+            return b
+    raise ValueError(f"width {k} is not a multiple of 16")
+
+
+def quantize_rows(rows: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """rows [N, K] float -> (B uint8 [N, K/block, block*bits/8], scales f32 [N, K/block]), symmetric.
+
+    A block of zeros gets scale 1 (its codes are the zero point either way): runtimes that
+    divide by the scale, or reject zero scales, then still load it."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = rows.shape
+    kb = k // block
+    packed = np.empty((n, kb, block * bits // 8), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    for n0 in range(0, n, CHUNK_COLUMNS):
+        n1 = min(n, n0 + CHUNK_COLUMNS)
+        w = np.ascontiguousarray(rows[n0:n1].T, dtype=np.float32)  # [K, cols], as the kernel takes it
+        p = np.zeros((n1 - n0, kb, block * bits // 8), np.uint8)
+        s = np.zeros((n1 - n0, kb), np.float32)
+        zp = np.zeros((n1 - n0, (kb + 1) // 2), np.uint8)
+        kernel(p, w, s, zp, block, n1 - n0, k, True)
+        packed[n0:n1], scales[n0:n1] = p, s
+    scales[~np.isfinite(scales) | (scales == 0)] = 1.0  # symmetric scales may be negative
+    return packed, scales
+
+
+def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of quantize_rows (for tests and error measurements)."""
+    n, kb, blob = packed.shape
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, kb, blob * 2).astype(np.int32) - 8
+    else:
+        codes = packed.astype(np.int32) - 128
+    return (codes * scales[..., None]).reshape(n, -1).astype(np.float32)
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _role(node, index: int) -> str | None:
+    """How `node` reads a weight at input `index`: 'kn' (MatMul rhs, stored [K, N]), 'nk' (Gemm
+    rhs with transB=1, or a Gather table on axis 0: stored [N, K]), None (anything else)."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "MatMul" and index == 1:
+        return "kn"
+    if node.op_type == "Gemm" and index == 1 and len(node.input) == 2 and _attr(node, "transB", 0) == 1 \
+            and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0:
+        return "nk"
+    if node.op_type == "Gather" and index == 0 and _attr(node, "axis", 0) == 0:
+        return "gather"
+    return None
+
+
+def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recipe: Recipe) -> dict:
+    """Rewrite `model` in place and return its new weights. Returns weights untouched where a
+    tensor is not a 2-D float weight read only by MatMul / Gemm(transB) / Gather."""
+    uses = collections.defaultdict(list)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in weights:
+                uses[name].append((node, i))
+    out = dict(weights)
+    new_nodes = {}  # id(old node) -> replacement list
+    siblings = collections.defaultdict(list)  # matmuls of one input: (x, K, block) -> [(node, B, scales, N)]
+    for name, users in uses.items():
+        array = weights[name]
+        if array.ndim != 2 or array.dtype != np.float32:
+            continue
+        roles = {_role(node, i) for node, i in users}
+        if None in roles or ("kn" in roles and roles != {"kn"}):
+            continue
+        rows = array.T if roles == {"kn"} else array  # [N, K]
+        n, k = rows.shape
+        block = block_for(recipe, k)
+        if k % block:
+            continue
+        packed, scales = quantize_rows(rows, recipe.bits, block)
+        del out[name]
+        qname, sname = f"{name}.q{recipe.bits}", f"{name}.scales"
+        out[qname], out[sname] = packed, scales
+        for node, _ in users:
+            if node.op_type == "Gather":
+                new_nodes[id(node)] = _gather(node, qname, sname, out, recipe.bits, block, k)
+            elif len(users) == 1 and roles == {"kn"}:
+                siblings[(node.input[0], k, block)].append((node, qname, sname, n))
+            else:
+                new_nodes[id(node)] = [_matmul_nbits(node.input[0], qname, sname, list(node.output), k, n,
+                                                     recipe.bits, block)]
+    for (x, k, block), group in siblings.items():
+        _fuse_siblings(x, k, block, group, recipe.bits, out, new_nodes)
+    nodes = []
+    for node in model.graph.node:
+        nodes.extend(new_nodes.get(id(node), [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return out
+
+
+def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: int, bits: int, block: int):
+    return helper.make_node("MatMulNBits", [x, b, scales], outputs, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=ACCURACY_LEVEL)
+
+
+def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: dict, new_nodes: dict):
+    """Matmuls reading the same input (q/k/v, MLP gate/up) become one MatMulNBits over their
+    concatenated weights and a Split: a decode step is a few hundred small ops, and one wider
+    matmul keeps both cores busy where three narrow ones each pay the launch and sync cost."""
+    if len(group) == 1:
+        node, b, s, n = group[0]
+        new_nodes[id(node)] = [_matmul_nbits(x, b, s, list(node.output), k, n, bits, block)]
+        return
+    first = group[0][0]
+    b_name, s_name = f"{group[0][1]}.fused{len(group)}", f"{group[0][2]}.fused{len(group)}"
+    weights[b_name] = np.concatenate([weights.pop(b) for _, b, _, _ in group])
+    weights[s_name] = np.concatenate([weights.pop(s) for _, _, s, _ in group])
+    sizes = [n for *_, n in group]
+    split = f"{b_name}.split"
+    weights[split] = np.array(sizes, np.int64)
+    fused = f"{first.output[0]}.fused"
+    new_nodes[id(first)] = [
+        _matmul_nbits(x, b_name, s_name, [fused], k, sum(sizes), bits, block),
+        helper.make_node("Split", [fused, split], [node.output[0] for node, *_ in group], axis=-1)]
+    for node, *_ in group[1:]:
+        new_nodes[id(node)] = []
+
+
+def _gather(node, qname: str, sname: str, weights: dict, bits: int, block: int, k: int) -> list:
+    table_out = node.output[0]
+    ids = node.input[1]
+    s3 = f"{sname}.as_blocks"
+    shape3 = f"{sname}.shape3"
+    if shape3 not in weights:
+        n, kb = weights[sname].shape
+        weights[shape3] = np.array([n, kb, 1], np.int64)
+        weights[f"{qname}.row_width"] = np.array([k], np.int64)
+    base = table_out
+    return [
+        helper.make_node("Reshape", [sname, shape3], [s3 + "." + base]),
+        helper.make_node("GatherBlockQuantized", [qname, ids, s3 + "." + base], [base + ".blocks"],
+                         domain=MS_DOMAIN, bits=bits, block_size=block, gather_axis=0, quantize_axis=2),
+        helper.make_node("Shape", [ids], [base + ".ids_shape"]),
+        helper.make_node("Concat", [base + ".ids_shape", f"{qname}.row_width"], [base + ".shape"], axis=0),
+        helper.make_node("Reshape", [base + ".blocks", base + ".shape"], [table_out]),
+    ]
+
+
+def quantized_bytes(weights: dict) -> dict[str, int]:
+    """Bytes of the stored weights by dtype."""
+    out = collections.Counter()
+    for v in weights.values():
+        out[str(v.dtype)] += v.nbytes
+    return dict(out)

@@ -1,0 +1,155 @@
+"""The named quantization recipes, the table of which target supports which, and the parity gate
+each recipe must pass.
+
+A recipe quantizes every matmul weight (attention, MLP, recurrent-block projections) and the
+embedding table; the tied embedding stays one tensor, read both by the lookup and by the logits
+matmul. Norm scales, biases, the RG-LRU parameters and the convolution stay f32 (they are a
+fraction of a percent of the parameters). Activations and caches stay f32.
+
+What each recipe means on each target (docs/quantization.md has the measurements behind it):
+
+  fp16          weights stored float16, computed in f32 (size only).
+  int8          int8 weights, one scale per output channel, dequantized for f32 compute.
+  dynamic-int8  int8 weights (symmetric); activations quantized to int8 per row at run time by the
+                matmul kernel (TFLite: per-channel weights; ONNX: MatMulNBits, a scale per 128
+                inputs of each output channel).
+  int4-b32      int4 weights, a scale per block of 32 (128) inputs of each output channel;
+  int4-b128     activations quantized per row at run time (TFLite dynamic_wi4b{32,128};
+                ONNX MatMulNBits accuracy_level 4), as the runtimes' fast int4 kernels do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models.config import Family, ModelConfig
+
+
+class QuantizationError(ValueError):
+    """A recipe that cannot be applied (unknown, unsupported by the target, or not by this model)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """Parity thresholds of a quantized artifact against the f32 JAX model (teacher-forced prompts,
+    every prefill chunk and decode step): mean relative RMS error of the logits, top-1 agreement
+    (a pick among tokens the reference scores within 0.01 logit of its maximum counts as agreeing:
+    runtime_py.parity.TIE_LOGIT), mean KL(ref || artifact) in nats. Set from measurements on the
+    trained tiny models, both targets, with a margin of about 1.5x (docs/quantization.md,
+    `python tools/bench_quant.py --models trained`)."""
+
+    mean_rel_rms: float
+    top1: float
+    mean_kl: float
+
+    def failures(self, report) -> list[str]:
+        out = []
+        if report.mean_rel_rms > self.mean_rel_rms:
+            out.append(f"mean rel RMS {report.mean_rel_rms:.3g} > {self.mean_rel_rms:.3g}")
+        if report.top1_agreement_ties < self.top1:
+            out.append(f"top-1 agreement {report.top1_agreement_ties:.3f} < {self.top1:.3f}")
+        if report.mean_kl > self.mean_kl:
+            out.append(f"mean KL {report.mean_kl:.3g} > {self.mean_kl:.3g}")
+        return out
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    bits: int  # weight bits (16 = float16)
+    block: int | None  # inputs per scale; None = one scale per output channel
+    dynamic: bool  # activations quantized at run time by the matmul kernel
+    gate: Gate
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight, scales included (f32 scales on ONNX, f16 on TFLite's
+        blockwise; the ideal size in tools/bench_quant.py uses 16-bit scales per block)."""
+        return self.bits + (16 / self.block if self.block else 0)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("fp16", "float16 weights, f32 compute", 16, None, False,
+           Gate(mean_rel_rms=2e-3, top1=0.99, mean_kl=1e-5)),
+    Recipe("int8", "int8 weights per output channel, dequantized to f32", 8, None, False,
+           Gate(mean_rel_rms=3e-2, top1=0.99, mean_kl=1e-3)),
+    Recipe("dynamic-int8", "int8 weights, int8 activations quantized at run time", 8, None, True,
+           Gate(mean_rel_rms=4e-2, top1=0.97, mean_kl=2e-3)),
+    Recipe("int4-b32", "int4 weights in blocks of 32, int8 activations at run time", 4, 32, True,
+           Gate(mean_rel_rms=0.35, top1=0.85, mean_kl=0.15)),
+    Recipe("int4-b128", "int4 weights in blocks of 128, int8 activations at run time", 4, 128, True,
+           Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.25)),
+]}
+
+# (target, op set) -> {recipe: None if supported, else why not}. Checked before any work starts.
+_ONNX_CONTRIB = ("needs ONNX Runtime's contrib ops (MatMulNBits, GatherBlockQuantized); use "
+                 "--onnx-ops default, or --quant fp16")
+_SUPPORT: dict[tuple[str, str | None], dict[str, str | None]] = {
+    ("tflite", None): {name: None for name in RECIPES},
+    ("onnx", "default"): {
+        "fp16": None,
+        "int8": ("ONNX Runtime's CPU has no fast weight-only int8 matmul (MatMulNBits 8-bit with f32 "
+                 "compute runs ~10x slower than f32, and a dequantized tied embedding is recomputed "
+                 "every step); use --quant dynamic-int8 (int8 weights, int8 activations at run time)"),
+        "dynamic-int8": None, "int4-b32": None, "int4-b128": None},
+    ("onnx", "standard"): {
+        "fp16": None, "int8": _ONNX_CONTRIB, "dynamic-int8": _ONNX_CONTRIB, "int4-b32": _ONNX_CONTRIB,
+        "int4-b128": _ONNX_CONTRIB},
+}
+
+
+def _key(target: str, op_set: str | None) -> tuple[str, str | None]:
+    return (target, None) if target == "tflite" else (target, op_set or "default")
+
+
+def support(target: str, recipe: str, op_set: str | None = None) -> str | None:
+    """None if `target` (with the ONNX op set) runs `recipe`, else the reason it does not."""
+    return _SUPPORT[_key(target, op_set)][recipe]
+
+
+def support_table() -> str:
+    """The support table as text (`python -m export --list-quant`)."""
+    cols = [("tflite", None), ("onnx", "default"), ("onnx", "standard")]
+    head = ["recipe", "tflite", "onnx", "onnx --onnx-ops standard", "what it stores"]
+    rows = [[name] + ["yes" if _SUPPORT[c][name] is None else "no" for c in cols] + [r.summary]
+            for name, r in RECIPES.items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head] + rows]
+    notes = sorted({why for c in cols for why in _SUPPORT[c].values() if why})
+    return "\n".join(lines + [""] + [f"no: {why}" for why in notes])
+
+
+def matmul_widths(cfg: ModelConfig) -> dict[str, int]:
+    """The contraction (input) width of every quantized matmul of the model."""
+    widths = {"embedding / logits (embed_dim)": cfg.embed_dim,
+              "attention output (num_heads x head_dim)": cfg.num_heads * cfg.head_dim,
+              "MLP down projection (mlp_dim)": cfg.mlp_dim}
+    if cfg.family == Family.RECURRENTGEMMA and cfg.recurrent is not None:
+        widths["recurrent output (lru_width)"] = cfg.recurrent.lru_width
+    return widths
+
+
+def check(target: str, recipe: str, op_set: str | None = None, cfg: ModelConfig | None = None) -> Recipe:
+    """The recipe, after checking that `target` runs it and that `cfg`'s matmuls divide into its
+    blocks; raises QuantizationError with one line naming the problem and the fix."""
+    if recipe not in RECIPES:
+        raise QuantizationError(f"unknown quantization recipe '{recipe}'; choose from {', '.join(RECIPES)} "
+                                "(python -m export --list-quant)")
+    why = support(target, recipe, op_set)
+    if why is not None:
+        where = target if target == "tflite" else f"onnx (--onnx-ops {op_set or 'default'})"
+        raise QuantizationError(f"--quant {recipe} is not supported for --target {where}: {why}")
+    r = RECIPES[recipe]
+    if cfg is not None and r.block:
+        bad = {k: v for k, v in matmul_widths(cfg).items() if v % r.block}
+        if bad:
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            smaller = [n for n, o in RECIPES.items() if o.block and o.block < r.block]
+            fix = f"use --quant {smaller[0]}" if smaller else "use --quant int8 or dynamic-int8"
+            raise QuantizationError(f"--quant {recipe} needs matmul widths divisible by {r.block}, but "
+                                    f"{cfg.name} has {what}; {fix}")
+    return r
