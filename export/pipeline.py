@@ -131,15 +131,20 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
     seconds = {}
     signatures = [build_signature(cfg, t, max_len) for t in prefill_lens]
     signatures.append(build_signature(cfg, 1, max_len))
-    stored = stored_params(params, dtype)
-    compute = None if dtype == "f32" else _upcast
+    # fp16 is the converter's own 16-bit storage, the table included (its f16 -> f32 casts become
+    # DEQUANTIZE ops, run once at load); the integer recipes go through ai-edge-quantizer
+    storage = "f16" if quant == "fp16" else dtype
+    stored = stored_params(params, storage, embed_16bit=quant == "fp16")
+    if quant == "fp16":
+        recipe = None
+    compute = None if storage == "f32" else _upcast
     path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.tflite")
     float_path = path if recipe is None else path.with_name(path.name + ".float.tmp")
     t0 = time.perf_counter()
     try:
         with stage("convert") if stage else _null():
             convert(signatures, stored, float_path, compute=compute, progress=progress,
-                    metadata=metadata(cfg, max_len, prefill_lens, dtype, quant))
+                    metadata=metadata(cfg, max_len, prefill_lens, storage, quant))
         seconds["convert"] = time.perf_counter() - t0
         if recipe is not None:
             from export.quantize.tflite import quantize_file
@@ -151,8 +156,10 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
     finally:
         if recipe is not None and float_path.exists():
             float_path.unlink()
+    if quant is not None:  # the gate compares with the source (f32) model
+        stored = {k: np.asarray(v) for k, v in params.items()}
     reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
-    return ExportResult(path, cfg, signatures, stored, reference, max_len, dtype, seconds, quant=quant)
+    return ExportResult(path, cfg, signatures, stored, reference, max_len, storage, seconds, quant=quant)
 
 
 def _recipe(cfg: ModelConfig, target: str, op_set: str | None, quant: str | None, dtype: str):

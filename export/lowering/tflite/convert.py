@@ -72,6 +72,43 @@ def _inline_weights(ir, arith, func, module, names: list[str], attrs: dict):
     return main
 
 
+_CONSTANTS = ("tfl.pseudo_const", "arith.constant", "stablehlo.constant")
+
+
+def _dequantize_f16_weights(ir, module) -> int:
+    """Turn each CAST of a constant f16 weight to f32 into a DEQUANTIZE (the same values).
+
+    A CAST runs every step; LiteRT's DEQUANTIZE of a constant runs once, at preparation, and is
+    the form XNNPACK and the quantizers know as float16 weights. bf16 stays a CAST (DEQUANTIZE
+    takes no bf16). Returns the number rewritten."""
+    f16, f32 = ir.F16Type.get(), ir.F32Type.get()
+    casts = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    inner = inner.operation
+                    if inner.name == "tfl.cast" and len(inner.operands) == 1:
+                        src = inner.operands[0]
+                        owner = src.owner
+                        if isinstance(owner, ir.Operation) or hasattr(owner, "name"):
+                            name = owner.name if isinstance(owner, ir.Operation) else owner.operation.name
+                            if name in _CONSTANTS and ir.RankedTensorType(src.type).element_type == f16 \
+                                    and ir.RankedTensorType(inner.results[0].type).element_type == f32:
+                                casts.append(inner)
+                    walk(inner)
+
+    walk(module.operation)
+    for cast in casts:
+        with ir.InsertionPoint(cast), cast.location:
+            deq = ir.Operation.create("tfl.dequantize", results=[cast.results[0].type],
+                                      operands=[cast.operands[0]])
+        cast.results[0].replace_all_uses_with(deq.results[0])
+        cast.erase()
+    return len(casts)
+
+
 def convert(signatures: list[Signature], params: dict, path: Path, *, compute: Callable | None = None,
             metadata: str | None = None, progress: Callable | None = None) -> Path:
     """Write one .tflite holding every signature, sharing the stored `params`."""
@@ -105,6 +142,7 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
         options.model_origin_framework = "JAX"
         options.canonicalizing_inf_as_min_max_float = False
         conv.run_convert_to_tfl_passes(merged, passmanager.PassManager(), options)
+        _dequantize_f16_weights(ir, merged)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         try:
