@@ -248,6 +248,12 @@ def run(args) -> int:
               f"({report.top1_agreement_ties:.3f} counting ties), mean KL "
               f"{report.mean_kl:.2e}, greedy match {report.greedy_match} of {report.decode_steps} -> "
               f"{'PASS' if ok else 'FAIL'} ({parity_path})")
+        if failures and args.random_init is not None:
+            # the gates are calibrated on trained weights; random ones give nearly flat logits, on
+            # which quantization error is relatively larger and top-1 decided by noise
+            print(f"warning: the {result.quant} gate is not met on random weights ({'; '.join(failures)}); "
+                  "its thresholds hold for trained checkpoints (docs/quantization.md)", file=sys.stderr)
+            return 0
         if failures:
             print(f"parity failed the {result.quant} gate: {'; '.join(failures)}", file=sys.stderr)
             return 1

@@ -284,3 +284,21 @@ def test_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="quantizer crashed"):
         export_tflite(cfg, init_params(cfg, 0), out_dir=tmp_path, max_len=64, prefill_lens=[16], quant="int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_enforced_on_checkpoints_advisory_on_random_weights(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from export.quantize import recipes
+
+    strict = dataclasses.replace(recipes.RECIPES["dynamic-int8"],
+                                 gate=recipes.Gate(mean_rel_rms=0.0, top1=1.0, mean_kl=0.0))
+    monkeypatch.setitem(recipes.RECIPES, "dynamic-int8", strict)
+    (tmp_path / "ckpt").mkdir()
+    rc, path = export(tmp_path / "ckpt", "gemma3", "onnx", "dynamic-int8")
+    assert rc == 1 and not parity_json(path)["passed"]
+    assert "parity failed the dynamic-int8 gate: mean rel RMS" in capsys.readouterr().err
+    rc = export_main(["--model", "gemma3-tiny", "--random-init", "0", "--target", "onnx", "--quant", "dynamic-int8",
+                      "--max-seq-len", "64", "--prefill-lens", "16", "--verify-steps", "8",
+                      "--out", str(tmp_path / "random")])
+    assert rc == 0 and "gate is not met on random weights" in capsys.readouterr().err

@@ -39,6 +39,7 @@ Columns:
                  (runtime_py.parity.TIE_LOGIT) as agreement; the gates use this one
   KL             mean KL(reference || artifact) of the next-token distributions, nats
   gate           PASS/FAIL of the recipe's gate (export.quantize.RECIPES[..].gate; f32: rel RMS 1e-4)
+                 (on random weights the CLI only warns: the gates hold for trained checkpoints)
   TTFT s         time to first token of a 128-token prompt (prefill + argmax)
   dec@128        decode tokens/s at context position 128
   bound          --bandwidth-gbs / file size: decode tokens/s if every step read all weights once
