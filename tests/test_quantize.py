@@ -94,12 +94,6 @@ def test_block_quantizer_round_trip(bits, block):
 
 
 # ---- both targets on the trained tiny models ------------------------------------------------------
-def _tflite_weight_bytes(path: Path) -> dict:
-    from export.lowering.tflite.inspect import read
-
-    return read(path).weight_bytes
-
-
 @pytest.mark.parametrize("quant", ["fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128"])
 def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     from export.lowering.tflite.inspect import read
@@ -112,7 +106,7 @@ def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     assert report["gate"]["quantization"] == quant
     info = read(path)
     assert info.metadata["quantization"] == quant
-    cfg, params = load_checkpoint(TRAINED["gemma3"])
+    _cfg, params = load_checkpoint(TRAINED["gemma3"])
     weights = {k: v for k, v in info.weight_bytes.items() if k not in ("INT32", "BOOL")}
     # every matmul weight and the embedding are quantized, the tied table stored once
     assert sum(weights.values()) <= 1.1 * ideal_bytes(params, quant, "tflite"), weights
@@ -169,7 +163,7 @@ def test_trained_int_recipes_meet_the_accuracy_targets(tmp_path):
         for quant, target in (("int8", "tflite"), ("int4-b32", "tflite"), ("int4-b32", "onnx")):
             out = tmp_path / f"{family}-{quant}-{target}"
             out.mkdir()
-            rc, path = export(out, family, target, quant)
+            _rc, path = export(out, family, target, quant)
             top1 = parity_json(path)["top1_agreement_ties"]
             assert top1 >= (0.99 if quant == "int8" else 0.90), (family, quant, target, top1)
 

@@ -11,8 +11,8 @@ Decisions and measurements: docs/quantization.md.
 from export.quantize.recipes import (
     RECIPES,
     Gate,
-    Recipe,
     QuantizationError,
+    Recipe,
     check,
     support,
     support_table,

@@ -51,7 +51,10 @@ def quantize_rows(rows: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, 
 
     A block of zeros gets scale 1 (its codes are the zero point either way): runtimes that
     divide by the scale, or reject zero scales, then still load it."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import (
+        quantize_matmul_4bits,
+        quantize_matmul_8bits,
+    )
 
     n, k = rows.shape
     kb = k // block
@@ -195,11 +198,3 @@ def _gather(node, qname: str, sname: str, weights: dict, bits: int, block: int, 
         helper.make_node("Concat", [base + ".ids_shape", f"{qname}.row_width"], [base + ".shape"], axis=0),
         helper.make_node("Reshape", [base + ".blocks", base + ".shape"], [table_out]),
     ]
-
-
-def quantized_bytes(weights: dict) -> dict[str, int]:
-    """Bytes of the stored weights by dtype."""
-    out = collections.Counter()
-    for v in weights.values():
-        out[str(v.dtype)] += v.nbytes
-    return dict(out)

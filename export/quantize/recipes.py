@@ -65,12 +65,6 @@ class Recipe:
     dynamic: bool  # activations quantized at run time by the matmul kernel
     gate: Gate
 
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per quantized weight, scales included (f32 scales on ONNX, f16 on TFLite's
-        blockwise; the ideal size in tools/bench_quant.py uses 16-bit scales per block)."""
-        return self.bits + (16 / self.block if self.block else 0)
-
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("fp16", "float16 weights, f32 compute", 16, None, False,

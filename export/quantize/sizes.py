@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.quantize.onnx import block_for
 from export.quantize.recipes import RECIPES
-
-INT8_ONNX_BLOCK = 128  # export/quantize/onnx.py
 
 
 def is_quantized_weight(name: str, shape: tuple) -> bool:
@@ -34,8 +33,7 @@ def ideal_bytes(params: dict, quant: str, target: str) -> int:
             continue
         rows, width = shape  # [N, K]: one scale per output row and block of inputs
         if target == "onnx":
-            block = recipe.block or INT8_ONNX_BLOCK
-            total += 4 * rows * -(-width // block)
+            total += 4 * rows * (width // block_for(recipe, width))
         elif recipe.block:
             total += 2 * rows * (width // recipe.block)
         else:

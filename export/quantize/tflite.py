@@ -117,7 +117,7 @@ def fix_zero_blocks(buf: bytearray) -> int:
             zero = np.flatnonzero(~(np.abs(scales.astype(np.float32)) > 0))
             if not len(zero):
                 continue
-            rows, width = (int(d) for d in t.ShapeAsNumpy())
+            _rows, width = (int(d) for d in t.ShapeAsNumpy())
             block = details.BlockSize()
             per_row = width // block
             for z in zero:  # each block is block/2 bytes of packed int4 codes
