@@ -181,9 +181,7 @@ def run(args) -> int:
     if args.quant is not None:  # the support table is checked before any work starts
         from export.quantize import check
 
-        check(args.target, args.quant, args.onnx_ops if args.target == "onnx" else None)
-        if args.dtype != "f32":
-            raise ValueError(f"--quant {args.quant} quantizes the f32 weights; drop --dtype {args.dtype}")
+        check(args.target, args.quant, args.onnx_ops if args.target == "onnx" else None, dtype=args.dtype)
     check_output(args.out)
     with Stage("load"):
         cfg, params = load_source(args)

@@ -127,16 +127,10 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
 
     from export.lowering.tflite.convert import convert
 
-    recipe = _recipe(cfg, "tflite", None, quant, dtype)
+    recipe, storage, stored = _storage(cfg, params, "tflite", None, quant, dtype)
     seconds = {}
     signatures = [build_signature(cfg, t, max_len) for t in prefill_lens]
     signatures.append(build_signature(cfg, 1, max_len))
-    # fp16 is the converter's own 16-bit storage, the table included (its f16 -> f32 casts become
-    # DEQUANTIZE ops, run once at load); the integer recipes go through ai-edge-quantizer
-    storage = "f16" if quant == "fp16" else dtype
-    stored = stored_params(params, storage, embed_16bit=quant == "fp16")
-    if quant == "fp16":
-        recipe = None
     compute = None if storage == "f32" else _upcast
     path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.tflite")
     float_path = path if recipe is None else path.with_name(path.name + ".float.tmp")
@@ -156,20 +150,33 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
     finally:
         if recipe is not None and float_path.exists():
             float_path.unlink()
-    if quant is not None:  # the gate compares with the source (f32) model
-        stored = {k: np.asarray(v) for k, v in params.items()}
-    reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
+    stored, reference = _gate_weights(params, stored, quant)
     return ExportResult(path, cfg, signatures, stored, reference, max_len, storage, seconds, quant=quant)
 
 
-def _recipe(cfg: ModelConfig, target: str, op_set: str | None, quant: str | None, dtype: str):
+def _storage(cfg: ModelConfig, params: dict, target: str, op_set: str | None, quant: str | None, dtype: str):
+    """(integer recipe to apply to the lowered artifact or None, stored dtype, stored weights).
+
+    `fp16` is 16-bit storage on both targets, the embedding table included (TFLite: its casts
+    become DEQUANTIZE ops, run once at load); the integer recipes lower the f32 weights and
+    quantize the result."""
     if quant is None:
-        return None
+        return None, dtype, stored_params(params, dtype)
     from export.quantize import check
 
-    if dtype != "f32":
-        raise ValueError(f"--quant {quant} quantizes the f32 weights; drop --dtype {dtype}")
-    return check(target, quant, op_set, cfg)
+    recipe = check(target, quant, op_set, cfg, dtype)
+    if recipe.bits == 16:
+        return None, "f16", stored_params(params, "f16", embed_16bit=True)
+    return recipe, "f32", stored_params(params, "f32")
+
+
+def _gate_weights(params: dict, stored: dict, quant: str | None) -> tuple[dict, dict]:
+    """(weights the result describes, f32 weights of the parity reference): the stored weights for
+    float storage (the gate measures the lowering), the source for a recipe (it measures the
+    quantization too)."""
+    if quant is not None:
+        stored = {k: np.asarray(v) for k, v in params.items()}
+    return stored, {k: np.asarray(v, np.float32) for k, v in stored.items()}
 
 
 @dataclasses.dataclass
@@ -218,11 +225,8 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 
-    recipe = _recipe(cfg, "onnx", op_set, quant, dtype)
+    recipe, storage, stored = _storage(cfg, params, "onnx", op_set, quant, dtype)
     seconds = {}
-    # fp16 is 16-bit storage, the embedding included; the integer recipes quantize the assembled graph
-    storage = "f16" if quant == "fp16" else dtype
-    stored = stored_params(params, storage, embed_16bit=quant == "fp16")
     compute = None if storage == "f32" else _upcast
     sig = build_decoder_signature(cfg, max_len)
     suffix = "" if op_set == "default" else f"_{op_set}"
@@ -236,7 +240,7 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     with stage("write") if stage else _null():
         body = json.loads(metadata(cfg, max_len, lens or [], storage, quant))
         model, weights = assemble(sig, lw, {})
-        if recipe is not None and recipe.bits < 16:
+        if recipe is not None:
             from export.quantize.onnx import quantize_model
 
             weights = quantize_model(model, weights, recipe)
@@ -265,9 +269,7 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     seconds["write"] = time.perf_counter() - t0
-    if quant is not None:  # the gate compares with the source (f32) model
-        stored = {k: np.asarray(v) for k, v in params.items()}
-    reference = {k: np.asarray(v, np.float32) for k, v in stored.items()}
+    stored, reference = _gate_weights(params, stored, quant)
     return OnnxExportResult(folder, cfg, [sig], stored, reference, max_len, storage, seconds, quant=quant,
                             op_set=op_set, tokenizer_files=files, stablehlo_ops=dict(lw.ops_seen))
 

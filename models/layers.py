@@ -42,21 +42,16 @@ def dense(x, w, bias=None):
     return y.astype(x.dtype)
 
 
-def rms_norm(x, scale, eps: float = 1e-6):
+def rms_norm(x, scale, eps: float = 1e-6, multiplier: float = 1.0):
     """Gemma RMSNorm with a (1 + scale) gain; statistics in f32 (MODEL_SPEC 1.1). The gain is
-    formed outside the `odml.rms_norm` composite, whose second operand is the multiplier."""
-    return fused.rms_norm(x, 1.0 + scale.astype(F32), eps)
+    formed outside the `odml.rms_norm` composite, whose second operand is the multiplier;
+    `multiplier` scales it further (the final norm folds the logit soft-cap's 1/cap into it)."""
+    gain = 1.0 + scale.astype(F32)
+    return fused.rms_norm(x, gain if multiplier == 1.0 else gain * multiplier, eps)
 
 
 def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
-
-
-def softcap(x, cap: float | None):
-    """cap * tanh(x / cap) in f32; identity when cap is None."""
-    if cap is None:
-        return x
-    return cap * jnp.tanh(x.astype(F32) / cap)
 
 
 def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None):

@@ -12,9 +12,8 @@ from models.cache import Cache, cache_max_len, is_static
 from models.config import Family, ModelConfig
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
-from models import fused
 from models.fused import embedding_lookup
-from models.layers import F32, Params
+from models.layers import F32, Params, rms_norm
 
 _LAYER_FNS = {
     Family.GEMMA2: gemma_layer,
@@ -75,8 +74,7 @@ def unembed(params: dict, cfg: ModelConfig, x):
     the matmul's weight, which for the tied table means a [V, E] multiply every step and, once
     quantized, a second float copy of the table."""
     cap = cfg.final_softcap
-    gain = 1.0 + params["final_norm"].astype(F32)
-    x = fused.rms_norm(x, gain if cap is None else gain / cap, cfg.norm_eps)
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps, multiplier=1.0 if cap is None else 1.0 / cap)
     table = params["embed"].astype(x.dtype)
     logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=F32)
     return logits if cap is None else cap * jnp.tanh(logits)

@@ -58,17 +58,14 @@ def quantize_rows(rows: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, 
 
     n, k = rows.shape
     kb = k // block
-    packed = np.empty((n, kb, block * bits // 8), np.uint8)
-    scales = np.empty((n, kb), np.float32)
+    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
     kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     for n0 in range(0, n, CHUNK_COLUMNS):
         n1 = min(n, n0 + CHUNK_COLUMNS)
         w = np.ascontiguousarray(rows[n0:n1].T, dtype=np.float32)  # [K, cols], as the kernel takes it
-        p = np.zeros((n1 - n0, kb, block * bits // 8), np.uint8)
-        s = np.zeros((n1 - n0, kb), np.float32)
-        zp = np.zeros((n1 - n0, (kb + 1) // 2), np.uint8)
-        kernel(p, w, s, zp, block, n1 - n0, k, True)
-        packed[n0:n1], scales[n0:n1] = p, s
+        zp = np.zeros((n1 - n0, (kb + 1) // 2), np.uint8)  # unused when symmetric
+        kernel(packed[n0:n1], w, scales[n0:n1], zp, block, n1 - n0, k, True)  # contiguous row slices
     scales[~np.isfinite(scales) | (scales == 0)] = 1.0  # symmetric scales may be negative
     return packed, scales
 

@@ -127,9 +127,11 @@ def matmul_widths(cfg: ModelConfig) -> dict[str, int]:
     return widths
 
 
-def check(target: str, recipe: str, op_set: str | None = None, cfg: ModelConfig | None = None) -> Recipe:
-    """The recipe, after checking that `target` runs it and that `cfg`'s matmuls divide into its
-    blocks; raises QuantizationError with one line naming the problem and the fix."""
+def check(target: str, recipe: str, op_set: str | None = None, cfg: ModelConfig | None = None,
+          dtype: str = "f32") -> Recipe:
+    """The recipe, after checking that `target` runs it, that the weights are f32 (`dtype`, the
+    --dtype storage) and that `cfg`'s matmuls divide into its blocks; raises QuantizationError
+    with one line naming the problem and the fix."""
     if recipe not in RECIPES:
         raise QuantizationError(f"unknown quantization recipe '{recipe}'; choose from {', '.join(RECIPES)} "
                                 "(python -m export --list-quant)")
@@ -137,6 +139,8 @@ def check(target: str, recipe: str, op_set: str | None = None, cfg: ModelConfig 
     if why is not None:
         where = target if target == "tflite" else f"onnx (--onnx-ops {op_set or 'default'})"
         raise QuantizationError(f"--quant {recipe} is not supported for --target {where}: {why}")
+    if dtype != "f32":
+        raise QuantizationError(f"--quant {recipe} quantizes the f32 weights; drop --dtype {dtype}")
     r = RECIPES[recipe]
     if cfg is not None and r.block:
         bad = {k: v for k, v in matmul_widths(cfg).items() if v % r.block}

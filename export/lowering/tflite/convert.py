@@ -75,6 +75,12 @@ def _inline_weights(ir, arith, func, module, names: list[str], attrs: dict):
 _CONSTANTS = ("tfl.pseudo_const", "arith.constant", "stablehlo.constant")
 
 
+def _is_f16_constant(ir, value, f16) -> bool:
+    owner = value.owner  # the defining op, or a Block for a block argument
+    return not isinstance(owner, ir.Block) and owner.operation.name in _CONSTANTS \
+        and ir.RankedTensorType(value.type).element_type == f16
+
+
 def _dequantize_f16_weights(ir, module) -> int:
     """Turn each CAST of a constant f16 weight to f32 into a DEQUANTIZE (the same values).
 
@@ -89,14 +95,9 @@ def _dequantize_f16_weights(ir, module) -> int:
             for block in region.blocks:
                 for inner in block.operations:
                     inner = inner.operation
-                    if inner.name == "tfl.cast" and len(inner.operands) == 1:
-                        src = inner.operands[0]
-                        owner = src.owner
-                        if isinstance(owner, ir.Operation) or hasattr(owner, "name"):
-                            name = owner.name if isinstance(owner, ir.Operation) else owner.operation.name
-                            if name in _CONSTANTS and ir.RankedTensorType(src.type).element_type == f16 \
-                                    and ir.RankedTensorType(inner.results[0].type).element_type == f32:
-                                casts.append(inner)
+                    if inner.name == "tfl.cast" and _is_f16_constant(ir, inner.operands[0], f16) \
+                            and ir.RankedTensorType(inner.results[0].type).element_type == f32:
+                        casts.append(inner)
                     walk(inner)
 
     walk(module.operation)
