@@ -4,6 +4,8 @@
   python -m export --checkpoint ./gemma-3-1b-it --target tflite --max-seq-len 4096 --prefill-lens 32,128
   python -m export --checkpoint ./gemma-3-1b-it --target onnx [--onnx-ops standard]
   python -m export --checkpoint ./gemma-3-1b-it --target tflite --quant int4-b32
+  python -m export --checkpoint ./gemma-3-1b-it --target litertlm --quant int4-b32
+  python -m export inspect artifacts/gemma-3-1b-it_int4-b32_ctx4096.litertlm
   python -m export --list-models
   python -m export --list-onnx-ops
   python -m export --list-quant
@@ -59,14 +61,16 @@ def parse_args(argv):
     ap.add_argument("--model", help="registry name; optional with a --checkpoint holding config.json")
     ap.add_argument("--checkpoint", type=Path, help="HF safetensors or official Orbax folder")
     ap.add_argument("--random-init", type=int, metavar="SEED", help="random weights (architecture dry run)")
-    ap.add_argument("--target", choices=["tflite", "onnx"], default="tflite",
-                    help="tflite: one .tflite with prefill_T/decode signatures; onnx: an onnxruntime-genai "
-                         "folder (model.onnx, genai_config.json, tokenizer)")
+    ap.add_argument("--target", choices=["tflite", "litertlm", "onnx"], default="tflite",
+                    help="tflite: one .tflite with prefill_T/decode signatures; litertlm: that model bundled "
+                         "with its tokenizer and LiteRT-LM's metadata, for LiteRT-LM; onnx: an "
+                         "onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)")
     ap.add_argument("--onnx-ops", choices=["default", "standard"], default="default",
                     help="onnx: 'default' uses ONNX Runtime's GroupQueryAttention; 'standard' only standard "
                          "ONNX ops (attention as model-local functions), for runtimes without contrib ops")
     ap.add_argument("--tokenizer", type=Path,
-                    help="tokenizer folder or tokenizer.model/.json (default: the --checkpoint folder)")
+                    help="tokenizer folder or tokenizer.model/.json (default: the --checkpoint folder); "
+                         "litertlm needs a SentencePiece tokenizer.model")
     ap.add_argument("--list-onnx-ops", action="store_true", help="print the ONNX lowering's op coverage and exit")
     ap.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
     ap.add_argument("--max-seq-len", type=int, help="context of the global caches (default min(4096, model's))")
@@ -81,6 +85,9 @@ def parse_args(argv):
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
+    ap.add_argument("--no-engine-check", action="store_true",
+                    help="litertlm: skip running the bundle in LiteRT-LM itself (done by default when the "
+                         "litert-lm-api package is installed)")
     ap.add_argument("--list-models", action="store_true", help="print the registry and exit")
     return ap.parse_args(argv)
 
@@ -139,7 +146,41 @@ def verify_prompts(cfg, max_len: int, lens: list[int], steps: int) -> list[list[
     return prompts
 
 
+def quant_target(target: str) -> str:
+    """The quantization support table a target uses: a .litertlm holds a TFLite model."""
+    return "tflite" if target == "litertlm" else target
+
+
+def engine_check(result, reference, cfg, max_len: int, lens: list[int], steps: int, reference_name: str):
+    """Run the bundle in LiteRT-LM: greedy text from a prompt that crosses the sliding window must
+    equal the reference session's. None (with a note) when litert-lm-api is not installed."""
+    from models.tokenizer import Tokenizer
+    from runtime_py import litertlm_engine
+
+    if not litertlm_engine.available():
+        print("note: litert-lm-api is not installed, so the bundle was not run in LiteRT-LM itself "
+              "(pip install litert-lm-api, or pass --no-engine-check to silence this)")
+        return None
+    tok = Tokenizer(result.tokenizer)
+    n = max(2, min(steps, max_len // 4))
+    target = min(cfg.sliding_window + lens[0] // 2 + 1, max_len - n - 1)
+    prompt = litertlm_engine.window_crossing_prompt(tok, target, max_len - n - 1)
+    stops = cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,)
+    with Stage("LiteRT-LM"):
+        try:
+            return litertlm_engine.check_greedy(result.path, reference, tok, prompt, n, stops,
+                                                reference_name=reference_name)
+        except RuntimeError as e:  # the engine's own log above says why
+            return litertlm_engine.EngineCheck(len(tok.encode(prompt)), False, 0, "", "", reference_name,
+                                               error=str(e))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect"]:
+        from export.inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
     args = parse_args(argv)
     try:
         return run(args)
@@ -150,8 +191,8 @@ def main(argv=None) -> int:
 
 def list_onnx_ops() -> int:
     import export.lowering.onnx.convert  # noqa: F401  (registers the rules)
-    from export.lowering.onnx.graph import RULES
     from export.lowering.onnx.fused import OP_SETS
+    from export.lowering.onnx.graph import RULES
 
     print(f"StableHLO ops with an ONNX rule ({len(RULES)}):")
     for name in sorted(RULES):
@@ -181,12 +222,21 @@ def run(args) -> int:
     if args.quant is not None:  # the support table is checked before any work starts
         from export.quantize import check
 
-        check(args.target, args.quant, args.onnx_ops if args.target == "onnx" else None, dtype=args.dtype)
+        check(quant_target(args.target), args.quant, args.onnx_ops if args.target == "onnx" else None,
+              dtype=args.dtype)
     check_output(args.out)
+    if args.target == "litertlm":  # the tokenizer is checked before any work starts
+        from export.litertlm import find_tokenizer
+
+        find_tokenizer(args.tokenizer or args.checkpoint)
     with Stage("load"):
         cfg, params = load_source(args)
         n = sum(p.size for p in params.values())
         print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters")
+    if args.target == "litertlm":
+        from export.litertlm import check_runtime_support
+
+        check_runtime_support(cfg)
     max_len = args.max_seq_len or min(4096, cfg.max_seq_len)
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
@@ -194,6 +244,15 @@ def run(args) -> int:
         lens = [t for t in DEFAULT_PREFILL_LENS if t <= max_len] or [max(2, max_len // 2)]
     else:
         lens = parse_prefill_lens(args.prefill_lens or ",".join(map(str, DEFAULT_PREFILL_LENS)), max_len)
+    if args.target == "litertlm":
+        from export.litertlm import (
+            check_prefill_lengths,
+            check_tokenizer,
+            find_tokenizer,
+        )
+
+        check_prefill_lengths(lens)
+        check_tokenizer(find_tokenizer(args.tokenizer or args.checkpoint), cfg)
     if args.target == "onnx":
         tokenizer = args.tokenizer or args.checkpoint
         if tokenizer is not None and not Path(tokenizer).exists():
@@ -206,6 +265,12 @@ def run(args) -> int:
                   "the model and genai_config.json but onnxruntime-genai also needs tokenizer.json and "
                   "tokenizer_config.json; pass --tokenizer PATH (a folder with tokenizer.json or a "
                   "SentencePiece tokenizer.model)", file=sys.stderr)
+    elif args.target == "litertlm":
+        from export.pipeline import export_litertlm
+
+        result = export_litertlm(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
+                                 tokenizer=args.tokenizer or args.checkpoint, dtype=args.dtype, stage=Stage,
+                                 progress=progress, quant=args.quant)
     else:
         result = export_tflite(cfg, params, out_dir=args.out, max_len=max_len, prefill_lens=lens,
                                dtype=args.dtype, stage=Stage, progress=progress, quant=args.quant)
@@ -222,6 +287,13 @@ def run(args) -> int:
         result.reference_params = result.stored_params = params = None
         session = load(result.path)
         report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
+        engine = None
+        if args.target == "litertlm" and not args.no_engine_check:
+            # float bundles against the JAX model; quantized ones (whose gate above measured them
+            # against JAX) against our interpreter running the same bundle
+            engine = engine_check(result, reference if result.quant is None else session, cfg, max_len, lens,
+                                  steps, "the JAX model" if result.quant is None else "runtime_py's interpreter")
+        del session
         tol, greedy = TOLERANCE, min(GREEDY_STEPS, steps)
         if result.quant is None:
             ok, failures, gate = report.passes(tol, greedy), [], {"tolerance_rel_rms": tol,
@@ -233,9 +305,15 @@ def run(args) -> int:
             ok, gate = not failures, {"quantization": result.quant, **RECIPES[result.quant].gate.as_dict()}
         parity_path = result.path / "parity.json" if result.path.is_dir() else result.path.with_suffix(".parity.json")
         tmp = parity_path.with_name(parity_path.name + ".tmp")
-        tmp.write_text(report.to_json(artifact=result.path.name, gate=gate, passed=ok))
+        extra = {"litert_lm": engine.as_dict()} if engine is not None else {}
+        tmp.write_text(report.to_json(artifact=result.path.name, gate=gate, passed=ok, **extra))
         os.replace(tmp, parity_path)
     worst = report.worst()
+    if engine is not None:
+        print(engine.line(), file=sys.stdout if engine.match else sys.stderr)
+        if not engine.match and engine.error is None:
+            print(f"  reference: {engine.reference_text!r}\n  LiteRT-LM: {engine.engine_text!r}", file=sys.stderr)
+    engine_failed = engine is not None and not engine.match  # exits 1 after the gate's own report
     if result.quant is None:
         print(f"parity: max rel RMS {report.max_rel_rms:.2e} (tolerance {tol:.0e}), max abs "
               f"{report.max_abs:.2e}, top-1 agreement {report.top1_agreement:.3f}, greedy match "
@@ -251,17 +329,17 @@ def run(args) -> int:
             # which quantization error is relatively larger and top-1 decided by noise
             print(f"warning: the {result.quant} gate is not met on random weights ({'; '.join(failures)}); "
                   "its thresholds hold for trained checkpoints (docs/quantization.md)", file=sys.stderr)
-            return 0
+            return int(engine_failed)
         if failures:
             print(f"parity failed the {result.quant} gate: {'; '.join(failures)}", file=sys.stderr)
             return 1
-        return 0
+        return int(engine_failed)
     if not ok:
         print(f"parity failed: worst at signature {worst.signature}, prompt {worst.prompt}, step "
               f"{worst.step} (position {worst.position}): rel RMS {worst.rel_rms:.2e}, max abs "
               f"{worst.max_abs:.2e}", file=sys.stderr)
         return 1
-    return 0
+    return int(engine_failed)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,64 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
     return ExportResult(path, cfg, signatures, stored, reference, max_len, storage, seconds, quant=quant)
 
 
+@dataclasses.dataclass
+class LitertlmExportResult(ExportResult):
+    """path is the .litertlm bundle: the TFLite model, the tokenizer, LiteRT-LM's metadata."""
+
+    tokenizer: Path | None = None
+
+    def summary(self) -> str:
+        from export.litertlm import read_bundle
+
+        lines = ExportResult.summary(self).splitlines()
+        bundle = read_bundle(self.path)
+        llm = bundle.llm_metadata()
+        sections = ", ".join(f"{s.data_type} {s.size / 2**20:.2f} MiB" for s in bundle.sections)
+        lines.insert(1, f"  LiteRT-LM bundle v{'.'.join(map(str, bundle.version))}: {sections}")
+        stops = [list(t.token_ids.ids) for t in llm.stop_tokens]
+        lines.insert(2, f"  LlmMetadata: start {list(llm.start_token.token_ids.ids)}, stop {stops}, max_num_tokens "
+                        f"{llm.max_num_tokens}, model type {llm.llm_model_type.WhichOneof('model_type')}, chat "
+                        f"template {'yes' if llm.HasField('jinja_prompt_template') else 'no'}; tokenizer {self.tokenizer}")
+        return "\n".join(lines)
+
+
+def export_litertlm(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, prefill_lens: list[int],
+                    tokenizer: Path | None, dtype: str = "f32", stage=None, progress=None,
+                    name: str | None = None, quant: str | None = None) -> LitertlmExportResult:
+    """Write a .litertlm bundle: the TFLite export (any recipe) with the SentencePiece tokenizer and
+    LiteRT-LM's metadata (export/litertlm.py). The model is converted into a scratch folder beside
+    the output, bundled under a temporary name and renamed; nothing partial is left behind."""
+    import shutil
+    import tempfile
+    import time
+
+    from export.litertlm import (
+        check_prefill_lengths,
+        check_runtime_support,
+        check_tokenizer,
+        find_tokenizer,
+        write_bundle,
+    )
+
+    check_runtime_support(cfg)
+    check_prefill_lengths(prefill_lens)
+    tok_path = find_tokenizer(tokenizer)
+    check_tokenizer(tok_path, cfg)
+    path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.litertlm")
+    scratch = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{path.stem}-"))
+    try:
+        inner = export_tflite(cfg, params, out_dir=scratch, max_len=max_len, prefill_lens=prefill_lens,
+                              dtype=dtype, stage=stage, progress=progress, quant=quant)
+        t0 = time.perf_counter()
+        with stage("bundle") if stage else _null():
+            write_bundle(inner.path, tok_path, cfg, max_len, path)
+        inner.seconds["bundle"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    fields = {f.name: getattr(inner, f.name) for f in dataclasses.fields(ExportResult)}
+    return LitertlmExportResult(**{**fields, "path": path}, tokenizer=tok_path)
+
+
 def _storage(cfg: ModelConfig, params: dict, target: str, op_set: str | None, quant: str | None, dtype: str):
     """(integer recipe to apply to the lowered artifact or None, stored dtype, stored weights).
 
@@ -221,7 +279,12 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     import shutil
     import time
 
-    from export.lowering.onnx.convert import assemble, lower_to_graph, save, state_shapes
+    from export.lowering.onnx.convert import (
+        assemble,
+        lower_to_graph,
+        save,
+        state_shapes,
+    )
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 
@@ -288,4 +351,5 @@ class _null:
         return False
 
 
-__all__ = ["ExportResult", "OnnxExportResult", "export_onnx", "export_tflite", "state_bytes", "stored_params"]
+__all__ = ["ExportResult", "LitertlmExportResult", "OnnxExportResult", "export_litertlm", "export_onnx",
+           "export_tflite", "state_bytes", "stored_params"]

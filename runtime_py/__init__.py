@@ -15,12 +15,13 @@ from runtime_py.session import ContextFullError, Session
 
 
 def load(path, num_threads: int | None = None) -> Session:
-    """A session for an artifact: a `.tflite` file, a `.onnx` file, or an onnxruntime-genai folder
-    (holding model.onnx and genai_config.json)."""
+    """A session for an artifact: a `.tflite` file, a `.litertlm` bundle (its TFLite model, run by
+    our interpreter path; `session.tokenizer_model` holds the bundled tokenizer), a `.onnx` file, or
+    an onnxruntime-genai folder (holding model.onnx and genai_config.json)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact not found: {path}")
-    if path.suffix == ".tflite":
+    if path.suffix in (".tflite", ".litertlm"):
         from runtime_py.tflite_backend import load_tflite
 
         return load_tflite(path, num_threads)
@@ -28,7 +29,7 @@ def load(path, num_threads: int | None = None) -> Session:
         from runtime_py.onnx_backend import load_onnx
 
         return load_onnx(path, num_threads)
-    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .onnx, an onnxruntime-genai folder)")
+    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .litertlm, .onnx, an onnxruntime-genai folder)")
 
 
 def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:

@@ -3,6 +3,7 @@
   python -m runtime_py generate --artifact artifacts/gemma3-1b_f32_ctx4096.tflite \
       --tokenizer ./gemma-3-1b-it/tokenizer.model --prompt "Why is the sky blue?"
   python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_f32_ctx4096_onnx --prompt "Hi"
+  python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_int4-b32_ctx4096.litertlm --prompt "Hi"
 
 Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
 --raw). Bad input exits 2 with one line.
@@ -23,12 +24,15 @@ def cmd_generate(args) -> int:
 
     session = load(args.artifact, args.threads)
     tokenizer = args.tokenizer
-    if tokenizer is None:  # an onnxruntime-genai folder carries its tokenizer
+    if tokenizer is not None:
+        tok = Tokenizer(tokenizer)
+    elif session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
+        tok = Tokenizer.from_bytes(session.tokenizer_model)
+    else:  # so does an onnxruntime-genai folder
         bundled = Path(args.artifact) / "tokenizer.model"
         if not bundled.exists():
             raise ValueError(f"{args.artifact} holds no tokenizer.model: pass --tokenizer PATH")
-        tokenizer = bundled
-    tok = Tokenizer(tokenizer)
+        tok = Tokenizer(bundled)
     meta = session.metadata
     if meta.get("instruction_tuned") and not args.raw:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}], family=meta["family"])
@@ -56,7 +60,8 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="generate text from an artifact")
     gen.add_argument("--artifact", type=Path, required=True)
     gen.add_argument("--tokenizer", type=Path,
-                     help="tokenizer.model or its folder (default: the one in an ONNX artifact folder)")
+                     help="tokenizer.model or its folder (default: the one a .litertlm bundle or an ONNX "
+                          "artifact folder carries)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -70,6 +70,8 @@ class Session:
     and `call(name, tokens, input_pos) -> logits [V]`, carrying the states from call to call.
     """
 
+    tokenizer_model: bytes | None = None  # the SentencePiece model a .litertlm bundle carries
+
     def __init__(self, backend, max_len: int, metadata: dict | None = None):
         signatures = backend.signatures
         if "decode" not in signatures:

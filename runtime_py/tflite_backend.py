@@ -68,13 +68,23 @@ class TFLiteBackend:
 
 
 def load_tflite(path, num_threads: int | None = None) -> Session:
+    """A session over a .tflite file, or over the TFLite model of a .litertlm bundle (run by the
+    same interpreter; the bundle's tokenizer is kept as `session.tokenizer_model`)."""
     from ai_edge_litert.interpreter import Interpreter
 
     from export.lowering.tflite.inspect import read
 
     path = Path(path)
     report = read(path)
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    tokenizer_model = None
+    if path.suffix == ".litertlm":
+        from export.litertlm import read_bundle
+
+        bundle = read_bundle(path)
+        interpreter = Interpreter(model_content=bundle.read(bundle.tflite()), num_threads=num_threads)
+        tokenizer_model = bundle.tokenizer_bytes()
+    else:
+        interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
     infos = {}
     for name, sig in report.signatures.items():
         def tensors(items):
@@ -85,6 +95,7 @@ def load_tflite(path, num_threads: int | None = None) -> Session:
     max_len = meta.get("max_seq_len") or _context_from_caches(infos["decode"])
     session = Session(TFLiteBackend(interpreter, infos), max_len, meta)
     session.interpreter = interpreter
+    session.tokenizer_model = tokenizer_model
     return session
 
 

@@ -153,3 +153,17 @@ def model_path(tmp_path_factory):
         minloglevel=2,
     )
     return out / "tiny.model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_256(tmp_path_factory):
+    """A SentencePiece model of at most 256 pieces, no byte fallback: it fits the tiny random
+    configs' vocabulary (256), so a tiny model can be bundled with it (.litertlm)."""
+    out = tmp_path_factory.mktemp("spm256")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()), model_prefix=str(out / "tiny256"), vocab_size=256,
+        hard_vocab_limit=False, model_type="bpe", add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, byte_fallback=False, pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1, minloglevel=2)
+    return out / "tiny256.model"

@@ -1,5 +1,6 @@
-"""Read a .tflite flatbuffer: signatures with their tensors, op histogram, composites, weight
-bytes by type, our metadata, and checks (no CUSTOM op, no TRANSPOSE fed by a weight)."""
+"""Read a .tflite flatbuffer (a file, or the TFLite section of a .litertlm bundle): signatures
+with their tensors, op histogram, composites, weight bytes by type, the stored form of each kind of
+weight, our metadata, and checks (no CUSTOM op, no TRANSPOSE fed by a weight)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class TFLiteReport:
     weight_bytes: dict[str, int]  # tensor type -> bytes of constant buffers
     transposed_weights: list[str]  # TRANSPOSE ops whose input is a constant buffer
     metadata: dict
+    # (consuming op, operand) -> stored form ("INT4 blockwise-32", "INT8 per-channel", ...) ->
+    # [tensors, bytes]; weights behind a DEQUANTIZE are counted at the op the DEQUANTIZE feeds
+    weight_kinds: dict = dataclasses.field(default_factory=dict)
 
 
 def _names(enum_cls) -> dict[int, str]:
@@ -35,12 +39,24 @@ def _buffer_bytes(buf, data) -> bytes:
     return bytes(buf[data.Offset():data.Offset() + data.Size()])
 
 
+def _model_buffer(path: Path):
+    """(buffer of the flatbuffer, file bytes): the whole .tflite, or a .litertlm's model section;
+    mapped, not read (artifacts can be several GB)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if path.suffix != ".litertlm":
+        return mm, len(mm)
+    from export.litertlm import read_bundle
+
+    section = read_bundle(path).tflite()
+    return memoryview(mm)[section.begin:section.end], len(mm)
+
+
 def read(path) -> TFLiteReport:
     from ai_edge_litert import schema_py_generated as S
 
     path = Path(path)
-    with open(path, "rb") as f:  # mapped, not read: artifacts can be several GB
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf, file_bytes = _model_buffer(path)
     model = S.Model.GetRootAs(buf, 0)
     op_names, type_names = _names(S.BuiltinOperator), _names(S.TensorType)
 
@@ -94,11 +110,74 @@ def read(path) -> TFLiteReport:
                     transposed.append(src.Name().decode())
             if si in sig_subgraph:
                 histogram[sig_subgraph[si]][name] += 1
+    kinds = _weight_kinds(model, S, op_names, type_names, min(sig_subgraph, default=0))
 
     metadata = {}
     for i in range(model.MetadataLength()):
         md = model.Metadata(i)
         if md.Name().decode() == "gemma_edge":
             metadata = json.loads(_buffer_bytes(buf, model.Buffers(md.Buffer())).decode())
-    return TFLiteReport(path, len(buf), signatures, histogram, composites, custom, dict(weight_bytes),
-                        transposed, metadata)
+    return TFLiteReport(path, file_bytes, signatures, histogram, composites, custom, dict(weight_bytes),
+                        transposed, metadata, kinds)
+
+
+_OPERANDS = {("FULLY_CONNECTED", 1): "weight", ("FULLY_CONNECTED", 2): "bias", ("EMBEDDING_LOOKUP", 1): "table",
+             ("BATCH_MATMUL", 1): "rhs", ("GATHER", 0): "table", ("GATHER_ND", 0): "table"}
+
+
+_INDEX_TYPES = ("INT32", "INT64", "BOOL")
+
+
+def _stored_form(t, S, type_names) -> str:
+    dtype = type_names[t.Type()]
+    q = t.Quantization()
+    if q is None or (q.ScaleLength() == 0 and q.DetailsType() == S.QuantizationDetails.NONE):
+        return dtype
+    if q.DetailsType() == S.QuantizationDetails.BlockwiseQuantization:
+        details = S.BlockwiseQuantization()
+        details.Init(q.Details().Bytes, q.Details().Pos)
+        return f"{dtype} blockwise-{details.BlockSize()}"
+    return f"{dtype} per-channel" if q.ScaleLength() > 1 else f"{dtype} per-tensor"
+
+
+def _weight_kinds(model, S, op_names, type_names, subgraph: int) -> dict:
+    """The stored form of every constant operand of one signature's subgraph (all signatures share
+    their weights), keyed by the op that uses it."""
+    sg = model.Subgraphs(subgraph)
+
+    def is_const(ti):
+        data = model.Buffers(sg.Tensors(ti).Buffer())
+        return bool(data.DataLength() or data.Size())
+
+    ops = []
+    for oi in range(sg.OperatorsLength()):
+        op = sg.Operators(oi)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        ops.append((op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "?"), op))
+    dequantized = {}  # DEQUANTIZE output -> its constant input
+    for name, op in ops:
+        if name == "DEQUANTIZE" and op.InputsLength() and is_const(op.Inputs(0)):
+            dequantized[op.Outputs(0)] = op.Inputs(0)
+    out, seen = {}, set()
+    for name, op in ops:
+        if name == "DEQUANTIZE":
+            continue
+        for slot in range(op.InputsLength()):
+            ti = op.Inputs(slot)
+            if ti < 0:
+                continue
+            src = dequantized.get(ti, ti)
+            if not is_const(src) or (src, name, slot) in seen:
+                continue
+            seen.add((src, name, slot))
+            t = sg.Tensors(src)
+            data = model.Buffers(t.Buffer())
+            size = data.DataLength() or data.Size()
+            if (name, slot) not in _OPERANDS and (size < 4096 or type_names[t.Type()] in _INDEX_TYPES):
+                continue  # shapes, positions and other small constants are not weights
+            form = _stored_form(t, S, type_names) + (" (DEQUANTIZE at load)" if src != ti else "")
+            key = f"{name} {_OPERANDS.get((name, slot), f'input {slot}')}"
+            entry = out.setdefault(key, {}).setdefault(form, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+    return out

@@ -1,0 +1,227 @@
+"""`python -m export inspect ARTIFACT [--json]`: what an exported artifact holds.
+
+  .tflite      signatures with their inputs/outputs, state (cache) tensors and their bytes, the
+               decode op histogram and composites, the stored form of each kind of weight, our
+               metadata
+  .litertlm    the same for its TFLite model, plus the bundle's sections, LlmMetadata (start/stop
+               tokens, max_num_tokens, model type, prompt templates), ExecutorMetadata (context,
+               declared state buffers) and the bundled tokenizer
+  ONNX         (model.onnx or an onnxruntime-genai folder) inputs/outputs, states, op histogram,
+               contrib ops, the stored form of each kind of weight, our metadata, genai_config.json
+               and the tokenizer files
+
+Nothing is loaded into a runtime and weights are not read (only their headers), so inspecting a
+multi-GB artifact is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_ITEMSIZE = {"FLOAT32": 4, "FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT32": 4, "INT8": 1}
+
+
+def _states(inputs, metadata: dict) -> list[dict]:
+    kinds = {s["name"]: s.get("kind") for s in metadata.get("states", [])}
+    out = []
+    for name, shape, dtype in inputs:
+        if name in ("tokens", "input_pos", "input_ids", "attention_mask"):
+            continue
+        dims = [d for d in shape if isinstance(d, int)]
+        out.append({"name": name, "shape": list(shape), "dtype": dtype, "kind": kinds.get(name),
+                    "bytes": int(np.prod(dims)) * _ITEMSIZE.get(dtype, 4)})
+    return out
+
+
+def _tokenizer(model_bytes: bytes | None) -> dict | None:
+    if model_bytes is None:
+        return None
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_bytes(model_bytes)
+    return {"pieces": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
+            "start_of_turn": tok.start_of_turn_id, "end_of_turn": tok.end_of_turn_id, "bytes": len(model_bytes)}
+
+
+def describe_tflite(path: Path) -> dict:
+    from export.lowering.tflite.inspect import read
+
+    report = read(path)
+    decode = report.signatures.get("decode", next(iter(report.signatures.values())))
+    body = {
+        "artifact": str(path), "kind": "litertlm" if path.suffix == ".litertlm" else "tflite",
+        "file_bytes": report.file_bytes,
+        "signatures": {name: {"inputs": [list(t) for t in sig["inputs"]], "outputs": [list(t) for t in sig["outputs"]]}
+                       for name, sig in report.signatures.items()},
+        "states": _states(decode["inputs"], report.metadata),
+        "decode_ops": dict(report.op_histogram.get("decode", collections.Counter()).most_common()),
+        "composites": dict(report.composites), "custom_ops": dict(report.custom_ops),
+        "weights": report.weight_kinds, "metadata": report.metadata, "tokenizer": None,
+    }
+    if path.suffix == ".litertlm":
+        from google.protobuf import json_format
+
+        from export.litertlm import read_bundle
+
+        bundle = read_bundle(path)
+        body["bundle"] = {
+            "version": ".".join(map(str, bundle.version)), "system": bundle.system,
+            "sections": [{"type": s.data_type, "bytes": s.size, **s.items} for s in bundle.sections]}
+        for key, proto in (("llm_metadata", bundle.llm_metadata()), ("executor_metadata", bundle.executor_metadata())):
+            body[key] = None if proto is None else json_format.MessageToDict(proto)
+        body["tokenizer"] = _tokenizer(bundle.tokenizer_bytes())
+    return body
+
+
+def describe_onnx(path: Path) -> dict:
+    import onnx
+
+    from export.lowering.onnx.inspect import read
+    from runtime_py.onnx_backend import model_file
+
+    report = read(path)
+    model = onnx.load(str(model_file(path)), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    type_names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    weights, seen = {}, set()
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for slot, name in enumerate(node.input):
+            t = inits.get(name)
+            if t is None or (name, node.op_type) in seen:
+                continue
+            size = (int({e.key: e.value for e in t.external_data}["length"])
+                    if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data))
+            if size < 4096 or type_names[t.data_type] in ("INT64", "INT32", "BOOL"):
+                continue
+            seen.add((name, node.op_type))
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and slot == 0:
+                form = f"INT{attrs.get('bits', 4)} blockwise-{attrs.get('block_size')}"
+            else:
+                form = type_names[t.data_type]
+            entry = weights.setdefault(f"{node.op_type} input {slot}", {}).setdefault(form, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+    folder = report.path if report.path.is_dir() else report.path.parent
+    tok_model = folder / "tokenizer.model"
+    body = {
+        "artifact": str(path), "kind": "onnx", "file_bytes": report.file_bytes,
+        "inputs": [list(t) for t in report.inputs], "outputs": [list(t) for t in report.outputs],
+        "states": _states(report.inputs, report.metadata),
+        "ops": dict(report.op_histogram.most_common()), "contrib_ops": sorted(report.contrib_ops),
+        "functions": sorted(report.function_ops), "weights": weights, "metadata": report.metadata,
+        "genai_config": report.genai_config,
+        "tokenizer_files": sorted(p.name for p in folder.glob("tokenizer*")),
+        "tokenizer": _tokenizer(tok_model.read_bytes()) if tok_model.exists() else None,
+    }
+    return body
+
+
+def describe(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"artifact not found: {path}")
+    if path.suffix in (".tflite", ".litertlm"):
+        return describe_tflite(path)
+    if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        return describe_onnx(path)
+    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .litertlm, .onnx, an "
+                     "onnxruntime-genai folder)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_text(d: dict) -> str:
+    meta = d.get("metadata") or {}
+    lines = [f"{d['artifact']} ({d['kind']}, {_mib(d['file_bytes'])})"]
+    if meta:
+        lines.append(f"  model {meta.get('model')} ({meta.get('family')}), context {meta.get('max_seq_len')}, "
+                     f"sliding window {meta.get('sliding_window')}, weights {meta.get('weight_dtype')}, "
+                     f"quantization {meta.get('quantization') or 'none'}, vocab {meta.get('vocab_size')}, "
+                     f"instruction-tuned {meta.get('instruction_tuned')}")
+    else:
+        lines.append("  no gemma-edge metadata (not exported by this tool?)")
+    if "bundle" in d:
+        b = d["bundle"]
+        lines.append(f"bundle v{b['version']}: " + ", ".join(
+            f"{s['type']}{' ' + s['model_type'] if 'model_type' in s else ''} {_mib(s['bytes'])}" for s in b["sections"]))
+        llm = d.get("llm_metadata") or {}
+
+        def ids(u):
+            return u.get("tokenIds", {}).get("ids", u.get("tokenStr"))
+        lines.append(f"  LlmMetadata: start {ids(llm.get('startToken', {}))}, stop "
+                     f"{[ids(t) for t in llm.get('stopTokens', [])]}, max_num_tokens {llm.get('maxNumTokens')}, "
+                     f"model type {next(iter(llm.get('llmModelType', {'-': 0})))}")
+        if "promptTemplates" in llm:
+            lines.append("  prompt templates: " + json.dumps(llm["promptTemplates"]))
+        if "jinjaPromptTemplate" in llm:
+            lines.append(f"  Jinja chat template: {len(llm['jinjaPromptTemplate'])} characters")
+        ex = (d.get("executor_metadata") or {}).get("llmExecutorMetadata", {})
+        if ex:
+            types = collections.Counter(sb.get("type", "TYPE_UNSPECIFIED") for sb in ex.get("stateBuffers", []))
+            lines.append(f"  ExecutorMetadata: max_history_size {ex.get('maxHistorySize')}, state buffers "
+                         + ", ".join(f"{k.removeprefix('TYPE_').lower()} x{v}" for k, v in types.items()))
+    if "signatures" in d:
+        for name, sig in d["signatures"].items():
+            ins = [f"{n}{s}" for n, s, _ in sig["inputs"] if n in ("tokens", "input_pos", "mask")]
+            outs = [f"{n}{s}" for n, s, _ in sig["outputs"] if n == "logits"]
+            n_states = len([1 for n, _, _ in sig["inputs"] if n not in ("tokens", "input_pos", "mask")])
+            lines.append(f"signature {name}: {' '.join(ins)} + {n_states} states -> {' '.join(outs)} + states")
+    else:
+        ins = [f"{n}{s}" for n, s, _ in d["inputs"] if n in ("input_ids", "attention_mask", "position_ids")]
+        lines.append(f"inputs: {' '.join(ins)} + {len(d['states'])} states -> logits + {len(d['states'])} states")
+    by_kind = collections.Counter()
+    for s in d["states"]:
+        by_kind[s["kind"] or "?"] += s["bytes"]
+    lines.append(f"states ({len(d['states'])}, {_mib(sum(by_kind.values()))}): "
+                 + ", ".join(f"{k} {_mib(v)}" for k, v in by_kind.items()))
+    shapes = collections.Counter((s["kind"] or "?", tuple(s["shape"]), s["dtype"]) for s in d["states"])
+    for (kind, shape, dtype), n in shapes.items():
+        lines.append(f"  {n} x {kind} {list(shape)} {dtype}")
+    ops = d.get("decode_ops") or d.get("ops") or {}
+    label = "decode ops" if "decode_ops" in d else "ops"
+    lines.append(f"{label} ({sum(ops.values())}): " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:14]))
+    if d.get("composites"):
+        lines.append("composites: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["composites"].items())))
+    if d.get("custom_ops"):
+        lines.append(f"CUSTOM ops: {d['custom_ops']}")
+    if d.get("contrib_ops"):
+        lines.append("contrib ops: " + ", ".join(d["contrib_ops"]))
+    lines.append("weights (stored form by use):")
+    for use, forms in d["weights"].items():
+        for form, (n, size) in forms.items():
+            lines.append(f"  {use:<30} {form:<36} {n:>4} tensors {_mib(size):>12}")
+    if d["kind"] == "onnx":
+        g = (d.get("genai_config") or {}).get("model", {})
+        lines.append(f"genai_config: type {g.get('type')}, context_length {g.get('context_length')}, vocab "
+                     f"{g.get('vocab_size')}" if g else "genai_config: none")
+        lines.append("tokenizer files: " + (", ".join(d["tokenizer_files"]) or "none"))
+    tok = d.get("tokenizer")
+    if tok:
+        lines.append(f"tokenizer: SentencePiece, {tok['pieces']} pieces, bos {tok['bos']}, eos {tok['eos']}, "
+                     f"turn markers {tok['start_of_turn']}/{tok['end_of_turn']}, {_mib(tok['bytes'])}")
+    elif d["kind"] != "onnx":
+        lines.append("tokenizer: none in the artifact (pass --tokenizer when running it)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export inspect", description="print what an artifact holds")
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--json", action="store_true", help="everything as JSON")
+    args = ap.parse_args(argv)
+    try:
+        d = describe(args.artifact)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(d, indent=1, default=str) if args.json else format_text(d))
+    return 0

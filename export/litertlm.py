@@ -1,0 +1,307 @@
+"""LiteRT-LM bundles (`.litertlm`): the TFLite model, its SentencePiece tokenizer and the metadata
+LiteRT-LM reads, in one file (DESIGN section 5).
+
+Sections, written with the `litert-lm-builder` package:
+  TFLiteModel      our prefill_{T}/decode model, model_type prefill_decode, prefer_activation_type
+                   fp32 (LiteRT-LM's default for a text decoder is fp16 activations, which overflow
+                   in Gemma's residual stream; DESIGN section 6)
+  SP_Tokenizer     the checkpoint's tokenizer.model, byte for byte
+  LlmMetadata      start token (BOS), stop tokens (EOS; and <end_of_turn> for -it models),
+                   max_num_tokens = the exported context, llm_model_type (gemma3 for Gemma 3, the
+                   generic type otherwise), and for -it models the Gemma turn format as
+                   prompt_templates (Session API) and a Jinja chat template (Conversation API)
+  ExecutorMetadata max_history_size = the context, and every KV cache as a state buffer with its
+                   type (global/local key/value), sequence axis and row count
+
+Why ExecutorMetadata: without it LiteRT-LM takes the context from dimension 2 of the first key
+cache. Gemma 3's first layer is local, its cache window-sized, so the runtime would cap every
+conversation at the window (it logs "max_num_tokens ... is larger than what the static model
+supports"). With ExecutorMetadata it sees the true context; it then requires every state tensor
+to be declared, which is what the state_buffers list does.
+
+RecurrentGemma: LiteRT-LM 0.18.1 loads a bundle whose recurrent states are declared as
+LINEAR_ATTENTION state buffers, but its first prefill fails ("Input tensor ... lacks data"), also
+with the states renamed to its kv_cache_c_ prefix or declared as local caches (docs/litertlm.md
+lists each attempt). `check_runtime_support` refuses those models with one line pointing to
+runtime_py, which runs the same TFLite model.
+
+The prefill lengths a bundle may use are checked too (`check_prefill_lengths`): LiteRT-LM reads
+a prime dimension above 10 as a placeholder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from models.config import Family, LayerKind, ModelConfig
+
+SUFFIX = ".litertlm"
+
+
+class BundleError(ValueError):
+    """A bundle cannot be written or read (one line naming the problem and the fix)."""
+
+
+# ---- the tokenizer ---------------------------------------------------------------------------------
+def find_tokenizer(source: Path | None) -> Path:
+    """The SentencePiece model to bundle: `source` itself (a .model file), or the tokenizer.model
+    of a folder (a checkpoint folder, or --tokenizer)."""
+    hint = ("pass --tokenizer PATH (a SentencePiece tokenizer.model, or a folder holding one); a "
+            ".litertlm bundle must carry its tokenizer")
+    if source is None:
+        raise BundleError(f"no tokenizer for the bundle: {hint}")
+    source = Path(source)
+    path = source / "tokenizer.model" if source.is_dir() else source
+    if not path.is_file():
+        where = f"{source} holds no tokenizer.model" if source.is_dir() else f"tokenizer not found: {source}"
+        raise BundleError(f"{where}: {hint}")
+    return path
+
+
+def check_tokenizer(path: Path, cfg: ModelConfig):
+    """The tokenizer must load and fit the model: its pieces index the embedding table, and its
+    BOS/EOS are the ones the model was trained with."""
+    from models.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError, long messages
+        raise BundleError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]}); pass "
+                          "--tokenizer PATH to the checkpoint's tokenizer.model") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise BundleError(f"{path} has {tok.vocab_size} pieces but {cfg.name}'s vocabulary has "
+                          f"{cfg.vocab_size} rows: it is not this model's tokenizer; pass --tokenizer PATH")
+    checks = [("BOS", cfg.tokens.bos, tok.bos_id), ("EOS", cfg.tokens.eos, tok.eos_id)]
+    if cfg.instruction_tuned:  # the chat template's turn marker is also a stop token
+        checks.append(("<end_of_turn>", cfg.tokens.end_of_turn, tok.end_of_turn_id))
+    for what, ours, theirs in checks:
+        if theirs is not None and ours != theirs:
+            raise BundleError(f"{path}: {what} is id {theirs} but {cfg.name} uses {ours}: it is not "
+                              "this model's tokenizer; pass --tokenizer PATH")
+    return tok
+
+
+# ---- what LiteRT-LM can run ------------------------------------------------------------------------
+def check_runtime_support(cfg: ModelConfig):
+    """Refuse models LiteRT-LM cannot run (before any export work)."""
+    if LayerKind.RECURRENT in cfg.layer_kinds:
+        raise BundleError(
+            f"{cfg.name}: LiteRT-LM 0.18 cannot run RecurrentGemma's conv and RG-LRU states (its prefill "
+            "leaves them unbound; docs/litertlm.md); export --target tflite and run it with "
+            "`python -m runtime_py generate`, which holds those states")
+
+
+def check_prefill_lengths(lens: list[int]):
+    """LiteRT-LM reads a prime dimension above 10 in `input_pos` as a placeholder to be filled in
+    at load time (its "magic number" handling), and then cannot run that prefill signature: the
+    prefill fails. Refuse such lengths up front."""
+    primes = [t for t in lens if t > 10 and all(t % d for d in range(2, int(t ** 0.5) + 1))]
+    if primes:
+        raise BundleError(f"prefill length{'s' if len(primes) > 1 else ''} {', '.join(map(str, primes))}: LiteRT-LM "
+                          "treats a prime dimension above 10 as a placeholder and cannot run it; pick other "
+                          "--prefill-lens (e.g. 32,128)")
+
+
+# ---- metadata --------------------------------------------------------------------------------------
+# The Gemma turn format (MODEL_SPEC section 7), as LiteRT-LM's Jinja renderer sees it: messages
+# with role user/assistant/model/system and content a string or a list of {"type": "text"} items.
+# Gemma 3 folds a leading system message into the first user turn; Gemma 2 and RecurrentGemma
+# have no system role and refuse one, as models/tokenizer.apply_chat_template does.
+_JINJA = r"""{{ bos_token }}
+{%- set ns = namespace(prefix='') -%}
+{%- set turns = messages -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- if not SYSTEM_OK -%}{{ raise_exception('System role not supported') }}{%- endif -%}
+{%- set c = messages[0]['content'] -%}
+{%- if c is string -%}{%- set ns.prefix = c | trim -%}{%- else -%}
+{%- for item in c -%}{%- if item['type'] == 'text' -%}{%- set ns.prefix = ns.prefix + (item['text'] | trim) -%}{%- endif -%}{%- endfor -%}
+{%- endif -%}
+{%- set ns.prefix = ns.prefix + '\n\n' -%}
+{%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for message in turns -%}
+{%- set role = 'model' if message['role'] in ['assistant', 'model'] else message['role'] -%}
+{{ '<start_of_turn>' + role + '\n' }}
+{%- if loop.first -%}{{ ns.prefix }}{%- endif -%}
+{%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}
+{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}
+{%- endif -%}
+{{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}
+"""
+
+
+def chat_template(cfg: ModelConfig) -> str:
+    system_ok = "true" if cfg.family is Family.GEMMA3 else "false"
+    return _JINJA.replace("SYSTEM_OK", system_ok)
+
+
+def llm_metadata(cfg: ModelConfig, max_len: int):
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    m = llm_metadata_pb2.LlmMetadata()
+    m.start_token.token_ids.ids.append(cfg.tokens.bos)
+    for stop in cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,):
+        m.stop_tokens.add().token_ids.ids.append(stop)
+    m.max_num_tokens = max_len
+    m.pad_token.token_ids.ids.append(cfg.tokens.pad)  # what LiteRT-LM pads prefill chunks with
+    if cfg.family is Family.GEMMA3:
+        m.llm_model_type.gemma3.SetInParent()
+    else:
+        m.llm_model_type.generic_model.SetInParent()
+    if cfg.instruction_tuned:
+        t = m.prompt_templates
+        t.user.prefix, t.user.suffix = "<start_of_turn>user\n", "<end_of_turn>\n"
+        t.model.prefix, t.model.suffix = "<start_of_turn>model\n", "<end_of_turn>\n"
+        if cfg.family is Family.GEMMA3:
+            t.system.prefix, t.system.suffix = "<start_of_turn>user\n", "\n\n"
+        m.jinja_prompt_template = chat_template(cfg)
+    return m
+
+
+def executor_metadata(cfg: ModelConfig, max_len: int):
+    """Every state tensor declared, so LiteRT-LM knows the context and each cache's layout."""
+    from litert_lm_builder.runtime.proto import executor_metadata_pb2 as E
+
+    from export.signatures import state_names, state_specs
+
+    check_runtime_support(cfg)
+    e = E.ExecutorMetadata()
+    x = e.llm_executor_metadata
+    x.max_history_size = max_len
+    types = {(LayerKind.GLOBAL, "k"): E.StateBuffer.TYPE_GLOBAL_KEY_CACHE,
+             (LayerKind.GLOBAL, "v"): E.StateBuffer.TYPE_GLOBAL_VALUE_CACHE,
+             (LayerKind.LOCAL, "k"): E.StateBuffer.TYPE_LOCAL_KEY_CACHE,
+             (LayerKind.LOCAL, "v"): E.StateBuffer.TYPE_LOCAL_VALUE_CACHE}
+    for (layer, key, name), spec in zip(state_names(cfg), state_specs(cfg, max_len)):
+        sb = x.state_buffers.add()
+        sb.prefill_input_name = sb.prefill_output_name = name
+        sb.decode_input_name = sb.decode_output_name = name
+        sb.type = types[cfg.layer_kinds[layer], key]
+        sb.sequence_axis = 2  # [1, kv_heads, rows, head_dim]
+        sb.maximum_sequence_length = spec.shape[2]
+    return e
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path,
+                 extra: dict[str, str] | None = None):
+    """Write `out` (.litertlm) atomically: built under a temporary name, then renamed."""
+    from litert_lm_builder import litertlm_builder as B
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".litertlm-") as scratch:
+        llm, executor = Path(scratch) / "llm_metadata.pb", Path(scratch) / "executor_metadata.pb"
+        llm.write_bytes(llm_metadata(cfg, max_len).SerializeToString())
+        executor.write_bytes(executor_metadata(cfg, max_len).SerializeToString())
+        b = B.LitertLmFileBuilder()
+        b.add_system_metadata(B.Metadata(key="Authors", value="gemma-edge", dtype=B.DType.STRING))
+        for key, value in (extra or {}).items():
+            b.add_system_metadata(B.Metadata(key=key, value=value, dtype=B.DType.STRING))
+        with contextlib.redirect_stdout(io.StringIO()):  # the builder prints this option
+            b.add_tflite_model(str(tflite_path), B.TfLiteModelType.PREFILL_DECODE, prefer_activation_type="fp32")
+        b.add_sentencepiece_tokenizer(str(tokenizer_path))
+        b.add_llm_metadata(str(llm))
+        b.add_executor_metadata(str(executor))
+        try:
+            with open(tmp, "wb") as f:
+                b.build(f)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return out
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Section:
+    data_type: str  # TFLiteModel, SP_Tokenizer, LlmMetadataProto, ExecutorMetadataProto, ...
+    begin: int
+    end: int
+    items: dict  # the section's key/value metadata (model_type, prefer_activation_type, ...)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+
+@dataclasses.dataclass
+class Bundle:
+    path: Path
+    version: tuple[int, int, int]
+    system: dict
+    sections: list[Section]
+
+    def section(self, data_type: str, model_type: str | None = None) -> Section | None:
+        for s in self.sections:
+            if s.data_type == data_type and (model_type is None or s.items.get("model_type") == model_type):
+                return s
+        return None
+
+    def read(self, section: Section) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(section.begin)
+            return f.read(section.size)
+
+    def tflite(self) -> Section:
+        s = self.section("TFLiteModel", "tf_lite_prefill_decode")
+        if s is None:
+            raise BundleError(f"{self.path} holds no prefill_decode TFLite model")
+        return s
+
+    def tokenizer_bytes(self) -> bytes | None:
+        s = self.section("SP_Tokenizer")
+        return None if s is None else self.read(s)
+
+    def llm_metadata(self):
+        from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+        s = self.section("LlmMetadataProto")
+        return None if s is None else llm_metadata_pb2.LlmMetadata.FromString(self.read(s))
+
+    def executor_metadata(self):
+        from litert_lm_builder.runtime.proto import executor_metadata_pb2
+
+        s = self.section("ExecutorMetadataProto")
+        return None if s is None else executor_metadata_pb2.ExecutorMetadata.FromString(self.read(s))
+
+
+def read_bundle(path) -> Bundle:
+    from litert_lm_builder import litertlm_core as core
+    from litert_lm_builder import litertlm_header_schema_py_generated as schema
+    from litert_lm_builder.litertlm_peek import kvp_to_dict
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if buf[:8] != core.HEADER_MAGIC_BYTES:
+            raise BundleError(f"{path} is not a .litertlm file (magic {bytes(buf[:8])!r})")
+        version = struct.unpack("<III", buf[8:20])
+        end = struct.unpack("<Q", buf[core.HEADER_END_LOCATION_BYTE_OFFSET:core.HEADER_END_LOCATION_BYTE_OFFSET + 8])[0]
+        header = schema.LiteRTLMMetaData.GetRootAs(bytes(buf[core.HEADER_BEGIN_BYTE_OFFSET:end]), 0)
+    finally:
+        buf.close()
+
+    def items(table, n):
+        return {d["key"]: d["value"] for d in (kvp_to_dict(table(i)) for i in range(n))}
+
+    sm = header.SystemMetadata()
+    system = items(sm.Entries, sm.EntriesLength()) if sm is not None else {}
+    sections = []
+    meta = header.SectionMetadata()
+    for i in range(meta.ObjectsLength() if meta is not None else 0):
+        obj = meta.Objects(i)
+        sections.append(Section(core.any_section_data_type_to_string(obj.DataType()), obj.BeginOffset(),
+                                obj.EndOffset(), items(obj.Items, obj.ItemsLength())))
+    return Bundle(path, version, system, sections)
