@@ -225,7 +225,7 @@ def run(args) -> int:
         check(quant_target(args.target), args.quant, args.onnx_ops if args.target == "onnx" else None,
               dtype=args.dtype)
     check_output(args.out)
-    if args.target == "litertlm":  # the tokenizer is checked before any work starts
+    if args.target == "litertlm":  # a missing tokenizer is refused before the weights load
         from export.litertlm import find_tokenizer
 
         find_tokenizer(args.tokenizer or args.checkpoint)
@@ -233,10 +233,6 @@ def run(args) -> int:
         cfg, params = load_source(args)
         n = sum(p.size for p in params.values())
         print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters")
-    if args.target == "litertlm":
-        from export.litertlm import check_runtime_support
-
-        check_runtime_support(cfg)
     max_len = args.max_seq_len or min(4096, cfg.max_seq_len)
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
@@ -244,15 +240,10 @@ def run(args) -> int:
         lens = [t for t in DEFAULT_PREFILL_LENS if t <= max_len] or [max(2, max_len // 2)]
     else:
         lens = parse_prefill_lens(args.prefill_lens or ",".join(map(str, DEFAULT_PREFILL_LENS)), max_len)
-    if args.target == "litertlm":
-        from export.litertlm import (
-            check_prefill_lengths,
-            check_tokenizer,
-            find_tokenizer,
-        )
+    if args.target == "litertlm":  # the rest of the bundle's checks, before the export starts
+        from export.litertlm import preflight
 
-        check_prefill_lengths(lens)
-        check_tokenizer(find_tokenizer(args.tokenizer or args.checkpoint), cfg)
+        preflight(cfg, lens, args.tokenizer or args.checkpoint)
     if args.target == "onnx":
         tokenizer = args.tokenizer or args.checkpoint
         if tokenizer is not None and not Path(tokenizer).exists():

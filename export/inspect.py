@@ -171,12 +171,13 @@ def format_text(d: dict) -> str:
                          + ", ".join(f"{k.removeprefix('TYPE_').lower()} x{v}" for k, v in types.items()))
     if "signatures" in d:
         for name, sig in d["signatures"].items():
-            ins = [f"{n}{s}" for n, s, _ in sig["inputs"] if n in ("tokens", "input_pos", "mask")]
-            outs = [f"{n}{s}" for n, s, _ in sig["outputs"] if n == "logits"]
+            shapes = {n: list(s) for n, s, _ in sig["inputs"]}
+            ins = [f"{n}{shapes[n]}" for n in ("tokens", "input_pos", "mask") if n in shapes]
+            outs = [f"{n}{list(s)}" for n, s, _ in sig["outputs"] if n == "logits"]
             n_states = len([1 for n, _, _ in sig["inputs"] if n not in ("tokens", "input_pos", "mask")])
             lines.append(f"signature {name}: {' '.join(ins)} + {n_states} states -> {' '.join(outs)} + states")
     else:
-        ins = [f"{n}{s}" for n, s, _ in d["inputs"] if n in ("input_ids", "attention_mask", "position_ids")]
+        ins = [f"{n}{list(s)}" for n, s, _ in d["inputs"] if n in ("input_ids", "attention_mask", "position_ids")]
         lines.append(f"inputs: {' '.join(ins)} + {len(d['states'])} states -> logits + {len(d['states'])} states")
     by_kind = collections.Counter()
     for s in d["states"]:

@@ -109,6 +109,15 @@ def check_prefill_lengths(lens: list[int]):
                           "--prefill-lens (e.g. 32,128)")
 
 
+def preflight(cfg: ModelConfig, prefill_lens: list[int], tokenizer_source: Path | None) -> Path:
+    """Every check a bundle needs before any export work; returns the tokenizer to bundle."""
+    check_runtime_support(cfg)
+    check_prefill_lengths(prefill_lens)
+    path = find_tokenizer(tokenizer_source)
+    check_tokenizer(path, cfg)
+    return path
+
+
 # ---- metadata --------------------------------------------------------------------------------------
 # The Gemma turn format (MODEL_SPEC section 7), as LiteRT-LM's Jinja renderer sees it: messages
 # with role user/assistant/model/system and content a string or a list of {"type": "text"} items.

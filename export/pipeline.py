@@ -185,18 +185,9 @@ def export_litertlm(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: i
     import tempfile
     import time
 
-    from export.litertlm import (
-        check_prefill_lengths,
-        check_runtime_support,
-        check_tokenizer,
-        find_tokenizer,
-        write_bundle,
-    )
+    from export.litertlm import preflight, write_bundle
 
-    check_runtime_support(cfg)
-    check_prefill_lengths(prefill_lens)
-    tok_path = find_tokenizer(tokenizer)
-    check_tokenizer(tok_path, cfg)
+    tok_path = preflight(cfg, prefill_lens, tokenizer)
     path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.litertlm")
     scratch = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{path.stem}-"))
     try:
@@ -279,12 +270,7 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     import shutil
     import time
 
-    from export.lowering.onnx.convert import (
-        assemble,
-        lower_to_graph,
-        save,
-        state_shapes,
-    )
+    from export.lowering.onnx.convert import assemble, lower_to_graph, save, state_shapes
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 

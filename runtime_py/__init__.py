@@ -29,7 +29,8 @@ def load(path, num_threads: int | None = None) -> Session:
         from runtime_py.onnx_backend import load_onnx
 
         return load_onnx(path, num_threads)
-    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .litertlm, .onnx, an onnxruntime-genai folder)")
+    raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .litertlm, .onnx, an "
+                     "onnxruntime-genai folder)")
 
 
 def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:
