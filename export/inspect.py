@@ -24,17 +24,27 @@ from pathlib import Path
 
 import numpy as np
 
+# the operands of ONNX ops that hold weights, by input slot
+_ONNX_OPERANDS = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gather", 0): "table",
+                  ("MatMulNBits", 1): "weight", ("MatMulNBits", 2): "scales", ("GatherBlockQuantized", 0): "table",
+                  ("GatherBlockQuantized", 2): "scales", ("GroupQueryAttention", 7): "cos cache",
+                  ("GroupQueryAttention", 8): "sin cache"}
 _ITEMSIZE = {"FLOAT32": 4, "FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT32": 4, "INT8": 1}
 
 
 def _states(inputs, metadata: dict) -> list[dict]:
-    kinds = {s["name"]: s.get("kind") for s in metadata.get("states", [])}
+    """State inputs with their kind and bytes; symbolic dimensions (ONNX) take the exported
+    shape from our metadata."""
+    known = {s["name"]: s for s in metadata.get("states", [])}
     out = []
     for name, shape, dtype in inputs:
-        if name in ("tokens", "input_pos", "input_ids", "attention_mask"):
+        if name in ("tokens", "input_pos", "input_ids", "attention_mask", "position_ids"):
             continue
+        meta = known.get(name, {})
+        if not all(isinstance(d, int) for d in shape) and "shape" in meta:
+            shape = meta["shape"]
         dims = [d for d in shape if isinstance(d, int)]
-        out.append({"name": name, "shape": list(shape), "dtype": dtype, "kind": kinds.get(name),
+        out.append({"name": name, "shape": list(shape), "dtype": dtype, "kind": meta.get("kind"),
                     "bytes": int(np.prod(dims)) * _ITEMSIZE.get(dtype, 4)})
     return out
 
@@ -98,14 +108,16 @@ def describe_onnx(path: Path) -> dict:
                 continue
             size = (int({e.key: e.value for e in t.external_data}["length"])
                     if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data))
-            if size < 4096 or type_names[t.data_type] in ("INT64", "INT32", "BOOL"):
-                continue
+            known = (node.op_type, slot) in _ONNX_OPERANDS
+            if not known and (size < 4096 or type_names[t.data_type] in ("INT64", "INT32", "BOOL")):
+                continue  # shapes and other small constants are not weights
             seen.add((name, node.op_type))
-            if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and slot == 0:
+            operand = _ONNX_OPERANDS.get((node.op_type, slot), f"input {slot}")
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and operand in ("weight", "table"):
                 form = f"INT{attrs.get('bits', 4)} blockwise-{attrs.get('block_size')}"
             else:
                 form = type_names[t.data_type]
-            entry = weights.setdefault(f"{node.op_type} input {slot}", {}).setdefault(form, [0, 0])
+            entry = weights.setdefault(f"{node.op_type} {operand}", {}).setdefault(form, [0, 0])
             entry[0] += 1
             entry[1] += size
     folder = report.path if report.path.is_dir() else report.path.parent

@@ -10,8 +10,9 @@ Sections, written with the `litert-lm-builder` package:
                    max_num_tokens = the exported context, llm_model_type (gemma3 for Gemma 3, the
                    generic type otherwise), and for -it models the Gemma turn format as
                    prompt_templates (Session API) and a Jinja chat template (Conversation API)
-  ExecutorMetadata max_history_size = the context, and every KV cache as a state buffer with its
-                   type (global/local key/value), sequence axis and row count
+  ExecutorMetadata max_history_size = the context, and every state as a state buffer: KV caches
+                   with their type (global/local key/value), sequence axis and row count;
+                   RecurrentGemma's conv and RG-LRU states as LINEAR_ATTENTION buffers
 
 Why ExecutorMetadata: without it LiteRT-LM takes the context from dimension 2 of the first key
 cache. Gemma 3's first layer is local, its cache window-sized, so the runtime would cap every
@@ -19,11 +20,10 @@ conversation at the window (it logs "max_num_tokens ... is larger than what the 
 supports"). With ExecutorMetadata it sees the true context; it then requires every state tensor
 to be declared, which is what the state_buffers list does.
 
-RecurrentGemma: LiteRT-LM 0.18.1 loads a bundle whose recurrent states are declared as
-LINEAR_ATTENTION state buffers, but its first prefill fails ("Input tensor ... lacks data"), also
-with the states renamed to its kv_cache_c_ prefix or declared as local caches (docs/litertlm.md
-lists each attempt). `check_runtime_support` refuses those models with one line pointing to
-runtime_py, which runs the same TFLite model.
+RecurrentGemma runs too, given two things of the TFLite model (docs/litertlm.md): its state names
+start with `kv_cache_` (LiteRT-LM carries no other state between calls), and the RG-LRU composite
+has one output (LiteRT-LM 0.18.1 fails to run a composite with several: "Input tensor N lacks
+data").
 
 The prefill lengths a bundle may use are checked too (`check_prefill_lengths`): LiteRT-LM reads
 a prime dimension above 10 as a placeholder.
@@ -89,15 +89,6 @@ def check_tokenizer(path: Path, cfg: ModelConfig):
 
 
 # ---- what LiteRT-LM can run ------------------------------------------------------------------------
-def check_runtime_support(cfg: ModelConfig):
-    """Refuse models LiteRT-LM cannot run (before any export work)."""
-    if LayerKind.RECURRENT in cfg.layer_kinds:
-        raise BundleError(
-            f"{cfg.name}: LiteRT-LM 0.18 cannot run RecurrentGemma's conv and RG-LRU states (its prefill "
-            "leaves them unbound; docs/litertlm.md); export --target tflite and run it with "
-            "`python -m runtime_py generate`, which holds those states")
-
-
 def check_prefill_lengths(lens: list[int]):
     """LiteRT-LM reads a prime dimension above 10 in `input_pos` as a placeholder to be filled in
     at load time (its "magic number" handling), and then cannot run that prefill signature: the
@@ -111,7 +102,6 @@ def check_prefill_lengths(lens: list[int]):
 
 def preflight(cfg: ModelConfig, prefill_lens: list[int], tokenizer_source: Path | None) -> Path:
     """Every check a bundle needs before any export work; returns the tokenizer to bundle."""
-    check_runtime_support(cfg)
     check_prefill_lengths(prefill_lens)
     path = find_tokenizer(tokenizer_source)
     check_tokenizer(path, cfg)
@@ -177,12 +167,14 @@ def llm_metadata(cfg: ModelConfig, max_len: int):
 
 
 def executor_metadata(cfg: ModelConfig, max_len: int):
-    """Every state tensor declared, so LiteRT-LM knows the context and each cache's layout."""
+    """Every state tensor declared, so LiteRT-LM knows the context and each cache's layout.
+    RecurrentGemma's conv and RG-LRU states are LINEAR_ATTENTION buffers (fixed size, no sequence
+    axis); with no global cache LiteRT-LM takes no context limit from the buffers, and
+    LlmMetadata.max_num_tokens sets it."""
     from litert_lm_builder.runtime.proto import executor_metadata_pb2 as E
 
     from export.signatures import state_names, state_specs
 
-    check_runtime_support(cfg)
     e = E.ExecutorMetadata()
     x = e.llm_executor_metadata
     x.max_history_size = max_len
@@ -194,6 +186,9 @@ def executor_metadata(cfg: ModelConfig, max_len: int):
         sb = x.state_buffers.add()
         sb.prefill_input_name = sb.prefill_output_name = name
         sb.decode_input_name = sb.decode_output_name = name
+        if cfg.layer_kinds[layer] is LayerKind.RECURRENT:
+            sb.type = E.StateBuffer.TYPE_LINEAR_ATTENTION
+            continue
         sb.type = types[cfg.layer_kinds[layer], key]
         sb.sequence_axis = 2  # [1, kv_heads, rows, head_dim]
         sb.maximum_sequence_length = spec.shape[2]

@@ -294,7 +294,10 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
 
             weights = quantize_model(model, weights, recipe)
         shapes = state_shapes(sig, lw)
-        body.update(onnx_op_set=op_set, states=[{"name": k, "shape": list(v)} for k, v in shapes.items()])
+        kinds = cfg.layer_kinds
+        body.update(onnx_op_set=op_set, states=[
+            {"name": k, "shape": list(v), "layer": int(k.split(".")[1]), "kind": kinds[int(k.split(".")[1])].value}
+            for k, v in shapes.items()])
         body.pop("prefill_lengths")
         from onnx import helper
 

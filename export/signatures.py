@@ -6,7 +6,8 @@
 States, each both an input and an output of the same name, per layer i:
   attention layer: kv_cache_k_{i}, kv_cache_v_{i}   [1, K, rows, D]  (rows = context for global
                    layers, the window for local ones; see models/cache.py)
-  recurrent layer: conv_state_{i} [1, conv_width - 1, lru_width], rg_lru_state_{i} [1, lru_width] f32
+  recurrent layer: kv_cache_conv_{i} [1, conv_width - 1, lru_width], kv_cache_lru_{i} [1, lru_width] f32
+                   (LiteRT-LM carries a state between calls only when its name starts with kv_cache_)
 
 Prefill writes the cache rows of its chunk at input_pos[0] + t. Runtimes right-pad chunks; the real
 tokens are the leading run where input_pos[t] == input_pos[0] + t (pad entries, e.g. 0 or -1, end
@@ -44,7 +45,7 @@ def state_names(cfg: ModelConfig) -> list[tuple[int, str, str]]:
     names = []
     for i, kind in enumerate(cfg.layer_kinds):
         if kind is LayerKind.RECURRENT:
-            names += [(i, "conv", f"conv_state_{i}"), (i, "rg_lru", f"rg_lru_state_{i}")]
+            names += [(i, "conv", f"kv_cache_conv_{i}"), (i, "rg_lru", f"kv_cache_lru_{i}")]
         else:
             names += [(i, "k", f"kv_cache_k_{i}"), (i, "v", f"kv_cache_v_{i}")]
     return names

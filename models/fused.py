@@ -10,8 +10,10 @@ operand orders and attributes follow what LiteRT knows (litert-torch's conventio
   odml.scaled_dot_product_attention(q[B, T, N, H], k[B, S, Nkv, H], v[B, S, Nkv, H],
                                     mask[B, 1, T, S] additive f32) -> [B, T, N, H]
       scale: f32, logit_cap: f32 (absent when there is no soft-cap); soft-cap before the mask
-  gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> (h[B, T, C], h_T[B, C])
-      h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode)
+  gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> h[B, T, C]
+      h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode). One output:
+      the final state h[:, -1] is sliced outside, because LiteRT-LM 0.18 cannot run a composite
+      with several outputs (its prefill fails with "Input tensor N lacks data"; docs/litertlm.md)
   gemma_edge.global_attention / gemma_edge.local_attention (ONNX export only, see
       `cache_owning_attention`): the attention core *with* its cache write,
       (q[B, T, N, H], k[B, T, Nkv, H], v, cache_k[B, Nkv, R, H], cache_v, start[B], num_valid[B])
@@ -150,11 +152,10 @@ def linear_recurrence(a, x, h0):
                 h = ax[0] * h + ax[1]
                 return h, h
 
-            last, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)))
-            return jnp.moveaxis(h, 0, 1), last
+            _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)))
+            return jnp.moveaxis(h, 0, 1)
         if a.shape[1] == 1:
-            h = a[:, 0] * h0 + x[:, 0]
-            return h[:, None], h
+            return (a[:, 0] * h0 + x[:, 0])[:, None]
         # fold the initial state into the first step, then combine (a1, x1) o (a2, x2)
         x = jnp.concatenate([x[:, :1] + a[:, :1] * h0[:, None], x[:, 1:]], axis=1)
 
@@ -163,7 +164,7 @@ def linear_recurrence(a, x, h0):
             return a1 * a2, a2 * x1 + x2
 
         _, h = jax.lax.associative_scan(combine, (a, x), axis=1)
-        return h, h[:, -1]
+        return h
 
-    return _composite(impl, "gemma_edge.linear_recurrence")(
-        a.astype(F32), x.astype(F32), h0.astype(F32))
+    h = _composite(impl, "gemma_edge.linear_recurrence")(a.astype(F32), x.astype(F32), h0.astype(F32))
+    return h, h[:, -1]

@@ -87,8 +87,8 @@ def test_local_caches_are_window_sized(artifacts, family):
     inputs = {n: shape for n, shape, _ in report.signatures["decode"]["inputs"]}
     for i, kind in enumerate(cfg.layer_kinds):
         if kind is LayerKind.RECURRENT:
-            assert inputs[f"rg_lru_state_{i}"] == (1, cfg.recurrent.lru_width)
-            assert inputs[f"conv_state_{i}"] == (1, cfg.recurrent.conv_width - 1, cfg.recurrent.lru_width)
+            assert inputs[f"kv_cache_lru_{i}"] == (1, cfg.recurrent.lru_width)
+            assert inputs[f"kv_cache_conv_{i}"] == (1, cfg.recurrent.conv_width - 1, cfg.recurrent.lru_width)
         else:
             rows = cfg.sliding_window if kind is LayerKind.LOCAL else MAX_LEN
             assert inputs[f"kv_cache_k_{i}"] == (1, cfg.num_kv_heads, rows, cfg.head_dim)

@@ -22,9 +22,10 @@ from runtime_py import litertlm_engine, load, reference_session
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAINED = FIXTURES / "gemma3-tiny-trained"
+TRAINED_RG = FIXTURES / "recurrentgemma-tiny-trained"
 MAX_LEN = 128
 # prefill signatures per bundle: gemma2's one length right-pads every prompt chunk
-LENS = {"gemma2-tiny": [64], "gemma3-tiny": [16, 64]}
+LENS = {"gemma2-tiny": [64], "gemma3-tiny": [16, 64], "recurrentgemma-tiny": [16, 64]}
 
 
 def _f32(params):
@@ -34,7 +35,7 @@ def _f32(params):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tokenizer_256):
     """{name: (bundle path, cfg, params, tokenizer path, prefill lens)} for the tiny random models
-    and the trained tiny Gemma 3."""
+    and the trained tiny Gemma 3 and RecurrentGemma."""
     out = tmp_path_factory.mktemp("litertlm")
     made = {}
     for name, lens in LENS.items():
@@ -42,9 +43,10 @@ def bundles(tmp_path_factory, tokenizer_256):
         params = init_params(cfg, 0)
         r = export_litertlm(cfg, params, out_dir=out, max_len=MAX_LEN, prefill_lens=lens, tokenizer=tokenizer_256)
         made[name] = (r.path, cfg, params, Path(tokenizer_256), lens)
-    cfg, params = load_checkpoint(TRAINED)
-    r = export_litertlm(cfg, params, out_dir=out, max_len=256, prefill_lens=[32, 128], tokenizer=TRAINED)
-    made["trained"] = (r.path, cfg, params, TRAINED / "tokenizer.model", [32, 128])
+    for name, folder in (("trained", TRAINED), ("trained-rg", TRAINED_RG)):
+        cfg, params = load_checkpoint(folder)
+        r = export_litertlm(cfg, params, out_dir=out, max_len=256, prefill_lens=[32, 128], tokenizer=folder)
+        made[name] = (r.path, cfg, params, folder / "tokenizer.model", [32, 128])
     return made
 
 
@@ -99,14 +101,14 @@ def test_bundled_tokenizer_round_trip(bundles):
         engine.close()
 
 
-@pytest.mark.parametrize("name", ["gemma2-tiny", "gemma3-tiny", "trained"])
+@pytest.mark.parametrize("name", ["gemma2-tiny", "gemma3-tiny", "recurrentgemma-tiny", "trained", "trained-rg"])
 def test_litert_lm_greedy_matches_jax(bundles, name):
     """A prompt longer than the window and than a prefill chunk (LiteRT-LM right-pads the last
     chunk), then a generation that wraps the local ring buffers: LiteRT-LM's greedy text must be
-    the JAX model's, token for token."""
+    the JAX model's, token for token (RecurrentGemma: its conv and RG-LRU states carried too)."""
     path, cfg, params, tok_path, lens = bundles[name]
     tok = Tokenizer(tok_path)
-    steps = 40 if name != "trained" else 80
+    steps = 80 if name.startswith("trained") else 40
     prompt_len = cfg.sliding_window + lens[0] // 2 + 5
     prompt = litertlm_engine.window_crossing_prompt(tok, prompt_len, prompt_len + 8)
     n_prompt = len(tok.encode(prompt))
@@ -118,8 +120,9 @@ def test_litert_lm_greedy_matches_jax(bundles, name):
         assert check.tokenize_match
         assert check.engine_text == check.reference_text, check
         assert n_prompt + check.reference_tokens > cfg.sliding_window * 2  # the ring wrapped while decoding
-        # a second, shorter conversation on the same engine: LiteRT-LM does not zero the caches
-        # between sessions, so the first one's rows must stay masked
+        # a second, shorter conversation on the same engine: LiteRT-LM does not zero the states
+        # between sessions, so the first one's cache rows must stay masked and its recurrent
+        # states be reset at position 0
         short = " ".join(prompt.split()[:5])
         again = litertlm_engine.check_greedy(path, ref, tok, short, steps, (cfg.tokens.eos,), engine=engine)
         assert again.engine_text == again.reference_text, again
@@ -200,14 +203,28 @@ def test_engine_disagreement_fails_the_export(tmp_path, capsys, monkeypatch):
     assert parity["passed"] and not parity["litert_lm"]["match"]
 
 
-def test_recurrentgemma_is_refused_in_one_line(tmp_path, capsys, tokenizer_256):
-    rc = export_main(["--model", "recurrentgemma-tiny", "--random-init", "0", "--target", "litertlm",
-                      "--out", str(tmp_path), "--tokenizer", str(tokenizer_256), "--max-seq-len", "64",
-                      "--prefill-lens", "16"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "LiteRT-LM" in err and "runtime_py" in err and "--target tflite" in err
-    assert list(tmp_path.iterdir()) == []
+def test_recurrentgemma_bundle_declares_its_states(bundles):
+    path, cfg, _, _, _ = bundles["recurrentgemma-tiny"]
+    ex = read_bundle(path).executor_metadata().llm_executor_metadata
+    kinds = {sb.decode_input_name: type(sb).Type.Name(sb.type) for sb in ex.state_buffers}
+    assert list(kinds) == [name for _, _, name in state_names(cfg)]
+    for layer, key, name in state_names(cfg):
+        assert name.startswith("kv_cache_")  # LiteRT-LM carries no other state between calls
+        if cfg.layer_kinds[layer] is LayerKind.RECURRENT:
+            assert kinds[name] == "TYPE_LINEAR_ATTENTION"
+        else:
+            assert kinds[name] == f"TYPE_LOCAL_{'KEY' if key == 'k' else 'VALUE'}_CACHE"
+    assert read_bundle(path).llm_metadata().max_num_tokens == MAX_LEN
+    # one output per composite: LiteRT-LM 0.18 cannot run a multi-output composite
+    from ai_edge_litert import schema_py_generated as S
+
+    bundle = read_bundle(path)
+    model = S.Model.GetRootAs(bundle.read(bundle.tflite()), 0)
+    composite = S.BuiltinOperator.STABLEHLO_COMPOSITE
+    outputs = [op.OutputsLength() for g in range(model.SubgraphsLength())
+               for op in (model.Subgraphs(g).Operators(i) for i in range(model.Subgraphs(g).OperatorsLength()))
+               if model.OperatorCodes(op.OpcodeIndex()).BuiltinCode() == composite]
+    assert len(outputs) > 0 and set(outputs) == {1}
 
 
 def test_cli_exports_gates_and_runs_a_quantized_bundle(tmp_path, capsys):
@@ -261,6 +278,8 @@ def test_inspect_each_target(bundles, tmp_path, capsys):
     assert export_main(["inspect", str(onnx_dir)]) == 0
     text = capsys.readouterr().out
     for expected in ("(onnx,", "inputs: input_ids", "com.microsoft::GroupQueryAttention", "genai_config: type gemma3",
+                     f"x local [1, {cfg.num_kv_heads}, {cfg.sliding_window}, {cfg.head_dim}]",
+                     f"x global [1, {cfg.num_kv_heads}, {MAX_LEN}, {cfg.head_dim}]", "MatMul weight",
                      "tokenizer files: tokenizer.json", "tokenizer: SentencePiece"):
         assert expected in text, (expected, text)
 

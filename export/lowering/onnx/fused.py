@@ -87,8 +87,9 @@ def lower_rms_norm(lw: Lowering, op):
 
 
 def _linear_recurrence_function() -> onnx.FunctionProto:
-    """gemma_edge.LinearRecurrence(a [B,T,C], x [B,T,C], h0 [B,C]) -> (h [B,T,C], h_T [B,C]):
-    h_t = a_t * h_{t-1} + x_t, as a Scan over axis 1 (one step for decode)."""
+    """gemma_edge.LinearRecurrence(a [B,T,C], x [B,T,C], h0 [B,C]) -> h [B,T,C]:
+    h_t = a_t * h_{t-1} + x_t, as a Scan over axis 1 (one step for decode). The final state is
+    h[:, -1], sliced by the graph outside (the composite has one output; models/fused.py)."""
     body = helper.make_graph(
         [helper.make_node("Mul", ["a_t", "h_prev"], ["ah"]),
          helper.make_node("Add", ["ah", "x_t"], ["h_next"]),
@@ -101,7 +102,7 @@ def _linear_recurrence_function() -> onnx.FunctionProto:
          helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)])
     scan = helper.make_node("Scan", ["h0", "a", "x"], ["h_last", "h"], num_scan_inputs=2,
                             scan_input_axes=[1, 1], scan_output_axes=[1], body=body)
-    return helper.make_function(DOMAIN, "LinearRecurrence", ["a", "x", "h0"], ["h", "h_last"], [scan],
+    return helper.make_function(DOMAIN, "LinearRecurrence", ["a", "x", "h0"], ["h"], [scan],
                                 [helper.make_opsetid("", OPSET)])
 
 
@@ -109,8 +110,7 @@ def _linear_recurrence_function() -> onnx.FunctionProto:
 def lower_linear_recurrence(lw: Lowering, op):
     """gemma_edge.linear_recurrence(a, x, h0) -> gemma_edge.LinearRecurrence (a Scan)."""
     lw.add_function(_linear_recurrence_function())
-    return lw.node(  # outputs: h, h_last
-        "LinearRecurrence", lw.composite_operands(op), n_out=2, domain=DOMAIN, hint="rg_lru")
+    return lw.node("LinearRecurrence", lw.composite_operands(op), n_out=1, domain=DOMAIN, hint="rg_lru")
 
 
 def _gqa(lw: Lowering, op, local: bool):
