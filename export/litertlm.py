@@ -42,8 +42,6 @@ from pathlib import Path
 
 from models.config import Family, LayerKind, ModelConfig
 
-SUFFIX = ".litertlm"
-
 
 class BundleError(ValueError):
     """A bundle cannot be written or read (one line naming the problem and the fix)."""
@@ -196,8 +194,7 @@ def executor_metadata(cfg: ModelConfig, max_len: int):
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path,
-                 extra: dict[str, str] | None = None):
+def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path):
     """Write `out` (.litertlm) atomically: built under a temporary name, then renamed."""
     from litert_lm_builder import litertlm_builder as B
 
@@ -209,8 +206,6 @@ def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_
         executor.write_bytes(executor_metadata(cfg, max_len).SerializeToString())
         b = B.LitertLmFileBuilder()
         b.add_system_metadata(B.Metadata(key="Authors", value="gemma-edge", dtype=B.DType.STRING))
-        for key, value in (extra or {}).items():
-            b.add_system_metadata(B.Metadata(key=key, value=value, dtype=B.DType.STRING))
         with contextlib.redirect_stdout(io.StringIO()):  # the builder prints this option
             b.add_tflite_model(str(tflite_path), B.TfLiteModelType.PREFILL_DECODE, prefer_activation_type="fp32")
         b.add_sentencepiece_tokenizer(str(tokenizer_path))
