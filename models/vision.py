@@ -1,0 +1,299 @@
+"""Gemma 3 vision tower (SigLIP So400m/14 + multimodal projector) as pure JAX (MODEL_SPEC 4).
+
+`encode_images(params, vcfg, text_dim, images)` maps preprocessed images to soft tokens, matching
+Hugging Face `Gemma3ForConditionalGeneration.get_image_features(...).pooler_output`:
+
+  images [B, S, S, 3] f32 in [-1, 1], channels last (S = image_size; rescale 1/255, mean/std 0.5)
+  patches  = the g x g grid of p x p patches (g = S / p), each flattened row-major in (kh, kw, c)
+             order -> [B, N, p*p*3]                               (N = g*g = num_patches)
+  x = patches @ patch_embed.w.T + patch_embed.b + pos_embed       # the stride-p conv as one matmul
+  depth x:  x = x + MHA(LN1(x));  x = x + fc2(gelu_tanh(fc1(LN2(x))))
+            pre-LayerNorm (with bias), bidirectional multi-head attention (no mask), scale
+            head_dim**-0.5, biases on q/k/v/o and fc1/fc2
+  x = post_LN(x)                                                  # [B, N, W]
+  s = avg_pool(reshape(x, [B, g, g, W]), k x k, stride k)         # k = g / sqrt(tokens_per_image)
+  s = rms_norm(s) * (1 + mm.norm.scale)                           # Gemma RMSNorm, eps = layer_norm_eps
+  s = s @ mm.proj.w.T                                             # [B, tokens_per_image, text_dim]
+
+Everything runs in float32 (the official implementation keeps the vision and projector weights in
+f32), whatever the dtype of the stored parameters. Attention is written as plain einsums: the
+unmasked bidirectional attention needs no mask operand, and the patch embedding and pooling are
+reshapes, so the tower lowers to matmuls, reductions and elementwise ops.
+
+Parameters are a flat dict (`vision_param_shapes` is the table). Matmul weights are stored
+[out, in], like the text model's (models/params.py), so they lower to FULLY_CONNECTED without a
+transpose; `.b` are biases; LayerNorm has `.scale` (used as is) and `.bias`; `mm.norm.scale` is a
+Gemma RMSNorm scale, used as (1 + scale).
+
+  ours                                  Hugging Face (under vision_tower. / multi_modal_projector.)
+  vision.patch_embed.w  [W, p*p*3]      embeddings.patch_embedding.weight [W, 3, p, p] (out, c, kh, kw)
+                                        -> transposed to (out, kh, kw, c), flattened
+  vision.patch_embed.b  [W]             embeddings.patch_embedding.bias
+  vision.pos_embed      [N, W]          embeddings.position_embedding.weight
+  vision.layers.{i}.ln1.scale/bias      encoder.layers.{i}.layer_norm1.weight/bias
+  vision.layers.{i}.attn.{q,k,v}.w/b    encoder.layers.{i}.self_attn.{q,k,v}_proj.weight/bias
+  vision.layers.{i}.attn.o.w/b          encoder.layers.{i}.self_attn.out_proj.weight/bias
+  vision.layers.{i}.ln2.scale/bias      encoder.layers.{i}.layer_norm2.weight/bias
+  vision.layers.{i}.mlp.fc1.w/b [F, W]  encoder.layers.{i}.mlp.fc1.weight/bias
+  vision.layers.{i}.mlp.fc2.w/b [W, F]  encoder.layers.{i}.mlp.fc2.weight/bias
+  vision.post_ln.scale/bias             post_layernorm.weight/bias
+  mm.norm.scale         [W]             multi_modal_projector.mm_soft_emb_norm.weight
+  mm.proj.w             [E, W]          multi_modal_projector.mm_input_projection_weight [W, E]
+                                        (stored [in, out] by HF: transposed)
+
+HF key layouts accepted by `hf_vision_to_params` (one optional prefix each):
+  `vision_tower.vision_model.…`, `multi_modal_projector.…`          released checkpoints (4.50)
+  `model.vision_tower.vision_model.…`, `model.multi_modal_projector.…` transformers 4.52+ state dicts
+  `model.vision_tower.…` / `vision_tower.…` (no `vision_model.`)    transformers 5 state dicts / saves
+SigLIP's attention-pooling head (`vision_tower.head.…`, present when `vision_use_head` is true, the
+SiglipVisionConfig default) is never used by Gemma 3 and is skipped; Gemma 3's configs set it false.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import VisionConfig
+from models.layers import Params, dense, gelu_tanh, rms_norm
+
+F32 = jnp.float32
+CHANNELS = 3
+
+
+# ---- geometry and the parameter table ------------------------------------------------------------
+def grid_size(vcfg: VisionConfig) -> int:
+    """Patches per side of the image (64 for 896 / 14)."""
+    return vcfg.image_size // vcfg.patch_size
+
+
+def pool_size(vcfg: VisionConfig) -> int:
+    """Side of the average-pooling window (4: 64 x 64 patches -> 16 x 16 tokens).
+
+    HF derives it as patches_per_side // int(sqrt(mm_tokens_per_image)); we also require that it
+    tiles the grid exactly and yields tokens_per_image tokens (true of every Gemma 3 config)."""
+    g = grid_size(vcfg)
+    side = math.isqrt(vcfg.tokens_per_image)
+    if side * side != vcfg.tokens_per_image or side == 0 or g % side or vcfg.image_size % vcfg.patch_size:
+        raise ValueError(
+            f"unsupported vision geometry: image {vcfg.image_size}, patch {vcfg.patch_size} "
+            f"({g}x{g} patches) cannot be average-pooled to {vcfg.tokens_per_image} tokens")
+    return g // side
+
+
+def vision_param_shapes(vcfg: VisionConfig, text_dim: int) -> dict[str, tuple[int, ...]]:
+    """Every vision/projector parameter's name and shape, in a stable order."""
+    w, f, p = vcfg.width, vcfg.mlp_dim, vcfg.patch_size
+    shapes = {
+        "vision.patch_embed.w": (w, p * p * CHANNELS),
+        "vision.patch_embed.b": (w,),
+        "vision.pos_embed": (vcfg.num_patches, w),
+    }
+    for i in range(vcfg.depth):
+        layer = {"ln1.scale": (w,), "ln1.bias": (w,), "ln2.scale": (w,), "ln2.bias": (w,)}
+        for proj in ("q", "k", "v", "o"):
+            layer.update({f"attn.{proj}.w": (w, w), f"attn.{proj}.b": (w,)})
+        layer.update({"mlp.fc1.w": (f, w), "mlp.fc1.b": (f,), "mlp.fc2.w": (w, f), "mlp.fc2.b": (w,)})
+        shapes.update({f"vision.layers.{i}.{n}": s for n, s in layer.items()})
+    shapes.update({
+        "vision.post_ln.scale": (w,), "vision.post_ln.bias": (w,),
+        "mm.norm.scale": (w,), "mm.proj.w": (text_dim, w),
+    })
+    return shapes
+
+
+def init_vision_params(vcfg: VisionConfig, text_dim: int, seed: int = 0,
+                       dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random parameters (tests, dry runs): matmul weights ~ N(0, 1/fan_in), position embeddings
+    ~ N(0, 1/W), LayerNorm scales ~ 1 + N(0, 0.1), the RMSNorm scale and biases ~ N(0, 0.1 / 0.02)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in vision_param_shapes(vcfg, text_dim).items():
+        if name == "mm.norm.scale":
+            value = rng.normal(0.0, 0.1, size=shape)
+        elif name.endswith(".scale"):
+            value = 1.0 + rng.normal(0.0, 0.1, size=shape)
+        elif name.endswith((".b", ".bias")):
+            value = rng.normal(0.0, 0.02, size=shape)
+        elif name == "vision.pos_embed":
+            value = rng.normal(0.0, 1.0 / math.sqrt(shape[-1]), size=shape)
+        else:
+            value = rng.standard_normal(size=shape) / math.sqrt(shape[-1])
+        params[name] = np.asarray(value, dtype=dtype)
+    return params
+
+
+# ---- the computation -----------------------------------------------------------------------------
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis (biased variance, like torch), in f32."""
+    x = x.astype(F32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    return centered * jax.lax.rsqrt(var + eps) * scale.astype(F32) + bias.astype(F32)
+
+
+def patchify(images, patch: int):
+    """[B, S, S, C] -> [B, (S/p)^2, p*p*C]: patches in row-major grid order, pixels in (kh, kw, c)."""
+    b, h, w, c = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, gh, patch, gw, patch, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+    return x.reshape(b, gh * gw, patch * patch * c)
+
+
+def _attention(p: Params, x, num_heads: int):
+    """Bidirectional multi-head self-attention. x [B, N, W] f32."""
+    b, n, w = x.shape
+    d = w // num_heads
+    q, k, v = (dense(x, p[f"{t}.w"], p[f"{t}.b"]).reshape(b, n, num_heads, d) for t in "qkv")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * (d ** -0.5)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=F32).reshape(b, n, w)
+    return dense(out, p["o.w"], p["o.b"])
+
+
+def _encoder_layer(p: Params, x, vcfg: VisionConfig):
+    eps = vcfg.layer_norm_eps
+    h = layer_norm(x, p["ln1.scale"], p["ln1.bias"], eps)
+    x = x + _attention(p.scope("attn."), h, vcfg.num_heads)
+    h = layer_norm(x, p["ln2.scale"], p["ln2.bias"], eps)
+    h = gelu_tanh(dense(h, p["mlp.fc1.w"], p["mlp.fc1.b"]))
+    return x + dense(h, p["mlp.fc2.w"], p["mlp.fc2.b"])
+
+
+def encode_patches(params: dict, vcfg: VisionConfig, images) -> jax.Array:
+    """The SigLIP encoder: images [B, S, S, 3] -> post-LayerNorm patch features [B, N, W] f32."""
+    p = Params(params, "vision.")
+    x = dense(patchify(images.astype(F32), vcfg.patch_size), p["patch_embed.w"], p["patch_embed.b"])
+    x = x + p["pos_embed"].astype(F32)[None]
+    for i in range(vcfg.depth):
+        x = _encoder_layer(p.scope(f"layers.{i}."), x, vcfg)
+    return layer_norm(x, p["post_ln.scale"], p["post_ln.bias"], vcfg.layer_norm_eps)
+
+
+def project(params: dict, vcfg: VisionConfig, features) -> jax.Array:
+    """The multimodal projector: [B, N, W] -> soft tokens [B, tokens_per_image, E] f32.
+    Order as in HF `Gemma3MultiModalProjector`: average pool, RMSNorm, matmul."""
+    b, _, w = features.shape
+    g, k = grid_size(vcfg), pool_size(vcfg)
+    t = g // k
+    pooled = features.reshape(b, t, k, t, k, w).mean(axis=(2, 4)).reshape(b, t * t, w)
+    normed = rms_norm(pooled, params["mm.norm.scale"], vcfg.layer_norm_eps)
+    return dense(normed, params["mm.proj.w"])
+
+
+def encode_images(params: dict, vcfg: VisionConfig, text_dim: int, images: jax.Array) -> jax.Array:
+    """Preprocessed images f32 [B, S, S, 3] (channels last, in [-1, 1]) -> soft tokens
+    [B, tokens_per_image, text_dim] f32. Jit with vcfg and text_dim static."""
+    s = vcfg.image_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, CHANNELS):
+        raise ValueError(f"images must be [B, {s}, {s}, {CHANNELS}] (channels last), got {images.shape}")
+    if params["mm.proj.w"].shape != (text_dim, vcfg.width):
+        raise ValueError(f"mm.proj.w has shape {params['mm.proj.w'].shape}, expected "
+                         f"{(text_dim, vcfg.width)} for text_dim {text_dim}")
+    return project(params, vcfg, encode_patches(params, vcfg, images))
+
+
+# ---- Hugging Face checkpoints --------------------------------------------------------------------
+def hf_vision_names(vcfg: VisionConfig) -> dict[str, str]:
+    """{canonical HF name: our name}. Canonical HF names are `vision_tower.<SigLIP name without
+    vision_model.>` and `multi_modal_projector.<name>`; see `_canonical` for the accepted layouts."""
+    tower = {
+        "embeddings.patch_embedding.weight": "vision.patch_embed.w",
+        "embeddings.patch_embedding.bias": "vision.patch_embed.b",
+        "embeddings.position_embedding.weight": "vision.pos_embed",
+        "post_layernorm.weight": "vision.post_ln.scale",
+        "post_layernorm.bias": "vision.post_ln.bias",
+    }
+    per_layer = {"layer_norm1": "ln1", "layer_norm2": "ln2"}
+    projs = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+             "self_attn.out_proj": "attn.o", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(vcfg.depth):
+        hf, ours = f"encoder.layers.{i}.", f"vision.layers.{i}."
+        for a, b in per_layer.items():
+            tower.update({f"{hf}{a}.weight": f"{ours}{b}.scale", f"{hf}{a}.bias": f"{ours}{b}.bias"})
+        for a, b in projs.items():
+            tower.update({f"{hf}{a}.weight": f"{ours}{b}.w", f"{hf}{a}.bias": f"{ours}{b}.b"})
+    names = {f"vision_tower.{k}": v for k, v in tower.items()}
+    names["multi_modal_projector.mm_soft_emb_norm.weight"] = "mm.norm.scale"
+    names["multi_modal_projector.mm_input_projection_weight"] = "mm.proj.w"
+    return names
+
+
+def _canonical(key: str) -> tuple[str, str, str] | None:
+    """Split an HF key into (outer prefix, tower prefix, canonical name); None for non-vision keys.
+    `model.vision_tower.vision_model.x` -> ("model.", "vision_model.", "vision_tower.x")."""
+    outer = "model." if key.startswith("model.") else ""
+    rest = key[len(outer):]
+    if rest.startswith("multi_modal_projector."):
+        return outer, "", rest
+    if not rest.startswith("vision_tower."):
+        return None
+    rest = rest[len("vision_tower."):]
+    inner = "vision_model." if rest.startswith("vision_model.") else ""
+    return outer, inner, "vision_tower." + rest[len(inner):]
+
+
+def _skipped(canonical: str) -> bool:
+    # SigLIP's unused attention-pooling head, and the non-persistent position_ids buffer
+    return canonical.startswith("vision_tower.head.") or canonical.endswith(".position_ids")
+
+
+def _hf_shape(our_name: str, shape: tuple[int, ...], vcfg: VisionConfig) -> tuple[int, ...]:
+    """The HF shape of the tensor that becomes `our_name` of `shape`."""
+    if our_name == "vision.patch_embed.w":
+        return (shape[0], CHANNELS, vcfg.patch_size, vcfg.patch_size)
+    return shape[::-1] if our_name == "mm.proj.w" else shape
+
+
+def _convert(our_name: str, value: np.ndarray) -> np.ndarray:
+    if our_name == "vision.patch_embed.w":  # [W, C, kh, kw] -> [W, kh*kw*C], matching `patchify`
+        return value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
+    if our_name == "mm.proj.w":  # HF [W, E] (in, out) -> ours [E, W] (out, in)
+        return value.T
+    return value
+
+
+def hf_vision_to_params(state: dict, vcfg: VisionConfig, text_dim: int,
+                        dtype=np.float32) -> dict[str, np.ndarray]:
+    """Vision + projector tensors of an HF Gemma 3 state dict {name: array} -> our flat params.
+
+    Keys outside the vision tower and projector (the language model, lm_head) are ignored. Raises
+    ValueError (one line) on a missing, unexpected, duplicated (two layouts at once) or mis-shaped
+    vision tensor."""
+    names = hf_vision_names(vcfg)
+    shapes = vision_param_shapes(vcfg, text_dim)
+    found: dict[str, str] = {}  # canonical -> the caller's key
+    outer, inner = "", "vision_model."  # how to spell a missing key: the caller's layout, once seen
+    for key in state:
+        split = _canonical(key)
+        if split is None:
+            continue
+        outer, key_inner, canonical = split
+        if _skipped(canonical):
+            continue
+        if canonical.startswith("vision_tower."):
+            inner = key_inner
+        if canonical not in names:
+            raise ValueError(f"unexpected vision tensor '{key}' (is the vision config right?)")
+        if canonical in found:
+            raise ValueError(f"vision tensor given twice: '{found[canonical]}' and '{key}'")
+        found[canonical] = key
+
+    params = {}
+    for canonical, ours in names.items():
+        if canonical not in found:
+            spelled = (outer + canonical if canonical.startswith("multi_modal_projector.")
+                       else f"{outer}vision_tower.{inner}{canonical[len('vision_tower.'):]}")
+            raise ValueError(f"missing vision tensor '{spelled}'")
+        key = found[canonical]
+        value = np.asarray(state[key])
+        want = _hf_shape(ours, shapes[ours], vcfg)
+        if tuple(value.shape) != want:
+            raise ValueError(f"vision tensor '{key}' has shape {tuple(value.shape)}, expected {want}")
+        params[ours] = np.ascontiguousarray(_convert(ours, value), dtype=dtype)
+    return params
