@@ -47,6 +47,30 @@ HF key layouts accepted by `hf_vision_to_params` (one optional prefix each):
   `model.vision_tower.…` / `vision_tower.…` (no `vision_model.`)    transformers 5 state dicts / saves
 SigLIP's attention-pooling head (`vision_tower.head.…`, present when `vision_use_head` is true, the
 SiglipVisionConfig default) is never used by Gemma 3 and is skipped; Gemma 3's configs set it false.
+
+Official Flax/Orbax checkpoints (MODEL_SPEC 6.1), `official_vision_to_params`. Names are '/'-joined
+`path/leaf` strings, as models/loaders/official.py reads them (`{path: {leaf: array}}` dicts, nested
+trees and tuple keys are joined the same way). T = `SigLiPFromPatches_0/siglip_encoder/`, or
+`vision_encoder/siglip_encoder/` in the nested layout; B = T + `Transformer/encoderblock_{i}/`;
+M = `transformer/embedder/`, or `embedder/` in the nested layout; all optionally under
+`rlx_networks/policy_network/` (and/or `params/`). Other names (the text model) are ignored.
+  ours                                  official (shape; -> conversion)
+  vision.patch_embed.w/b                T embedding/kernel [p, p, 3, W] (HWIO) -> reshape [p*p*3, W].T;
+                                        T embedding/bias [W]
+  vision.pos_embed                      T pos_embedding [1, N, W] -> [N, W]
+  vision.layers.{i}.ln1.scale/bias      B LayerNorm_0/scale, bias
+  vision.layers.{i}.attn.{q,k,v}.w/b    B MultiHeadDotProductAttention_0/{query,key,value}/kernel
+                                        [W, heads, hd] -> reshape [W, W].T; bias [heads, hd] -> [W]
+  vision.layers.{i}.attn.o.w/b          B MultiHeadDotProductAttention_0/out/kernel [heads, hd, W]
+                                        -> reshape [W, W].T; bias [W]
+  vision.layers.{i}.ln2.scale/bias      B LayerNorm_1/scale, bias
+  vision.layers.{i}.mlp.fc1.w/b         B MlpBlock_0/Dense_0/kernel [W, F] -> .T; bias [F]
+  vision.layers.{i}.mlp.fc2.w/b         B MlpBlock_0/Dense_1/kernel [F, W] -> .T; bias [W]
+  vision.post_ln.scale/bias             T Transformer/encoder_norm/scale, bias
+  mm.norm.scale                         M mm_soft_embedding_norm/scale [W]
+  mm.proj.w                             M mm_input_projection/w [W, E] -> .T
+Extra embedder leaves (`mm_input_embedding_extra`, `mm_output_embedding`) are ignored, as HF's
+converter drops them.
 """
 
 from __future__ import annotations
@@ -296,4 +320,132 @@ def hf_vision_to_params(state: dict, vcfg: VisionConfig, text_dim: int,
         if tuple(value.shape) != want:
             raise ValueError(f"vision tensor '{key}' has shape {tuple(value.shape)}, expected {want}")
         params[ours] = np.ascontiguousarray(_convert(ours, value), dtype=dtype)
+    return params
+
+
+# ---- official (google-deepmind/gemma Flax/Orbax) checkpoints -------------------------------------
+_OFFICIAL_OUTER = ("params/", "rlx_networks/policy_network/")
+_OFFICIAL_TOWERS = ("SigLiPFromPatches_0/siglip_encoder/", "vision_encoder/siglip_encoder/")
+_OFFICIAL_EMBEDDERS = ("transformer/embedder/", "embedder/")
+_OFFICIAL_MM = ("mm_soft_embedding_norm/", "mm_input_projection/")
+
+
+def official_vision_names(vcfg: VisionConfig, text_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{canonical official name: (our name, official shape)}. Canonical names are the flat layout's
+    `path/leaf` with `SigLiPFromPatches_0/siglip_encoder/` shortened to `siglip_encoder/` and
+    `transformer/embedder/` to `embedder/`; see `_official_canonical` for the accepted layouts."""
+    w, f, p, h = vcfg.width, vcfg.mlp_dim, vcfg.patch_size, vcfg.num_heads
+    d = w // h
+    names = {
+        "siglip_encoder/embedding/kernel": ("vision.patch_embed.w", (p, p, CHANNELS, w)),
+        "siglip_encoder/embedding/bias": ("vision.patch_embed.b", (w,)),
+        "siglip_encoder/pos_embedding": ("vision.pos_embed", (1, vcfg.num_patches, w)),
+    }
+    for i in range(vcfg.depth):
+        blk, ours = f"siglip_encoder/Transformer/encoderblock_{i}/", f"vision.layers.{i}."
+        for ln, our_ln in (("LayerNorm_0", "ln1"), ("LayerNorm_1", "ln2")):
+            names[f"{blk}{ln}/scale"] = (f"{ours}{our_ln}.scale", (w,))
+            names[f"{blk}{ln}/bias"] = (f"{ours}{our_ln}.bias", (w,))
+        for proj, our_proj in (("query", "q"), ("key", "k"), ("value", "v")):
+            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/kernel"] = (f"{ours}attn.{our_proj}.w", (w, h, d))
+            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/bias"] = (f"{ours}attn.{our_proj}.b", (h, d))
+        names[f"{blk}MultiHeadDotProductAttention_0/out/kernel"] = (f"{ours}attn.o.w", (h, d, w))
+        names[f"{blk}MultiHeadDotProductAttention_0/out/bias"] = (f"{ours}attn.o.b", (w,))
+        names[f"{blk}MlpBlock_0/Dense_0/kernel"] = (f"{ours}mlp.fc1.w", (w, f))
+        names[f"{blk}MlpBlock_0/Dense_0/bias"] = (f"{ours}mlp.fc1.b", (f,))
+        names[f"{blk}MlpBlock_0/Dense_1/kernel"] = (f"{ours}mlp.fc2.w", (f, w))
+        names[f"{blk}MlpBlock_0/Dense_1/bias"] = (f"{ours}mlp.fc2.b", (w,))
+    names.update({
+        "siglip_encoder/Transformer/encoder_norm/scale": ("vision.post_ln.scale", (w,)),
+        "siglip_encoder/Transformer/encoder_norm/bias": ("vision.post_ln.bias", (w,)),
+        "embedder/mm_soft_embedding_norm/scale": ("mm.norm.scale", (w,)),
+        "embedder/mm_input_projection/w": ("mm.proj.w", (w, text_dim)),
+    })
+    return names
+
+
+def _flatten_official(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """{path: {leaf: array}} / fully nested dicts / tuple keys -> {'path/leaf': array}."""
+    flat = {}
+    for key, value in tree.items():
+        key = "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten_official(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _official_canonical(key: str) -> tuple[str, str, str] | None:
+    """Split an official name into (outer prefix, layout prefix, canonical name); None for names
+    outside the vision tower and projector. `rlx_networks/policy_network/vision_encoder/siglip_encoder/x`
+    -> ("rlx_networks/policy_network/", "vision_encoder/", "siglip_encoder/x")."""
+    outer = ""
+    for w in _OFFICIAL_OUTER:
+        if key[len(outer):].startswith(w):
+            outer += w
+    rest = key[len(outer):]
+    for tower in _OFFICIAL_TOWERS:
+        if rest.startswith(tower):
+            layout = tower[:-len("siglip_encoder/")]
+            return outer, layout, rest[len(layout):]
+    for emb in _OFFICIAL_EMBEDDERS:
+        if rest.startswith(emb) and rest[len(emb):].startswith(_OFFICIAL_MM):
+            layout = emb[:-len("embedder/")]
+            return outer, layout, rest[len(layout):]
+    return None  # the text model, and extra embedder leaves (mm_input_embedding_extra, ...)
+
+
+def _official_convert(our_name: str, value: np.ndarray, vcfg: VisionConfig) -> np.ndarray:
+    w = vcfg.width
+    if our_name == "vision.patch_embed.w":  # HWIO [kh, kw, c, W] -> [W, kh*kw*c], matching `patchify`
+        return value.reshape(-1, w).T
+    if our_name == "vision.pos_embed":  # [1, N, W] -> [N, W]
+        return value.reshape(-1, w)
+    if our_name.endswith(("attn.q.w", "attn.k.w", "attn.v.w")):  # [W, heads, hd] -> [heads*hd, W]
+        return value.reshape(w, -1).T
+    if our_name.endswith("attn.o.w"):  # [heads, hd, W] -> [W, heads*hd]
+        return value.reshape(-1, w).T
+    if our_name.endswith(".b"):  # q/k/v biases [heads, hd] -> [heads*hd]; others unchanged
+        return value.reshape(-1)
+    if our_name.endswith((".fc1.w", ".fc2.w")) or our_name == "mm.proj.w":  # [in, out] -> [out, in]
+        return value.T
+    return value
+
+
+def official_vision_to_params(flat: dict, vcfg: VisionConfig, text_dim: int,
+                              dtype=np.float32) -> dict[str, np.ndarray]:
+    """Vision + projector tensors of an official Gemma 3 checkpoint -> our flat params.
+
+    `flat` is keyed like models/loaders/official.py's names: '/'-joined `path/leaf` strings
+    (`SigLiPFromPatches_0/siglip_encoder/embedding/kernel`); dict values ({path: {leaf: array}}, as
+    Orbax stores the flat layout, or a fully nested tree) and tuple keys are joined the same way.
+    Text-model names are ignored. Raises ValueError (one line) on a missing, unexpected, duplicated
+    (two layouts at once) or mis-shaped vision tensor."""
+    names = official_vision_names(vcfg, text_dim)
+    flat = _flatten_official(flat)
+    found: dict[str, str] = {}  # canonical -> the caller's key
+    outer, layouts = "", {"siglip_encoder/": "SigLiPFromPatches_0/", "embedder/": "transformer/"}
+    for key in flat:
+        split = _official_canonical(key)
+        if split is None:
+            continue
+        outer, layout, canonical = split
+        layouts["siglip_encoder/" if canonical.startswith("siglip_encoder/") else "embedder/"] = layout
+        if canonical not in names:
+            raise ValueError(f"unexpected vision tensor '{key}' (is the vision config right?)")
+        if canonical in found:
+            raise ValueError(f"vision tensor given twice: '{found[canonical]}' and '{key}'")
+        found[canonical] = key
+
+    params = {}
+    for canonical, (ours, want) in names.items():
+        if canonical not in found:
+            layout = layouts[canonical[:canonical.index("/") + 1]]
+            raise ValueError(f"missing vision tensor '{outer}{layout}{canonical}'")
+        key = found[canonical]
+        value = np.asarray(flat[key])
+        if tuple(value.shape) != want:
+            raise ValueError(f"vision tensor '{key}' has shape {tuple(value.shape)}, expected {want}")
+        params[ours] = np.ascontiguousarray(_official_convert(ours, value, vcfg), dtype=dtype)
     return params

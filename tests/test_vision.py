@@ -17,6 +17,7 @@ from models.vision import (
     encode_images,
     hf_vision_to_params,
     init_vision_params,
+    official_vision_to_params,
     vision_param_shapes,
 )
 
@@ -171,3 +172,146 @@ def test_init_params_run_and_jit():
     assert out.shape == (1, 4, 8) and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="channels last"):
         encode_images(params, vcfg, 8, np.zeros((1, 3, 28, 28), np.float32))
+
+
+# ---- official (Flax/Orbax) layout -------------------------------------------------------------------
+_SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
+
+
+def _hf_to_official(model, vcfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The tiny HF model as an official flat checkpoint {'path/leaf': array}, inverting MODEL_SPEC 6.2
+    "Vision + projector (HF)" (HF = f(Flax) there), plus two text-model tensors that must be ignored."""
+    hf = {}
+    for k, v in _numpy_state(model).items():
+        for prefix in ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
+                       "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."):
+            if k.startswith(prefix):
+                hf[k[len(prefix):]] = v
+                break
+    w, heads = vcfg.width, vcfg.num_heads
+    out = {
+        f"{_SIGLIP}/embedding/kernel": hf["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+        f"{_SIGLIP}/embedding/bias": hf["embeddings.patch_embedding.bias"],
+        f"{_SIGLIP}/pos_embedding": hf["embeddings.position_embedding.weight"][None],
+        f"{_SIGLIP}/Transformer/encoder_norm/scale": hf["post_layernorm.weight"],
+        f"{_SIGLIP}/Transformer/encoder_norm/bias": hf["post_layernorm.bias"],
+        "transformer/embedder/mm_soft_embedding_norm/scale": hf["mm_soft_emb_norm.weight"],
+        "transformer/embedder/mm_input_projection/w": hf["mm_input_projection_weight"],
+        # text model and an extra embedder leaf: ignored
+        "transformer/embedder/input_embedding": np.zeros((8, 4), np.float32),
+        "transformer/layer_0/attn/q_einsum/w": np.zeros((2, 4, 2), np.float32),
+        "transformer/embedder/mm_output_embedding": np.zeros((3, 4), np.float32),
+    }
+    for j in range(vcfg.depth):
+        blk, layer = f"{_SIGLIP}/Transformer/encoderblock_{j}", f"encoder.layers.{j}."
+        for ln, hf_ln in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+            out[f"{blk}/{ln}/scale"] = hf[f"{layer}{hf_ln}.weight"]
+            out[f"{blk}/{ln}/bias"] = hf[f"{layer}{hf_ln}.bias"]
+        attn = f"{blk}/MultiHeadDotProductAttention_0"
+        for proj, hf_proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            out[f"{attn}/{proj}/kernel"] = hf[f"{layer}self_attn.{hf_proj}.weight"].T.reshape(w, heads, -1)
+            out[f"{attn}/{proj}/bias"] = hf[f"{layer}self_attn.{hf_proj}.bias"].reshape(heads, -1)
+        out[f"{attn}/out/kernel"] = hf[f"{layer}self_attn.out_proj.weight"].T.reshape(heads, -1, w)
+        out[f"{attn}/out/bias"] = hf[f"{layer}self_attn.out_proj.bias"]
+        for dense_, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            out[f"{blk}/MlpBlock_0/{dense_}/kernel"] = hf[f"{layer}mlp.{fc}.weight"].T
+            out[f"{blk}/MlpBlock_0/{dense_}/bias"] = hf[f"{layer}mlp.{fc}.bias"]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *path, leaf = key.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _as_nested_layout(flat: dict) -> dict:
+    """gm.ckpts.load_params layout: `vision_encoder/siglip_encoder/...`, no `transformer/`, nested dicts."""
+    moved = {}
+    for k, v in flat.items():
+        k = k.replace("SigLiPFromPatches_0/", "vision_encoder/", 1)
+        moved[k.removeprefix("transformer/")] = v
+    return _nest(moved)
+
+
+def test_official_matches_hf(hf_vlm):
+    model, vcfg, text_dim = hf_vlm
+    reference = hf_vision_to_params(_numpy_state(model), vcfg, text_dim)
+    params = official_vision_to_params(_hf_to_official(model, vcfg), vcfg, text_dim)
+    assert list(params) == list(vision_param_shapes(vcfg, text_dim))
+    for name in params:
+        assert params[name].dtype == np.float32 and params[name].flags.c_contiguous
+        np.testing.assert_array_equal(params[name], reference[name], err_msg=name)
+    images = _images(vcfg)
+    want = _hf_soft_tokens(model, images)
+    got = np.asarray(jit_encode(params, vcfg, text_dim, images))
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["orbax_flat", "nested", "rlx", "rlx_nested", "tuple_keys"])
+def test_official_layouts(hf_vlm, layout):
+    """The flat layout as Orbax stores it ({path: {leaf: array}}), the nested layout, the post-trained
+    `rlx_networks/policy_network/` prefix (on either) and (path, leaf) tuple keys all load alike."""
+    model, vcfg, text_dim = hf_vlm
+    flat = _hf_to_official(model, vcfg)
+    reference = official_vision_to_params(flat, vcfg, text_dim)
+    if layout == "orbax_flat":
+        state = {}
+        for k, v in flat.items():
+            path, leaf = k.rsplit("/", 1)
+            state.setdefault(path, {})[leaf] = v
+    elif layout == "nested":
+        state = _as_nested_layout(flat)
+    elif layout == "rlx":
+        state = {f"rlx_networks/policy_network/{k}": v for k, v in flat.items()}
+    elif layout == "rlx_nested":
+        state = {"rlx_networks": {"policy_network": _as_nested_layout(flat)}}
+    else:
+        state = {tuple(k.rsplit("/", 1)): v for k, v in flat.items()}
+    params = official_vision_to_params(state, vcfg, text_dim)
+    assert params.keys() == reference.keys()
+    for name in params:
+        np.testing.assert_array_equal(params[name], reference[name], err_msg=name)
+
+
+@pytest.mark.parametrize("prefix", ["", "rlx_networks/policy_network/"])
+def test_official_missing_and_misshaped(hf_vlm, prefix):
+    model, vcfg, text_dim = hf_vlm
+    flat = {prefix + k: v for k, v in _hf_to_official(model, vcfg).items()}
+    for gone in (f"{prefix}{_SIGLIP}/Transformer/encoderblock_1/MlpBlock_0/Dense_1/bias",
+                 f"{prefix}transformer/embedder/mm_soft_embedding_norm/scale"):
+        with pytest.raises(ValueError, match="missing") as info:
+            official_vision_to_params({k: v for k, v in flat.items() if k != gone}, vcfg, text_dim)
+        assert f"'{gone}'" in str(info.value) and "\n" not in str(info.value)
+    key = f"{prefix}{_SIGLIP}/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
+    with pytest.raises(ValueError, match="shape") as info:  # [W, heads*hd] instead of [W, heads, hd]
+        official_vision_to_params({**flat, key: flat[key].reshape(vcfg.width, -1)}, vcfg, text_dim)
+    assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)
+    key = f"{prefix}transformer/embedder/mm_input_projection/w"
+    with pytest.raises(ValueError, match="mm_input_projection/w.*shape"):  # ours [E, W], not [W, E]
+        official_vision_to_params({**flat, key: flat[key].T}, vcfg, text_dim)
+
+
+def test_official_missing_is_spelled_in_the_callers_layout(hf_vlm):
+    model, vcfg, text_dim = hf_vlm
+    tree = _as_nested_layout(_hf_to_official(model, vcfg))
+    del tree["vision_encoder"]["siglip_encoder"]["Transformer"]["encoder_norm"]["bias"]
+    with pytest.raises(ValueError, match="missing vision tensor "
+                       "'vision_encoder/siglip_encoder/Transformer/encoder_norm/bias'"):
+        official_vision_to_params(tree, vcfg, text_dim)
+
+
+def test_official_unexpected_and_duplicated(hf_vlm):
+    model, vcfg, text_dim = hf_vlm
+    flat = _hf_to_official(model, vcfg)
+    extra = f"{_SIGLIP}/Transformer/encoderblock_2/LayerNorm_0/scale"  # depth is 2
+    with pytest.raises(ValueError, match="unexpected.*encoderblock_2/LayerNorm_0/scale"):
+        official_vision_to_params({**flat, extra: np.ones(vcfg.width, np.float32)}, vcfg, text_dim)
+    key = "transformer/embedder/mm_input_projection/w"
+    with pytest.raises(ValueError, match="given twice"):
+        official_vision_to_params({**flat, "embedder/mm_input_projection/w": flat[key]}, vcfg, text_dim)
