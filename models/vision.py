@@ -282,6 +282,15 @@ def _convert(our_name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _claim(found: dict, names, canonical: str, key: str):
+    """Record that the caller's `key` holds the tensor named `canonical` (each exactly once)."""
+    if canonical not in names:
+        raise ValueError(f"unexpected vision tensor '{key}' (is the vision config right?)")
+    if canonical in found:
+        raise ValueError(f"vision tensor given twice: '{found[canonical]}' and '{key}'")
+    found[canonical] = key
+
+
 def hf_vision_to_params(state: dict, vcfg: VisionConfig, text_dim: int,
                         dtype=np.float32) -> dict[str, np.ndarray]:
     """Vision + projector tensors of an HF Gemma 3 state dict {name: array} -> our flat params.
@@ -302,11 +311,7 @@ def hf_vision_to_params(state: dict, vcfg: VisionConfig, text_dim: int,
             continue
         if canonical.startswith("vision_tower."):
             inner = key_inner
-        if canonical not in names:
-            raise ValueError(f"unexpected vision tensor '{key}' (is the vision config right?)")
-        if canonical in found:
-            raise ValueError(f"vision tensor given twice: '{found[canonical]}' and '{key}'")
-        found[canonical] = key
+        _claim(found, names, canonical, key)
 
     params = {}
     for canonical, ours in names.items():
@@ -432,11 +437,7 @@ def official_vision_to_params(flat: dict, vcfg: VisionConfig, text_dim: int,
             continue
         outer, layout, canonical = split
         layouts["siglip_encoder/" if canonical.startswith("siglip_encoder/") else "embedder/"] = layout
-        if canonical not in names:
-            raise ValueError(f"unexpected vision tensor '{key}' (is the vision config right?)")
-        if canonical in found:
-            raise ValueError(f"vision tensor given twice: '{found[canonical]}' and '{key}'")
-        found[canonical] = key
+        _claim(found, names, canonical, key)
 
     params = {}
     for canonical, (ours, want) in names.items():
