@@ -58,13 +58,12 @@ class Engine:
     the model unless told otherwise; a check must not leave files in the user's output folder,
     so the cache goes to a temporary folder removed by close()."""
 
-    def __init__(self, path, threads: int | None = None, quiet: bool = True):
+    def __init__(self, path, threads: int | None = None):
         import tempfile
 
         import litert_lm
 
-        if quiet:
-            litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+        litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
         backend = litert_lm.Backend.CPU(thread_count=threads) if threads else litert_lm.Backend.CPU()
         self._lm = litert_lm
         self._cache = tempfile.TemporaryDirectory(prefix="litertlm-cache-")
@@ -73,10 +72,10 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
 
-    def greedy(self, prompt: str, max_new_tokens: int, chat: bool = False) -> str:
-        """Greedy continuation of `prompt` (raw text; `chat` applies the bundle's prompt template)."""
+    def greedy(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy continuation of `prompt`, raw text (no prompt template)."""
         lm = self._lm
-        session = self.engine.create_session(apply_prompt_template=chat, max_output_tokens=max_new_tokens,
+        session = self.engine.create_session(apply_prompt_template=False, max_output_tokens=max_new_tokens,
                                              sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0))
         try:
             session.run_prefill([prompt])

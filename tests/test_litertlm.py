@@ -194,7 +194,7 @@ def test_prime_prefill_length_is_refused(tmp_path, capsys):
 
 
 def test_engine_disagreement_fails_the_export(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(litertlm_engine.Engine, "greedy", lambda self, prompt, n, chat=False: " something else")
+    monkeypatch.setattr(litertlm_engine.Engine, "greedy", lambda self, prompt, n: " something else")
     rc = export_main(["--checkpoint", str(TRAINED), "--target", "litertlm", "--out", str(tmp_path),
                       "--max-seq-len", "256", "--verify-steps", "16"])
     captured = capsys.readouterr()

@@ -83,6 +83,8 @@ def read(path) -> TFLiteReport:
     histogram = {name: collections.Counter() for name in signatures}
     composites, custom = collections.Counter(), collections.Counter()
     transposed, seen, weight_bytes = [], set(), collections.Counter()
+    first_signature = min(sig_subgraph, default=0)
+    named_ops = []  # (op name, op) of the first signature's subgraph, for _weight_kinds
     for si in range(model.SubgraphsLength()):
         sg = model.Subgraphs(si)
         for ti in range(sg.TensorsLength()):
@@ -110,7 +112,9 @@ def read(path) -> TFLiteReport:
                     transposed.append(src.Name().decode())
             if si in sig_subgraph:
                 histogram[sig_subgraph[si]][name] += 1
-    kinds = _weight_kinds(model, S, op_names, type_names, min(sig_subgraph, default=0))
+            if si == first_signature:
+                named_ops.append((name, op))
+    kinds = _weight_kinds(model, model.Subgraphs(first_signature), named_ops, S, type_names)
 
     metadata = {}
     for i in range(model.MetadataLength()):
@@ -140,20 +144,14 @@ def _stored_form(t, S, type_names) -> str:
     return f"{dtype} per-channel" if q.ScaleLength() > 1 else f"{dtype} per-tensor"
 
 
-def _weight_kinds(model, S, op_names, type_names, subgraph: int) -> dict:
-    """The stored form of every constant operand of one signature's subgraph (all signatures share
-    their weights), keyed by the op that uses it."""
-    sg = model.Subgraphs(subgraph)
+def _weight_kinds(model, sg, ops, S, type_names) -> dict:
+    """The stored form of every constant operand of one signature's subgraph `sg` (all signatures
+    share their weights; `ops` are its (op name, op) pairs), keyed by the op that uses it."""
 
     def is_const(ti):
         data = model.Buffers(sg.Tensors(ti).Buffer())
         return bool(data.DataLength() or data.Size())
 
-    ops = []
-    for oi in range(sg.OperatorsLength()):
-        op = sg.Operators(oi)
-        code = model.OperatorCodes(op.OpcodeIndex())
-        ops.append((op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "?"), op))
     dequantized = {}  # DEQUANTIZE output -> its constant input
     for name, op in ops:
         if name == "DEQUANTIZE" and op.InputsLength() and is_const(op.Inputs(0)):
