@@ -65,9 +65,11 @@ def parse_args(argv):
                     help="tflite: one .tflite with prefill_T/decode signatures; litertlm: that model bundled "
                          "with its tokenizer and LiteRT-LM's metadata, for LiteRT-LM; onnx: an "
                          "onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)")
-    ap.add_argument("--onnx-ops", choices=["default", "standard"], default="default",
+    ap.add_argument("--onnx-ops", choices=["default", "standard"], default=None,
                     help="onnx: 'default' uses ONNX Runtime's GroupQueryAttention; 'standard' only standard "
-                         "ONNX ops (attention as model-local functions), for runtimes without contrib ops")
+                         "ONNX ops (attention as model-local functions), for runtimes without contrib ops. "
+                         "Default: 'default', or 'standard' for a model with vision (GroupQueryAttention "
+                         "cannot express the bidirectional attention inside an image)")
     ap.add_argument("--tokenizer", type=Path,
                     help="tokenizer folder or tokenizer.model/.json (default: the --checkpoint folder); "
                          "litertlm needs a SentencePiece tokenizer.model")
@@ -88,6 +90,9 @@ def parse_args(argv):
     ap.add_argument("--no-engine-check", action="store_true",
                     help="litertlm: skip running the bundle in LiteRT-LM itself (done by default when the "
                          "litert-lm-api package is installed)")
+    ap.add_argument("--no-vision", action="store_true",
+                    help="Gemma 3 4B+: export the text model only (default: with the vision encoder and "
+                         "image prefill signatures when the weights have a vision tower)")
     ap.add_argument("--list-models", action="store_true", help="print the registry and exit")
     return ap.parse_args(argv)
 
@@ -98,14 +103,23 @@ def load_source(args):
     if args.checkpoint is not None:
         if args.random_init is not None:
             raise ValueError("pass either --checkpoint or --random-init, not both")
-        return load_checkpoint(args.checkpoint, args.model)
+        return load_checkpoint(args.checkpoint, args.model, vision=not args.no_vision)
     if args.model is None:
         raise ValueError("pass --model NAME (see --list-models) or --checkpoint PATH")
     if args.random_init is None:
         raise ValueError(f"no weights for {args.model}: pass --checkpoint PATH, or --random-init SEED "
                          "for an architecture dry run")
     cfg = get_config(args.model)
-    return cfg, init_params(cfg, args.random_init)
+    params = init_params(cfg, args.random_init)
+    if cfg.vision is not None and not args.no_vision:
+        from models.vision import init_vision_params
+
+        params.update(init_vision_params(cfg.vision, cfg.embed_dim, args.random_init))
+    elif cfg.vision is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, vision=None)
+    return cfg, params
 
 
 def check_output(out: Path):
@@ -144,6 +158,21 @@ def verify_prompts(cfg, max_len: int, lens: list[int], steps: int) -> list[list[
             p[0] = cfg.tokens.bos
             prompts.append(p)
     return prompts
+
+
+def verify_images(cfg, max_len: int, lens: list[int], steps: int):
+    """(prompts, images) of the gate's image prompt for a model with vision: text, an image, more
+    text, a second image, then text reaching past the sliding window; random pixels in [-1, 1]."""
+    v = cfg.vision
+    rng = np.random.default_rng(1)
+    tail = max(2, min(cfg.sliding_window, max_len - steps - 2 * v.image_length - 8))
+    prompt = [cfg.tokens.bos, *rng.integers(3, 250, 3).tolist(), v.boi_token, *rng.integers(3, 250, 2).tolist(),
+              v.boi_token, *rng.integers(3, 250, tail).tolist()]
+    if len(prompt) + 2 * (v.image_length - 1) + steps > max_len:
+        return [], []
+    s = v.image_size
+    images = [rng.uniform(-1.0, 1.0, (1, s, s, 3)).astype(np.float32) for _ in range(2)]
+    return [prompt], [images]
 
 
 def quant_target(target: str) -> str:
@@ -222,7 +251,7 @@ def run(args) -> int:
     if args.quant is not None:  # the support table is checked before any work starts
         from export.quantize import check
 
-        check(quant_target(args.target), args.quant, args.onnx_ops if args.target == "onnx" else None,
+        check(quant_target(args.target), args.quant, (args.onnx_ops or "default") if args.target == "onnx" else None,
               dtype=args.dtype)
     check_output(args.out)
     if args.target == "litertlm":  # a missing tokenizer is refused before the weights load
@@ -232,7 +261,9 @@ def run(args) -> int:
     with Stage("load"):
         cfg, params = load_source(args)
         n = sum(p.size for p in params.values())
-        print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters")
+        nv = sum(p.size for k, p in params.items() if k.startswith(("vision.", "mm.")))
+        vision = f", of which vision tower {nv / 1e6:.1f}M" if nv else ""
+        print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters{vision}")
     max_len = args.max_seq_len or min(4096, cfg.max_seq_len)
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
@@ -240,16 +271,37 @@ def run(args) -> int:
         lens = [t for t in DEFAULT_PREFILL_LENS if t <= max_len] or [max(2, max_len // 2)]
     else:
         lens = parse_prefill_lens(args.prefill_lens or ",".join(map(str, DEFAULT_PREFILL_LENS)), max_len)
+    if cfg.vision is not None:
+        from export.signatures import image_prefill_lengths
+
+        n = cfg.vision.tokens_per_image
+        if args.prefill_lens is None and max(lens) < n <= max_len:  # the default lengths hold no image
+            lens.append(min(1 << (n - 1).bit_length(), max_len))
+        image_prefill_lengths(cfg, lens)
     if args.target == "litertlm":  # the rest of the bundle's checks, before the export starts
         from export.litertlm import preflight
 
         preflight(cfg, lens, args.tokenizer or args.checkpoint)
     if args.target == "onnx":
+        op_set = args.onnx_ops or ("standard" if cfg.vision is not None else "default")
+        if args.onnx_ops is None and cfg.vision is not None:
+            print("note: a model with vision exports with --onnx-ops standard (GroupQueryAttention cannot "
+                  "express the bidirectional attention inside an image; --no-vision keeps it for text)")
+            if args.quant is not None:
+                from export.quantize import QuantizationError, check
+
+                try:
+                    check("onnx", args.quant, op_set, dtype=args.dtype)
+                except QuantizationError:
+                    raise QuantizationError(
+                        f"--quant {args.quant} is not available with --onnx-ops standard, which a model with vision "
+                        "exports with (GroupQueryAttention cannot express the attention inside an image): use "
+                        "--quant fp16 (see python -m export --list-quant), or --no-vision") from None
         tokenizer = args.tokenizer or args.checkpoint
         if tokenizer is not None and not Path(tokenizer).exists():
             raise ValueError(f"tokenizer not found: {tokenizer}")
         result = export_onnx(cfg, params, out_dir=args.out, max_len=max_len, dtype=args.dtype,
-                             op_set=args.onnx_ops, tokenizer_source=tokenizer, stage=Stage, lens=lens,
+                             op_set=op_set, tokenizer_source=tokenizer, stage=Stage, lens=lens,
                              quant=args.quant)
         if not result.tokenizer_files:
             print(f"warning: no tokenizer found{f' in {tokenizer}' if tokenizer else ''}: {result.path} has "
@@ -277,7 +329,12 @@ def run(args) -> int:
         reference = reference_session(cfg, result.reference_params, lens, max_len)
         result.reference_params = result.stored_params = params = None
         session = load(result.path)
-        report = parity(reference, session, verify_prompts(cfg, max_len, lens, steps), steps)
+        prompts = verify_prompts(cfg, max_len, lens, steps)
+        images = [None] * len(prompts)
+        if result.cfg.vision is not None:
+            more, imgs = verify_images(result.cfg, max_len, lens, steps)
+            prompts, images = prompts + more, images + imgs
+        report = parity(reference, session, prompts, steps, images)
         engine = None
         if args.target == "litertlm" and not args.no_engine_check:
             # float bundles against the JAX model; quantized ones (whose gate above measured them

@@ -131,8 +131,28 @@ def describe_onnx(path: Path) -> dict:
         "genai_config": report.genai_config,
         "tokenizer_files": sorted(p.name for p in folder.glob("tokenizer*")),
         "tokenizer": _tokenizer(tok_model.read_bytes()) if tok_model.exists() else None,
+        "vision": _onnx_vision_graphs(folder),
     }
     return body
+
+
+def _onnx_vision_graphs(folder: Path) -> dict:
+    """{file: {inputs, outputs, bytes}} of a vision model's extra graphs (docs/vision.md)."""
+    import onnx
+
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+
+    out = {}
+    for name in ("vision_encoder.onnx", "image_prefill.onnx"):
+        path = folder / name
+        if path.exists():
+            graph = onnx.load(str(path), load_external_data=False).graph
+            data = path.with_name(path.name + ".data")
+            out[name] = {"inputs": [[v.name, dims(v)] for v in graph.input if not v.name.startswith("past")],
+                         "outputs": [[v.name, dims(v)] for v in graph.output if not v.name.startswith("present")],
+                         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0)}
+    return out
 
 
 def describe(path) -> dict:
@@ -184,13 +204,21 @@ def format_text(d: dict) -> str:
     if "signatures" in d:
         for name, sig in d["signatures"].items():
             shapes = {n: list(s) for n, s, _ in sig["inputs"]}
-            ins = [f"{n}{shapes[n]}" for n in ("tokens", "input_pos", "mask") if n in shapes]
+            if "tokens" not in shapes:  # the vision encoder
+                outs = [f"{n}{list(s)}" for n, s, _ in sig["outputs"]]
+                lines.append(f"signature {name}: {' '.join(f'{n}{s}' for n, s in shapes.items())} -> {' '.join(outs)}")
+                continue
+            named = ("tokens", "input_pos", "embeddings", "mask")
+            ins = [f"{n}{shapes[n]}" for n in named if n in shapes]
             outs = [f"{n}{list(s)}" for n, s, _ in sig["outputs"] if n == "logits"]
-            n_states = len([1 for n, _, _ in sig["inputs"] if n not in ("tokens", "input_pos", "mask")])
+            n_states = len([1 for n, _, _ in sig["inputs"] if n not in named])
             lines.append(f"signature {name}: {' '.join(ins)} + {n_states} states -> {' '.join(outs)} + states")
     else:
         ins = [f"{n}{list(s)}" for n, s, _ in d["inputs"] if n in ("input_ids", "attention_mask", "position_ids")]
         lines.append(f"inputs: {' '.join(ins)} + {len(d['states'])} states -> logits + {len(d['states'])} states")
+        for file, g in (d.get("vision") or {}).items():
+            lines.append(f"{file} ({_mib(g['bytes'])}): " + " ".join(f"{n}{s}" for n, s in g["inputs"])
+                         + " -> " + " ".join(f"{n}{s}" for n, s in g["outputs"]))
     by_kind = collections.Counter()
     for s in d["states"]:
         by_kind[s["kind"] or "?"] += s["bytes"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from export.signatures import Signature, build_signature, state_names, state_specs
+from export.signatures import Signature, all_signatures, state_names, state_specs
 from models.config import ModelConfig
 
 STORED = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16)}
@@ -58,7 +58,12 @@ class ExportResult:
         for name, sig in report.signatures.items():
             ins = {n: list(s) for n, s, _ in sig["inputs"]}
             outs = {n: list(s) for n, s, _ in sig["outputs"]}
-            lines.append(f"  signature {name}: tokens{ins.pop('tokens')} input_pos{ins.pop('input_pos')} "
+            if "tokens" not in ins:  # the vision encoder
+                lines.append(f"  signature {name}: " + ", ".join(f"{k}{v}" for k, v in ins.items()) + " -> "
+                             + ", ".join(f"{k}{v}" for k, v in outs.items()))
+                continue
+            embeds = f" embeddings{ins.pop('embeddings')}" if "embeddings" in ins else ""
+            lines.append(f"  signature {name}: tokens{ins.pop('tokens')} input_pos{ins.pop('input_pos')}{embeds} "
                          f"+ {len(ins)} states -> logits{outs.pop('logits')} + {len(outs)} states")
         decode = report.op_histogram.get("decode", {})
         top = ", ".join(f"{op} {n}" for op, n in decode.most_common(12))
@@ -70,6 +75,14 @@ class ExportResult:
             f"{k} {v / 2**20:.2f} MiB" for k, v in state_bytes(self.cfg, self.max_len).items())))
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def with_vision(cfg: ModelConfig, params: dict) -> ModelConfig:
+    """The config the export describes: without its vision tower when params hold no vision weights
+    (a text-only checkpoint, or --no-vision)."""
+    if cfg.vision is not None and "mm.proj.w" not in params:
+        return dataclasses.replace(cfg, vision=None)
+    return cfg
 
 
 def size_line(file_bytes: int, stored: dict, dtype: str) -> str:
@@ -127,10 +140,10 @@ def export_tflite(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int
 
     from export.lowering.tflite.convert import convert
 
+    cfg = with_vision(cfg, params)
     recipe, storage, stored = _storage(cfg, params, "tflite", None, quant, dtype)
     seconds = {}
-    signatures = [build_signature(cfg, t, max_len) for t in prefill_lens]
-    signatures.append(build_signature(cfg, 1, max_len))
+    signatures = all_signatures(cfg, prefill_lens, max_len)
     compute = None if storage == "f32" else _upcast
     path = Path(out_dir) / (name or f"{cfg.name}_{quant or dtype}_ctx{max_len}.tflite")
     float_path = path if recipe is None else path.with_name(path.name + ".float.tmp")
@@ -216,6 +229,12 @@ def _storage(cfg: ModelConfig, params: dict, target: str, op_set: str | None, qu
     recipe = check(target, quant, op_set, cfg, dtype)
     if recipe.bits == 16:
         return None, "f16", stored_params(params, "f16", embed_16bit=True)
+    if recipe.block and cfg.vision is not None and "vision.patch_embed.w" in params:
+        from models.vision import (
+            pad_for_blocks,  # the tower's odd widths (588, 4304), exactly
+        )
+
+        params = pad_for_blocks(params, cfg.vision, recipe.block)
     return recipe, "f32", stored_params(params, "f32")
 
 
@@ -256,6 +275,11 @@ class OnnxExportResult(ExportResult):
             by_kind[kinds[int(name.split(".")[1])].value] += int(np.prod(shape)) * 4
         lines.append("  state bytes by layer kind (context %d): %s" % (self.max_len, ", ".join(
             f"{k} {v / 2**20:.2f} MiB" for k, v in by_kind.items())))
+        extra = [f"{f.name} {f.stat().st_size / 2**20:.2f} MiB" for f in sorted(self.path.glob("*.onnx*"))
+                 if f.name.startswith(("vision_encoder.", "image_prefill."))]
+        if extra:
+            lines.append("  vision: " + ", ".join(extra) + " (image [1, S, S, 3] -> soft_tokens; the decoder with "
+                         "inputs_embeds)")
         lines.append("  tokenizer: " + (", ".join(self.tokenizer_files) if self.tokenizer_files else "none"))
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
@@ -270,10 +294,21 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     import shutil
     import time
 
-    from export.lowering.onnx.convert import assemble, lower_to_graph, save, state_shapes
+    from export.lowering.onnx.convert import (
+        assemble,
+        external_table,
+        lower_to_graph,
+        save,
+        state_shapes,
+    )
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 
+    cfg = with_vision(cfg, params)
+    if cfg.vision is not None and op_set != "standard":
+        raise ValueError("images need the bidirectional attention inside each image, which ONNX Runtime's "
+                         "GroupQueryAttention cannot express: pass --onnx-ops standard, or --no-vision for a "
+                         "text-only export with GroupQueryAttention")
     recipe, storage, stored = _storage(cfg, params, "onnx", op_set, quant, dtype)
     seconds = {}
     compute = None if storage == "f32" else _upcast
@@ -306,6 +341,11 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
         tmp.mkdir(parents=True)
         try:
             save(model, weights, tmp / "model.onnx")
+            if cfg.vision is not None:
+                seconds["vision graphs"] = _onnx_vision_graphs(
+                    cfg, stored, tmp, max_len=max_len, op_set=op_set, compute=compute, recipe=recipe,
+                    props={"gemma_edge": json.dumps(body, sort_keys=True)}, reuse=external_table(model, weights))
+            del weights
             config = genai_config(cfg, max_len, shapes, symbolic_local=op_set == "default")
             (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
             files = None
@@ -324,6 +364,33 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     stored, reference = _gate_weights(params, stored, quant)
     return OnnxExportResult(folder, cfg, [sig], stored, reference, max_len, storage, seconds, quant=quant,
                             op_set=op_set, tokenizer_files=files, stablehlo_ops=dict(lw.ops_seen))
+
+
+def _onnx_vision_graphs(cfg: ModelConfig, stored: dict, folder: Path, *, max_len: int, op_set: str, compute,
+                        recipe, props: dict, reuse: dict) -> float:
+    """Write vision_encoder.onnx (image [1, S, S, 3] -> soft_tokens [1, N, E]) and image_prefill.onnx
+    (the decoder with an `inputs_embeds` input; its weights are referenced in model.onnx.data when
+    the decoder's are external) into `folder`. Returns the seconds taken."""
+    import time
+
+    from onnx import helper
+
+    from export.lowering.onnx.convert import assemble, lower_to_graph, save
+    from export.signatures import build_decoder_signature, build_vision_signature
+
+    t0 = time.perf_counter()
+    for sig, file, share in ((build_vision_signature(cfg), "vision_encoder.onnx", None),
+                             (build_decoder_signature(cfg, max_len, image=True), "image_prefill.onnx", reuse)):
+        lw = lower_to_graph(sig, stored, op_set=op_set, max_len=max_len, compute=compute)
+        model, weights = assemble(sig, lw, {})
+        del lw
+        if recipe is not None:
+            from export.quantize.onnx import quantize_model
+
+            weights = quantize_model(model, weights, recipe)
+        helper.set_model_props(model, props)
+        save(model, weights, folder / file, reuse=share)
+    return time.perf_counter() - t0
 
 
 def _upcast(params: dict) -> dict:

@@ -23,9 +23,11 @@ from models.fused import attention_mask, cached_attention, scaled_dot_product_at
 from models.layers import Params, apply_rope, dense, rms_norm
 
 
-def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict):
-    """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t). Returns
-    ([B, T, E], new cache)."""
+def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
+                    blocks=None):
+    """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t); blocks: None, or
+    [B, T] int32 image-block ids (models/multimodal.image_blocks), whose tokens attend each other
+    bidirectionally. Returns ([B, T, E], new cache)."""
     b, t, _ = h.shape
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = dense(h, p["attn.q"]).reshape(b, t, heads, d)
@@ -39,11 +41,11 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid,
+                                       cache["k"], cache["v"], start, num_valid, blocks=blocks,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope)
     else:
         out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid,
+                                       cache["k"], cache["v"], start, num_valid, blocks=blocks,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
@@ -61,8 +63,17 @@ def _rope(q, k, positions, rope_base, rope_scale, rope_dim):
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
 
 
-def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, rope_base, rope_scale, rope_dim,
-                 logit_cap=None):
+def _chunk_key_blocks(blocks, start, rows: int):
+    """Image-block ids of a full-length cache's rows: the chunk's ids at rows start .. start+T-1, 0
+    elsewhere (earlier chunks' images are whole and causal to this chunk). [B, T] -> [B, rows]"""
+    t = blocks.shape[1]
+    offset = jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None]
+    inside = (offset >= 0) & (offset < t)
+    return jnp.where(inside, jnp.take_along_axis(blocks, jnp.clip(offset, 0, t - 1), axis=1), 0)
+
+
+def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, scale, rope_base, rope_scale,
+                 rope_dim, logit_cap=None):
     """RoPE, write the chunk into the full-length cache, then attend over all of it."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
@@ -73,12 +84,13 @@ def _global_core(q, k, v, cache_k, cache_v, start, num_valid, *, scale, rope_bas
     rows = ck.shape[2]
     k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
     keys, values = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
-    mask = attention_mask(positions, k_pos)
+    k_blocks = None if blocks is None else _chunk_key_blocks(blocks, start, rows)
+    mask = attention_mask(positions, k_pos, None, blocks, k_blocks)
     out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
     return out, ck, cv
 
 
-def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, rope_base, rope_scale,
+def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale, window, rope_base, rope_scale,
                 rope_dim, logit_cap=None):
     """RoPE, attend over the ring as it was plus the chunk, then write the chunk into the ring."""
     t = q.shape[1]
@@ -87,7 +99,9 @@ def _local_core(q, k, v, ring_k, ring_v, start, num_valid, *, scale, window, rop
     k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
     keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
     values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
-    mask = attention_mask(positions, k_pos, int(window))
+    k_blocks = None if blocks is None else jnp.concatenate(
+        [jnp.zeros((blocks.shape[0], ring_k.shape[2]), blocks.dtype), blocks], axis=1)
+    mask = attention_mask(positions, k_pos, int(window), blocks, k_blocks)
     if is_static(t):
         ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
         cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)

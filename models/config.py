@@ -49,7 +49,9 @@ class RecurrentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP So400m/14 encoder of Gemma 3 4B+ (declared here; the code comes with the vision issue)."""
+    """SigLIP So400m/14 encoder of Gemma 3 4B+ (models/vision.py) and the image token ids of the
+    prompt layout (MODEL_SPEC 4): the user's `<start_of_image>` (boi_token) expands to
+    newline_token, boi_token, tokens_per_image x soft_token, eoi_token, newline_token."""
 
     image_size: int = 896
     patch_size: int = 14
@@ -59,6 +61,15 @@ class VisionConfig:
     mlp_dim: int = 4304
     layer_norm_eps: float = 1e-6
     tokens_per_image: int = 256  # after 4x4 average pooling of the 64x64 patch grid
+    boi_token: int = 255_999  # <start_of_image>
+    eoi_token: int = 256_000  # <end_of_image>
+    soft_token: int = 262_144  # <image_soft_token>: one per soft token; its embedding row is never read
+    newline_token: int = 108  # "\n\n" around each image
+
+    @property
+    def image_length(self) -> int:
+        """Positions one image takes in the prompt (260 for Gemma 3)."""
+        return self.tokens_per_image + 4
 
     @property
     def num_patches(self) -> int:

@@ -71,14 +71,16 @@ def cache_owning_attention():
         _CACHE_OWNING.reset(token)
 
 
-def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, **attributes):
-    """Run `impl(q, k, v, cache_k, cache_v, start, num_valid, **attributes) -> (out, ck, cv)`,
-    as the composite `name` under `cache_owning_attention`, inline otherwise."""
+def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, blocks=None, **attributes):
+    """Run `impl(q, k, v, cache_k, cache_v, start, num_valid[, blocks], **attributes) -> (out, ck, cv)`,
+    as the composite `name` under `cache_owning_attention`, inline otherwise. `blocks` (image-block
+    ids [B, T], multimodal prefill only) becomes an eighth operand."""
+    operands = (q, k, v, cache_k, cache_v, start, num_valid) + (() if blocks is None else (blocks,))
     if not _CACHE_OWNING.get():
-        return impl(q, k, v, cache_k, cache_v, start, num_valid, **attributes)
+        return impl(*operands, **attributes)
     attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)
              for k_, v_ in attributes.items()}
-    return _composite(impl, name)(q, k, v, cache_k, cache_v, start, num_valid, **attrs)
+    return _composite(impl, name)(*operands, **attrs)
 
 
 def embedding_lookup(table, ids):
@@ -127,11 +129,16 @@ def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: floa
         q, k, v, mask, scale=np.float32(scale), logit_cap=cap)
 
 
-def attention_mask(q_pos, k_pos, window_span: int | None = None):
+def attention_mask(q_pos, k_pos, window_span: int | None = None, q_blocks=None, k_blocks=None):
     """Additive mask [B, 1, T, S]: 0 where 0 <= k_pos <= q_pos (and k_pos > q_pos - window_span),
-    MASK_VALUE elsewhere. q_pos [B, T], k_pos [B, S]; k_pos < 0 marks an empty cache row."""
+    MASK_VALUE elsewhere. q_pos [B, T], k_pos [B, S]; k_pos < 0 marks an empty cache row.
+    q_blocks [B, T] / k_blocks [B, S] (image-block ids, 0 = none): a query also sees the later
+    keys of its own block (bidirectional attention inside an image), still within the window."""
     kp, qp = k_pos[:, None, :], q_pos[:, :, None]
     visible = (kp >= 0) & (kp <= qp)
+    if q_blocks is not None:
+        qb, kb = q_blocks[:, :, None], k_blocks[:, None, :]
+        visible |= (kp >= 0) & (qb > 0) & (qb == kb)
     if window_span is not None:
         visible &= kp > qp - window_span
     return jnp.where(visible, 0.0, MASK_VALUE).astype(F32)[:, None]

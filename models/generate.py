@@ -46,8 +46,30 @@ class Generation:
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _forward(params, cfg, tokens, start, cache, num_valid):
-    return forward(params, cfg, tokens, start, cache, num_valid)
+def _forward(params, cfg, tokens, start, cache, num_valid, embeddings=None):
+    return forward(params, cfg, tokens, start, cache, num_valid, embeddings=embeddings)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _encode(params, vcfg, text_dim, images):
+    from models.vision import encode_images
+
+    return encode_images(params, vcfg, text_dim, images)
+
+
+def image_prompt(params: dict, cfg: ModelConfig, prompt: Sequence[int], images) -> tuple[list[int], np.ndarray]:
+    """(expanded prompt ids, embeddings [T, E]) for a prompt with one `<start_of_image>` token
+    (cfg.vision.boi_token) per image; images: preprocessed [S, S, 3] or [1, S, S, 3] arrays
+    (runtime_py.image.preprocess), in prompt order. models/multimodal.py has the layout."""
+    from models.multimodal import expand_image_tokens, splice
+
+    if cfg.vision is None:
+        raise ValueError(f"{cfg.name} has no vision tower: it takes no images")
+    ids = expand_image_tokens(cfg.vision, prompt)
+    s = cfg.vision.image_size
+    batch = [np.asarray(im, np.float32).reshape(s, s, 3) for im in images]
+    soft = [np.asarray(_encode(params, cfg.vision, cfg.embed_dim, jnp.asarray(im[None])))[0] for im in batch]
+    return ids, splice(cfg.vision, ids, soft, cfg.embed_dim)
 
 
 def sample(logits, key, sampling: Sampling, vocab_limit: int | None = None):
@@ -74,17 +96,29 @@ def sample(logits, key, sampling: Sampling, vocab_limit: int | None = None):
 
 def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] | None = None,
-             max_len: int | None = None, prefill_chunk: int | None = None) -> Generation:
+             max_len: int | None = None, prefill_chunk: int | None = None,
+             images: Sequence[Sequence] | None = None) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids, BOS included).
 
     max_len: the context (global cache length); default the config's max_seq_len. A prompt plus
     max_new_tokens beyond it is an error. prefill_chunk: prefill in chunks of this many tokens
     (default: the whole prompt at once). stop_tokens default to the config's (EOS, and
-    <end_of_turn> for instruction-tuned models).
+    <end_of_turn> for instruction-tuned models). images (Gemma 3 with vision): per prompt, the
+    preprocessed images its `<start_of_image>` tokens stand for (see `image_prompt`); the prompt is
+    prefilled in one chunk (a chunk must hold an image's soft tokens whole).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (BOS)")
     max_len = cfg.max_seq_len if max_len is None else max_len
+    embeds = None
+    if images is not None and any(len(i) for i in images):
+        if len(images) != len(prompts):
+            raise ValueError(f"images: one list per prompt ({len(prompts)}), got {len(images)}")
+        if prefill_chunk is not None:
+            raise ValueError("prefill_chunk with images: the JAX reference prefills an image prompt in one chunk")
+        pairs = [image_prompt(params, cfg, p, ims) for p, ims in zip(prompts, images)]
+        prompts = [ids for ids, _ in pairs]
+        embeds = [e for _, e in pairs]
     lengths = np.array([len(p) for p in prompts], np.int32)
     longest = int(lengths.max())
     if longest + max_new_tokens > max_len:
@@ -104,11 +138,17 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
     padded = np.zeros((batch, -(-longest // chunk) * chunk), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
+    if embeds is not None:
+        embeddings = np.zeros((*padded.shape, cfg.embed_dim), np.float32)
+        for i, e in enumerate(embeds):
+            embeddings[i, : len(e)] = e
+        embeds = jnp.asarray(embeddings)
     last_logits = np.zeros((batch, cfg.vocab_size), np.float32)
     for s in range(0, longest, chunk):
         valid = np.clip(lengths - s, 0, chunk)
         logits, cache = _forward(params, cfg, jnp.asarray(padded[:, s:s + chunk]),
-                                 jnp.full((batch,), s, jnp.int32), cache, jnp.asarray(valid))
+                                 jnp.full((batch,), s, jnp.int32), cache, jnp.asarray(valid),
+                                 None if embeds is None else embeds[:, s:s + chunk])
         ends = (lengths > s) & (lengths <= s + chunk)
         if ends.any():  # copy back only the rows of last prompt tokens, not [B, chunk, V]
             at = logits[jnp.arange(batch), jnp.asarray(np.clip(lengths - 1 - s, 0, chunk - 1))]

@@ -76,7 +76,7 @@ def config_from_hf(path: str | Path, name: str | None = None) -> ModelConfig:
     if model_type == "gemma3":
         text = dict(raw.get("text_config") or {})
         text.setdefault("eos_token_id", raw.get("eos_token_id", 1))
-        vision = _vision(raw.get("vision_config") or {}, raw.get("mm_tokens_per_image", 256))
+        vision = _vision(raw.get("vision_config") or {}, raw.get("mm_tokens_per_image", 256), raw)
         return _gemma(text, name, Family.GEMMA3, _GEMMA3_DEFAULTS, instruction_tuned, file,
                       vision=vision)
     if model_type == "recurrent_gemma":
@@ -214,9 +214,12 @@ def _griffin(raw, name, instruction_tuned, file) -> ModelConfig:
     )
 
 
-def _vision(raw: dict, tokens_per_image: int) -> VisionConfig:
-    d = VisionConfig()
+def _vision(raw: dict, tokens_per_image: int, top: dict | None = None) -> VisionConfig:
+    """The vision_config (SigLIP) plus the image token ids of the top-level Gemma3Config."""
+    d, top = VisionConfig(), top or {}
     return VisionConfig(
+        boi_token=top.get("boi_token_index", d.boi_token), eoi_token=top.get("eoi_token_index", d.eoi_token),
+        soft_token=top.get("image_token_index", top.get("image_token_id", d.soft_token)),
         image_size=raw.get("image_size", d.image_size), patch_size=raw.get("patch_size", d.patch_size),
         width=raw.get("hidden_size", d.width), depth=raw.get("num_hidden_layers", d.depth),
         num_heads=raw.get("num_attention_heads", d.num_heads),

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 
 from models.cache import Cache, cache_max_len, is_static
 from models.config import Family, ModelConfig
+from models.fused import embedding_lookup
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
-from models.fused import embedding_lookup
 from models.layers import F32, Params, rms_norm
+from models.multimodal import image_blocks
 
 _LAYER_FNS = {
     Family.GEMMA2: gemma_layer,
@@ -36,7 +37,7 @@ def embed_tokens(params: dict, cfg: ModelConfig, tokens):
 
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
-            last_only: bool = False):
+            last_only: bool = False, embeddings=None):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
@@ -45,6 +46,10 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     default T). Returns (logits [B, T, V] float32, new cache); with last_only, logits
     [B, 1, V] of each row's last real token (a prefill needs no more, and the vocabulary
     projection of every position is the most expensive part of a long prefill).
+
+    embeddings: [B, T, E] (Gemma 3 with vision, models/multimodal.py): at the positions where
+    tokens hold the image soft token, the model reads these rows instead of the embedding table,
+    and each run of soft tokens attends bidirectionally. Without it (text), tokens are only looked up.
     """
     b, t = tokens.shape
     start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
@@ -55,11 +60,20 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
         raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
 
     layer_fn = _LAYER_FNS[cfg.family]
-    x = embed_tokens(params, cfg, tokens)
+    extra = {}
+    if embeddings is None:
+        x = embed_tokens(params, cfg, tokens)
+    else:
+        if cfg.vision is None or cfg.family is not Family.GEMMA3:
+            raise ValueError(f"{cfg.name} has no vision tower: it takes no image embeddings")
+        is_soft = tokens == cfg.vision.soft_token
+        x = embed_tokens(params, cfg, jnp.where(is_soft, 0, tokens))
+        x = jnp.where(is_soft[..., None], embeddings.astype(x.dtype), x)
+        extra["blocks"] = image_blocks(is_soft)
     new_cache = []
     for i, kind in enumerate(cfg.layer_kinds):
         x, layer_cache = layer_fn(Params(params, f"layers.{i}."), cfg, kind, x, positions, start, nv,
-                                  cache[i])
+                                  cache[i], **extra)
         new_cache.append(layer_cache)
     if last_only:  # [B, T, E] -> [B, 1, E]
         x = jnp.take_along_axis(x, jnp.maximum(nv - 1, 0)[:, None, None], axis=1)

@@ -43,7 +43,7 @@ def _gemma2(name, *, embed_dim, num_layers, num_heads, num_kv_heads, head_dim, m
 
 def _gemma3(name, *, embed_dim, num_layers, num_heads, num_kv_heads, head_dim, mlp_dim,
             query_pre_attn_scalar=256, sliding_window=1024, max_seq_len=131_072,
-            global_rope_scale=8.0, vision=True, **kw) -> ModelConfig:
+            global_rope_scale=8.0, vision: bool | VisionConfig = True, **kw) -> ModelConfig:
     kw = {"vocab_size": 262_144, "tokens": GEMMA3_TOKENS, **kw}
     return ModelConfig(
         name=name, family=Family.GEMMA3, embed_dim=embed_dim, num_layers=num_layers,
@@ -51,7 +51,7 @@ def _gemma3(name, *, embed_dim, num_layers, num_heads, num_kv_heads, head_dim, m
         layer_pattern=GEMMA3_PATTERN, sliding_window=sliding_window, max_seq_len=max_seq_len,
         query_scale=query_pre_attn_scalar**-0.5, qk_norm=True, local_rope_base=10_000.0,
         global_rope_base=1_000_000.0, global_rope_scale=global_rope_scale,
-        vision=VisionConfig() if vision else None, **kw,
+        vision=vision if isinstance(vision, VisionConfig) else VisionConfig() if vision else None, **kw,
     )
 
 
@@ -103,6 +103,14 @@ _TINY = [
     _gemma3("gemma3-tiny", vocab_size=256, embed_dim=64, num_layers=7, num_heads=4,
             num_kv_heads=2, head_dim=16, mlp_dim=128, query_pre_attn_scalar=16,
             sliding_window=8, max_seq_len=128, global_rope_scale=8.0, vision=False),
+    # gemma3-tiny with a tiny vision tower: 28x28 images, 7x7 patches (4x4 grid) pooled 2x2 to 4 soft
+    # tokens; image token ids inside the tiny vocabulary
+    _gemma3("gemma3-vision-tiny", vocab_size=256, embed_dim=64, num_layers=7, num_heads=4,
+            num_kv_heads=2, head_dim=16, mlp_dim=128, query_pre_attn_scalar=16,
+            sliding_window=8, max_seq_len=128, global_rope_scale=8.0,
+            vision=VisionConfig(image_size=28, patch_size=7, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                tokens_per_image=4, boi_token=253, eoi_token=254, soft_token=255,
+                                newline_token=108)),
     _griffin("recurrentgemma-tiny", vocab_size=256, width=64, num_layers=6, num_heads=4,
              sliding_window=8, max_seq_len=128),
 ]

@@ -150,6 +150,27 @@ def init_vision_params(vcfg: VisionConfig, text_dim: int, seed: int = 0,
     return params
 
 
+def pad_for_blocks(params: dict, vcfg: VisionConfig, block: int) -> dict:
+    """Zero-pad the tower's matmul contraction widths to multiples of `block`, for blockwise
+    quantization (int4-b32/b128): the patch embedding's p*p*3 inputs (588 for Gemma 3) and the MLP's
+    hidden width (4304). Exact: padded patch features are zero, and padded hidden units have a zero
+    fc1 row and bias (gelu(0) = 0) and a zero fc2 column. Other params are returned as they are."""
+    def up(n):
+        return -(-n // block) * block
+
+    out = dict(params)
+    w = out["vision.patch_embed.w"]
+    out["vision.patch_embed.w"] = np.pad(w, ((0, 0), (0, up(w.shape[1]) - w.shape[1])))
+    for i in range(vcfg.depth):
+        pre = f"vision.layers.{i}.mlp."
+        extra = up(out[pre + "fc1.w"].shape[0]) - out[pre + "fc1.w"].shape[0]
+        if extra:
+            out[pre + "fc1.w"] = np.pad(out[pre + "fc1.w"], ((0, extra), (0, 0)))
+            out[pre + "fc1.b"] = np.pad(out[pre + "fc1.b"], (0, extra))
+            out[pre + "fc2.w"] = np.pad(out[pre + "fc2.w"], ((0, 0), (0, extra)))
+    return out
+
+
 # ---- the computation -----------------------------------------------------------------------------
 def layer_norm(x, scale, bias, eps: float):
     """LayerNorm over the last axis (biased variance, like torch), in f32."""
@@ -192,7 +213,11 @@ def _encoder_layer(p: Params, x, vcfg: VisionConfig):
 def encode_patches(params: dict, vcfg: VisionConfig, images) -> jax.Array:
     """The SigLIP encoder: images [B, S, S, 3] -> post-LayerNorm patch features [B, N, W] f32."""
     p = Params(params, "vision.")
-    x = dense(patchify(images.astype(F32), vcfg.patch_size), p["patch_embed.w"], p["patch_embed.b"])
+    patches = patchify(images.astype(F32), vcfg.patch_size)
+    extra = p["patch_embed.w"].shape[1] - patches.shape[-1]
+    if extra:  # a weight padded by `pad_for_blocks`: zero features
+        patches = jnp.concatenate([patches, jnp.zeros((*patches.shape[:-1], extra), F32)], axis=-1)
+    x = dense(patches, p["patch_embed.w"], p["patch_embed.b"])
     x = x + p["pos_embed"].astype(F32)[None]
     for i in range(vcfg.depth):
         x = _encoder_layer(p.scope(f"layers.{i}."), x, vcfg)

@@ -4,6 +4,8 @@
       --tokenizer ./gemma-3-1b-it/tokenizer.model --prompt "Why is the sky blue?"
   python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_f32_ctx4096_onnx --prompt "Hi"
   python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_int4-b32_ctx4096.litertlm --prompt "Hi"
+  python -m runtime_py generate --artifact artifacts/gemma-3-4b-it_f32_ctx4096.tflite \
+      --tokenizer ./gemma-3-4b-it --image cat.jpg --prompt "<start_of_image> What is in this picture?"
 
 Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
 --raw). Bad input exits 2 with one line.
@@ -34,7 +36,20 @@ def cmd_generate(args) -> int:
             raise ValueError(f"{args.artifact} holds no tokenizer.model: pass --tokenizer PATH")
         tok = Tokenizer(bundled)
     meta = session.metadata
-    if meta.get("instruction_tuned") and not args.raw:
+    images = args.image or []
+    if images and session.vision is None:
+        raise ValueError(f"{args.artifact} has no vision encoder: it takes no --image (export a Gemma 3 4B+ "
+                         "model without --no-vision)")
+    chat = meta.get("instruction_tuned") and not args.raw
+    if session.vision is not None:
+        from models.multimodal import encode_with_images
+
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], family=meta["family"]) \
+            if chat else args.prompt
+        if not images and "<start_of_image>" in text:
+            raise ValueError("the prompt has <start_of_image> but no --image was given; pass --image PATH for each")
+        ids = encode_with_images(tok, text, session.vision, len(images))
+    elif chat:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}], family=meta["family"])
     else:
         ids = tok.encode(args.prompt)
@@ -42,7 +57,8 @@ def cmd_generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     t0 = time.perf_counter()
     out, printed = [], ""
-    for token in session.generate_stream(ids, args.max_new_tokens, sampling=sampling, stop_tokens=stops or ()):
+    for token in session.generate_stream(ids, args.max_new_tokens, sampling=sampling, stop_tokens=stops or (),
+                                         images=images):
         out.append(token)
         text = tok.decode(out)
         sys.stdout.write(text[len(printed):])
@@ -50,7 +66,9 @@ def cmd_generate(args) -> int:
         printed = text
     sys.stdout.write("\n")
     seconds = time.perf_counter() - t0
-    print(f"[{len(ids)} prompt tokens, {len(out)} generated in {seconds:.2f} s]", file=sys.stderr)
+    n_prompt = len(ids) + len(images) * (session.vision.image_length - 1 if images else 0)
+    print(f"[{n_prompt} prompt tokens{f' ({len(images)} images)' if images else ''}, {len(out)} generated in "
+          f"{seconds:.2f} s]", file=sys.stderr)
     return 0
 
 
@@ -63,6 +81,9 @@ def main(argv=None) -> int:
                      help="tokenizer.model or its folder (default: the one a .litertlm bundle or an ONNX "
                           "artifact folder carries)")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", type=Path, action="append",
+                     help="an image file (repeatable; Gemma 3 with vision): each goes where the prompt says "
+                          "<start_of_image>, or before the prompt when it has no marker")
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

@@ -6,17 +6,21 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from export.signatures import build_signature
+from export.signatures import all_signatures
 from models.config import ModelConfig
 from models.model import activation_dtype
 from runtime_py.session import FeedBackend, Session
 
 
 def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -> Session:
+    """With a vision tower (cfg.vision and its weights in params), also the image signatures."""
+    import dataclasses
+
     dtype = activation_dtype(params)
+    if cfg.vision is not None and "mm.proj.w" not in params:
+        cfg = dataclasses.replace(cfg, vision=None)
     params = jax.device_put(params)  # once: numpy arguments would be copied on every call
-    sigs = [build_signature(cfg, t, max_len, dtype) for t in sorted(set(prefill_lengths)) if t > 1]
-    sigs.append(build_signature(cfg, 1, max_len, dtype))
+    sigs = all_signatures(cfg, sorted(set(prefill_lengths)), max_len, dtype)
     compiled = {s.name: jax.jit(s.fn) for s in sigs}
     infos = {s.name: s for s in sigs}  # a Signature is the runtime's SignatureInfo
 
@@ -25,4 +29,6 @@ def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -
         outs = compiled[name](params, *(feed[t.name] for t in sig.inputs))
         return {t.name: np.asarray(v) for t, v in zip(sig.outputs, outs)}
 
-    return Session(FeedBackend(infos, run), max_len, {"sample_vocab_size": cfg.sample_vocab_size})
+    meta = {"sample_vocab_size": cfg.sample_vocab_size,
+            "config": {"vision": None if cfg.vision is None else dataclasses.asdict(cfg.vision)}}
+    return Session(FeedBackend(infos, run), max_len, meta)

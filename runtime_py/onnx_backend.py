@@ -10,6 +10,7 @@ it in place and no state is copied between calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,18 +41,29 @@ def model_file(path: Path) -> Path:
 
 
 class OnnxBackend:
-    def __init__(self, session, signatures: dict[str, SignatureInfo], states: list[TensorInfo]):
+    """image_session / vision_session: the image prefill graph (bound to the same state buffers as
+    the decoder) and the vision encoder, for a model exported with vision."""
+
+    def __init__(self, session, signatures: dict[str, SignatureInfo], states: list[TensorInfo],
+                 image_session=None, vision_session=None):
         import onnxruntime as ort
 
         self.signatures = signatures
         self._session = session
         self._state_infos = states
         self._values = {t.name: ort.OrtValue.ortvalue_from_numpy(np.zeros(t.shape, t.dtype)) for t in states}
-        self._binding = session.io_binding()
-        self._binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-        for t in states:
-            self._binding.bind_ortvalue_input(t.name, self._values[t.name])
-            self._binding.bind_ortvalue_output(present_name(t.name), self._values[t.name])
+        self._vision = vision_session
+        self._sessions = {"text": session}
+        if image_session is not None:
+            self._sessions["image"] = image_session
+        self._bindings = {}
+        for key, sess in self._sessions.items():
+            binding = sess.io_binding()
+            binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            for t in states:
+                binding.bind_ortvalue_input(t.name, self._values[t.name])
+                binding.bind_ortvalue_output(present_name(t.name), self._values[t.name])
+            self._bindings[key] = binding
 
     def reset(self):
         for t in self._state_infos:
@@ -60,15 +72,22 @@ class OnnxBackend:
     def states(self) -> dict[str, np.ndarray]:
         return {name: np.array(value.numpy()) for name, value in self._values.items()}
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         run = input_pos == input_pos[0] + np.arange(input_pos.size)
         n = int(np.cumprod(run).sum())  # the leading run of real tokens (pads end it)
         start = int(input_pos[0])
-        self._binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, :n], np.int64))
-        self._binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
-        self._session.run_with_iobinding(self._binding)
-        logits = self._binding.get_outputs()[0].numpy()
+        key = "image" if name.startswith("image_prefill") else "text"
+        binding = self._bindings[key]
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, :n], np.int64))
+        if key == "image":
+            binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeddings[:, :n], np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
+        self._sessions[key].run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
         return np.array(logits[0, -1])
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        return self._vision.run(["soft_tokens"], {"image": np.ascontiguousarray(image, np.float32)})[0]
 
 
 def read_metadata(model_path: Path) -> dict:
@@ -90,6 +109,13 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     meta = read_metadata(file)
+    folder = file.parent
+    image_session = vision_session = None
+    if (folder / "image_prefill.onnx").exists() and (folder / "vision_encoder.onnx").exists():
+        image_session = ort.InferenceSession(str(folder / "image_prefill.onnx"), options,
+                                             providers=["CPUExecutionProvider"])
+        vision_session = ort.InferenceSession(str(folder / "vision_encoder.onnx"), options,
+                                              providers=["CPUExecutionProvider"])
     exported = {t["name"]: tuple(t["shape"]) for t in meta.get("states", [])}
     states = [TensorInfo(i.name, exported.get(i.name, tuple(i.shape)), np.dtype(_ORT_TYPES[i.type]))
               for i in session.get_inputs() if i.name.startswith("past")]
@@ -107,6 +133,13 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
         signatures[name] = SignatureInfo(name, length, (TensorInfo("tokens", (1, length), ids.dtype),
                                                         TensorInfo("input_pos", (length,), ids.dtype), *states),
                                          (TensorInfo("logits", (1, 1, -1), np.dtype(np.float32)),))
-    result = Session(OnnxBackend(session, signatures, states), max_len, meta)
+    if vision_session is not None:
+        image, soft = vision_session.get_inputs()[0], vision_session.get_outputs()[0]
+        signatures["vision_encoder"] = SignatureInfo("vision_encoder", 0, (TensorInfo("image", tuple(image.shape),
+                                                                                      np.dtype(np.float32)),),
+                                                     (TensorInfo("soft_tokens", tuple(soft.shape), np.dtype(np.float32)),))
+        base = signatures[f"prefill_{max_len}"]
+        signatures[f"image_prefill_{max_len}"] = dataclasses.replace(base, name=f"image_prefill_{max_len}")
+    result = Session(OnnxBackend(session, signatures, states, image_session, vision_session), max_len, meta)
     result.ort_session = session
     return result

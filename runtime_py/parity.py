@@ -5,6 +5,10 @@ Both sessions see identical inputs: each prompt is prefilled with the artifact's
 reference's greedy token (teacher forcing keeps the streams identical even after a mismatch).
 Per step: max abs error and relative RMS error of the logits, top-1 agreement, KL(ref || art).
 The greedy-match length counts the decode steps until the artifact's argmax first differs.
+
+Prompts with images (a vision model): each session encodes the images with its own vision
+encoder (their soft tokens are compared: `encoder`) and prefills its own splice, so the logits
+after an image measure the encoder and the image prefill together.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ class ParityReport:
     steps: list[StepReport]
     greedy_match: list[int]  # per prompt: decode steps before the first argmax mismatch
     decode_steps: int
+    # per image: {"prompt", "image", "max_abs", "rel_rms"} of the vision encoder's soft tokens
+    encoder: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def max_rel_rms(self) -> float:
-        return max(s.rel_rms for s in self.steps)
+        return max([s.rel_rms for s in self.steps] + [e["rel_rms"] for e in self.encoder])
 
     @property
     def max_abs(self) -> float:
@@ -83,7 +89,7 @@ class ParityReport:
                 "sqnr_db": self.sqnr_db, "top1_agreement": self.top1_agreement,
                 "top1_agreement_ties": self.top1_agreement_ties, "tie_logit": TIE_LOGIT, "mean_kl": self.mean_kl,
                 "greedy_match": self.greedy_match,
-                "decode_steps": self.decode_steps, **extra,
+                "decode_steps": self.decode_steps, "encoder": self.encoder, **extra,
                 "steps": [dataclasses.asdict(s) for s in self.steps]}
         return json.dumps(body, indent=1)
 
@@ -100,15 +106,29 @@ def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool
 
 
 def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int]],
-           decode_steps: int) -> ParityReport:
-    steps, greedy = [], []
+           decode_steps: int, images: Sequence[Sequence] | None = None) -> ParityReport:
+    """images: per prompt, None or the images its `<start_of_image>` tokens stand for."""
+    steps, greedy, encoder = [], [], []
     for pi, prompt in enumerate(prompts):
         reference.reset()
         artifact.reset()
+        ref_emb = art_emb = None
+        if images is not None and images[pi]:
+            prompt, ref_emb = reference.image_inputs(prompt, images[pi])
+            _, art_emb = artifact.image_inputs(prompt, images[pi])
+            for k, (s, e) in enumerate(_runs(artifact, prompt)):
+                a, r = art_emb[s:e], ref_emb[s:e]
+                encoder.append({"prompt": pi, "image": k, "max_abs": float(np.abs(a - r).max()),
+                                "rel_rms": float(np.sqrt(np.mean((a - r) ** 2) / max(np.mean(r ** 2), 1e-30)))})
+        plan = artifact.chunks(len(prompt)) if ref_emb is None else artifact.image_chunks(prompt)
         done = 0
-        for ci, (name, take) in enumerate(artifact.chunks(len(prompt))):
+        for ci, (name, take) in enumerate(plan):
             chunk = list(prompt[done:done + take])
-            ref, art = reference.prefill(chunk), artifact.prefill(chunk)
+            if ref_emb is None:
+                ref, art = reference.prefill(chunk), artifact.prefill(chunk)
+            else:
+                ref = reference.prefill(chunk, ref_emb[done:done + take])
+                art = artifact.prefill(chunk, art_emb[done:done + take])
             done += take
             steps.append(StepReport(pi, name, ci, done - 1, *compare_logits(ref, art)))
         matched = None
@@ -119,4 +139,10 @@ def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int
             ref, art = reference.decode(token), artifact.decode(token)
             steps.append(StepReport(pi, "decode", d, reference.position - 1, *compare_logits(ref, art)))
         greedy.append(decode_steps if matched is None else matched)
-    return ParityReport(steps, greedy, decode_steps)
+    return ParityReport(steps, greedy, decode_steps, encoder)
+
+
+def _runs(session: Session, ids) -> list[tuple[int, int]]:
+    from models.multimodal import soft_runs
+
+    return soft_runs(session.vision, ids)

@@ -32,7 +32,12 @@ class SignatureInfo:
 
     @property
     def state_inputs(self) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in self.inputs if t.name not in ("tokens", "input_pos"))
+        return tuple(t for t in self.inputs if t.name not in NON_STATE_INPUTS)
+
+
+# inputs that are not states: the token chunk, its positions, an image prefill's spliced
+# embeddings, the vision encoder's image
+NON_STATE_INPUTS = ("tokens", "input_pos", "embeddings", "image")
 
 
 class ContextFullError(ValueError):
@@ -53,21 +58,28 @@ class FeedBackend:
     def states(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self._states.items()}
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         sig = self.signatures[name]
         feed = {"tokens": tokens, "input_pos": input_pos}
+        if embeddings is not None:
+            feed["embeddings"] = embeddings
         feed.update({t.name: self._states[t.name] for t in sig.state_inputs})
         out = self._run(name, feed)
         for t in sig.state_inputs:
             self._states[t.name] = out[t.name]
         return np.asarray(out["logits"])[0, -1]
 
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run("vision_encoder", {"image": image})["soft_tokens"])
+
 
 class Session:
-    """Prefill/decode/generate over a backend's signatures (`decode` and `prefill_{T}`).
+    """Prefill/decode/generate over a backend's signatures (`decode` and `prefill_{T}`; for a
+    model with vision also `vision_encoder` and `image_prefill_{T}`).
 
     A backend has `signatures`, `reset()` (zero every state), `states()` (copies, for inspection)
-    and `call(name, tokens, input_pos) -> logits [V]`, carrying the states from call to call.
+    and `call(name, tokens, input_pos, embeddings=None) -> logits [V]`, carrying the states from
+    call to call; with vision, `encode_image(image [1, S, S, 3]) -> soft tokens [1, N, E]`.
     """
 
     tokenizer_model: bytes | None = None  # the SentencePiece model a .litertlm bundle carries
@@ -80,7 +92,9 @@ class Session:
         self.backend = backend
         self.max_len = max_len
         self.metadata = metadata or {}
-        self.prefill_lengths = sorted(s.length for n, s in signatures.items() if n != "decode")
+        self.prefill_lengths = sorted(s.length for n, s in signatures.items() if n.startswith("prefill_"))
+        self.image_prefill_lengths = sorted(s.length for n, s in signatures.items() if n.startswith("image_prefill_"))
+        self.vision = _vision_config(self.metadata) if "vision_encoder" in signatures else None
         self.position = 0
         self.reset()
 
@@ -93,8 +107,11 @@ class Session:
     def states(self) -> dict[str, np.ndarray]:
         return self.backend.states()
 
-    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
-        return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32))
+    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
+        if embeddings is None:
+            return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32))
+        return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32),
+                                 embeddings.astype(np.float32))
 
     def _check_room(self, n: int):
         if self.position + n > self.max_len:
@@ -120,23 +137,80 @@ class Session:
             n -= take
         return plan
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Feed prompt tokens; returns the logits [V] after the last one."""
+    def image_chunks(self, tokens: Sequence[int]) -> list[tuple[str, int]]:
+        """(signature, real tokens) for a prompt holding images: chunks never split an image's soft
+        tokens (models/multimodal.chunk_bounds); those holding soft tokens run image_prefill_{T}."""
+        from models.multimodal import chunk_bounds
+
+        tokens = np.asarray(tokens)
+        lengths = self.image_prefill_lengths
+        plan, done = [], 0
+        for take in chunk_bounds(self.vision, tokens.tolist(), lengths):
+            has_image = bool(np.any(tokens[done:done + take] == self.vision.soft_token))
+            pool = lengths if has_image or not self.prefill_lengths else self.prefill_lengths
+            fits = [t for t in pool if t >= take]
+            if not fits:  # a text chunk longer than every text prefill: split it the usual way
+                plan += self.chunks(take)
+            else:
+                plan.append(((f"image_prefill_{fits[0]}" if has_image else
+                              "decode" if fits[0] == 1 else f"prefill_{fits[0]}"), take))
+            done += take
+        return plan
+
+    def prefill(self, tokens: Sequence[int], embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Feed prompt tokens; returns the logits [V] after the last one. With `embeddings`
+        ([len(tokens), E], the images' soft tokens spliced at their positions: `image_inputs`),
+        chunks holding soft tokens run the image prefill."""
         tokens = np.asarray(tokens, np.int32)
         if tokens.size == 0:
             raise ValueError("prefill needs at least one token")
         self._check_room(tokens.size)
+        if embeddings is not None and self.vision is None:
+            raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 "
+                             "model with a vision tower, without --no-vision)")
+        plan = self.chunks(tokens.size) if embeddings is None else self.image_chunks(tokens)
         logits, done = None, 0
-        for name, take in self.chunks(tokens.size):
+        for name, take in plan:
             length = self.signatures[name].length
             chunk = np.zeros((1, length), np.int32)
             chunk[0, :take] = tokens[done:done + take]
             pos = np.full((length,), -1, np.int32)
             pos[:take] = self.position + np.arange(take)
-            logits = self._call(name, chunk, pos)
+            embeds = None
+            if name.startswith("image_prefill_"):
+                embeds = np.zeros((1, length, embeddings.shape[-1]), np.float32)
+                embeds[0, :take] = embeddings[done:done + take]
+            logits = self._call(name, chunk, pos, embeds)
             self.position += take
             done += take
         return logits
+
+    def encode_image(self, image) -> np.ndarray:
+        """An image (a path, PIL image, uint8 array, or an already preprocessed float32
+        [1, S, S, 3] / [S, S, 3] array) -> its soft tokens [N, E], by the vision_encoder."""
+        if self.vision is None:
+            raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 "
+                             "model with a vision tower, without --no-vision)")
+        s = self.vision.image_size
+        if isinstance(image, np.ndarray) and image.dtype == np.float32 and image.shape in ((1, s, s, 3), (s, s, 3)):
+            pixels = image.reshape(1, s, s, 3)
+        else:
+            from runtime_py.image import preprocess
+
+            pixels = preprocess(image, s)
+        return np.asarray(self.backend.encode_image(pixels))[0]
+
+    def image_inputs(self, prompt: Sequence[int], images: Sequence) -> tuple[list[int], np.ndarray]:
+        """(expanded prompt, embeddings [T, E]) for a prompt with one `<start_of_image>` token per
+        image (models/multimodal.py): the images are encoded by the artifact's vision encoder."""
+        from models.multimodal import check_images, expand_image_tokens, splice
+
+        if self.vision is None:
+            self.encode_image(None)  # raises the no-vision error
+        ids = expand_image_tokens(self.vision, prompt)
+        check_images(self.vision, ids, len(images))
+        soft = [self.encode_image(im) for im in images]
+        return ids, splice(self.vision, ids, soft, soft[0].shape[-1])
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns the logits [V] after it."""
@@ -146,10 +220,14 @@ class Session:
         return logits
 
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int, *, sampling=None,
-                        stop_tokens: Sequence[int] = ()) -> Iterator[int]:
-        """Yield generated token ids (the stop token is not yielded). Starts a new sequence."""
+                        stop_tokens: Sequence[int] = (), images: Sequence | None = None) -> Iterator[int]:
+        """Yield generated token ids (the stop token is not yielded). Starts a new sequence.
+        images: one per `<start_of_image>` token of the prompt (see `encode_image` for the forms)."""
         from runtime_py.sampling import sample_numpy
 
+        embeddings = None
+        if images:
+            prompt, embeddings = self.image_inputs(prompt, images)
         self.reset()
         if len(prompt) + max_new_tokens > self.max_len:
             raise ContextFullError(
@@ -158,7 +236,7 @@ class Session:
                 "larger --max-seq-len"
             )
         rng = np.random.default_rng(getattr(sampling, "seed", 0))
-        logits = self.prefill(prompt)
+        logits = self.prefill(prompt, embeddings)
         stop = set(stop_tokens)
         limit = self.metadata.get("sample_vocab_size")
         for step in range(max_new_tokens):
@@ -170,4 +248,16 @@ class Session:
                 logits = self.decode(token)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, **kw) -> list[int]:
+        """Generated ids after `prompt`; keywords as `generate_stream` (sampling, stop_tokens, images)."""
         return list(self.generate_stream(prompt, max_new_tokens, **kw))
+
+
+def _vision_config(metadata: dict):
+    """The VisionConfig an artifact's metadata records (its config's `vision`)."""
+    from models.config import VisionConfig
+
+    raw = (metadata.get("config") or {}).get("vision")
+    if not raw:
+        raise ValueError("the artifact has a vision_encoder but its metadata has no vision config "
+                         "(re-export it with this toolchain)")
+    return VisionConfig(**raw)

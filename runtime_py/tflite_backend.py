@@ -8,7 +8,6 @@ interpreter tensors are taken right before use and never held across an invoke.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,9 @@ _DTYPES = {"FLOAT32": np.float32, "INT32": np.int32, "FLOAT16": np.float16, "INT
 
 
 def _signature_length(name: str) -> int:
-    if name == "decode":
-        return 1
-    m = re.fullmatch(r"prefill_(\d+)", name)
-    if not m:
-        raise ValueError(f"unexpected signature '{name}' (want decode and prefill_<T>)")
-    return int(m.group(1))
+    from export.signatures import signature_kind
+
+    return signature_kind(name)[1]
 
 
 class TFLiteBackend:
@@ -55,16 +51,24 @@ class TFLiteBackend:
     def states(self) -> dict[str, np.ndarray]:
         return {name: np.array(self._value(name)) for name in self._source}
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         subgraph, inputs, outputs = self._io[name]
         np.copyto(self._view(subgraph, inputs["tokens"]), tokens)
         np.copyto(self._view(subgraph, inputs["input_pos"]), input_pos)
+        if embeddings is not None:
+            np.copyto(self._view(subgraph, inputs["embeddings"]), embeddings)
         for state in self._source:
             np.copyto(self._view(subgraph, inputs[state]), self._value(state))
         self._wrapper.Invoke(subgraph)
         for state in self._source:
             self._source[state] = ("tensor", subgraph, outputs[state])
         return np.array(self._view(subgraph, outputs["logits"])[0, -1])
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        subgraph, inputs, outputs = self._io["vision_encoder"]
+        np.copyto(self._view(subgraph, inputs["image"]), image)
+        self._wrapper.Invoke(subgraph)
+        return np.array(self._view(subgraph, outputs["soft_tokens"]))
 
 
 def load_tflite(path, num_threads: int | None = None) -> Session:

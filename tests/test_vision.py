@@ -315,3 +315,33 @@ def test_official_unexpected_and_duplicated(hf_vlm):
     key = "transformer/embedder/mm_input_projection/w"
     with pytest.raises(ValueError, match="given twice"):
         official_vision_to_params({**flat, "embedder/mm_input_projection/w": flat[key]}, vcfg, text_dim)
+
+
+def test_load_checkpoint_reads_an_official_checkpoint_with_vision(hf_vlm, tmp_path):
+    """An Orbax checkpoint holding the text model and the vision tower, through `load_checkpoint`:
+    the vision params equal the HF ones; vision=False (--no-vision) gives the text model alone."""
+    import dataclasses
+
+    from test_official_layout import official_flat, save_orbax
+
+    from models import get_config, init_params, load_checkpoint
+
+    model, vcfg, text_dim = hf_vlm
+    text_cfg = get_config("gemma3-tiny")
+    cfg = dataclasses.replace(text_cfg, vision=vcfg)
+    text = init_params(text_cfg, 0)
+    tree = official_flat(cfg, text)
+    for key, value in _hf_to_official(model, vcfg).items():
+        if key in ("transformer/embedder/input_embedding", "transformer/layer_0/attn/q_einsum/w"):
+            continue  # _hf_to_official's stand-ins for the text model; the real ones are in the tree
+        path, leaf = key.rsplit("/", 1)
+        tree.setdefault(path, {})[leaf] = value
+    folder = save_orbax(tmp_path / "ckpt", tree)
+    got_cfg, params = load_checkpoint(folder, cfg)
+    assert got_cfg.vision == vcfg
+    reference = hf_vision_to_params(_numpy_state(model), vcfg, text_dim)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
+    np.testing.assert_array_equal(params["layers.0.attn.q"], text["layers.0.attn.q"])
+    text_cfg_got, text_only = load_checkpoint(folder, cfg, vision=False)
+    assert text_cfg_got.vision is None and not any(k.startswith(("vision.", "mm.")) for k in text_only)

@@ -49,8 +49,12 @@ def resolve_config(path: Path, model: str | ModelConfig | None, fmt: str) -> Mod
 
 
 def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float32,
-                    ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Load a checkpoint folder as (config, flat params of `dtype`)."""
+                    vision: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Load a checkpoint folder as (config, flat params of `dtype`).
+
+    Gemma 3 4B+ checkpoints carry the vision tower: its params (`vision.*`, `mm.*`, always f32,
+    models/vision.py) join the text model's. A checkpoint without any vision tensor (a text-only
+    conversion), or `vision=False`, gives the text model alone, with `cfg.vision` None."""
     path = Path(path)
     fmt = detect_format(path)
     cfg = resolve_config(path, model, fmt)
@@ -58,11 +62,35 @@ def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float
         with SafetensorsCheckpoint(path) as reader:
             params = assemble(cfg, reader, hf.hf_sources(cfg, reader), dtype=dtype,
                               ignore=hf.is_ignored, where=str(path))
+            cfg, extra = _vision_params(cfg, reader, path, vision, official=False)
     else:
         reader = official.OrbaxReader(path)
         params = assemble(cfg, reader, official.official_sources(cfg, reader), dtype=dtype,
                           ignore=official.is_ignored, where=str(path))
+        cfg, extra = _vision_params(cfg, reader, path, vision, official=True)
+    params.update(extra)
     return cfg, params
+
+
+def _vision_params(cfg: ModelConfig, reader, path: Path, wanted: bool, official: bool):
+    """(config, vision params): the config without vision when the checkpoint has none or it is
+    not wanted."""
+    import dataclasses
+
+    from models import vision as vm
+
+    if cfg.vision is None:
+        return cfg, {}
+    split = vm._official_canonical if official else vm._canonical
+    names = [n for n in reader.names() if split(n) is not None]
+    if not wanted or not names:
+        return dataclasses.replace(cfg, vision=None), {}
+    state = {n: reader.read(n) for n in names}
+    convert = vm.official_vision_to_params if official else vm.hf_vision_to_params
+    try:
+        return cfg, convert(state, cfg.vision, cfg.embed_dim)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 __all__ = ["load_checkpoint", "detect_format", "CheckpointError"]

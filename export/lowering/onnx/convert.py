@@ -17,7 +17,12 @@ import onnx
 from onnx import TensorProto, helper
 
 # import for their registrations
-from export.lowering.onnx import rules_elementwise, rules_gather, rules_reduce_dot, rules_shape  # noqa: F401
+from export.lowering.onnx import (  # noqa: F401
+    rules_elementwise,
+    rules_gather,
+    rules_reduce_dot,
+    rules_shape,
+)
 from export.lowering.onnx.fused import MS_DOMAIN, OP_SETS, OPSET
 from export.lowering.onnx.graph import NUMPY_TO_ONNX, Lowering
 from export.signatures import Signature
@@ -142,16 +147,47 @@ def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
     return tensor
 
 
-def save(model: onnx.ModelProto, weights: dict, path: Path) -> list[Path]:
+def external_table(model: onnx.ModelProto, weights: dict) -> dict:
+    """{name: (array, location, offset, length)} of the weights a saved model keeps in its external
+    data file, for `save(..., reuse=)`."""
+    table = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL and t.name in weights:
+            info = {e.key: e.value for e in t.external_data}
+            table[t.name] = (weights[t.name], info["location"], int(info["offset"]), int(info["length"]))
+    return table
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+
+
+def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None = None) -> list[Path]:
     """Write model.onnx (+ model.onnx.data when the weights pass EXTERNAL_DATA_BYTES), each to a
-    temporary name first. Weights go in sorted order, so the same inputs give identical bytes."""
+    temporary name first. Weights go in sorted order, so the same inputs give identical bytes.
+
+    reuse (`external_table` of a model saved in the same folder): weights equal to one there are
+    referenced in its data file instead of written again (the image prefill graph shares the text
+    decoder's weights this way)."""
     path = Path(path)
-    total = sum(a.nbytes for a in weights.values())
+    weights = dict(weights)
+    for name, (array, location, offset, length) in (reuse or {}).items():
+        if name in weights and _same(weights[name], array):
+            del weights[name]
+            tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            model.graph.initializer.append(tensor)
+    # external only when something big remains (after `reuse`, maybe nothing does)
+    external = sum(a.nbytes for a in weights.values()) > EXTERNAL_DATA_BYTES and \
+        any(a.nbytes >= INLINE_BYTES for a in weights.values())
     written = []
     data_path = path.with_name(path.name + ".data")
     tmp_data = data_path.with_name(data_path.name + ".tmp")
     try:
-        if total > EXTERNAL_DATA_BYTES:
+        if external:
             # small tensors (shapes, scalars) stay in the model: shape inference reads them
             inline = sorted(n for n, a in weights.items() if a.nbytes < INLINE_BYTES)
             model.graph.initializer.extend(_tensor(name, weights[name]) for name in inline)
@@ -175,7 +211,7 @@ def save(model: onnx.ModelProto, weights: dict, path: Path) -> list[Path]:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(model.SerializeToString())
-        if total > EXTERNAL_DATA_BYTES:
+        if external:
             os.replace(tmp_data, data_path)
         os.replace(tmp, path)
         written.insert(0, path)
@@ -194,4 +230,4 @@ def contrib_ops(model: onnx.ModelProto) -> set[str]:
     return ops
 
 
-__all__ = ["assemble", "contrib_ops", "lower_to_graph", "save", "state_shapes"]
+__all__ = ["assemble", "contrib_ops", "external_table", "lower_to_graph", "save", "state_shapes"]

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from export.lowering.onnx.graph import Lowering, tensor_type
+from export.lowering.onnx.graph import Lowering, UnsupportedOpError, tensor_type
 
 DOMAIN = "gemma_edge"
 MS_DOMAIN = "com.microsoft"
@@ -114,7 +114,12 @@ def lower_linear_recurrence(lw: Lowering, op):
 
 
 def _gqa(lw: Lowering, op, local: bool):
-    q, k, v, cache_k, cache_v, start, num_valid = lw.composite_operands(op)
+    operands = lw.composite_operands(op)
+    if len(operands) != 7:  # the image prefill's block ids: GQA masks causally, images need more
+        raise UnsupportedOpError(
+            "com.microsoft::GroupQueryAttention cannot express the bidirectional attention inside an image's "
+            "soft tokens: export a model with vision with --onnx-ops standard (or --no-vision)")
+    q, k, v, cache_k, cache_v, start, num_valid = operands
     values = lw.composite_operand_values(op)
     attrs = lw.composite_attributes(op)
     _, n, h = tensor_type(values[0])[0][1:]

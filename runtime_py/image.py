@@ -1,0 +1,109 @@
+"""Image preprocessing for the Gemma 3 vision tower: a picture -> float32 [1, S, S, 3] in [-1, 1].
+
+`preprocess(source, image_size)` gives what `models.vision.encode_images` and
+`models.generate.image_prompt` take (S = `VisionConfig.image_size`: 896 for released models, 28 or
+56 for the tiny test models). The steps are those of Hugging Face's `Gemma3ImageProcessor`:
+
+1. `load_image`: decode to uint8 RGB [H, W, 3]. Files get their EXIF orientation applied
+   (`PIL.ImageOps.exif_transpose`, as a photo viewer shows them); every Pillow mode is converted with
+   `convert("RGB")` (alpha is dropped, not composited), except 16-bit grayscale (`I;16*`, e.g. a
+   16-bit PNG), which is scaled to 8 bits (x / 257, rounded) instead of being clipped at 255.
+   Multi-frame files (GIF, TIFF) give their first frame.
+2. Resize to S x S with Pillow's `Image.resize((S, S), resample=BILINEAR)`, exactly as the HF
+   processor does (Pillow's bilinear widens its support when it shrinks, i.e. it is antialiased, like
+   the reference `jax.image.resize(..., "bilinear", antialias=True)`). The aspect ratio is not kept:
+   the picture is squashed to a square, as in HF and the reference.
+3. `(x.astype(float32) * (1/255) - 0.5) / 0.5`: HF's rescale 1/255 and normalisation with mean and
+   std 0.5, in float32. It maps 0 -> -1.0 and 255 -> 1.0 exactly, so the result lies in [-1, 1]
+   (the reference's `(x - 127.5) / 127.5` clipped to [-1, 1] agrees to float32 rounding).
+
+Pan-and-scan (HF's `do_pan_and_scan`, extra crops of wide or tall pictures) is off by default for
+Gemma 3 and is not implemented: one image is one S x S view, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{what}: empty image ({img.width}x{img.height}); pass a picture with pixels")
+    if img.mode in _SIXTEEN_BIT_GRAY:
+        wide = np.asarray(img).astype(np.uint32)
+        gray = ((wide * 2 + 257) // 514).astype(np.uint8)  # round(x / 257): 65535 -> 255
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # Pillow's advice for palette images with transparency
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"image array has dtype {arr.dtype}; pass uint8 pixels in [0, 255] "
+                             "(e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])")
+        raise ValueError(f"image array has dtype {arr.dtype}; pass uint8 pixels in [0, 255] (arr.astype(np.uint8))")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[:, :, :3]
+    else:
+        hint = " (channels first? transpose to [H, W, C])" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"image array has shape {arr.shape}{hint}; pass [H, W, 3] RGB, [H, W, 4] RGBA or [H, W] gray")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image array has shape {arr.shape}: empty; pass a picture with pixels")
+    return np.ascontiguousarray(arr)
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """A file path, a PIL image or a uint8 array -> uint8 RGB [H, W, 3].
+
+    Arrays: [H, W, 3] RGB, [H, W, 4] RGBA (alpha dropped), [H, W] or [H, W, 1] gray; uint8 only.
+    EXIF orientation is applied to files only: PIL images and arrays are taken as the pixels given."""
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source, "PIL image")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such image file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file; pass the path of an image file")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: not an image Pillow can read ({type(e).__name__}: {e}); "
+                             "pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from e
+        return _pil_to_rgb(img, str(path))
+    raise TypeError(f"image source of type {type(source).__name__}; pass a file path, a PIL.Image or a uint8 array")
+
+
+def preprocess(source: str | os.PathLike | Image.Image | np.ndarray, image_size: int) -> np.ndarray:
+    """One image -> float32 [1, S, S, 3] (S = image_size), channels last, in [-1, 1] (module docstring)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise ValueError(f"image_size {image_size!r}: pass a positive int (the vision config's image_size, e.g. 896)")
+    s = int(image_size)
+    rgb = load_image(source)
+    resized = np.asarray(Image.fromarray(rgb).resize((s, s), resample=Image.Resampling.BILINEAR))
+    x = (resized.astype(np.float32) * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
+    return x[None]
+
+
+def preprocess_many(sources: Iterable[str | os.PathLike | Image.Image | np.ndarray], image_size: int) -> list[np.ndarray]:
+    """`preprocess` for each source, in order: a list of float32 [1, S, S, 3] arrays."""
+    return [preprocess(src, image_size) for src in sources]

@@ -1,0 +1,250 @@
+"""Gemma 3 with images, exported (export/signatures.py: vision_encoder, image_prefill_{T}; ONNX:
+vision_encoder.onnx, image_prefill.onnx): both targets pass the parity gate with image prompts,
+greedy generation after images matches the JAX model, the CLIs take images, and bad input is a
+clear error. gemma3-vision-tiny, random weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export.cli import main as export_main
+from export.pipeline import export_onnx, export_tflite
+from models import get_config, init_params
+from models.generate import generate
+from models.multimodal import expand_image_tokens
+from models.vision import init_vision_params
+from runtime_py import load, parity, reference_session
+from runtime_py.__main__ import main as runtime_main
+
+MAX_LEN, LENS = 64, [8, 16]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = get_config("gemma3-vision-tiny")
+    # seed 3: greedy text after the test prompt varies and depends on the images (many random tiny
+    # models repeat one token whatever they see)
+    params = init_params(cfg, 3)
+    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 3))
+    return cfg, params
+
+
+@pytest.fixture(scope="module")
+def artifacts(model, tmp_path_factory):
+    cfg, params = model
+    out = tmp_path_factory.mktemp("vision_export")
+    tfl = export_tflite(cfg, params, out_dir=out, max_len=MAX_LEN, prefill_lens=LENS).path
+    onnx = export_onnx(cfg, params, out_dir=out, max_len=MAX_LEN, op_set="standard", lens=LENS).path
+    return {"tflite": tfl, "onnx": onnx}
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32) for _ in range(n)]
+
+
+def _prompt(cfg, seed=0):
+    """Text, an image, text, an image, text past the sliding window (8)."""
+    rng = np.random.default_rng(seed)
+    v = cfg.vision
+    return [2, *rng.integers(3, 250, 5).tolist(), v.boi_token, *rng.integers(3, 250, 3).tolist(), v.boi_token,
+            *rng.integers(3, 250, 11).tolist()]
+
+
+def test_tflite_signatures(artifacts, model):
+    cfg, _ = model
+    session = load(artifacts["tflite"])
+    sigs = session.signatures
+    assert set(sigs) == {"prefill_8", "prefill_16", "decode", "vision_encoder", "image_prefill_8", "image_prefill_16"}
+    assert [(t.name, t.shape) for t in sigs["vision_encoder"].inputs] == [("image", (1, 28, 28, 3))]
+    assert [(t.name, t.shape) for t in sigs["vision_encoder"].outputs] == [("soft_tokens", (1, 4, 64))]
+    inputs = {t.name: t.shape for t in sigs["image_prefill_16"].inputs}
+    assert (inputs["tokens"], inputs["input_pos"], inputs["embeddings"]) == ((1, 16), (16,), (1, 16, 64))
+    # the image prefill carries exactly the text prefill's states
+    assert sigs["image_prefill_16"].state_inputs == sigs["prefill_16"].state_inputs
+    assert session.vision == cfg.vision
+
+
+@pytest.mark.parametrize("target", ["tflite", "onnx"])
+def test_parity_gate_with_images(artifacts, model, target):
+    """The exported encoder and image prefill against the JAX model: soft tokens and logits of every
+    prefill chunk and 12 decode steps (relative RMS 1e-4, greedy identical)."""
+    cfg, params = model
+    reference = reference_session(cfg, params, LENS, MAX_LEN)
+    session = load(artifacts[target])
+    prompts = [_prompt(cfg, 0), [2, cfg.vision.boi_token, 7, 9]]
+    report = parity(reference, session, prompts, 12, images=[_images(2, 1), _images(1, 2)])
+    assert report.passes(1e-4, 12), report.worst()
+    assert len(report.encoder) == 3 and max(e["rel_rms"] for e in report.encoder) < 1e-5
+    used = {s.signature for s in report.steps}
+    if target == "tflite":
+        assert {"image_prefill_16", "decode"} <= used
+        # no chunk splits an image: the image chunks hold whole soft-token runs
+    assert len(report.steps) == len([s for s in report.steps if s.signature != "decode"]) + 24
+
+
+@pytest.mark.parametrize("target", ["tflite", "onnx"])
+def test_greedy_after_images_matches_jax(artifacts, model, target):
+    cfg, params = model
+    prompt, images = _prompt(cfg, 3), _images(2, 4)
+    want = generate(params, cfg, [prompt], 20, images=[images], stop_tokens=()).tokens[0]
+    assert len(set(want)) > 5
+    session = load(artifacts[target])
+    assert session.generate(prompt, 20, images=images) == want
+    # the same prompt already expanded gives the same tokens
+    assert session.generate(expand_image_tokens(cfg.vision, prompt), 20, images=images) == want
+    # and the images matter
+    assert session.generate(prompt, 20, images=images[::-1]) != want
+
+
+def test_image_errors(artifacts, model, tmp_path):
+    cfg, _ = model
+    session = load(artifacts["tflite"])
+    with pytest.raises(ValueError, match="2 image place.*1 image"):
+        session.generate(_prompt(cfg), 4, images=_images(1))
+    text_only = export_tflite(get_config("gemma3-tiny"), init_params(get_config("gemma3-tiny"), 0), out_dir=tmp_path,
+                              max_len=32, prefill_lens=[8]).path
+    with pytest.raises(ValueError, match="no vision encoder"):
+        load(text_only).generate([2, 5], 4, images=_images(1))
+
+
+def test_cli_exports_both_targets_with_images(tmp_path, capsys):
+    """python -m export on a model with vision: the gate's image prompt (recorded in parity.json); ONNX
+    picks the standard op set by itself; an explicit GroupQueryAttention op set is refused; prefill
+    lengths that cannot hold an image are refused; --no-vision exports text only."""
+    common = ["--model", "gemma3-vision-tiny", "--random-init", "0", "--max-seq-len", "64", "--verify-steps", "8",
+              "--out", str(tmp_path)]
+    assert export_main([*common, "--target", "tflite", "--prefill-lens", "8,16"]) == 0
+    report = json.loads((tmp_path / "gemma3-vision-tiny_f32_ctx64.parity.json").read_text())
+    assert report["passed"] and len(report["encoder"]) == 2
+    assert any(s["signature"].startswith("image_prefill_") for s in report["steps"])
+    assert export_main([*common, "--target", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "--onnx-ops standard" in out and "vision_encoder.onnx" in out
+    folder = tmp_path / "gemma3-vision-tiny_f32_ctx64_standard_onnx"
+    assert json.loads((folder / "parity.json").read_text())["passed"]
+    assert export_main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "vision_encoder.onnx" in out and "inputs_embeds[1, 'sequence_length', 64]" in out
+    assert export_main(["inspect", str(tmp_path / "gemma3-vision-tiny_f32_ctx64.tflite")]) == 0
+    out = capsys.readouterr().out
+    assert "signature vision_encoder: image[1, 28, 28, 3] -> soft_tokens[1, 4, 64]" in out
+    assert "signature image_prefill_16: tokens[1, 16] input_pos[16] embeddings[1, 16, 64]" in out
+    assert export_main([*common, "--target", "onnx", "--onnx-ops", "default"]) == 2
+    assert "GroupQueryAttention" in capsys.readouterr().err
+    assert export_main([*common, "--target", "tflite", "--prefill-lens", "2,3"]) == 2
+    assert "prefill length of at least 4" in capsys.readouterr().err
+    assert export_main([*common, "--target", "tflite", "--prefill-lens", "8", "--no-vision", "--no-verify"]) == 0
+    assert "vision_encoder" not in load(tmp_path / "gemma3-vision-tiny_f32_ctx64.tflite").signatures
+
+
+def test_runtime_cli_generates_from_an_image_file(artifacts, model, tokenizer_256, tmp_path, capsys):
+    """python -m runtime_py generate --image: the PNG is preprocessed (runtime_py.image) and placed
+    at the prompt's marker; the text equals the JAX model's greedy text for the same pixels."""
+    from PIL import Image
+
+    from models.multimodal import encode_with_images
+    from models.tokenizer import Tokenizer
+    from runtime_py.image import preprocess
+
+    cfg, params = model
+    rng = np.random.default_rng(7)
+    png = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(png)
+    tok = Tokenizer(tokenizer_256)
+    text = "Look at this <start_of_image> and tell me a story about it"
+    ids = encode_with_images(tok, text, cfg.vision)
+    assert ids.count(cfg.vision.boi_token) == 1 and ids[0] == 2
+    want = generate(params, cfg, [ids], 12, images=[[preprocess(png, 28)]], stop_tokens=(1,)).tokens[0]
+    capsys.readouterr()
+    rc = runtime_main(["generate", "--artifact", str(artifacts["tflite"]), "--tokenizer", str(tokenizer_256),
+                       "--image", str(png), "--prompt", text, "--max-new-tokens", "12"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.rstrip("\n") == tok.decode(want)
+    assert "(1 images)" in captured.err
+    # no marker: the image goes first
+    assert runtime_main(["generate", "--artifact", str(artifacts["onnx"]), "--tokenizer", str(tokenizer_256),
+                         "--image", str(png), "--prompt", "a story", "--max-new-tokens", "4"]) == 0
+    # a marker without an image, and a file that is not an image: one line, exit 2
+    assert runtime_main(["generate", "--artifact", str(artifacts["tflite"]), "--tokenizer", str(tokenizer_256),
+                         "--prompt", text]) == 2
+    assert "no --image" in capsys.readouterr().err
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    assert runtime_main(["generate", "--artifact", str(artifacts["tflite"]), "--tokenizer", str(tokenizer_256),
+                         "--image", str(bad), "--prompt", text]) == 2
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_litertlm_bundle_of_a_vision_model_runs_text_in_litert_lm(tmp_path, tokenizer_256):
+    """The bundle holds the image signatures too; LiteRT-LM (which claims `prefill*` signatures)
+    still runs its text, and the export's engine check passes."""
+    rc = export_main(["--model", "gemma3-vision-tiny", "--random-init", "0", "--target", "litertlm",
+                      "--tokenizer", str(tokenizer_256), "--out", str(tmp_path), "--max-seq-len", "64",
+                      "--prefill-lens", "8,16", "--verify-steps", "8"])
+    assert rc == 0
+    report = json.loads((tmp_path / "gemma3-vision-tiny_f32_ctx64.parity.json").read_text())
+    assert report["passed"] and report["litert_lm"]["match"] and len(report["encoder"]) == 2
+    assert "vision_encoder" in load(tmp_path / "gemma3-vision-tiny_f32_ctx64.litertlm").signatures
+
+
+def test_pad_for_blocks_is_exact(model):
+    """Blockwise recipes need contraction widths divisible by the block: the tower's patch width
+    (147 here, 588 in Gemma 3) and MLP width are zero-padded, which changes no soft token."""
+    import jax
+
+    from models.vision import encode_images, pad_for_blocks
+
+    cfg, params = model
+    v = cfg.vision
+    padded = pad_for_blocks(params, v, 32)
+    assert padded["vision.patch_embed.w"].shape == (32, 160) and padded["vision.layers.0.mlp.fc1.w"].shape == (64, 32)
+    wide = pad_for_blocks(params, v, 128)
+    assert wide["vision.layers.1.mlp.fc1.w"].shape == (128, 32) and wide["vision.layers.1.mlp.fc2.w"].shape == (32, 128)
+    images = np.concatenate(_images(2, 9))
+    run = jax.jit(encode_images, static_argnums=(1, 2))
+    want = np.asarray(run(params, v, cfg.embed_dim, images))
+    for p in (padded, wide):
+        np.testing.assert_allclose(np.asarray(run(p, v, cfg.embed_dim, images)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_exports_with_vision(tmp_path, capsys):
+    """int4-b32 on TFLite quantizes the padded tower too and keeps the image signatures (the gate
+    runs; on random weights it only warns); ONNX's standard op set (needed for images) runs fp16,
+    and a contrib-op recipe is refused with the fix."""
+    common = ["--model", "gemma3-vision-tiny", "--random-init", "0", "--max-seq-len", "64", "--verify-steps", "8",
+              "--prefill-lens", "8,16", "--out", str(tmp_path)]
+    assert export_main([*common, "--target", "tflite", "--quant", "int4-b32"]) == 0
+    report = json.loads((tmp_path / "gemma3-vision-tiny_int4-b32_ctx64.parity.json").read_text())
+    assert len(report["encoder"]) == 2 and report["encoder"][0]["rel_rms"] > 1e-4  # quantized, so measurable
+    session = load(tmp_path / "gemma3-vision-tiny_int4-b32_ctx64.tflite")
+    assert "vision_encoder" in session.signatures and "image_prefill_16" in session.signatures
+    assert export_main([*common, "--target", "onnx", "--quant", "fp16"]) == 0
+    assert json.loads((tmp_path / "gemma3-vision-tiny_fp16_ctx64_standard_onnx" / "parity.json").read_text())["passed"]
+    capsys.readouterr()
+    assert export_main([*common, "--target", "onnx", "--quant", "int4-b32"]) == 2
+    assert "--no-vision" in capsys.readouterr().err
+
+
+def test_onnx_image_prefill_shares_the_decoder_weight_file(model, tmp_path, monkeypatch):
+    """With external weights (large models), image_prefill.onnx references the text weights in
+    model.onnx.data instead of storing them again, and still runs."""
+    import onnx
+
+    import export.lowering.onnx.convert as conv
+
+    monkeypatch.setattr(conv, "EXTERNAL_DATA_BYTES", 0)  # tiny weights, handled as a large model's
+    cfg, params = model
+    folder = export_onnx(cfg, params, out_dir=tmp_path, max_len=MAX_LEN, op_set="standard", lens=LENS).path
+    graph = onnx.load(str(folder / "image_prefill.onnx"), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == \
+        {"model.onnx.data"}
+    assert not (folder / "image_prefill.onnx.data").exists()
+    prompt, images = _prompt(cfg, 3), _images(2, 4)
+    want = generate(params, cfg, [prompt], 8, images=[images], stop_tokens=()).tokens[0]
+    assert load(folder).generate(prompt, 8, images=images) == want
