@@ -1,7 +1,8 @@
 """Load exported artifacts, run prefill/decode with static caches, generate, check parity.
 
   session = runtime_py.load("artifacts/gemma3-270m_f32_ctx4096.tflite")
-  ids = session.generate(prompt_ids, max_new_tokens=32)
+  ids = session.generate(prompt_ids, max_new_tokens=32)            # ids in, ids out (images=[...])
+  text = runtime_py.generate("artifact.litertlm", "Hi", images=["cat.jpg"])   # text in, text out
   report = runtime_py.parity(runtime_py.reference_session(cfg, params, [32, 128], 4096), session,
                              prompts, decode_steps=64)
 """
@@ -24,13 +25,33 @@ def load(path, num_threads: int | None = None) -> Session:
     if path.suffix in (".tflite", ".litertlm"):
         from runtime_py.tflite_backend import load_tflite
 
-        return load_tflite(path, num_threads)
-    if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        session = load_tflite(path, num_threads)
+    elif path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
         from runtime_py.onnx_backend import load_onnx
 
-        return load_onnx(path, num_threads)
+        session = load_onnx(path, num_threads)
+    else:
+        session = None
+    if session is not None:
+        session.path = path
+        return session
     raise ValueError(f"{path}: unknown artifact type (supported: .tflite, .litertlm, .onnx, an "
                      "onnxruntime-genai folder)")
+
+
+def generate(artifact, prompt: str, *, images=(), tokenizer=None, max_new_tokens: int = 64, sampling=None,
+             raw: bool = False) -> str:
+    """Text in, text out: load `artifact` (a path, or a Session already loaded), encode the prompt
+    (the chat template for instruction-tuned models unless raw; one `<start_of_image>` per image,
+    or the images first), generate, decode. images: paths, PIL images, uint8 arrays or
+    preprocessed float32 [1, S, S, 3] arrays (Gemma 3 with vision). tokenizer: a path; default the
+    one a .litertlm bundle or an ONNX folder carries."""
+    from runtime_py.text import prompt_ids, stream_text, tokenizer_for
+
+    session = artifact if isinstance(artifact, Session) else load(artifact)
+    tok = tokenizer_for(session, getattr(session, "path", artifact), tokenizer)
+    ids = prompt_ids(session, tok, prompt, len(images), raw)
+    return "".join(stream_text(session, tok, ids, max_new_tokens, images=images, sampling=sampling))
 
 
 def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:
@@ -40,4 +61,4 @@ def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:
     return jax_session(cfg, params, prefill_lengths, max_len)
 
 
-__all__ = ["ContextFullError", "ParityReport", "Session", "load", "parity", "reference_session"]
+__all__ = ["ContextFullError", "ParityReport", "Session", "generate", "load", "parity", "reference_session"]

@@ -21,49 +21,19 @@ from pathlib import Path
 
 def cmd_generate(args) -> int:
     from models.generate import Sampling
-    from models.tokenizer import Tokenizer
     from runtime_py import load
+    from runtime_py.text import prompt_ids, stream_text, tokenizer_for
 
     session = load(args.artifact, args.threads)
-    tokenizer = args.tokenizer
-    if tokenizer is not None:
-        tok = Tokenizer(tokenizer)
-    elif session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
-        tok = Tokenizer.from_bytes(session.tokenizer_model)
-    else:  # so does an onnxruntime-genai folder
-        bundled = Path(args.artifact) / "tokenizer.model"
-        if not bundled.exists():
-            raise ValueError(f"{args.artifact} holds no tokenizer.model: pass --tokenizer PATH")
-        tok = Tokenizer(bundled)
-    meta = session.metadata
+    tok = tokenizer_for(session, args.artifact, args.tokenizer)
     images = args.image or []
-    if images and session.vision is None:
-        raise ValueError(f"{args.artifact} has no vision encoder: it takes no --image (export a Gemma 3 4B+ "
-                         "model without --no-vision)")
-    chat = meta.get("instruction_tuned") and not args.raw
-    if session.vision is not None:
-        from models.multimodal import encode_with_images
-
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], family=meta["family"]) \
-            if chat else args.prompt
-        if not images and "<start_of_image>" in text:
-            raise ValueError("the prompt has <start_of_image> but no --image was given; pass --image PATH for each")
-        ids = encode_with_images(tok, text, session.vision, len(images))
-    elif chat:
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], family=meta["family"])
-    else:
-        ids = tok.encode(args.prompt)
-    stops = meta.get("stop_tokens") if meta.get("instruction_tuned") else [meta.get("eos", tok.eos_id)]
+    ids = prompt_ids(session, tok, args.prompt, len(images), args.raw)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     t0 = time.perf_counter()
-    out, printed = [], ""
-    for token in session.generate_stream(ids, args.max_new_tokens, sampling=sampling, stop_tokens=stops or (),
-                                         images=images):
-        out.append(token)
-        text = tok.decode(out)
-        sys.stdout.write(text[len(printed):])
+    out: list[int] = []
+    for piece in stream_text(session, tok, ids, args.max_new_tokens, images=images, sampling=sampling, counts=out):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-        printed = text
     sys.stdout.write("\n")
     seconds = time.perf_counter() - t0
     n_prompt = len(ids) + len(images) * (session.vision.image_length - 1 if images else 0)

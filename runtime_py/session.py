@@ -83,6 +83,7 @@ class Session:
     """
 
     tokenizer_model: bytes | None = None  # the SentencePiece model a .litertlm bundle carries
+    path = None  # the artifact it was loaded from (runtime_py.load)
 
     def __init__(self, backend, max_len: int, metadata: dict | None = None):
         signatures = backend.signatures

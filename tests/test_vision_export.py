@@ -172,7 +172,7 @@ def test_runtime_cli_generates_from_an_image_file(artifacts, model, tokenizer_25
     # a marker without an image, and a file that is not an image: one line, exit 2
     assert runtime_main(["generate", "--artifact", str(artifacts["tflite"]), "--tokenizer", str(tokenizer_256),
                          "--prompt", text]) == 2
-    assert "no --image" in capsys.readouterr().err
+    assert "but no image was given" in capsys.readouterr().err
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
     assert runtime_main(["generate", "--artifact", str(artifacts["tflite"]), "--tokenizer", str(tokenizer_256),
@@ -248,3 +248,23 @@ def test_onnx_image_prefill_shares_the_decoder_weight_file(model, tmp_path, monk
     prompt, images = _prompt(cfg, 3), _images(2, 4)
     want = generate(params, cfg, [prompt], 8, images=[images], stop_tokens=()).tokens[0]
     assert load(folder).generate(prompt, 8, images=images) == want
+
+
+def test_runtime_generate_text_in_text_out(artifacts, model, tokenizer_256):
+    """runtime_py.generate: a prompt string and image files in, the model's text out (the same
+    text the CLI prints); images given to a text-only model are refused."""
+    import runtime_py
+    from models.multimodal import encode_with_images
+    from models.tokenizer import Tokenizer
+
+    cfg, params = model
+    tok = Tokenizer(tokenizer_256)
+    images = _images(2, 6)
+    text = "first <start_of_image> then <start_of_image> and a story"
+    want = generate(params, cfg, [encode_with_images(tok, text, cfg.vision)], 10, images=[images],
+                    stop_tokens=(1,)).tokens[0]
+    for artifact in (artifacts["onnx"], load(artifacts["tflite"])):
+        got = runtime_py.generate(artifact, text, images=images, tokenizer=tokenizer_256, max_new_tokens=10)
+        assert got == tok.decode(want)
+    with pytest.raises(ValueError, match="2 image place.*1 image"):
+        runtime_py.generate(artifacts["tflite"], text, images=images[:1], tokenizer=tokenizer_256)

@@ -1,0 +1,64 @@
+"""Text in, text out over a session: the tokenizer an artifact needs, the prompt ids (chat template
+for instruction-tuned models, `<start_of_image>` markers for images), the stop tokens. Shared by
+`runtime_py.generate` and `python -m runtime_py generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from models.multimodal import BOI_TEXT
+
+
+def tokenizer_for(session, artifact, tokenizer=None):
+    """The given tokenizer (a path), else the one a .litertlm bundle or an ONNX folder carries."""
+    from models.tokenizer import Tokenizer
+
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    if session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
+        return Tokenizer.from_bytes(session.tokenizer_model)
+    bundled = Path(artifact or ".") / "tokenizer.model"  # so does an onnxruntime-genai folder
+    if artifact is None or not bundled.exists():
+        raise ValueError(f"{artifact} holds no tokenizer.model: pass a tokenizer (--tokenizer PATH)")
+    return Tokenizer(bundled)
+
+
+def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) -> list[int]:
+    """Token ids of a user prompt: the chat template for instruction-tuned artifacts (unless raw),
+    one BOS; with vision, `<start_of_image>` markers become the image token (images without
+    markers go first)."""
+    meta = session.metadata
+    if n_images and session.vision is None:
+        raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 4B+ model "
+                         "without --no-vision)")
+    chat = meta.get("instruction_tuned") and not raw
+    if session.vision is None:
+        if chat:
+            return tok.encode_chat([{"role": "user", "content": prompt}], family=meta["family"])
+        return tok.encode(prompt)
+    from models.multimodal import encode_with_images
+
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], family=meta["family"]) if chat else prompt
+    if not n_images and BOI_TEXT in text:
+        raise ValueError(f"the prompt has {BOI_TEXT} but no image was given; pass one image (--image PATH) for each")
+    return encode_with_images(tok, text, session.vision, n_images)
+
+
+def stop_ids(session, tok) -> list[int]:
+    meta = session.metadata
+    stops = meta.get("stop_tokens") if meta.get("instruction_tuned") else [meta.get("eos", tok.eos_id)]
+    return list(stops or ())
+
+
+def stream_text(session, tok, ids: Sequence[int], max_new_tokens: int, *, images: Sequence = (), sampling=None,
+                counts: list | None = None) -> Iterator[str]:
+    """Yield the generated text piece by piece (each piece is what the new token added); the
+    generated ids are appended to `counts` when given."""
+    out, printed = [] if counts is None else counts, ""
+    for token in session.generate_stream(ids, max_new_tokens, sampling=sampling, stop_tokens=stop_ids(session, tok),
+                                         images=list(images)):
+        out.append(token)
+        text = tok.decode(out)
+        yield text[len(printed):]
+        printed = text
