@@ -167,3 +167,21 @@ def tokenizer_256(tmp_path_factory):
         bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1, minloglevel=2)
     return out / "tiny256.model"
+
+
+def randomize_vlm(model):
+    """Give a Gemma3ForConditionalGeneration non-trivial random weights in place: SigLIP LayerNorm
+    gains around 1, their biases and Gemma RMSNorm (1 + w) scales around 0, matrices ~ N(0, 1/fan_in),
+    other vectors small."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                gain = name.startswith("model.vision_tower.") and name.endswith("weight")
+                p.normal_(1.0 if gain else 0.0, 0.1)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 1.0 / np.sqrt(p.shape[-1]))
+            else:
+                p.normal_(0.0, 0.05)
+    return model

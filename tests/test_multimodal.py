@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config
+from conftest import hf_config, randomize_vlm
 
 from models import load_checkpoint
 from models.cache import init_cache
@@ -36,16 +36,7 @@ def hf_checkpoint(tmp_path_factory):
                           mm_tokens_per_image=4, **IDS)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                gain = name.startswith("model.vision_tower.") and name.endswith("weight")
-                p.normal_(1.0 if gain else 0.0, 0.1)
-            elif p.ndim >= 2:
-                p.normal_(0.0, 1.0 / np.sqrt(p.shape[-1]))
-            else:
-                p.normal_(0.0, 0.05)
+    model = randomize_vlm(tf.Gemma3ForConditionalGeneration(cfg).eval())
     folder = tmp_path_factory.mktemp("gemma3_vlm")
     model.save_pretrained(folder)
     return model, folder

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config
+from conftest import hf_config, randomize_vlm
 
 from models.config import VisionConfig
 from models.hf_config import _vision
@@ -41,18 +41,7 @@ def hf_vlm():
                           mm_tokens_per_image=TOKENS)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                # SigLIP LayerNorm weights around 1; their biases and Gemma RMSNorm (1 + w) scales
-                # around 0
-                layer_norm_gain = name.startswith("model.vision_tower.") and name.endswith("weight")
-                p.normal_(1.0 if layer_norm_gain else 0.0, 0.1)
-            elif p.ndim >= 2:
-                p.normal_(0.0, 1.0 / np.sqrt(p.shape[-1]))
-            else:
-                p.normal_(0.0, 0.05)
+    model = randomize_vlm(tf.Gemma3ForConditionalGeneration(cfg).eval())
     vcfg = _vision(cfg.vision_config.to_dict(), cfg.mm_tokens_per_image)
     return model, vcfg, text.hidden_size
 
