@@ -124,6 +124,8 @@ def matmul_widths(cfg: ModelConfig) -> dict[str, int]:
               "MLP down projection (mlp_dim)": cfg.mlp_dim}
     if cfg.family == Family.RECURRENTGEMMA and cfg.recurrent is not None:
         widths["recurrent output (lru_width)"] = cfg.recurrent.lru_width
+    if cfg.vision is not None:  # its patch and MLP widths are padded to the block (models.vision.pad_for_blocks)
+        widths["vision tower width"] = cfg.vision.width
     return widths
 
 

@@ -135,11 +135,17 @@ class Lowering:
     def operand(self, op, i: int) -> str:
         return self._names[op.operands[i]]
 
-    def elementwise_operands(self, names: list[str]) -> list[str]:
-        """Operands of a StableHLO elementwise op (all of the result's shape) for an ONNX op that
-        broadcasts: explicit broadcasts of unit-shaped values are skipped, as long as one operand
-        keeps the full shape."""
-        if all(n in self.broadcast_source for n in names):
+    def elementwise_operands(self, names: list[str], op=None) -> list[str]:
+        """Operands of a StableHLO elementwise op `op` (names in operand order) for an ONNX op that
+        broadcasts: explicit broadcasts are replaced by their rank-matched sources (dims of 1 or
+        the full size), as long as one operand that is not replaced has the result's full shape
+        (select's predicate and clamp's bounds may be scalars)."""
+        full = None if op is None else tensor_type(op.results[0])[0]
+
+        def keeps_full_shape(i: int, name: str) -> bool:
+            return name not in self.broadcast_source and (op is None or tensor_type(op.operands[i])[0] == full)
+
+        if not any(keeps_full_shape(i, n) for i, n in enumerate(names)):
             return names
         return [self.broadcast_source.get(n, n) for n in names]
 

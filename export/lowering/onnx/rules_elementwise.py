@@ -70,7 +70,7 @@ def folded(lw, op, fn, args):
 def _table_rule(onnx_op, fn):
     def lower(lw, op):
         args = [lw.name(v) for v in op.operands]
-        return [folded(lw, op, fn, args) or lw.node1(onnx_op, lw.elementwise_operands(args))]
+        return [folded(lw, op, fn, args) or lw.node1(onnx_op, lw.elementwise_operands(args, op))]
 
     lower.__doc__ = f"-> {onnx_op}"
     return lower
@@ -84,7 +84,7 @@ def _bitwise_rule(logical, bitwise, fn):
     def lower(lw, op):
         args = [lw.name(v) for v in op.operands]
         kind = logical if result_dtype(op) == np.bool_ else bitwise
-        return [folded(lw, op, fn, args) or lw.node1(kind, lw.elementwise_operands(args))]
+        return [folded(lw, op, fn, args) or lw.node1(kind, lw.elementwise_operands(args, op))]
 
     lower.__doc__ = f"-> {logical} (bool) | {bitwise} (integers)"
     return lower
@@ -137,7 +137,7 @@ def lower_is_finite(lw, op):
 def lower_remainder(lw, op):
     """remainder(x, y) (sign of x, as C's fmod) -> Mod(fmod=1)."""
     args = [lw.name(v) for v in op.operands]
-    return [folded(lw, op, np.fmod, args) or lw.node1("Mod", lw.elementwise_operands(args), fmod=1)]
+    return [folded(lw, op, np.fmod, args) or lw.node1("Mod", lw.elementwise_operands(args, op), fmod=1)]
 
 
 @rule("stablehlo.compare")
@@ -152,7 +152,7 @@ def lower_compare(lw, op):
     const = folded(lw, op, fn, args)
     if const:
         return [const]
-    args = lw.elementwise_operands(args)
+    args = lw.elementwise_operands(args, op)
     if onnx_op is None:
         return [lw.node1("Not", [lw.node1("Equal", args)])]
     return [lw.node1(onnx_op, args)]
@@ -162,7 +162,7 @@ def lower_compare(lw, op):
 def lower_select(lw, op):
     """select(pred, on_true, on_false) -> Where."""
     args = [lw.name(v) for v in op.operands]
-    return [folded(lw, op, np.where, args) or lw.node1("Where", lw.elementwise_operands(args))]
+    return [folded(lw, op, np.where, args) or lw.node1("Where", lw.elementwise_operands(args, op))]
 
 
 @rule("stablehlo.convert")
@@ -187,8 +187,7 @@ def lower_clamp(lw, op):
     const = folded(lw, op, lambda a, b, c: np.minimum(np.maximum(b, a), c), [lo, x, hi])
     if const:
         return [const]
-    lo, x, hi = lw.elementwise_operands([lo, x, hi]) if tensor_type(op.operands[1])[0] == \
-        tensor_type(op.results[0])[0] else (lo, x, hi)
+    lo, x, hi = lw.elementwise_operands([lo, x, hi], op)
     return [lw.node1("Min", [lw.node1("Max", [x, lo]), hi])]
 
 

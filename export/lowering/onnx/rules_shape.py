@@ -78,13 +78,18 @@ def lower_dynamic_reshape(lw, op):
 
 
 def _broadcast(lw, op, x: str, dims: list[int], out_shape: str | None, static_shape):
-    out = _broadcast_nodes(lw, op, x, dims, out_shape, static_shape)
-    if out != x and all(d == 1 for d in tensor_type(op.operands[0])[0]) and lw.constant_value(out) is None:
-        lw.broadcast_source[out] = x
+    """The broadcast value (an Expand), remembering its un-expanded, rank-matched source: an ONNX
+    op that broadcasts (Add, Mul, Where, ...) takes the source when another operand has the full
+    shape (Lowering.elementwise_operands), so the Expand (e.g. of a softmax's row max to
+    [heads, T, S]) is never materialised unless something else needs it."""
+    out, source = _broadcast_nodes(lw, op, x, dims, out_shape, static_shape)
+    if out != source and lw.constant_value(out) is None:
+        lw.broadcast_source[out] = source
     return out
 
 
 def _broadcast_nodes(lw, op, x: str, dims: list[int], out_shape: str | None, static_shape):
+    """(broadcast value, the rank-matched operand it expands)."""
     rank_out = len(static_shape)
     value = lw.constant_value(x)
     if value is not None and out_shape is None and int(np.prod(static_shape)) <= FOLD_LIMIT:
@@ -93,7 +98,8 @@ def _broadcast_nodes(lw, op, x: str, dims: list[int], out_shape: str | None, sta
         sorted_dims = sorted(dims)
         expanded = moved.reshape([moved.shape[sorted_dims.index(i)] if i in sorted_dims else 1
                                   for i in range(rank_out)])
-        return lw.const(np.broadcast_to(expanded, static_shape).copy())
+        out = lw.const(np.broadcast_to(expanded, static_shape).copy())
+        return out, out
     order = None
     if list(dims) != sorted(dims):
         order = [int(i) for i in np.argsort(dims)]
@@ -107,9 +113,9 @@ def _broadcast_nodes(lw, op, x: str, dims: list[int], out_shape: str | None, sta
     unsqueezed = [in_shape[dims.index(i)] if i in dims else 1 for i in range(rank_out)]
     if out_shape is None:
         if unsqueezed == list(static_shape):
-            return x
+            return x, x
         out_shape = lw.const(np.array(static_shape, np.int64))
-    return lw.node1("Expand", [x, out_shape])
+    return lw.node1("Expand", [x, out_shape]), x
 
 
 @rule("stablehlo.broadcast_in_dim")
