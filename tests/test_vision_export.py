@@ -268,3 +268,14 @@ def test_runtime_generate_text_in_text_out(artifacts, model, tokenizer_256):
         assert got == tok.decode(want)
     with pytest.raises(ValueError, match="2 image place.*1 image"):
         runtime_py.generate(artifacts["tflite"], text, images=images[:1], tokenizer=tokenizer_256)
+
+
+def test_onnx_vision_encoder_materialises_no_broadcast(artifacts):
+    """Broadcasts feeding elementwise ops stay un-expanded (ONNX broadcasting does it): the encoder's
+    softmax would otherwise hold [heads, N, N] copies of its row max and sum (18 GB peak RSS at
+    gemma3-4b's 4096 patches; 7 GB without them)."""
+    import onnx
+
+    graph = onnx.load(str(artifacts["onnx"] / "vision_encoder.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "Expand" not in ops and {"Softmax", "Exp"} & ops
