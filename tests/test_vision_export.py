@@ -273,7 +273,7 @@ def test_runtime_generate_text_in_text_out(artifacts, model, tokenizer_256):
 def test_onnx_vision_encoder_materialises_no_broadcast(artifacts):
     """Broadcasts feeding elementwise ops stay un-expanded (ONNX broadcasting does it): the encoder's
     softmax would otherwise hold [heads, N, N] copies of its row max and sum (18 GB peak RSS at
-    gemma3-4b's 4096 patches; 7 GB without them)."""
+    gemma3-4b's 4096 patches; 10 GB without them, tools/bench_vision.py)."""
     import onnx
 
     graph = onnx.load(str(artifacts["onnx"] / "vision_encoder.onnx"), load_external_data=False).graph
