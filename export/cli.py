@@ -115,11 +115,9 @@ def load_source(args):
         from models.vision import init_vision_params
 
         params.update(init_vision_params(cfg.vision, cfg.embed_dim, args.random_init))
-    elif cfg.vision is not None:
-        import dataclasses
+    from models.multimodal import with_vision
 
-        cfg = dataclasses.replace(cfg, vision=None)
-    return cfg, params
+    return with_vision(cfg, params), params
 
 
 def check_output(out: Path):

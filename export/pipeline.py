@@ -23,6 +23,7 @@ import numpy as np
 
 from export.signatures import Signature, all_signatures, state_names, state_specs
 from models.config import ModelConfig
+from models.multimodal import with_vision
 
 STORED = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16)}
 FORMAT_VERSION = 1
@@ -75,14 +76,6 @@ class ExportResult:
             f"{k} {v / 2**20:.2f} MiB" for k, v in state_bytes(self.cfg, self.max_len).items())))
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
-
-
-def with_vision(cfg: ModelConfig, params: dict) -> ModelConfig:
-    """The config the export describes: without its vision tower when params hold no vision weights
-    (a text-only checkpoint, or --no-vision)."""
-    if cfg.vision is not None and "mm.proj.w" not in params:
-        return dataclasses.replace(cfg, vision=None)
-    return cfg
 
 
 def size_line(file_bytes: int, stored: dict, dtype: str) -> str:
@@ -230,9 +223,7 @@ def _storage(cfg: ModelConfig, params: dict, target: str, op_set: str | None, qu
     if recipe.bits == 16:
         return None, "f16", stored_params(params, "f16", embed_16bit=True)
     if recipe.block and cfg.vision is not None and "vision.patch_embed.w" in params:
-        from models.vision import (
-            pad_for_blocks,  # the tower's odd widths (588, 4304), exactly
-        )
+        from models.vision import pad_for_blocks  # the tower's odd widths (588, 4304), exactly
 
         params = pad_for_blocks(params, cfg.vision, recipe.block)
     return recipe, "f32", stored_params(params, "f32")
@@ -294,13 +285,7 @@ def export_onnx(cfg: ModelConfig, params: dict, *, out_dir: Path, max_len: int, 
     import shutil
     import time
 
-    from export.lowering.onnx.convert import (
-        assemble,
-        external_table,
-        lower_to_graph,
-        save,
-        state_shapes,
-    )
+    from export.lowering.onnx.convert import assemble, external_table, lower_to_graph, save, state_shapes
     from export.lowering.onnx.genai import genai_config
     from export.signatures import build_decoder_signature
 

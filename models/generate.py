@@ -61,15 +61,17 @@ def image_prompt(params: dict, cfg: ModelConfig, prompt: Sequence[int], images) 
     """(expanded prompt ids, embeddings [T, E]) for a prompt with one `<start_of_image>` token
     (cfg.vision.boi_token) per image; images: preprocessed [S, S, 3] or [1, S, S, 3] arrays
     (runtime_py.image.preprocess), in prompt order. models/multimodal.py has the layout."""
-    from models.multimodal import expand_image_tokens, splice
+    from models.multimodal import image_inputs
 
     if cfg.vision is None:
         raise ValueError(f"{cfg.name} has no vision tower: it takes no images")
-    ids = expand_image_tokens(cfg.vision, prompt)
     s = cfg.vision.image_size
-    batch = [np.asarray(im, np.float32).reshape(s, s, 3) for im in images]
-    soft = [np.asarray(_encode(params, cfg.vision, cfg.embed_dim, jnp.asarray(im[None])))[0] for im in batch]
-    return ids, splice(cfg.vision, ids, soft, cfg.embed_dim)
+
+    def encode(image):
+        pixels = jnp.asarray(np.asarray(image, np.float32).reshape(1, s, s, 3))
+        return np.asarray(_encode(params, cfg.vision, cfg.embed_dim, pixels))[0]
+
+    return image_inputs(cfg.vision, prompt, images, encode, cfg.embed_dim)
 
 
 def sample(logits, key, sampling: Sampling, vocab_limit: int | None = None):

@@ -67,14 +67,27 @@ def check_images(vcfg: VisionConfig, ids: Sequence[int], n_images: int):
         raise ValueError(f"an image run has {bad[0]} soft tokens, expected {vcfg.tokens_per_image}")
 
 
-def splice(vcfg: VisionConfig, ids: Sequence[int], soft_tokens: Sequence[np.ndarray], dim: int) -> np.ndarray:
-    """[len(ids), dim] f32: the soft tokens of image i at the positions of run i, zeros elsewhere
-    (the model reads this array at soft-token positions only)."""
-    check_images(vcfg, ids, len(soft_tokens))
-    out = np.zeros((len(ids), dim), np.float32)
-    for (s, e), tokens in zip(soft_runs(vcfg, ids), soft_tokens):
-        out[s:e] = np.asarray(tokens, np.float32).reshape(e - s, dim)
-    return out
+def image_inputs(vcfg: VisionConfig, prompt: Sequence[int], images: Sequence, encode, dim: int
+                 ) -> tuple[list[int], np.ndarray]:
+    """(expanded prompt ids, embeddings [T, dim]) for a prompt with one boi token per image:
+    `encode(image) -> soft tokens [tokens_per_image, dim]` runs on each image (the JAX tower, or an
+    artifact's vision encoder), after the image count is checked against the prompt."""
+    ids = expand_image_tokens(vcfg, prompt)
+    check_images(vcfg, ids, len(images))
+    embeddings = np.zeros((len(ids), dim), np.float32)  # read at soft-token positions only
+    for (s, e), image in zip(soft_runs(vcfg, ids), images):
+        embeddings[s:e] = np.asarray(encode(image), np.float32).reshape(e - s, dim)
+    return ids, embeddings
+
+
+def with_vision(cfg, params: dict):
+    """`cfg` as the params describe it: without its vision tower when they hold no vision weights
+    (a text-only checkpoint, `--no-vision`, or text-only random init)."""
+    import dataclasses
+
+    if cfg.vision is not None and "mm.proj.w" not in params:
+        return dataclasses.replace(cfg, vision=None)
+    return cfg
 
 
 def chunk_bounds(vcfg: VisionConfig | None, ids: Sequence[int], lengths: Sequence[int]) -> list[int]:

@@ -406,6 +406,12 @@ def _flatten_official(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
+def is_vision_name(key: str, official: bool) -> bool:
+    """Whether a checkpoint tensor name belongs to the vision tower or projector (an official
+    '/'-joined name, or a Hugging Face key)."""
+    return (_official_canonical(key) if official else _canonical(key)) is not None
+
+
 def _official_canonical(key: str) -> tuple[str, str, str] | None:
     """Split an official name into (outer prefix, layout prefix, canonical name); None for names
     outside the vision tower and projector. `rlx_networks/policy_network/vision_encoder/siglip_encoder/x`

@@ -16,9 +16,10 @@ def jax_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: int) -
     """With a vision tower (cfg.vision and its weights in params), also the image signatures."""
     import dataclasses
 
+    from models.multimodal import with_vision
+
     dtype = activation_dtype(params)
-    if cfg.vision is not None and "mm.proj.w" not in params:
-        cfg = dataclasses.replace(cfg, vision=None)
+    cfg = with_vision(cfg, params)
     params = jax.device_put(params)  # once: numpy arguments would be copied on every call
     sigs = all_signatures(cfg, sorted(set(prefill_lengths)), max_len, dtype)
     compiled = {s.name: jax.jit(s.fn) for s in sigs}

@@ -204,14 +204,12 @@ class Session:
     def image_inputs(self, prompt: Sequence[int], images: Sequence) -> tuple[list[int], np.ndarray]:
         """(expanded prompt, embeddings [T, E]) for a prompt with one `<start_of_image>` token per
         image (models/multimodal.py): the images are encoded by the artifact's vision encoder."""
-        from models.multimodal import check_images, expand_image_tokens, splice
+        from models.multimodal import image_inputs
 
         if self.vision is None:
             self.encode_image(None)  # raises the no-vision error
-        ids = expand_image_tokens(self.vision, prompt)
-        check_images(self.vision, ids, len(images))
-        soft = [self.encode_image(im) for im in images]
-        return ids, splice(self.vision, ids, soft, soft[0].shape[-1])
+        dim = self.signatures["vision_encoder"].outputs[0].shape[-1]
+        return image_inputs(self.vision, prompt, images, self.encode_image, dim)
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns the logits [V] after it."""

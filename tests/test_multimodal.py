@@ -103,12 +103,7 @@ def test_bidirectional_mask_matters(hf_checkpoint, ours):
     images = _images(1)
     ids, embeds = image_prompt(params, cfg, prompt, images)
     ref = _hf_logits(model, ids, images, v.soft_token)
-    # feed the spliced embeddings with the soft tokens' ids hidden: same inputs, causal attention
-    x = np.asarray(ids)
-    import models.model as mm
-
-    blocks = mm.image_blocks(jnp.asarray(x[None] == v.soft_token))
-    assert np.asarray(blocks).max() == 1
+    # the same inputs with every image block emptied: causal attention only
     causal, _ = _causal_forward(params, cfg, ids, embeds)
     s, e = soft_runs(v, ids)[0]
     assert np.abs(causal[s:e - 1] - ref[s:e - 1]).max() > 1e-2  # a soft token sees the later ones

@@ -82,8 +82,14 @@ def test_parity_gate_with_images(artifacts, model, target):
     used = {s.signature for s in report.steps}
     if target == "tflite":
         assert {"image_prefill_16", "decode"} <= used
-        # no chunk splits an image: the image chunks hold whole soft-token runs
-    assert len(report.steps) == len([s for s in report.steps if s.signature != "decode"]) + 24
+    # no chunk splits an image: every chunk boundary lies outside the soft-token runs
+    from models.multimodal import soft_runs
+
+    ids = expand_image_tokens(cfg.vision, prompts[0])
+    bounds = np.cumsum([take for _, take in session.image_chunks(ids)])
+    assert bounds[-1] == len(ids)
+    assert not any(s < b < e for s, e in soft_runs(cfg.vision, ids) for b in bounds)
+    assert sum(s.signature == "decode" for s in report.steps) == 24
 
 
 @pytest.mark.parametrize("target", ["tflite", "onnx"])

@@ -81,8 +81,7 @@ def _vision_params(cfg: ModelConfig, reader, path: Path, wanted: bool, official:
 
     if cfg.vision is None:
         return cfg, {}
-    split = vm._official_canonical if official else vm._canonical
-    names = [n for n in reader.names() if split(n) is not None]
+    names = [n for n in reader.names() if vm.is_vision_name(n, official)]
     if not wanted or not names:
         return dataclasses.replace(cfg, vision=None), {}
     state = {n: reader.read(n) for n in names}
