@@ -22,37 +22,32 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from contract.layout import Naming
 
 # the operands of ONNX ops that hold weights, by input slot
 _ONNX_OPERANDS = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gather", 0): "table",
                   ("MatMulNBits", 1): "weight", ("MatMulNBits", 2): "scales", ("GatherBlockQuantized", 0): "table",
                   ("GatherBlockQuantized", 2): "scales", ("GroupQueryAttention", 7): "cos cache",
                   ("GroupQueryAttention", 8): "sin cache"}
-_ITEMSIZE = {"FLOAT32": 4, "FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT32": 4, "INT8": 1}
 
 
-def _states(inputs, metadata: dict) -> list[dict]:
-    """State inputs with their kind and bytes; symbolic dimensions (ONNX) take the exported
-    shape from our metadata."""
-    known = {s["name"]: s for s in metadata.get("states", [])}
-    out = []
-    for name, shape, dtype in inputs:
-        if name in ("tokens", "input_pos", "input_ids", "attention_mask", "position_ids"):
-            continue
-        meta = known.get(name, {})
-        if not all(isinstance(d, int) for d in shape) and "shape" in meta:
-            shape = meta["shape"]
-        dims = [d for d in shape if isinstance(d, int)]
-        out.append({"name": name, "shape": list(shape), "dtype": dtype, "kind": meta.get("kind"),
-                    "bytes": int(np.prod(dims)) * _ITEMSIZE.get(dtype, 4)})
-    return out
+def _states(metadata, naming) -> list[dict]:
+    """The artifact's states, from its metadata's layout (contract/layout.py): name in the
+    artifact's naming, layer, kind of layer and of state, shape (as runtimes allocate it), bytes."""
+    if metadata is None:
+        return []
+    return [{"name": s.name(naming), "layer": s.layer, "kind": s.layer_kind.value, "state": s.kind.value,
+             "shape": list(s.shape), "dtype": s.dtype.name, "bytes": s.nbytes} for s in metadata.states]
+
+
+def _metadata(metadata) -> dict | None:
+    return None if metadata is None else json.loads(metadata.to_json())
 
 
 def _tokenizer(model_bytes: bytes | None) -> dict | None:
     if model_bytes is None:
         return None
-    from models.tokenizer import Tokenizer
+    from contract.tokenizer import Tokenizer
 
     tok = Tokenizer.from_bytes(model_bytes)
     return {"pieces": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
@@ -63,21 +58,20 @@ def describe_tflite(path: Path) -> dict:
     from export.lowering.tflite.inspect import read
 
     report = read(path)
-    decode = report.signatures.get("decode", next(iter(report.signatures.values())))
     body = {
         "artifact": str(path), "kind": "litertlm" if path.suffix == ".litertlm" else "tflite",
         "file_bytes": report.file_bytes,
         "signatures": {name: {"inputs": [list(t) for t in sig["inputs"]], "outputs": [list(t) for t in sig["outputs"]]}
                        for name, sig in report.signatures.items()},
-        "states": _states(decode["inputs"], report.metadata),
+        "states": _states(report.metadata, Naming.TFLITE),
         "decode_ops": dict(report.op_histogram.get("decode", collections.Counter()).most_common()),
         "composites": dict(report.composites), "custom_ops": dict(report.custom_ops),
-        "weights": report.weight_kinds, "metadata": report.metadata, "tokenizer": None,
+        "weights": report.weight_kinds, "metadata": _metadata(report.metadata), "tokenizer": None,
     }
     if path.suffix == ".litertlm":
         from google.protobuf import json_format
 
-        from export.litertlm import read_bundle
+        from contract.bundle import read_bundle
 
         bundle = read_bundle(path)
         body["bundle"] = {
@@ -92,8 +86,8 @@ def describe_tflite(path: Path) -> dict:
 def describe_onnx(path: Path) -> dict:
     import onnx
 
+    from contract.onnx import model_file
     from export.lowering.onnx.inspect import read
-    from runtime_py.onnx_backend import model_file
 
     report = read(path)
     model = onnx.load(str(model_file(path)), load_external_data=False)
@@ -125,9 +119,9 @@ def describe_onnx(path: Path) -> dict:
     body = {
         "artifact": str(path), "kind": "onnx", "file_bytes": report.file_bytes,
         "inputs": [list(t) for t in report.inputs], "outputs": [list(t) for t in report.outputs],
-        "states": _states(report.inputs, report.metadata),
+        "states": _states(report.metadata, Naming.ONNX_PAST),
         "ops": dict(report.op_histogram.most_common()), "contrib_ops": sorted(report.contrib_ops),
-        "functions": sorted(report.function_ops), "weights": weights, "metadata": report.metadata,
+        "functions": sorted(report.function_ops), "weights": weights, "metadata": _metadata(report.metadata),
         "genai_config": report.genai_config,
         "tokenizer_files": sorted(p.name for p in folder.glob("tokenizer*")),
         "tokenizer": _tokenizer(tok_model.read_bytes()) if tok_model.exists() else None,

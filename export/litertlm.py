@@ -32,19 +32,15 @@ a prime dimension above 10 as a placeholder.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import mmap
 import os
-import struct
 import tempfile
 from pathlib import Path
 
-from models.config import Family, LayerKind, ModelConfig
-
-
-class BundleError(ValueError):
-    """A bundle cannot be written or read (one line naming the problem and the fix)."""
+from contract.bundle import BundleError
+from contract.layout import LayerKind, Naming, StateKind
+from models.cache import state_layout
+from models.config import Family, ModelConfig
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------------
@@ -66,7 +62,7 @@ def find_tokenizer(source: Path | None) -> Path:
 def check_tokenizer(path: Path, cfg: ModelConfig):
     """The tokenizer must load and fit the model: its pieces index the embedding table, and its
     BOS/EOS are the ones the model was trained with."""
-    from models.tokenizer import Tokenizer
+    from contract.tokenizer import Tokenizer
 
     try:
         tok = Tokenizer(path)
@@ -110,7 +106,7 @@ def preflight(cfg: ModelConfig, prefill_lens: list[int], tokenizer_source: Path 
 # The Gemma turn format (MODEL_SPEC section 7), as LiteRT-LM's Jinja renderer sees it: messages
 # with role user/assistant/model/system and content a string or a list of {"type": "text"} items.
 # Gemma 3 folds a leading system message into the first user turn; Gemma 2 and RecurrentGemma
-# have no system role and refuse one, as models/tokenizer.apply_chat_template does.
+# have no system role and refuse one, as contract/tokenizer.apply_chat_template does.
 _JINJA = r"""{{ bos_token }}
 {%- set ns = namespace(prefix='') -%}
 {%- set turns = messages -%}
@@ -171,25 +167,24 @@ def executor_metadata(cfg: ModelConfig, max_len: int):
     LlmMetadata.max_num_tokens sets it."""
     from litert_lm_builder.runtime.proto import executor_metadata_pb2 as E
 
-    from export.signatures import state_names, state_specs
-
     e = E.ExecutorMetadata()
     x = e.llm_executor_metadata
     x.max_history_size = max_len
-    types = {(LayerKind.GLOBAL, "k"): E.StateBuffer.TYPE_GLOBAL_KEY_CACHE,
-             (LayerKind.GLOBAL, "v"): E.StateBuffer.TYPE_GLOBAL_VALUE_CACHE,
-             (LayerKind.LOCAL, "k"): E.StateBuffer.TYPE_LOCAL_KEY_CACHE,
-             (LayerKind.LOCAL, "v"): E.StateBuffer.TYPE_LOCAL_VALUE_CACHE}
-    for (layer, key, name), spec in zip(state_names(cfg), state_specs(cfg, max_len)):
+    types = {(LayerKind.GLOBAL, StateKind.KEY): E.StateBuffer.TYPE_GLOBAL_KEY_CACHE,
+             (LayerKind.GLOBAL, StateKind.VALUE): E.StateBuffer.TYPE_GLOBAL_VALUE_CACHE,
+             (LayerKind.LOCAL, StateKind.KEY): E.StateBuffer.TYPE_LOCAL_KEY_CACHE,
+             (LayerKind.LOCAL, StateKind.VALUE): E.StateBuffer.TYPE_LOCAL_VALUE_CACHE}
+    for spec in state_layout(cfg, max_len):
+        name = spec.name(Naming.TFLITE)
         sb = x.state_buffers.add()
         sb.prefill_input_name = sb.prefill_output_name = name
         sb.decode_input_name = sb.decode_output_name = name
-        if cfg.layer_kinds[layer] is LayerKind.RECURRENT:
+        if spec.layer_kind is LayerKind.RECURRENT:
             sb.type = E.StateBuffer.TYPE_LINEAR_ATTENTION
             continue
-        sb.type = types[cfg.layer_kinds[layer], key]
+        sb.type = types[spec.layer_kind, spec.kind]
         sb.sequence_axis = 2  # [1, kv_heads, rows, head_dim]
-        sb.maximum_sequence_length = spec.shape[2]
+        sb.maximum_sequence_length = spec.rows
     return e
 
 
@@ -219,88 +214,3 @@ def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_
             if tmp.exists():
                 tmp.unlink()
     return out
-
-
-# ---- reading ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Section:
-    data_type: str  # TFLiteModel, SP_Tokenizer, LlmMetadataProto, ExecutorMetadataProto, ...
-    begin: int
-    end: int
-    items: dict  # the section's key/value metadata (model_type, prefer_activation_type, ...)
-
-    @property
-    def size(self) -> int:
-        return self.end - self.begin
-
-
-@dataclasses.dataclass
-class Bundle:
-    path: Path
-    version: tuple[int, int, int]
-    system: dict
-    sections: list[Section]
-
-    def section(self, data_type: str, model_type: str | None = None) -> Section | None:
-        for s in self.sections:
-            if s.data_type == data_type and (model_type is None or s.items.get("model_type") == model_type):
-                return s
-        return None
-
-    def read(self, section: Section) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(section.begin)
-            return f.read(section.size)
-
-    def tflite(self) -> Section:
-        s = self.section("TFLiteModel", "tf_lite_prefill_decode")
-        if s is None:
-            raise BundleError(f"{self.path} holds no prefill_decode TFLite model")
-        return s
-
-    def tokenizer_bytes(self) -> bytes | None:
-        s = self.section("SP_Tokenizer")
-        return None if s is None else self.read(s)
-
-    def llm_metadata(self):
-        from litert_lm_builder.runtime.proto import llm_metadata_pb2
-
-        s = self.section("LlmMetadataProto")
-        return None if s is None else llm_metadata_pb2.LlmMetadata.FromString(self.read(s))
-
-    def executor_metadata(self):
-        from litert_lm_builder.runtime.proto import executor_metadata_pb2
-
-        s = self.section("ExecutorMetadataProto")
-        return None if s is None else executor_metadata_pb2.ExecutorMetadata.FromString(self.read(s))
-
-
-def read_bundle(path) -> Bundle:
-    from litert_lm_builder import litertlm_core as core
-    from litert_lm_builder import litertlm_header_schema_py_generated as schema
-    from litert_lm_builder.litertlm_peek import kvp_to_dict
-
-    path = Path(path)
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        if buf[:8] != core.HEADER_MAGIC_BYTES:
-            raise BundleError(f"{path} is not a .litertlm file (magic {bytes(buf[:8])!r})")
-        version = struct.unpack("<III", buf[8:20])
-        end = struct.unpack("<Q", buf[core.HEADER_END_LOCATION_BYTE_OFFSET:core.HEADER_END_LOCATION_BYTE_OFFSET + 8])[0]
-        header = schema.LiteRTLMMetaData.GetRootAs(bytes(buf[core.HEADER_BEGIN_BYTE_OFFSET:end]), 0)
-    finally:
-        buf.close()
-
-    def items(table, n):
-        return {d["key"]: d["value"] for d in (kvp_to_dict(table(i)) for i in range(n))}
-
-    sm = header.SystemMetadata()
-    system = items(sm.Entries, sm.EntriesLength()) if sm is not None else {}
-    sections = []
-    meta = header.SectionMetadata()
-    for i in range(meta.ObjectsLength() if meta is not None else 0):
-        obj = meta.Objects(i)
-        sections.append(Section(core.any_section_data_type_to_string(obj.DataType()), obj.BeginOffset(),
-                                obj.EndOffset(), items(obj.Items, obj.ItemsLength())))
-    return Bundle(path, version, system, sections)

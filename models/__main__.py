@@ -102,7 +102,7 @@ def cmd_check(args) -> int:
 
 def cmd_generate(args) -> int:
     from models import Sampling, generate
-    from models.tokenizer import Tokenizer
+    from contract.tokenizer import Tokenizer
 
     cfg, params = _load(args)
     tok_path = args.tokenizer or args.checkpoint

@@ -1,12 +1,15 @@
 """The attention block shared by Gemma 2/3 layers and RecurrentGemma's local-attention blocks.
 
+Shapes follow the legend in models/__init__.py.
+
 Projections (and QK-norm) happen in the block; the core (`_global_core` / `_local_core`) applies
 RoPE, writes the cache and builds the mask around the `odml.scaled_dot_product_attention`
-composite (models/fused.py), which takes q [B, T, N, H], the keys/values it may attend
-[B, S, Nkv, H] and an additive mask. The ONNX export traces the core itself as one composite
-(`fused.cached_attention`), because ONNX Runtime's attention owns RoPE and the cache write.
-Caches are [B, Nkv, rows, H] (heads first); they are transposed to the composite's layout (a
-reshape when Nkv == 1). Cache handling by layer kind:
+composite (models/fused.py), which takes q [B, T, H, D], the keys/values it may attend
+[B, S, K, D] and an additive mask. With AttentionForm.CACHE_OWNING (the ONNX export's form) the
+core itself is one composite (`fused.cached_attention`), because ONNX Runtime's attention owns
+RoPE and the cache write.
+Caches are [B, K, R, D] (heads first); they are transposed to the composite's layout (a
+reshape when K == 1). Cache handling by layer kind:
   GLOBAL: write the chunk into the full-length cache first, then attend over all of it.
   LOCAL:  attend over concat(ring before the write, chunk), then write the chunk into the ring.
           The ring keeps the previous R positions, so a chunk of any length (also one that wraps
@@ -19,15 +22,16 @@ import jax.numpy as jnp
 
 from models.cache import is_static, ring_from_window, ring_positions, write_global, write_ring
 from models.config import LayerKind, ModelConfig
-from models.fused import attention_mask, cached_attention, scaled_dot_product_attention
+from models.fused import AttentionForm, attention_mask, cached_attention, scaled_dot_product_attention
 from models.layers import Params, apply_rope, dense, rms_norm
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
-                    blocks=None):
+                    blocks=None, attention: AttentionForm = AttentionForm.SDPA):
     """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t); blocks: None, or
     [B, T] int32 image-block ids (models/multimodal.image_blocks), whose tokens attend each other
-    bidirectionally. Returns ([B, T, E], new cache)."""
+    bidirectionally; attention: how the core is traced (models/fused.AttentionForm). Returns
+    ([B, T, E], new cache)."""
     b, t, _ = h.shape
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = dense(h, p["attn.q"]).reshape(b, t, heads, d)
@@ -41,11 +45,11 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid, blocks=blocks,
+                                       cache["k"], cache["v"], start, num_valid, blocks=blocks, form=attention,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope)
     else:
         out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid, blocks=blocks,
+                                       cache["k"], cache["v"], start, num_valid, blocks=blocks, form=attention,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
@@ -65,7 +69,7 @@ def _rope(q, k, positions, rope_base, rope_scale, rope_dim):
 
 def _chunk_key_blocks(blocks, start, rows: int):
     """Image-block ids of a full-length cache's rows: the chunk's ids at rows start .. start+T-1, 0
-    elsewhere (earlier chunks' images are whole and causal to this chunk). [B, T] -> [B, rows]"""
+    elsewhere (earlier chunks' images are whole and causal to this chunk). [B, T] -> [B, R]"""
     t = blocks.shape[1]
     offset = jnp.arange(rows, dtype=start.dtype)[None, :] - start[:, None]
     inside = (offset >= 0) & (offset < t)

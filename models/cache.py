@@ -1,11 +1,13 @@
 """Static-shape caches: explicit pytrees, one dict per layer, no hidden counters.
 
+Shapes follow the legend in models/__init__.py.
+
 Layouts (heads first, as Hugging Face, LiteRT-LM and ONNX Runtime's GroupQueryAttention expect):
-  global attention layer: {"k", "v"}: [B, K, max_len, D]; row r holds position r.
-  local attention layer:  {"k", "v"}: [B, K, R, D] with R = min(window, max_len), a ring buffer;
+  global attention layer: {"k", "v"}: [B, K, R, D] with R = max_len; row r holds position r.
+  local attention layer:  {"k", "v"}: [B, K, R, D] with R = min(W, max_len), a ring buffer;
                           position p lives in row p % R.
-  recurrent layer:        {"conv": [B, conv_width - 1, lru_width] (last raw conv inputs, oldest
-                          first), "rg_lru": [B, lru_width] float32}.
+  recurrent layer:        {"conv": [B, conv_width - 1, C] (last raw conv inputs, oldest first),
+                          "rg_lru": [B, C] float32}.
 Nothing in a cache records positions: the caller passes the chunk's start position, and every
 row's position follows from it (see `ring_positions`). That keeps caches exactly the tensors a
 runtime passes in and out.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from contract.layout import StateLayout
 from models.config import LayerKind, ModelConfig
 
 Cache = tuple  # tuple of per-layer dicts
@@ -31,20 +35,26 @@ def is_static(n) -> bool:
     return isinstance(n, int)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> Cache:
-    """Zeroed caches for `batch` sequences of up to `max_len` tokens (default cfg.max_seq_len)."""
+def state_layout(cfg: ModelConfig, max_len: int | None = None, dtype=np.float32,
+                 local_rows: int | None = None) -> StateLayout:
+    """The artifact contract's state layout of this model for a context of max_len (default
+    cfg.max_seq_len): the caches below, batch 1. `local_rows` overrides the local rings' rows for a
+    runtime that owns them (ONNX Runtime's GroupQueryAttention: export/lowering/onnx/fused.py)."""
     max_len = cfg.max_seq_len if max_len is None else max_len
-    layers = []
-    for kind in cfg.layer_kinds:
-        if kind is LayerKind.RECURRENT:
-            rc = cfg.recurrent
-            layers.append({
-                "conv": jnp.zeros((batch, rc.conv_width - 1, rc.lru_width), dtype),
-                "rg_lru": jnp.zeros((batch, rc.lru_width), jnp.float32),
-            })
-        else:
-            shape = (batch, cfg.num_kv_heads, cfg.cache_len(kind, max_len), cfg.head_dim)
-            layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+    rc = cfg.recurrent
+    return StateLayout.build(
+        cfg.layer_kinds, max_len=max_len,
+        local_rows=cfg.cache_len(LayerKind.LOCAL, max_len) if local_rows is None else local_rows,
+        kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, conv_width=rc.conv_width if rc else 0,
+        lru_width=rc.lru_width if rc else 0, dtype=np.dtype(dtype))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> Cache:
+    """Zeroed caches for `batch` sequences of up to `max_len` tokens (default cfg.max_seq_len):
+    one dict per layer, keyed by StateKind value, shaped as `state_layout` says."""
+    layers = [dict() for _ in cfg.layer_kinds]
+    for spec in state_layout(cfg, max_len, dtype):
+        layers[spec.layer][spec.kind.value] = jnp.zeros((batch, *spec.shape[1:]), spec.dtype)
     return tuple(layers)
 
 
@@ -59,8 +69,8 @@ def cache_max_len(cfg: ModelConfig, cache: Cache) -> int | None:
 def ring_positions(start, rows: int):
     """Absolute position held by each ring row before a chunk starting at `start` is written.
 
-    start: [B] int32 -> [B, rows]; -1 where the row was never written. Row r holds the latest
-    position p < start with p % rows == r.
+    start: [B] int32 -> [B, R] (R = rows); -1 where the row was never written. Row r holds the
+    latest position p < start with p % R == r.
     """
     last = start[:, None] - 1
     pos = last - jnp.mod(last - jnp.arange(rows, dtype=start.dtype)[None, :], rows)
@@ -106,16 +116,16 @@ def ring_from_window(window, start, num_valid, rows: int):
 def write_global(cache, chunk, start):
     """Write a chunk into a full-length cache at rows start .. start + T - 1.
 
-    cache: [B, K, S, D]; chunk: [B, K, T, D]; start: [B]. Rows at or past S are dropped (they can
+    cache: [B, K, R, D]; chunk: [B, K, T, D]; start: [B]. Rows at or past R are dropped (they can
     only hold pad tokens: callers check that real tokens fit). dynamic_update_slice clamps its
-    offset to S - T, so near the end the chunk is shifted to keep every row at its position.
+    offset to R - T, so near the end the chunk is shifted to keep every row at its position.
     """
-    s, t = cache.shape[2], chunk.shape[2]
-    if is_static(t) and t > s:
-        raise ValueError(f"chunk of {t} tokens does not fit a cache of {s} positions")
+    r, t = cache.shape[2], chunk.shape[2]
+    if is_static(t) and t > r:
+        raise ValueError(f"chunk of {t} tokens does not fit a cache of {r} positions")
     if is_static(t) and t == 1:
         return _update_rows(cache, chunk, start, None)
-    offset = jnp.minimum(start, s - t)
+    offset = jnp.minimum(start, r - t)
     shift = start - offset  # > 0 only when the chunk runs past the end
     src = jnp.arange(t, dtype=start.dtype)[None, :] - shift[:, None]  # [B, T]
     moved = jnp.take_along_axis(chunk, jnp.clip(src, 0, t - 1)[:, None, :, None], axis=2)

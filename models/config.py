@@ -3,6 +3,7 @@
 A config is pure data. Layer patterns are tuples of `LayerKind`, tiled to the number of layers;
 everything the model code, the caches, the loaders and the exporters need is derived from it.
 Sizes and constants come from ../shared/MODEL_SPEC.md (sections 2, 3, 5).
+Shapes follow the legend in models/__init__.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import ml_dtypes
 import numpy as np
 
+from contract.layout import LayerKind  # the layer kinds are part of the artifact contract
+
 
 class Family(str, enum.Enum):
     GEMMA2 = "gemma2"
@@ -21,23 +24,11 @@ class Family(str, enum.Enum):
     RECURRENTGEMMA = "recurrentgemma"
 
 
-class LayerKind(str, enum.Enum):
-    """What a layer's temporal-mixing block is; decides its cache layout."""
-
-    GLOBAL = "global"  # full causal attention; KV cache of max_seq_len positions
-    LOCAL = "local"  # sliding-window attention; ring-buffer KV cache of `window` positions
-    RECURRENT = "recurrent"  # RG-LRU block; fixed-size state (RecurrentGemma)
-
-    @property
-    def is_attention(self) -> bool:
-        return self is not LayerKind.RECURRENT
-
-
 @dataclasses.dataclass(frozen=True)
 class RecurrentConfig:
     """RecurrentGemma's recurrent (RG-LRU) block."""
 
-    lru_width: int
+    lru_width: int  # C
     conv_width: int = 4
     num_gate_blocks: int = 0  # block-diagonal gate blocks; RecurrentGemma uses num_heads
     log_a_scale: float = 8.0  # the constant c in a_t = a^(c * r_t)
@@ -55,12 +46,12 @@ class VisionConfig:
 
     image_size: int = 896
     patch_size: int = 14
-    width: int = 1152
+    width: int = 1152  # Ev
     depth: int = 27
-    num_heads: int = 16
-    mlp_dim: int = 4304
+    num_heads: int = 16  # Hv (Dv = Ev / Hv)
+    mlp_dim: int = 4304  # Fv
     layer_norm_eps: float = 1e-6
-    tokens_per_image: int = 256  # after 4x4 average pooling of the 64x64 patch grid
+    tokens_per_image: int = 256  # I, after 4x4 average pooling of the 64x64 patch grid
     boi_token: int = 255_999  # <start_of_image>
     eoi_token: int = 256_000  # <end_of_image>
     soft_token: int = 262_144  # <image_soft_token>: one per soft token; its embedding row is never read
@@ -72,7 +63,7 @@ class VisionConfig:
         return self.tokens_per_image + 4
 
     @property
-    def num_patches(self) -> int:
+    def num_patches(self) -> int:  # P
         return (self.image_size // self.patch_size) ** 2
 
 

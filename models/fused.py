@@ -1,23 +1,25 @@
 """Fused ops: StableHLO composites with a reference decomposition (DESIGN section 3).
 
+Shapes follow the legend in models/__init__.py.
+
 Each op is a `jax.lax.composite`: JAX (and every runtime that does not know the name) runs the
 decomposition; a runtime or delegate that knows the name may swap in a fused kernel. Names,
 operand orders and attributes follow what LiteRT knows (litert-torch's conventions):
 
-  odml.embedding_lookup(ids int32[N], table[V, D]) -> [N, D]                  (no attributes)
-  odml.rms_norm(x[..., D], gain[D]) -> like x                                 epsilon: f32
+  odml.embedding_lookup(ids int32[B*T], table[V, E]) -> [B*T, E]              (no attributes)
+  odml.rms_norm(x[..., E], gain[E]) -> like x (QK-norm: [..., D])             epsilon: f32
       gain is the *effective* multiplier (Gemma's 1 + scale is added outside the composite)
-  odml.scaled_dot_product_attention(q[B, T, N, H], k[B, S, Nkv, H], v[B, S, Nkv, H],
-                                    mask[B, 1, T, S] additive f32) -> [B, T, N, H]
+  odml.scaled_dot_product_attention(q[B, T, H, D], k[B, S, K, D], v[B, S, K, D],
+                                    mask[B, 1, T, S] additive f32) -> [B, T, H, D]
       scale: f32, logit_cap: f32 (absent when there is no soft-cap); soft-cap before the mask
   gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> h[B, T, C]
       h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode). One output:
       the final state h[:, -1] is sliced outside, because LiteRT-LM 0.18 cannot run a composite
       with several outputs (its prefill fails with "Input tensor N lacks data"; docs/litertlm.md)
-  gemma_edge.global_attention / gemma_edge.local_attention (ONNX export only, see
-      `cache_owning_attention`): the attention core *with* its cache write,
-      (q[B, T, N, H], k[B, T, Nkv, H], v, cache_k[B, Nkv, R, H], cache_v, start[B], num_valid[B])
-      -> (out[B, T, N, H], cache_k', cache_v');  scale, logit_cap, window (local: keys a query sees),
+  gemma_edge.global_attention / gemma_edge.local_attention (AttentionForm.CACHE_OWNING, the form
+      the ONNX export traces): the attention core *with* RoPE and its cache write,
+      (q[B, T, H, D], k[B, T, K, D], v, cache_k[B, K, R, D], cache_v, start[B], num_valid[B])
+      -> (out[B, T, H, D], cache_k', cache_v');  scale, logit_cap, window (local: keys a query sees),
       rope_base, rope_scale, rope_dim (q and k arrive before RoPE, which the op applies)
 
 Rules that keep composites intact through conversion: no weights inside a composite (quantizers
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +41,6 @@ F32 = jnp.float32
 # Masked attention logits: the official implementations' K_MASK, as an additive f32 bias.
 MASK_VALUE = -2.3819763e38
 
-_CACHE_OWNING = contextvars.ContextVar("cache_owning_attention", default=False)
 _DECOMPOSED = contextvars.ContextVar("decomposed", default=False)
 
 
@@ -58,25 +60,29 @@ def _composite(impl, name: str):
     return impl if _DECOMPOSED.get() else jax.lax.composite(impl, name=name)
 
 
-@contextlib.contextmanager
-def cache_owning_attention():
-    """While active, attention layers trace their cache write *inside* the attention composite
-    (`gemma_edge.{global,local}_attention`). ONNX Runtime's GroupQueryAttention owns the KV cache
-    (it writes the new keys itself), so the ONNX lowering needs the write and the attention as one
-    op; LiteRT's SDPA kernel does not, so the TFLite export traces without this."""
-    token = _CACHE_OWNING.set(True)
-    try:
-        yield
-    finally:
-        _CACHE_OWNING.reset(token)
+class AttentionForm(str, enum.Enum):
+    """How an attention layer is traced; an explicit argument of `forward`, carried by each
+    signature (models/signatures.py), so the JAX reference runs exactly the graph a target exports.
+
+    SDPA: RoPE and the cache write are plain ops around `odml.scaled_dot_product_attention`, the
+        composite LiteRT's kernels know (TFLite, LiteRT-LM; the default everywhere else).
+    CACHE_OWNING: the whole core, RoPE and cache write included, is one composite
+        (`gemma_edge.{global,local}_attention`): ONNX Runtime's GroupQueryAttention owns the KV
+        cache and applies RoPE itself, so the ONNX lowering needs them as one op.
+    Both compute the same numbers (the composite's decomposition is the SDPA form's code).
+    """
+
+    SDPA = "sdpa"
+    CACHE_OWNING = "cache_owning"
 
 
-def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, blocks=None, **attributes):
+def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *,
+                     form: AttentionForm = AttentionForm.SDPA, **attributes):
     """Run `impl(q, k, v, cache_k, cache_v, start, num_valid[, blocks], **attributes) -> (out, ck, cv)`,
-    as the composite `name` under `cache_owning_attention`, inline otherwise. `blocks` (image-block
+    as the composite `name` for AttentionForm.CACHE_OWNING, inline for SDPA. `blocks` (image-block
     ids [B, T], multimodal prefill only) becomes an eighth operand."""
     operands = (q, k, v, cache_k, cache_v, start, num_valid) + (() if blocks is None else (blocks,))
-    if not _CACHE_OWNING.get():
+    if AttentionForm(form) is AttentionForm.SDPA:
         return impl(*operands, **attributes)
     attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)
              for k_, v_ in attributes.items()}
@@ -84,7 +90,7 @@ def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_vali
 
 
 def embedding_lookup(table, ids):
-    """table [V, D], ids int [...] -> [..., D] (out-of-range ids clip)."""
+    """table [V, E], ids int [...] -> [..., E] (out-of-range ids clip)."""
 
     def impl(flat_ids, tbl):
         return jnp.take(tbl, flat_ids, axis=0, mode="clip")
@@ -106,23 +112,23 @@ def rms_norm(x, gain, eps: float):
 
 
 def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: float | None = None):
-    """q [B, T, N, H]; k, v [B, S, Nkv, H]; mask [B, 1, T, S] additive. -> [B, T, N, H].
+    """q [B, T, H, D]; k, v [B, S, K, D]; mask [B, 1, T, S] additive. -> [B, T, H, D].
 
-    Query head n reads kv head n // (N / Nkv) (contiguous groups).
+    Query head h reads kv head h // G (contiguous groups, G = H / K).
     """
 
     def impl(q, k, v, mask, *, scale, logit_cap=None):
-        b, t, n, h = q.shape
+        b, t, h, d = q.shape
         kv = k.shape[2]
-        # [B, T, N, H] -> [B, T, Nkv, G, H]
-        qg = q.reshape(b, t, kv, n // kv, h)
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=F32) * scale
+        # [B, T, H, D] -> [B, T, K, G, D]
+        qg = q.reshape(b, t, kv, h // kv, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale
         if logit_cap is not None:
             logits = logit_cap * jnp.tanh(logits / logit_cap)
         logits = logits + mask[:, :, None].astype(F32)  # [B, 1, 1, T, S] over kv heads and groups
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=F32)
-        return out.reshape(b, t, n, h).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=F32)
+        return out.reshape(b, t, h, d).astype(v.dtype)
 
     cap = None if logit_cap is None else np.float32(logit_cap)
     return _composite(impl, "odml.scaled_dot_product_attention")(

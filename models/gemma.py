@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from models.attention import attention_block
 from models.config import LayerKind, ModelConfig
+from models.fused import AttentionForm
 from models.layers import Params, dense, gelu_tanh, rms_norm
 
 
@@ -16,10 +17,10 @@ def geglu_mlp(p: Params, x):
 
 
 def gemma_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, start, num_valid,
-                cache: dict, blocks=None):
+                cache: dict, blocks=None, attention: AttentionForm = AttentionForm.SDPA):
     eps = cfg.norm_eps
     h = rms_norm(x, p["pre_attn_norm"], eps)
-    a, cache = attention_block(p, cfg, kind, h, start, num_valid, cache, blocks)
+    a, cache = attention_block(p, cfg, kind, h, start, num_valid, cache, blocks, attention)
     x = x + rms_norm(a, p["post_attn_norm"], eps)
     h = rms_norm(x, p["pre_ffw_norm"], eps)
     x = x + rms_norm(geglu_mlp(p, h), p["post_ffw_norm"], eps)

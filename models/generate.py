@@ -1,5 +1,7 @@
 """Reference generation in JAX: chunked prefill into static caches, then one-token decode steps.
 
+Shapes follow the legend in models/__init__.py.
+
 Sampling: greedy (temperature 0), or temperature with optional top-k and top-p, reproducible from
 a seed. Prompts of different lengths share a batch: each row is right-padded and decodes at its
 own position, so no row ever sees padding.
@@ -15,28 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contract.sampling import GREEDY, Sampling
 from models.cache import init_cache
 from models.config import ModelConfig
 from models.model import activation_dtype, forward
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-
-
-GREEDY = Sampling()
 
 
 @dataclasses.dataclass
@@ -59,9 +43,10 @@ def _encode(params, vcfg, text_dim, images):
 
 def image_prompt(params: dict, cfg: ModelConfig, prompt: Sequence[int], images) -> tuple[list[int], np.ndarray]:
     """(expanded prompt ids, embeddings [T, E]) for a prompt with one `<start_of_image>` token
-    (cfg.vision.boi_token) per image; images: preprocessed [S, S, 3] or [1, S, S, 3] arrays
-    (runtime_py.image.preprocess), in prompt order. models/multimodal.py has the layout."""
-    from models.multimodal import image_inputs
+    (cfg.vision.boi_token) per image; images: preprocessed [image_size, image_size, 3] or
+    [1, image_size, image_size, 3] arrays (runtime_py.image.preprocess), in prompt order.
+    contract/prompt.py has the layout."""
+    from contract.prompt import image_inputs
 
     if cfg.vision is None:
         raise ValueError(f"{cfg.name} has no vision tower: it takes no images")
@@ -152,7 +137,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
                                  jnp.full((batch,), s, jnp.int32), cache, jnp.asarray(valid),
                                  None if embeds is None else embeds[:, s:s + chunk])
         ends = (lengths > s) & (lengths <= s + chunk)
-        if ends.any():  # copy back only the rows of last prompt tokens, not [B, chunk, V]
+        if ends.any():  # copy back only the rows of last prompt tokens, not [B, T, V]
             at = logits[jnp.arange(batch), jnp.asarray(np.clip(lengths - 1 - s, 0, chunk - 1))]
             last_logits[ends] = np.asarray(at)[ends]
 

@@ -1,8 +1,6 @@
 """Numerical building blocks shared by every family. Pure JAX, no parameters of their own.
 
-Shape legend used in this package:
-  B batch, T query (chunk) length, S key length, E embed_dim, H query heads, K kv heads,
-  G = H / K queries per kv head, D head_dim, F mlp width per branch, V vocab rows, R cache rows.
+Shapes follow the legend in models/__init__.py.
 
 Precision policy (MODEL_SPEC 8.1, "recommendation"): matmuls run in the activation dtype with f32
 accumulation; norm statistics, RoPE angles, softmax, soft-caps and the RG-LRU gate math run in f32.
@@ -57,9 +55,10 @@ def gelu_tanh(x):
 def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None):
     """Half-split ("rotate_half") RoPE on the first `rope_dim` features of each head.
 
-    x: [B, T, N, D]; positions: [B, T] int. Angles and the rotation are computed in f32 and rounded
-    once. Linear scaling divides positions by `scale`. With rope_dim < D the rest passes through
-    (RecurrentGemma rotates half of each head; its frequencies use rope_dim as the denominator).
+    x: [B, T, H, D] (keys: [B, T, K, D]); positions: [B, T] int. Angles and the rotation are
+    computed in f32 and rounded once. Linear scaling divides positions by `scale`. With
+    rope_dim < D the rest passes through (RecurrentGemma rotates half of each head; its
+    frequencies use rope_dim as the denominator).
     """
     d = x.shape[-1]
     rope_dim = d if rope_dim is None else rope_dim

@@ -1,5 +1,7 @@
 """The model: embedding, the layer stack of a family, final norm, tied unembedding.
 
+Shapes follow the legend in models/__init__.py.
+
 `forward` is the one code path for prefill of T tokens at any start position and for one-token
 decode; a full-sequence forward is a prefill at position 0 into a fresh cache.
 """
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 
 from models.cache import Cache, cache_max_len, is_static
 from models.config import Family, ModelConfig
-from models.fused import embedding_lookup
+from models.fused import AttentionForm, embedding_lookup
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
 from models.layers import F32, Params, rms_norm
@@ -37,7 +39,7 @@ def embed_tokens(params: dict, cfg: ModelConfig, tokens):
 
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
-            last_only: bool = False, embeddings=None):
+            last_only: bool = False, embeddings=None, attention: AttentionForm = AttentionForm.SDPA):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
@@ -50,6 +52,9 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     embeddings: [B, T, E] (Gemma 3 with vision, models/multimodal.py): at the positions where
     tokens hold the image soft token, the model reads these rows instead of the embedding table,
     and each run of soft tokens attends bidirectionally. Without it (text), tokens are only looked up.
+
+    attention: how attention layers are traced (models/fused.AttentionForm): the same numbers in
+    either form; an export passes its target's form so the reference runs the exported graph.
     """
     b, t = tokens.shape
     start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
@@ -60,7 +65,7 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
         raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
 
     layer_fn = _LAYER_FNS[cfg.family]
-    extra = {}
+    extra = {"attention": AttentionForm(attention)}
     if embeddings is None:
         x = embed_tokens(params, cfg, tokens)
     else:
@@ -90,5 +95,5 @@ def unembed(params: dict, cfg: ModelConfig, x):
     cap = cfg.final_softcap
     x = rms_norm(x, params["final_norm"], cfg.norm_eps, multiplier=1.0 if cap is None else 1.0 / cap)
     table = params["embed"].astype(x.dtype)
-    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=F32)
+    logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=F32)
     return logits if cap is None else cap * jnp.tanh(logits)

@@ -101,3 +101,19 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, 
             value = rng.standard_normal(size=shape, dtype=np.float32) / np.float32(math.sqrt(fan_in))
         params[name] = np.asarray(value, dtype=dtype)
     return params
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, vision: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(final config, random params) of a whole model, as a loader returns them: with the vision
+    tower's params when cfg has one and `vision`, else the text model with cfg.vision None."""
+    import dataclasses
+
+    params = init_params(cfg, seed)
+    if cfg.vision is None:
+        return cfg, params
+    if not vision:
+        return dataclasses.replace(cfg, vision=None), params
+    from models.vision import init_vision_params
+
+    params.update(init_vision_params(cfg.vision, cfg.embed_dim, seed))
+    return cfg, params

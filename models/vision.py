@@ -1,19 +1,23 @@
 """Gemma 3 vision tower (SigLIP So400m/14 + multimodal projector) as pure JAX (MODEL_SPEC 4).
 
+Shapes follow the legend in models/__init__.py.
+Its vision letters: P patches, Ev, Hv, Dv, Fv, I; E is the text model's width (text_dim). Sizes in
+lower case: p = patch_size, g = image_size / p patches per side, k the pooling window's side.
+
 `encode_images(params, vcfg, text_dim, images)` maps preprocessed images to soft tokens, matching
 Hugging Face `Gemma3ForConditionalGeneration.get_image_features(...).pooler_output`:
 
-  images [B, S, S, 3] f32 in [-1, 1], channels last (S = image_size; rescale 1/255, mean/std 0.5)
-  patches  = the g x g grid of p x p patches (g = S / p), each flattened row-major in (kh, kw, c)
-             order -> [B, N, p*p*3]                               (N = g*g = num_patches)
+  images [B, image_size, image_size, 3] f32 in [-1, 1], channels last (rescale 1/255, mean/std 0.5)
+  patches  = the g x g grid of p x p patches, each flattened row-major in (kh, kw, c)
+             order -> [B, P, p*p*3]                               (P = g*g = num_patches)
   x = patches @ patch_embed.w.T + patch_embed.b + pos_embed       # the stride-p conv as one matmul
   depth x:  x = x + MHA(LN1(x));  x = x + fc2(gelu_tanh(fc1(LN2(x))))
             pre-LayerNorm (with bias), bidirectional multi-head attention (no mask), scale
-            head_dim**-0.5, biases on q/k/v/o and fc1/fc2
-  x = post_LN(x)                                                  # [B, N, W]
-  s = avg_pool(reshape(x, [B, g, g, W]), k x k, stride k)         # k = g / sqrt(tokens_per_image)
+            Dv**-0.5, biases on q/k/v/o and fc1/fc2
+  x = post_LN(x)                                                  # [B, P, Ev]
+  s = avg_pool(reshape(x, [B, g, g, Ev]), k x k, stride k)        # k = g / sqrt(I)
   s = rms_norm(s) * (1 + mm.norm.scale)                           # Gemma RMSNorm, eps = layer_norm_eps
-  s = s @ mm.proj.w.T                                             # [B, tokens_per_image, text_dim]
+  s = s @ mm.proj.w.T                                             # [B, I, E]
 
 Everything runs in float32 (the official implementation keeps the vision and projector weights in
 f32), whatever the dtype of the stored parameters. Attention is written as plain einsums: the
@@ -26,19 +30,19 @@ transpose; `.b` are biases; LayerNorm has `.scale` (used as is) and `.bias`; `mm
 Gemma RMSNorm scale, used as (1 + scale).
 
   ours                                  Hugging Face (under vision_tower. / multi_modal_projector.)
-  vision.patch_embed.w  [W, p*p*3]      embeddings.patch_embedding.weight [W, 3, p, p] (out, c, kh, kw)
+  vision.patch_embed.w  [Ev, p*p*3]     embeddings.patch_embedding.weight [Ev, 3, p, p] (out, c, kh, kw)
                                         -> transposed to (out, kh, kw, c), flattened
-  vision.patch_embed.b  [W]             embeddings.patch_embedding.bias
-  vision.pos_embed      [N, W]          embeddings.position_embedding.weight
+  vision.patch_embed.b  [Ev]            embeddings.patch_embedding.bias
+  vision.pos_embed      [P, Ev]         embeddings.position_embedding.weight
   vision.layers.{i}.ln1.scale/bias      encoder.layers.{i}.layer_norm1.weight/bias
   vision.layers.{i}.attn.{q,k,v}.w/b    encoder.layers.{i}.self_attn.{q,k,v}_proj.weight/bias
   vision.layers.{i}.attn.o.w/b          encoder.layers.{i}.self_attn.out_proj.weight/bias
   vision.layers.{i}.ln2.scale/bias      encoder.layers.{i}.layer_norm2.weight/bias
-  vision.layers.{i}.mlp.fc1.w/b [F, W]  encoder.layers.{i}.mlp.fc1.weight/bias
-  vision.layers.{i}.mlp.fc2.w/b [W, F]  encoder.layers.{i}.mlp.fc2.weight/bias
+  vision.layers.{i}.mlp.fc1.w/b [Fv, Ev] encoder.layers.{i}.mlp.fc1.weight/bias
+  vision.layers.{i}.mlp.fc2.w/b [Ev, Fv] encoder.layers.{i}.mlp.fc2.weight/bias
   vision.post_ln.scale/bias             post_layernorm.weight/bias
-  mm.norm.scale         [W]             multi_modal_projector.mm_soft_emb_norm.weight
-  mm.proj.w             [E, W]          multi_modal_projector.mm_input_projection_weight [W, E]
+  mm.norm.scale         [Ev]            multi_modal_projector.mm_soft_emb_norm.weight
+  mm.proj.w             [E, Ev]         multi_modal_projector.mm_input_projection_weight [Ev, E]
                                         (stored [in, out] by HF: transposed)
 
 HF key layouts accepted by `hf_vision_to_params` (one optional prefix each):
@@ -50,25 +54,26 @@ SiglipVisionConfig default) is never used by Gemma 3 and is skipped; Gemma 3's c
 
 Official Flax/Orbax checkpoints (MODEL_SPEC 6.1), `official_vision_to_params`. Names are '/'-joined
 `path/leaf` strings, as models/loaders/official.py reads them (`{path: {leaf: array}}` dicts, nested
-trees and tuple keys are joined the same way). T = `SigLiPFromPatches_0/siglip_encoder/`, or
-`vision_encoder/siglip_encoder/` in the nested layout; B = T + `Transformer/encoderblock_{i}/`;
-M = `transformer/embedder/`, or `embedder/` in the nested layout; all optionally under
-`rlx_networks/policy_network/` (and/or `params/`). Other names (the text model) are ignored.
+trees and tuple keys are joined the same way). <tower> = `SigLiPFromPatches_0/siglip_encoder/`,
+or `vision_encoder/siglip_encoder/` in the nested layout; <block> = <tower>
+`Transformer/encoderblock_{i}/`; <emb> = `transformer/embedder/`, or `embedder/` in the nested
+layout; all optionally under `rlx_networks/policy_network/` (and/or `params/`). Other names (the
+text model) are ignored.
   ours                                  official (shape; -> conversion)
-  vision.patch_embed.w/b                T embedding/kernel [p, p, 3, W] (HWIO) -> reshape [p*p*3, W].T;
-                                        T embedding/bias [W]
-  vision.pos_embed                      T pos_embedding [1, N, W] -> [N, W]
-  vision.layers.{i}.ln1.scale/bias      B LayerNorm_0/scale, bias
-  vision.layers.{i}.attn.{q,k,v}.w/b    B MultiHeadDotProductAttention_0/{query,key,value}/kernel
-                                        [W, heads, hd] -> reshape [W, W].T; bias [heads, hd] -> [W]
-  vision.layers.{i}.attn.o.w/b          B MultiHeadDotProductAttention_0/out/kernel [heads, hd, W]
-                                        -> reshape [W, W].T; bias [W]
-  vision.layers.{i}.ln2.scale/bias      B LayerNorm_1/scale, bias
-  vision.layers.{i}.mlp.fc1.w/b         B MlpBlock_0/Dense_0/kernel [W, F] -> .T; bias [F]
-  vision.layers.{i}.mlp.fc2.w/b         B MlpBlock_0/Dense_1/kernel [F, W] -> .T; bias [W]
-  vision.post_ln.scale/bias             T Transformer/encoder_norm/scale, bias
-  mm.norm.scale                         M mm_soft_embedding_norm/scale [W]
-  mm.proj.w                             M mm_input_projection/w [W, E] -> .T
+  vision.patch_embed.w/b                <tower> embedding/kernel [p, p, 3, Ev] (HWIO)
+                                        -> reshape [p*p*3, Ev].T; <tower> embedding/bias [Ev]
+  vision.pos_embed                      <tower> pos_embedding [1, P, Ev] -> [P, Ev]
+  vision.layers.{i}.ln1.scale/bias      <block> LayerNorm_0/scale, bias
+  vision.layers.{i}.attn.{q,k,v}.w/b    <block> MultiHeadDotProductAttention_0/{query,key,value}/kernel
+                                        [Ev, Hv, Dv] -> reshape [Ev, Ev].T; bias [Hv, Dv] -> [Ev]
+  vision.layers.{i}.attn.o.w/b          <block> MultiHeadDotProductAttention_0/out/kernel
+                                        [Hv, Dv, Ev] -> reshape [Ev, Ev].T; bias [Ev]
+  vision.layers.{i}.ln2.scale/bias      <block> LayerNorm_1/scale, bias
+  vision.layers.{i}.mlp.fc1.w/b         <block> MlpBlock_0/Dense_0/kernel [Ev, Fv] -> .T; bias [Fv]
+  vision.layers.{i}.mlp.fc2.w/b         <block> MlpBlock_0/Dense_1/kernel [Fv, Ev] -> .T; bias [Ev]
+  vision.post_ln.scale/bias             <tower> Transformer/encoder_norm/scale, bias
+  mm.norm.scale                         <emb> mm_soft_embedding_norm/scale [Ev]
+  mm.proj.w                             <emb> mm_input_projection/w [Ev, E] -> .T
 Extra embedder leaves (`mm_input_embedding_extra`, `mm_output_embedding`) are ignored, as HF's
 converter drops them.
 """
@@ -110,21 +115,21 @@ def pool_size(vcfg: VisionConfig) -> int:
 
 def vision_param_shapes(vcfg: VisionConfig, text_dim: int) -> dict[str, tuple[int, ...]]:
     """Every vision/projector parameter's name and shape, in a stable order."""
-    w, f, p = vcfg.width, vcfg.mlp_dim, vcfg.patch_size
+    ev, fv, p = vcfg.width, vcfg.mlp_dim, vcfg.patch_size
     shapes = {
-        "vision.patch_embed.w": (w, p * p * CHANNELS),
-        "vision.patch_embed.b": (w,),
-        "vision.pos_embed": (vcfg.num_patches, w),
+        "vision.patch_embed.w": (ev, p * p * CHANNELS),
+        "vision.patch_embed.b": (ev,),
+        "vision.pos_embed": (vcfg.num_patches, ev),
     }
     for i in range(vcfg.depth):
-        layer = {"ln1.scale": (w,), "ln1.bias": (w,), "ln2.scale": (w,), "ln2.bias": (w,)}
+        layer = {"ln1.scale": (ev,), "ln1.bias": (ev,), "ln2.scale": (ev,), "ln2.bias": (ev,)}
         for proj in ("q", "k", "v", "o"):
-            layer.update({f"attn.{proj}.w": (w, w), f"attn.{proj}.b": (w,)})
-        layer.update({"mlp.fc1.w": (f, w), "mlp.fc1.b": (f,), "mlp.fc2.w": (w, f), "mlp.fc2.b": (w,)})
+            layer.update({f"attn.{proj}.w": (ev, ev), f"attn.{proj}.b": (ev,)})
+        layer.update({"mlp.fc1.w": (fv, ev), "mlp.fc1.b": (fv,), "mlp.fc2.w": (ev, fv), "mlp.fc2.b": (ev,)})
         shapes.update({f"vision.layers.{i}.{n}": s for n, s in layer.items()})
     shapes.update({
-        "vision.post_ln.scale": (w,), "vision.post_ln.bias": (w,),
-        "mm.norm.scale": (w,), "mm.proj.w": (text_dim, w),
+        "vision.post_ln.scale": (ev,), "vision.post_ln.bias": (ev,),
+        "mm.norm.scale": (ev,), "mm.proj.w": (text_dim, ev),
     })
     return shapes
 
@@ -132,7 +137,7 @@ def vision_param_shapes(vcfg: VisionConfig, text_dim: int) -> dict[str, tuple[in
 def init_vision_params(vcfg: VisionConfig, text_dim: int, seed: int = 0,
                        dtype=np.float32) -> dict[str, np.ndarray]:
     """Random parameters (tests, dry runs): matmul weights ~ N(0, 1/fan_in), position embeddings
-    ~ N(0, 1/W), LayerNorm scales ~ 1 + N(0, 0.1), the RMSNorm scale and biases ~ N(0, 0.1 / 0.02)."""
+    ~ N(0, 1/Ev), LayerNorm scales ~ 1 + N(0, 0.1), the RMSNorm scale and biases ~ N(0, 0.1 / 0.02)."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in vision_param_shapes(vcfg, text_dim).items():
@@ -182,22 +187,24 @@ def layer_norm(x, scale, bias, eps: float):
 
 
 def patchify(images, patch: int):
-    """[B, S, S, C] -> [B, (S/p)^2, p*p*C]: patches in row-major grid order, pixels in (kh, kw, c)."""
+    """[B, image_size, image_size, 3] -> [B, P, p*p*3] (p = patch): patches in row-major grid
+    order, pixels in (kh, kw, c)."""
     b, h, w, c = images.shape
     gh, gw = h // patch, w // patch
     x = images.reshape(b, gh, patch, gw, patch, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, 3]
     return x.reshape(b, gh * gw, patch * patch * c)
 
 
 def _attention(p: Params, x, num_heads: int):
-    """Bidirectional multi-head self-attention. x [B, N, W] f32."""
+    """Bidirectional multi-head self-attention. x [B, P, Ev] f32; q, k, v [B, P, Hv, Dv] (einsum
+    letters: t the query patch, s the key patch, h the head, d its width)."""
     b, n, w = x.shape
     d = w // num_heads
     q, k, v = (dense(x, p[f"{t}.w"], p[f"{t}.b"]).reshape(b, n, num_heads, d) for t in "qkv")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * (d ** -0.5)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) * (d ** -0.5)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=F32).reshape(b, n, w)
+    out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=F32).reshape(b, n, w)
     return dense(out, p["o.w"], p["o.b"])
 
 
@@ -211,7 +218,8 @@ def _encoder_layer(p: Params, x, vcfg: VisionConfig):
 
 
 def encode_patches(params: dict, vcfg: VisionConfig, images) -> jax.Array:
-    """The SigLIP encoder: images [B, S, S, 3] -> post-LayerNorm patch features [B, N, W] f32."""
+    """The SigLIP encoder: images [B, image_size, image_size, 3] -> post-LayerNorm patch features
+    [B, P, Ev] f32."""
     p = Params(params, "vision.")
     patches = patchify(images.astype(F32), vcfg.patch_size)
     extra = p["patch_embed.w"].shape[1] - patches.shape[-1]
@@ -225,19 +233,19 @@ def encode_patches(params: dict, vcfg: VisionConfig, images) -> jax.Array:
 
 
 def project(params: dict, vcfg: VisionConfig, features) -> jax.Array:
-    """The multimodal projector: [B, N, W] -> soft tokens [B, tokens_per_image, E] f32.
+    """The multimodal projector: [B, P, Ev] -> soft tokens [B, I, E] f32.
     Order as in HF `Gemma3MultiModalProjector`: average pool, RMSNorm, matmul."""
-    b, _, w = features.shape
+    b, _, ev = features.shape
     g, k = grid_size(vcfg), pool_size(vcfg)
-    t = g // k
-    pooled = features.reshape(b, t, k, t, k, w).mean(axis=(2, 4)).reshape(b, t * t, w)
+    side = g // k  # soft tokens per side: I = side * side
+    pooled = features.reshape(b, side, k, side, k, ev).mean(axis=(2, 4)).reshape(b, side * side, ev)
     normed = rms_norm(pooled, params["mm.norm.scale"], vcfg.layer_norm_eps)
     return dense(normed, params["mm.proj.w"])
 
 
 def encode_images(params: dict, vcfg: VisionConfig, text_dim: int, images: jax.Array) -> jax.Array:
-    """Preprocessed images f32 [B, S, S, 3] (channels last, in [-1, 1]) -> soft tokens
-    [B, tokens_per_image, text_dim] f32. Jit with vcfg and text_dim static."""
+    """Preprocessed images f32 [B, image_size, image_size, 3] (channels last, in [-1, 1]) -> soft
+    tokens [B, I, E] f32 (E = text_dim). Jit with vcfg and text_dim static."""
     s = vcfg.image_size
     if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, CHANNELS):
         raise ValueError(f"images must be [B, {s}, {s}, {CHANNELS}] (channels last), got {images.shape}")
@@ -300,9 +308,9 @@ def _hf_shape(our_name: str, shape: tuple[int, ...], vcfg: VisionConfig) -> tupl
 
 
 def _convert(our_name: str, value: np.ndarray) -> np.ndarray:
-    if our_name == "vision.patch_embed.w":  # [W, C, kh, kw] -> [W, kh*kw*C], matching `patchify`
+    if our_name == "vision.patch_embed.w":  # [Ev, 3, kh, kw] -> [Ev, kh*kw*3], matching `patchify`
         return value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
-    if our_name == "mm.proj.w":  # HF [W, E] (in, out) -> ours [E, W] (out, in)
+    if our_name == "mm.proj.w":  # HF [Ev, E] (in, out) -> ours [E, Ev] (out, in)
         return value.T
     return value
 
@@ -364,32 +372,32 @@ def official_vision_names(vcfg: VisionConfig, text_dim: int) -> dict[str, tuple[
     """{canonical official name: (our name, official shape)}. Canonical names are the flat layout's
     `path/leaf` with `SigLiPFromPatches_0/siglip_encoder/` shortened to `siglip_encoder/` and
     `transformer/embedder/` to `embedder/`; see `_official_canonical` for the accepted layouts."""
-    w, f, p, h = vcfg.width, vcfg.mlp_dim, vcfg.patch_size, vcfg.num_heads
-    d = w // h
+    ev, fv, p, hv = vcfg.width, vcfg.mlp_dim, vcfg.patch_size, vcfg.num_heads
+    dv = ev // hv
     names = {
-        "siglip_encoder/embedding/kernel": ("vision.patch_embed.w", (p, p, CHANNELS, w)),
-        "siglip_encoder/embedding/bias": ("vision.patch_embed.b", (w,)),
-        "siglip_encoder/pos_embedding": ("vision.pos_embed", (1, vcfg.num_patches, w)),
+        "siglip_encoder/embedding/kernel": ("vision.patch_embed.w", (p, p, CHANNELS, ev)),
+        "siglip_encoder/embedding/bias": ("vision.patch_embed.b", (ev,)),
+        "siglip_encoder/pos_embedding": ("vision.pos_embed", (1, vcfg.num_patches, ev)),
     }
     for i in range(vcfg.depth):
         blk, ours = f"siglip_encoder/Transformer/encoderblock_{i}/", f"vision.layers.{i}."
         for ln, our_ln in (("LayerNorm_0", "ln1"), ("LayerNorm_1", "ln2")):
-            names[f"{blk}{ln}/scale"] = (f"{ours}{our_ln}.scale", (w,))
-            names[f"{blk}{ln}/bias"] = (f"{ours}{our_ln}.bias", (w,))
+            names[f"{blk}{ln}/scale"] = (f"{ours}{our_ln}.scale", (ev,))
+            names[f"{blk}{ln}/bias"] = (f"{ours}{our_ln}.bias", (ev,))
         for proj, our_proj in (("query", "q"), ("key", "k"), ("value", "v")):
-            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/kernel"] = (f"{ours}attn.{our_proj}.w", (w, h, d))
-            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/bias"] = (f"{ours}attn.{our_proj}.b", (h, d))
-        names[f"{blk}MultiHeadDotProductAttention_0/out/kernel"] = (f"{ours}attn.o.w", (h, d, w))
-        names[f"{blk}MultiHeadDotProductAttention_0/out/bias"] = (f"{ours}attn.o.b", (w,))
-        names[f"{blk}MlpBlock_0/Dense_0/kernel"] = (f"{ours}mlp.fc1.w", (w, f))
-        names[f"{blk}MlpBlock_0/Dense_0/bias"] = (f"{ours}mlp.fc1.b", (f,))
-        names[f"{blk}MlpBlock_0/Dense_1/kernel"] = (f"{ours}mlp.fc2.w", (f, w))
-        names[f"{blk}MlpBlock_0/Dense_1/bias"] = (f"{ours}mlp.fc2.b", (w,))
+            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/kernel"] = (f"{ours}attn.{our_proj}.w", (ev, hv, dv))
+            names[f"{blk}MultiHeadDotProductAttention_0/{proj}/bias"] = (f"{ours}attn.{our_proj}.b", (hv, dv))
+        names[f"{blk}MultiHeadDotProductAttention_0/out/kernel"] = (f"{ours}attn.o.w", (hv, dv, ev))
+        names[f"{blk}MultiHeadDotProductAttention_0/out/bias"] = (f"{ours}attn.o.b", (ev,))
+        names[f"{blk}MlpBlock_0/Dense_0/kernel"] = (f"{ours}mlp.fc1.w", (ev, fv))
+        names[f"{blk}MlpBlock_0/Dense_0/bias"] = (f"{ours}mlp.fc1.b", (fv,))
+        names[f"{blk}MlpBlock_0/Dense_1/kernel"] = (f"{ours}mlp.fc2.w", (fv, ev))
+        names[f"{blk}MlpBlock_0/Dense_1/bias"] = (f"{ours}mlp.fc2.b", (ev,))
     names.update({
-        "siglip_encoder/Transformer/encoder_norm/scale": ("vision.post_ln.scale", (w,)),
-        "siglip_encoder/Transformer/encoder_norm/bias": ("vision.post_ln.bias", (w,)),
-        "embedder/mm_soft_embedding_norm/scale": ("mm.norm.scale", (w,)),
-        "embedder/mm_input_projection/w": ("mm.proj.w", (w, text_dim)),
+        "siglip_encoder/Transformer/encoder_norm/scale": ("vision.post_ln.scale", (ev,)),
+        "siglip_encoder/Transformer/encoder_norm/bias": ("vision.post_ln.bias", (ev,)),
+        "embedder/mm_soft_embedding_norm/scale": ("mm.norm.scale", (ev,)),
+        "embedder/mm_input_projection/w": ("mm.proj.w", (ev, text_dim)),
     })
     return names
 
@@ -433,16 +441,16 @@ def _official_canonical(key: str) -> tuple[str, str, str] | None:
 
 
 def _official_convert(our_name: str, value: np.ndarray, vcfg: VisionConfig) -> np.ndarray:
-    w = vcfg.width
-    if our_name == "vision.patch_embed.w":  # HWIO [kh, kw, c, W] -> [W, kh*kw*c], matching `patchify`
-        return value.reshape(-1, w).T
-    if our_name == "vision.pos_embed":  # [1, N, W] -> [N, W]
-        return value.reshape(-1, w)
-    if our_name.endswith(("attn.q.w", "attn.k.w", "attn.v.w")):  # [W, heads, hd] -> [heads*hd, W]
-        return value.reshape(w, -1).T
-    if our_name.endswith("attn.o.w"):  # [heads, hd, W] -> [W, heads*hd]
-        return value.reshape(-1, w).T
-    if our_name.endswith(".b"):  # q/k/v biases [heads, hd] -> [heads*hd]; others unchanged
+    ev = vcfg.width
+    if our_name == "vision.patch_embed.w":  # HWIO [kh, kw, c, Ev] -> [Ev, kh*kw*c], matching `patchify`
+        return value.reshape(-1, ev).T
+    if our_name == "vision.pos_embed":  # [1, P, Ev] -> [P, Ev]
+        return value.reshape(-1, ev)
+    if our_name.endswith(("attn.q.w", "attn.k.w", "attn.v.w")):  # [Ev, Hv, Dv] -> [Hv*Dv, Ev]
+        return value.reshape(ev, -1).T
+    if our_name.endswith("attn.o.w"):  # [Hv, Dv, Ev] -> [Ev, Hv*Dv]
+        return value.reshape(-1, ev).T
+    if our_name.endswith(".b"):  # q/k/v biases [Hv, Dv] -> [Hv*Dv]; others unchanged
         return value.reshape(-1)
     if our_name.endswith((".fc1.w", ".fc2.w")) or our_name == "mm.proj.w":  # [in, out] -> [out, in]
         return value.T

@@ -1,17 +1,18 @@
-"""Load exported artifacts, run prefill/decode with static caches, generate, check parity.
+"""Load exported artifacts, run prefill/decode with static caches, generate.
 
   session = runtime_py.load("artifacts/gemma3-270m_f32_ctx4096.tflite")
   ids = session.generate(prompt_ids, max_new_tokens=32)            # ids in, ids out (images=[...])
   text = runtime_py.generate("artifact.litertlm", "Hi", images=["cat.jpg"])   # text in, text out
-  report = runtime_py.parity(runtime_py.reference_session(cfg, params, [32, 128], 4096), session,
-                             prompts, decode_steps=64)
+
+Runs without JAX or any converter: it imports the artifact contract (contract/), numpy,
+sentencepiece, Pillow and the runtime it runs (ai-edge-litert, onnxruntime; litert-lm-api for
+LiteRT-LM itself). Parity against the JAX model is the `verify` package's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from runtime_py.parity import ParityReport, parity
 from runtime_py.session import ContextFullError, Session
 
 
@@ -54,11 +55,4 @@ def generate(artifact, prompt: str, *, images=(), tokenizer=None, max_new_tokens
     return "".join(stream_text(session, tok, ids, max_new_tokens, images=images, sampling=sampling))
 
 
-def reference_session(cfg, params, prefill_lengths, max_len: int) -> Session:
-    """The JAX source model as a session with the same signatures (the parity reference)."""
-    from runtime_py.jax_backend import jax_session
-
-    return jax_session(cfg, params, prefill_lengths, max_len)
-
-
-__all__ = ["ContextFullError", "ParityReport", "Session", "generate", "load", "parity", "reference_session"]
+__all__ = ["ContextFullError", "Session", "generate", "load"]

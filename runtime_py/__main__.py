@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def cmd_generate(args) -> int:
-    from models.generate import Sampling
+    from contract.sampling import Sampling
     from runtime_py import load
     from runtime_py.text import prompt_ids, stream_text, tokenizer_for
 

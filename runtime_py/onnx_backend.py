@@ -3,55 +3,42 @@ onnxruntime.
 
 The graph takes any chunk length (`input_ids [1, T]`, `attention_mask [1, past + T]`), so the
 session's prefill chunks are trimmed to their real tokens before each call (no padding reaches
-the model). States are the `past*` inputs; as onnxruntime-genai does, each state is one buffer
-bound both as its `past*` input and its `present*` output (I/O binding), so the graph updates
-it in place and no state is copied between calls.
+the model). States are the metadata layout's, named past_* in and present_* out
+(contract/layout.py); as onnxruntime-genai does, each state is one buffer bound both as its past
+input and its present output (I/O binding), so the graph updates it in place and no state is
+copied between calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
-from runtime_py.session import Session, SignatureInfo, TensorInfo
+from contract.layout import Naming
+from contract.metadata import MetadataError
+from contract.onnx import model_file, read_metadata, vision_files
+from contract.signatures import (
+    IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec, signature_name,
+)
+from runtime_py.session import Session
 
-METADATA_KEY = "gemma_edge"
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(float16)": np.float16}
-
-
-def present_name(past: str) -> str:
-    """past_key_values.{i}.key -> present.{i}.key; past.{i}.conv -> present.{i}.conv."""
-    if past.startswith("past_key_values."):
-        return "present." + past[len("past_key_values."):]
-    return "present." + past[len("past."):]
-
-
-def model_file(path: Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "model.onnx"] if (path / "model.onnx").exists() else sorted(path.glob("*.onnx"))
-        if not candidates:
-            raise FileNotFoundError(f"no .onnx model in {path}")
-        return candidates[0]
-    return path
+INPUT_IDS, ATTENTION_MASK, INPUTS_EMBEDS = "input_ids", "attention_mask", "inputs_embeds"
 
 
 class OnnxBackend:
     """image_session / vision_session: the image prefill graph (bound to the same state buffers as
     the decoder) and the vision encoder, for a model exported with vision."""
 
-    def __init__(self, session, signatures: dict[str, SignatureInfo], states: list[TensorInfo],
-                 image_session=None, vision_session=None):
+    def __init__(self, session, signatures: dict[str, SignatureSpec], layout, image_session=None,
+                 vision_session=None):
         import onnxruntime as ort
 
         self.signatures = signatures
-        self._session = session
-        self._state_infos = states
-        self._values = {t.name: ort.OrtValue.ortvalue_from_numpy(np.zeros(t.shape, t.dtype)) for t in states}
+        self._layout = layout
+        self._values = {s.name(Naming.ONNX_PAST): ort.OrtValue.ortvalue_from_numpy(np.zeros(s.shape, s.dtype))
+                        for s in layout}
         self._vision = vision_session
         self._sessions = {"text": session}
         if image_session is not None:
@@ -59,15 +46,16 @@ class OnnxBackend:
         self._bindings = {}
         for key, sess in self._sessions.items():
             binding = sess.io_binding()
-            binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-            for t in states:
-                binding.bind_ortvalue_input(t.name, self._values[t.name])
-                binding.bind_ortvalue_output(present_name(t.name), self._values[t.name])
+            binding.bind_output(LOGITS)  # first: get_outputs() lists outputs in binding order
+            for s in layout:
+                value = self._values[s.name(Naming.ONNX_PAST)]
+                binding.bind_ortvalue_input(s.name(Naming.ONNX_PAST), value)
+                binding.bind_ortvalue_output(s.name(Naming.ONNX_PRESENT), value)
             self._bindings[key] = binding
 
     def reset(self):
-        for t in self._state_infos:
-            self._values[t.name].update_inplace(np.zeros(t.shape, t.dtype))
+        for s in self._layout:
+            self._values[s.name(Naming.ONNX_PAST)].update_inplace(np.zeros(s.shape, s.dtype))
 
     def states(self) -> dict[str, np.ndarray]:
         return {name: np.array(value.numpy()) for name, value in self._values.items()}
@@ -76,26 +64,18 @@ class OnnxBackend:
         run = input_pos == input_pos[0] + np.arange(input_pos.size)
         n = int(np.cumprod(run).sum())  # the leading run of real tokens (pads end it)
         start = int(input_pos[0])
-        key = "image" if name.startswith("image_prefill") else "text"
+        key = "image" if embeddings is not None else "text"
         binding = self._bindings[key]
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, :n], np.int64))
+        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(tokens[:, :n], np.int64))
         if key == "image":
-            binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeddings[:, :n], np.float32))
-        binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
+            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeddings[:, :n], np.float32))
+        binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, start + n), np.int64))
         self._sessions[key].run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return np.array(logits[0, -1])
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
-        return self._vision.run(["soft_tokens"], {"image": np.ascontiguousarray(image, np.float32)})[0]
-
-
-def read_metadata(model_path: Path) -> dict:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+        return self._vision.run([SOFT_TOKENS], {IMAGE: np.ascontiguousarray(image, np.float32)})[0]
 
 
 def load_onnx(path, num_threads: int | None = None) -> Session:
@@ -103,43 +83,44 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
 
     path = Path(path)
     file = model_file(path)
+    meta = read_metadata(file)
+    if meta is None:
+        raise MetadataError(f"{file} holds no gemma-edge metadata: runtime_py runs artifacts written by "
+                            "python -m export")
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = num_threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-    meta = read_metadata(file)
-    folder = file.parent
-    image_session = vision_session = None
-    if (folder / "image_prefill.onnx").exists() and (folder / "vision_encoder.onnx").exists():
-        image_session = ort.InferenceSession(str(folder / "image_prefill.onnx"), options,
-                                             providers=["CPUExecutionProvider"])
-        vision_session = ort.InferenceSession(str(folder / "vision_encoder.onnx"), options,
-                                              providers=["CPUExecutionProvider"])
-    exported = {t["name"]: tuple(t["shape"]) for t in meta.get("states", [])}
-    states = [TensorInfo(i.name, exported.get(i.name, tuple(i.shape)), np.dtype(_ORT_TYPES[i.type]))
-              for i in session.get_inputs() if i.name.startswith("past")]
-    if any(not isinstance(d, int) for t in states for d in t.shape):
-        raise ValueError(f"{file}: state inputs have symbolic shapes and the model has no metadata giving "
-                         f"their sizes ({[t.shape for t in states]})")
-    max_len = meta.get("max_seq_len")
-    if max_len is None and path.is_dir() and (path / "genai_config.json").exists():
-        max_len = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
-    if max_len is None:
-        raise ValueError(f"{file}: no context length in its metadata or a genai_config.json beside it")
-    ids = TensorInfo("tokens", (1, max_len), np.dtype(np.int32))
+
+    def open_graph(f):
+        return ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+
+    session = open_graph(file)
+    vision = vision_files(file)
+    image_session, vision_session = (open_graph(vision[1]), open_graph(vision[0])) if vision else (None, None)
+    layout = meta.states
+    declared = {i.name for i in session.get_inputs()}
+    missing = [n for n in layout.names(Naming.ONNX_PAST) if n not in declared]
+    if missing:
+        raise MetadataError(f"{file}: states {missing[:3]} of its metadata are not graph inputs; re-export it")
+    max_len = meta.max_seq_len
+    states = tuple(TensorSpec(s.name(Naming.ONNX_PAST), s.shape, s.dtype) for s in layout)
+    ids = np.dtype(np.int32)
     signatures = {}
-    for name, length in (("decode", 1), (f"prefill_{max_len}", max_len)):
-        signatures[name] = SignatureInfo(name, length, (TensorInfo("tokens", (1, length), ids.dtype),
-                                                        TensorInfo("input_pos", (length,), ids.dtype), *states),
-                                         (TensorInfo("logits", (1, 1, -1), np.dtype(np.float32)),))
+    for kind, length in ((SignatureKind.DECODE, 1), (SignatureKind.PREFILL, max_len)):
+        name = signature_name(kind, length)
+        signatures[name] = SignatureSpec(name, length, (TensorSpec(TOKENS, (1, length), ids),
+                                                        TensorSpec(INPUT_POS, (length,), ids), *states),
+                                         (TensorSpec(LOGITS, (1, 1, meta.vocab_size), np.dtype(np.float32)),),
+                                         tuple(t.name for t in states))
     if vision_session is not None:
         image, soft = vision_session.get_inputs()[0], vision_session.get_outputs()[0]
-        signatures["vision_encoder"] = SignatureInfo("vision_encoder", 0, (TensorInfo("image", tuple(image.shape),
-                                                                                      np.dtype(np.float32)),),
-                                                     (TensorInfo("soft_tokens", tuple(soft.shape), np.dtype(np.float32)),))
-        base = signatures[f"prefill_{max_len}"]
-        signatures[f"image_prefill_{max_len}"] = dataclasses.replace(base, name=f"image_prefill_{max_len}")
-    result = Session(OnnxBackend(session, signatures, states, image_session, vision_session), max_len, meta)
+        name = signature_name(SignatureKind.VISION_ENCODER)
+        signatures[name] = SignatureSpec(name, 0, (TensorSpec(IMAGE, tuple(image.shape), np.dtype(np.float32)),),
+                                         (TensorSpec(SOFT_TOKENS, tuple(soft.shape), np.dtype(np.float32)),))
+        base = signatures[signature_name(SignatureKind.PREFILL, max_len)]
+        image_name = signature_name(SignatureKind.IMAGE_PREFILL, max_len)
+        signatures[image_name] = dataclasses.replace(base, name=image_name)
+    result = Session(OnnxBackend(session, signatures, layout, image_session, vision_session), meta)
     result.ort_session = session
     return result

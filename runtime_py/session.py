@@ -10,34 +10,17 @@ run past the context.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class SignatureInfo:
-    name: str
-    length: int
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-
-    @property
-    def state_inputs(self) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in self.inputs if t.name not in NON_STATE_INPUTS)
-
-
-# inputs that are not states: the token chunk, its positions, an image prefill's spliced
-# embeddings, the vision encoder's image
-NON_STATE_INPUTS = ("tokens", "input_pos", "embeddings", "image")
+from contract.metadata import ArtifactMetadata
+from contract.prompt import chunk_bounds, image_inputs
+from contract.sampling import sample_numpy
+from contract.signatures import (
+    EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, parse_signature,
+    signature_name,
+)
 
 
 class ContextFullError(ValueError):
@@ -47,7 +30,7 @@ class ContextFullError(ValueError):
 class FeedBackend:
     """States held as numpy arrays and fed to a `run(name, feed) -> outputs` function."""
 
-    def __init__(self, signatures: dict[str, SignatureInfo], run: Callable[[str, dict], dict]):
+    def __init__(self, signatures: dict[str, SignatureSpec], run: Callable[[str, dict], dict]):
         self.signatures, self._run = signatures, run
         self._states: dict[str, np.ndarray] = {}
 
@@ -60,17 +43,17 @@ class FeedBackend:
 
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         sig = self.signatures[name]
-        feed = {"tokens": tokens, "input_pos": input_pos}
+        feed = {TOKENS: tokens, INPUT_POS: input_pos}
         if embeddings is not None:
-            feed["embeddings"] = embeddings
+            feed[EMBEDDINGS] = embeddings
         feed.update({t.name: self._states[t.name] for t in sig.state_inputs})
         out = self._run(name, feed)
         for t in sig.state_inputs:
             self._states[t.name] = out[t.name]
-        return np.asarray(out["logits"])[0, -1]
+        return np.asarray(out[LOGITS])[0, -1]
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
-        return np.asarray(self._run("vision_encoder", {"image": image})["soft_tokens"])
+        return np.asarray(self._run(signature_name(SignatureKind.VISION_ENCODER), {IMAGE: image})[SOFT_TOKENS])
 
 
 class Session:
@@ -85,19 +68,31 @@ class Session:
     tokenizer_model: bytes | None = None  # the SentencePiece model a .litertlm bundle carries
     path = None  # the artifact it was loaded from (runtime_py.load)
 
-    def __init__(self, backend, max_len: int, metadata: dict | None = None):
+    def __init__(self, backend, metadata: ArtifactMetadata):
         signatures = backend.signatures
         if "decode" not in signatures:
             raise ValueError("artifact has no 'decode' signature")
         self.signatures = signatures
         self.backend = backend
-        self.max_len = max_len
-        self.metadata = metadata or {}
-        self.prefill_lengths = sorted(s.length for n, s in signatures.items() if n.startswith("prefill_"))
-        self.image_prefill_lengths = sorted(s.length for n, s in signatures.items() if n.startswith("image_prefill_"))
-        self.vision = _vision_config(self.metadata) if "vision_encoder" in signatures else None
+        self.metadata = metadata
+        self.max_len = metadata.max_seq_len
+        kinds = {name: parse_signature(name) for name in signatures}
+        self.prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.PREFILL)
+        self.image_prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.IMAGE_PREFILL)
+        self.vision = None
+        if any(k is SignatureKind.VISION_ENCODER for k, _ in kinds.values()):
+            if metadata.image is None:
+                raise ValueError("the artifact has a vision_encoder but its metadata has no image layout "
+                                 "(re-export it with this toolchain)")
+            self.vision = metadata.image
         self.position = 0
         self.reset()
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        where = f" from {self.path}" if self.path is not None else ""
+        return (f"<Session {m.model} ({m.quantization or m.weight_dtype}), context {self.max_len}, "
+                f"position {self.position}, signatures {sorted(self.signatures)}{where}>")
 
     def reset(self):
         """Forget the sequence: zero every state tensor."""
@@ -134,15 +129,13 @@ class Session:
             else:
                 length = 1
             take = min(n, length)
-            plan.append(("decode" if length == 1 else f"prefill_{length}", take))
+            plan.append((signature_name(SignatureKind.DECODE if length == 1 else SignatureKind.PREFILL, length), take))
             n -= take
         return plan
 
     def image_chunks(self, tokens: Sequence[int]) -> list[tuple[str, int]]:
         """(signature, real tokens) for a prompt holding images: chunks never split an image's soft
-        tokens (models/multimodal.chunk_bounds); those holding soft tokens run image_prefill_{T}."""
-        from models.multimodal import chunk_bounds
-
+        tokens (contract/prompt.chunk_bounds); those holding soft tokens run image_prefill_{T}."""
         tokens = np.asarray(tokens)
         lengths = self.image_prefill_lengths
         plan, done = [], 0
@@ -153,8 +146,9 @@ class Session:
             if not fits:  # a text chunk longer than every text prefill: split it the usual way
                 plan += self.chunks(take)
             else:
-                plan.append(((f"image_prefill_{fits[0]}" if has_image else
-                              "decode" if fits[0] == 1 else f"prefill_{fits[0]}"), take))
+                kind = (SignatureKind.IMAGE_PREFILL if has_image else SignatureKind.DECODE if fits[0] == 1
+                        else SignatureKind.PREFILL)
+                plan.append((signature_name(kind, fits[0]), take))
             done += take
         return plan
 
@@ -178,7 +172,7 @@ class Session:
             pos = np.full((length,), -1, np.int32)
             pos[:take] = self.position + np.arange(take)
             embeds = None
-            if name.startswith("image_prefill_"):
+            if parse_signature(name)[0] is SignatureKind.IMAGE_PREFILL:
                 embeds = np.zeros((1, length, embeddings.shape[-1]), np.float32)
                 embeds[0, :take] = embeddings[done:done + take]
             logits = self._call(name, chunk, pos, embeds)
@@ -203,12 +197,10 @@ class Session:
 
     def image_inputs(self, prompt: Sequence[int], images: Sequence) -> tuple[list[int], np.ndarray]:
         """(expanded prompt, embeddings [T, E]) for a prompt with one `<start_of_image>` token per
-        image (models/multimodal.py): the images are encoded by the artifact's vision encoder."""
-        from models.multimodal import image_inputs
-
+        image (contract/prompt.py): the images are encoded by the artifact's vision encoder."""
         if self.vision is None:
             self.encode_image(None)  # raises the no-vision error
-        dim = self.signatures["vision_encoder"].outputs[0].shape[-1]
+        dim = self.signatures[signature_name(SignatureKind.VISION_ENCODER)].output(SOFT_TOKENS).shape[-1]
         return image_inputs(self.vision, prompt, images, self.encode_image, dim)
 
     def decode(self, token: int) -> np.ndarray:
@@ -222,8 +214,6 @@ class Session:
                         stop_tokens: Sequence[int] = (), images: Sequence | None = None) -> Iterator[int]:
         """Yield generated token ids (the stop token is not yielded). Starts a new sequence.
         images: one per `<start_of_image>` token of the prompt (see `encode_image` for the forms)."""
-        from runtime_py.sampling import sample_numpy
-
         embeddings = None
         if images:
             prompt, embeddings = self.image_inputs(prompt, images)
@@ -237,7 +227,7 @@ class Session:
         rng = np.random.default_rng(getattr(sampling, "seed", 0))
         logits = self.prefill(prompt, embeddings)
         stop = set(stop_tokens)
-        limit = self.metadata.get("sample_vocab_size")
+        limit = self.metadata.sample_vocab_size
         for step in range(max_new_tokens):
             token = sample_numpy(logits, sampling, rng, limit)
             if token in stop:
@@ -250,13 +240,3 @@ class Session:
         """Generated ids after `prompt`; keywords as `generate_stream` (sampling, stop_tokens, images)."""
         return list(self.generate_stream(prompt, max_new_tokens, **kw))
 
-
-def _vision_config(metadata: dict):
-    """The VisionConfig an artifact's metadata records (its config's `vision`)."""
-    from models.config import VisionConfig
-
-    raw = (metadata.get("config") or {}).get("vision")
-    if not raw:
-        raise ValueError("the artifact has a vision_encoder but its metadata has no vision config "
-                         "(re-export it with this toolchain)")
-    return VisionConfig(**raw)

@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from models.multimodal import BOI_TEXT
+from contract.prompt import BOI_TEXT, encode_with_images
+from contract.tokenizer import Tokenizer
 
 
 def tokenizer_for(session, artifact, tokenizer=None):
     """The given tokenizer (a path), else the one a .litertlm bundle or an ONNX folder carries."""
-    from models.tokenizer import Tokenizer
-
     if tokenizer is not None:
         return Tokenizer(tokenizer)
     if session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
@@ -32,14 +31,12 @@ def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) 
     if n_images and session.vision is None:
         raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 4B+ model "
                          "without --no-vision)")
-    chat = meta.get("instruction_tuned") and not raw
+    chat = meta.instruction_tuned and not raw
     if session.vision is None:
         if chat:
-            return tok.encode_chat([{"role": "user", "content": prompt}], family=meta["family"])
+            return tok.encode_chat([{"role": "user", "content": prompt}], family=meta.family)
         return tok.encode(prompt)
-    from models.multimodal import encode_with_images
-
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], family=meta["family"]) if chat else prompt
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], family=meta.family) if chat else prompt
     if not n_images and BOI_TEXT in text:
         raise ValueError(f"the prompt has {BOI_TEXT} but no image was given; pass one image (--image PATH) for each")
     return encode_with_images(tok, text, session.vision, n_images)
@@ -47,8 +44,7 @@ def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) 
 
 def stop_ids(session, tok) -> list[int]:
     meta = session.metadata
-    stops = meta.get("stop_tokens") if meta.get("instruction_tuned") else [meta.get("eos", tok.eos_id)]
-    return list(stops or ())
+    return list(meta.stop_tokens) if meta.instruction_tuned else [meta.eos]
 
 
 def stream_text(session, tok, ids: Sequence[int], max_new_tokens: int, *, images: Sequence = (), sampling=None,

@@ -1,4 +1,5 @@
-"""A Session over a .tflite artifact, run by ai_edge_litert's interpreter.
+"""A Session over a .tflite artifact (or the TFLite model of a .litertlm bundle), run by
+ai_edge_litert's interpreter.
 
 States never round-trip through fresh numpy arrays: each signature's tensors are allocated once,
 and before a call every state input is filled in place from where the state now lives (the
@@ -12,20 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_py.session import Session, SignatureInfo, TensorInfo
-
-_DTYPES = {"FLOAT32": np.float32, "INT32": np.int32, "FLOAT16": np.float16, "INT8": np.int8,
-           "BFLOAT16": "bfloat16"}
-
-
-def _signature_length(name: str) -> int:
-    from export.signatures import signature_kind
-
-    return signature_kind(name)[1]
+from contract.layout import Naming
+from contract.metadata import ArtifactMetadata, MetadataError
+from contract.signatures import (
+    EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec,
+    parse_signature,
+)
+from contract.tflite import numpy_dtype, read_tflite
+from runtime_py.session import Session
 
 
 class TFLiteBackend:
-    def __init__(self, interpreter, signatures: dict[str, SignatureInfo]):
+    def __init__(self, interpreter, signatures: dict[str, SignatureSpec]):
         self.signatures = signatures
         self._interpreter = interpreter
         self._wrapper = interpreter._interpreter
@@ -53,22 +52,44 @@ class TFLiteBackend:
 
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         subgraph, inputs, outputs = self._io[name]
-        np.copyto(self._view(subgraph, inputs["tokens"]), tokens)
-        np.copyto(self._view(subgraph, inputs["input_pos"]), input_pos)
+        np.copyto(self._view(subgraph, inputs[TOKENS]), tokens)
+        np.copyto(self._view(subgraph, inputs[INPUT_POS]), input_pos)
         if embeddings is not None:
-            np.copyto(self._view(subgraph, inputs["embeddings"]), embeddings)
+            np.copyto(self._view(subgraph, inputs[EMBEDDINGS]), embeddings)
         for state in self._source:
             np.copyto(self._view(subgraph, inputs[state]), self._value(state))
         self._wrapper.Invoke(subgraph)
         for state in self._source:
             self._source[state] = ("tensor", subgraph, outputs[state])
-        return np.array(self._view(subgraph, outputs["logits"])[0, -1])
+        return np.array(self._view(subgraph, outputs[LOGITS])[0, -1])
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         subgraph, inputs, outputs = self._io["vision_encoder"]
-        np.copyto(self._view(subgraph, inputs["image"]), image)
+        np.copyto(self._view(subgraph, inputs[IMAGE]), image)
         self._wrapper.Invoke(subgraph)
-        return np.array(self._view(subgraph, outputs["soft_tokens"]))
+        return np.array(self._view(subgraph, outputs[SOFT_TOKENS]))
+
+
+def signature_specs(flat: dict, metadata: ArtifactMetadata) -> dict[str, SignatureSpec]:
+    """The contract's SignatureSpecs of a TFLite model's signatures; states are the metadata
+    layout's, checked against the signature's tensors (a layout that does not match the file is
+    an error, not a guess)."""
+    layout = metadata.states.by_name(Naming.TFLITE)
+    out = {}
+    for name, sig in flat.items():
+        kind, length = parse_signature(name)
+        inputs = tuple(TensorSpec(n, shape, numpy_dtype(t)) for n, shape, t in sig.inputs)
+        outputs = tuple(TensorSpec(n, shape, numpy_dtype(t)) for n, shape, t in sig.outputs)
+        states = ()
+        if kind is not SignatureKind.VISION_ENCODER:
+            declared = {t.name: t.shape for t in inputs}
+            for state_name, spec in layout.items():
+                if declared.get(state_name) != spec.shape:
+                    raise MetadataError(f"signature {name}: state {state_name} is {declared.get(state_name)} in the "
+                                        f"file but {spec.shape} in its metadata; re-export the artifact")
+            states = tuple(layout)
+        out[name] = SignatureSpec(name, length, inputs, outputs, states)
+    return out
 
 
 def load_tflite(path, num_threads: int | None = None) -> Session:
@@ -76,35 +97,21 @@ def load_tflite(path, num_threads: int | None = None) -> Session:
     same interpreter; the bundle's tokenizer is kept as `session.tokenizer_model`)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from export.lowering.tflite.inspect import read
-
     path = Path(path)
-    report = read(path)
+    flat, metadata = read_tflite(path)
+    if metadata is None:
+        raise MetadataError(f"{path} holds no gemma-edge metadata: runtime_py runs artifacts written by "
+                            "python -m export")
     tokenizer_model = None
     if path.suffix == ".litertlm":
-        from export.litertlm import read_bundle
+        from contract.bundle import read_bundle
 
         bundle = read_bundle(path)
         interpreter = Interpreter(model_content=bundle.read(bundle.tflite()), num_threads=num_threads)
         tokenizer_model = bundle.tokenizer_bytes()
     else:
         interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    infos = {}
-    for name, sig in report.signatures.items():
-        def tensors(items):
-            return tuple(TensorInfo(n, shape, np.dtype(_DTYPES[t])) for n, shape, t in items)
-        infos[name] = SignatureInfo(name, _signature_length(name), tensors(sig["inputs"]),
-                                    tensors(sig["outputs"]))
-    meta = report.metadata
-    max_len = meta.get("max_seq_len") or _context_from_caches(infos["decode"])
-    session = Session(TFLiteBackend(interpreter, infos), max_len, meta)
+    session = Session(TFLiteBackend(interpreter, signature_specs(flat, metadata)), metadata)
     session.interpreter = interpreter
     session.tokenizer_model = tokenizer_model
     return session
-
-
-def _context_from_caches(decode: SignatureInfo) -> int:
-    rows = [t.shape[2] for t in decode.state_inputs if t.name.startswith("kv_cache_k_")]
-    if not rows:
-        raise ValueError("artifact has no metadata and no KV cache to infer its context from")
-    return max(rows)

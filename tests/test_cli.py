@@ -11,7 +11,7 @@ import pytest
 from conftest import hf_model
 from models import generate, load_checkpoint
 from models.__main__ import main
-from models.tokenizer import Tokenizer
+from contract.tokenizer import Tokenizer
 
 
 def test_list_shows_every_model(capsys):

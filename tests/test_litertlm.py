@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.bundle import BundleError, read_bundle
+from contract.layout import StateKind
+from contract.tokenizer import Tokenizer, apply_chat_template
 from export.cli import main as export_main
-from export.litertlm import BundleError, chat_template, read_bundle, write_bundle
-from export.pipeline import export_litertlm, export_onnx, export_tflite
-from export.signatures import state_names, state_specs
+from export.driver import export
+from export.litertlm import chat_template, write_bundle
+from export.options import ExportOptions
 from models import get_config, init_params, load_checkpoint
+from models.cache import state_layout
 from models.config import LayerKind
-from models.tokenizer import Tokenizer, apply_chat_template
-from runtime_py import litertlm_engine, load, reference_session
+from runtime_py import litertlm_engine, load
+from verify import reference_session
+from verify.engine import check_greedy, window_crossing_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAINED = FIXTURES / "gemma3-tiny-trained"
@@ -41,11 +46,13 @@ def bundles(tmp_path_factory, tokenizer_256):
     for name, lens in LENS.items():
         cfg = get_config(name)
         params = init_params(cfg, 0)
-        r = export_litertlm(cfg, params, out_dir=out, max_len=MAX_LEN, prefill_lens=lens, tokenizer=tokenizer_256)
+        r = export(cfg, params, "litertlm", ExportOptions(out_dir=out, max_len=MAX_LEN, prefill_lens=tuple(lens),
+                                                          tokenizer=tokenizer_256, verify=False))
         made[name] = (r.path, cfg, params, Path(tokenizer_256), lens)
     for name, folder in (("trained", TRAINED), ("trained-rg", TRAINED_RG)):
         cfg, params = load_checkpoint(folder)
-        r = export_litertlm(cfg, params, out_dir=out, max_len=256, prefill_lens=[32, 128], tokenizer=folder)
+        r = export(cfg, params, "litertlm", ExportOptions(out_dir=out, max_len=256, prefill_lens=(32, 128),
+                                                          tokenizer=folder, verify=False))
         made[name] = (r.path, cfg, params, folder / "tokenizer.model", [32, 128])
     return made
 
@@ -69,20 +76,20 @@ def test_bundle_sections_and_metadata(bundles):
 
     ex = b.executor_metadata().llm_executor_metadata
     assert ex.max_history_size == MAX_LEN
-    specs = {s.name: s for s in state_specs(cfg, MAX_LEN)}
-    names = [name for _, _, name in state_names(cfg)]
-    assert [sb.decode_input_name for sb in ex.state_buffers] == names
-    for sb, (layer, key, name) in zip(ex.state_buffers, state_names(cfg)):
+    layout = state_layout(cfg, MAX_LEN)
+    assert [sb.decode_input_name for sb in ex.state_buffers] == layout.names()
+    for sb, spec in zip(ex.state_buffers, layout):
+        name = spec.name()
         assert sb.prefill_input_name == sb.prefill_output_name == sb.decode_output_name == name
-        kind = "LOCAL" if cfg.layer_kinds[layer] is LayerKind.LOCAL else "GLOBAL"
-        assert type(sb).Type.Name(sb.type) == f"TYPE_{kind}_{'KEY' if key == 'k' else 'VALUE'}_CACHE"
-        assert sb.sequence_axis == 2 and sb.maximum_sequence_length == specs[name].shape[2]
+        kind = "LOCAL" if spec.layer_kind is LayerKind.LOCAL else "GLOBAL"
+        assert type(sb).Type.Name(sb.type) == f"TYPE_{kind}_{'KEY' if spec.kind is StateKind.KEY else 'VALUE'}_CACHE"
+        assert sb.sequence_axis == 2 and sb.maximum_sequence_length == spec.shape[2]
     assert {sb.maximum_sequence_length for sb in ex.state_buffers} == {cfg.sliding_window, MAX_LEN}
 
     # the model inside is the TFLite export, with its signatures and our metadata
     session = load(path)
     assert sorted(session.signatures) == sorted(["decode", *(f"prefill_{t}" for t in lens)])
-    assert session.metadata["model"] == cfg.name and session.max_len == MAX_LEN
+    assert session.metadata.model == cfg.name and session.max_len == MAX_LEN
 
 
 def test_bundled_tokenizer_round_trip(bundles):
@@ -110,13 +117,13 @@ def test_litert_lm_greedy_matches_jax(bundles, name):
     tok = Tokenizer(tok_path)
     steps = 80 if name.startswith("trained") else 40
     prompt_len = cfg.sliding_window + lens[0] // 2 + 5
-    prompt = litertlm_engine.window_crossing_prompt(tok, prompt_len, prompt_len + 8)
+    prompt = window_crossing_prompt(tok, prompt_len, prompt_len + 8)
     n_prompt = len(tok.encode(prompt))
     assert n_prompt > cfg.sliding_window and all(n_prompt % t for t in lens)
     ref = reference_session(cfg, _f32(params), lens, read_bundle(path).llm_metadata().max_num_tokens)
     engine = litertlm_engine.Engine(path)
     try:
-        check = litertlm_engine.check_greedy(path, ref, tok, prompt, steps, (cfg.tokens.eos,), engine=engine)
+        check = check_greedy(path, ref, tok, prompt, steps, (cfg.tokens.eos,), engine=engine)
         assert check.tokenize_match
         assert check.engine_text == check.reference_text, check
         assert n_prompt + check.reference_tokens > cfg.sliding_window * 2  # the ring wrapped while decoding
@@ -124,7 +131,7 @@ def test_litert_lm_greedy_matches_jax(bundles, name):
         # between sessions, so the first one's cache rows must stay masked and its recurrent
         # states be reset at position 0
         short = " ".join(prompt.split()[:5])
-        again = litertlm_engine.check_greedy(path, ref, tok, short, steps, (cfg.tokens.eos,), engine=engine)
+        again = check_greedy(path, ref, tok, short, steps, (cfg.tokens.eos,), engine=engine)
         assert again.engine_text == again.reference_text, again
         assert again.reference_tokens >= 4
     finally:
@@ -137,7 +144,8 @@ def test_instruction_tuned_bundle_carries_the_chat_format(tmp_path, tokenizer_25
         cfg = get_config(name)
         cfg = dataclasses.replace(cfg, instruction_tuned=True,
                                   tokens=dataclasses.replace(cfg.tokens, end_of_turn=tok.end_of_turn_id))
-        tfl = export_tflite(cfg, init_params(cfg, 0), out_dir=tmp_path, max_len=64, prefill_lens=[16]).path
+        tfl = export(cfg, init_params(cfg, 0), "tflite",
+                     ExportOptions(out_dir=tmp_path, max_len=64, prefill_lens=(16,), verify=False)).path
         path = write_bundle(tfl, Path(tokenizer_256), cfg, 64, tmp_path / f"{name}-it.litertlm")
         llm = read_bundle(path).llm_metadata()
         assert [list(t.token_ids.ids) for t in llm.stop_tokens] == [[1], [tok.end_of_turn_id]]
@@ -207,13 +215,15 @@ def test_recurrentgemma_bundle_declares_its_states(bundles):
     path, cfg, _, _, _ = bundles["recurrentgemma-tiny"]
     ex = read_bundle(path).executor_metadata().llm_executor_metadata
     kinds = {sb.decode_input_name: type(sb).Type.Name(sb.type) for sb in ex.state_buffers}
-    assert list(kinds) == [name for _, _, name in state_names(cfg)]
-    for layer, key, name in state_names(cfg):
+    layout = state_layout(cfg, MAX_LEN)
+    assert list(kinds) == layout.names()
+    for spec in layout:
+        name = spec.name()
         assert name.startswith("kv_cache_")  # LiteRT-LM carries no other state between calls
-        if cfg.layer_kinds[layer] is LayerKind.RECURRENT:
+        if spec.layer_kind is LayerKind.RECURRENT:
             assert kinds[name] == "TYPE_LINEAR_ATTENTION"
         else:
-            assert kinds[name] == f"TYPE_LOCAL_{'KEY' if key == 'k' else 'VALUE'}_CACHE"
+            assert kinds[name] == f"TYPE_LOCAL_{'KEY' if spec.kind is StateKind.KEY else 'VALUE'}_CACHE"
     assert read_bundle(path).llm_metadata().max_num_tokens == MAX_LEN
     # one output per composite: LiteRT-LM 0.18 cannot run a multi-output composite
     from ai_edge_litert import schema_py_generated as S
@@ -256,8 +266,9 @@ def test_cli_exports_gates_and_runs_a_quantized_bundle(tmp_path, capsys):
 
 def test_inspect_each_target(bundles, tmp_path, capsys):
     path, cfg, params, tok_path, lens = bundles["gemma3-tiny"]
-    tfl = export_tflite(cfg, params, out_dir=tmp_path, max_len=MAX_LEN, prefill_lens=lens, quant="int4-b32").path
-    onnx_dir = export_onnx(cfg, params, out_dir=tmp_path, max_len=MAX_LEN, tokenizer_source=tok_path).path
+    options = ExportOptions(out_dir=tmp_path, max_len=MAX_LEN, prefill_lens=tuple(lens), verify=False)
+    tfl = export(cfg, params, "tflite", dataclasses.replace(options, quant="int4-b32")).path
+    onnx_dir = export(cfg, params, "onnx", dataclasses.replace(options, tokenizer=tok_path)).path
 
     assert export_main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out

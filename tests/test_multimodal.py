@@ -18,7 +18,8 @@ from models import load_checkpoint
 from models.cache import init_cache
 from models.generate import generate, image_prompt
 from models.model import forward
-from models.multimodal import chunk_bounds, expand_image_tokens, image_blocks, soft_runs
+from contract.prompt import chunk_bounds, expand_image_tokens, soft_runs
+from models.multimodal import image_blocks
 from models.registry import get_config
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

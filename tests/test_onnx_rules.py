@@ -22,11 +22,11 @@ import pytest  # noqa: E402
 
 from export.lowering.onnx.convert import assemble, lower_to_graph, save  # noqa: E402  (registers the rules)
 from export.lowering.onnx.graph import RULES, UnsupportedOpError  # noqa: E402
-from export.lowering.onnx.trace import input_specs  # noqa: E402
-from export.signatures import Signature  # noqa: E402
+from export.stablehlo import input_specs  # noqa: E402
+from models.signatures import Signature  # noqa: E402
 from export.stablehlo import weight_names  # noqa: E402
 from models import fused  # noqa: E402
-from runtime_py.session import TensorInfo  # noqa: E402
+from contract.signatures import TensorSpec  # noqa: E402
 
 T_VALUE = 5  # the size "T" takes in static runs and is fed in symbolic ones
 CONSTRAINTS = ("T <= 64",)
@@ -430,15 +430,15 @@ def build(case: Case, symbolic: bool) -> tuple[Signature, dict]:
         out = call(p, *xs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
-    inputs = tuple(TensorInfo(f"x{i}", s.shape if symbolic else concrete(s.shape, T_VALUE), np.dtype(s.dtype))
+    inputs = tuple(TensorSpec(f"x{i}", s.shape if symbolic else concrete(s.shape, T_VALUE), np.dtype(s.dtype))
                    for i, s in enumerate(case.inputs))
     constraints = CONSTRAINTS if symbolic else ()
-    probe = Signature(case.id, 0, inputs, (), fn, constraints)
+    probe = Signature(case.id, 0, inputs, (), fn=fn, constraints=constraints)
     weights, specs = input_specs(probe, params)
     avals = jax.eval_shape(fn, weights, *specs)
-    outputs = tuple(TensorInfo(f"y{i}", tuple(d if isinstance(d, int) else str(d) for d in a.shape),
+    outputs = tuple(TensorSpec(f"y{i}", tuple(d if isinstance(d, int) else str(d) for d in a.shape),
                                np.dtype(a.dtype)) for i, a in enumerate(avals))
-    return Signature(case.id, 0, inputs, outputs, fn, constraints), params
+    return Signature(case.id, 0, inputs, outputs, fn=fn, constraints=constraints), params
 
 
 def node_types(model: onnx.ModelProto) -> set[str]:

@@ -14,6 +14,7 @@ import pytest
 from export.cli import main as export_main
 from export.quantize import RECIPES, QuantizationError, check, support, support_table
 from models import get_config, init_params, load_checkpoint
+from verify.gates import gate_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAINED = {"gemma3": FIXTURES / "gemma3-tiny-trained", "recurrentgemma": FIXTURES / "recurrentgemma-tiny-trained"}
@@ -105,7 +106,7 @@ def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     assert rc == 0 and report["passed"], report
     assert report["gate"]["quantization"] == quant
     info = read(path)
-    assert info.metadata["quantization"] == quant
+    assert info.metadata.quantization == quant
     _cfg, params = load_checkpoint(TRAINED["gemma3"])
     weights = {k: v for k, v in info.weight_bytes.items() if k not in ("INT32", "BOOL")}
     # every matmul weight and the embedding are quantized, the tied table stored once
@@ -194,7 +195,8 @@ def test_genai_runs_int4_folder(tmp_path):
 # ---- zero rows and broken scales ---------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["tflite", "onnx"])
 def test_all_zero_rows_quantize_and_load(tmp_path, target):
-    from export.pipeline import export_onnx, export_tflite
+    from export.driver import export as export_to
+    from export.options import ExportOptions
     from runtime_py import load
 
     cfg = get_config("gemma3-tiny")
@@ -205,32 +207,32 @@ def test_all_zero_rows_quantize_and_load(tmp_path, target):
     recipes = ["fp16", "int8", "dynamic-int8", "int4-b32"] if target == "tflite" else \
         ["fp16", "dynamic-int8", "int4-b32"]
     for quant in recipes:
+        r = export_to(cfg, params, target, ExportOptions(out_dir=tmp_path, max_len=64, prefill_lens=(16,), quant=quant,
+                                                         verify=False))
         if target == "tflite":
-            r = export_tflite(cfg, params, out_dir=tmp_path, max_len=64, prefill_lens=[16], quant=quant)
             from export.quantize.tflite import zero_scale_count
 
             assert zero_scale_count(r.path) == 0
-        else:
-            r = export_onnx(cfg, params, out_dir=tmp_path, max_len=64, quant=quant)
         session = load(r.path)
         logits = session.prefill([2, 5, 5, 9, 5])
         assert np.all(np.isfinite(logits)), quant
         assert abs(float(logits.reshape(-1)[5])) < 1e-3, quant  # the zero row's logit stays 0
 
 
-def _gate_on(path: Path, quant: str):
-    from export.cli import verify_prompts
-    from runtime_py import load, parity, reference_session
+def _gate_on(path: Path, quant: str, target: str):
+    from runtime_py import load
+    from verify import parity, reference_session
+    from verify.prompts import verify_prompts
 
     cfg, params = load_checkpoint(TRAINED["gemma3"])
     reference = reference_session(cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}, [32], 128)
     report = parity(reference, load(path), verify_prompts(cfg, 128, [32], 40), 40)
-    return RECIPES[quant].gate.failures(report)
+    return gate_for(target, quant).failures(report)
 
 
 def test_broken_scale_fails_the_gate_onnx(tmp_path):
     rc, folder = export(tmp_path, "gemma3", "onnx", "int4-b32")
-    assert rc == 0 and _gate_on(folder, "int4-b32") == []
+    assert rc == 0 and _gate_on(folder, "int4-b32", "onnx") == []
     model = onnx.load(folder / "model.onnx")
     broken = 0
     for t in model.graph.initializer:  # a quantizer whose scales are 25% off
@@ -239,7 +241,7 @@ def test_broken_scale_fails_the_gate_onnx(tmp_path):
             broken += 1
     assert broken == 4 * 6 + 1  # the trained model: 6 layers of 4 matmuls, and the tied table
     onnx.save(model, folder / "model.onnx")
-    assert _gate_on(folder, "int4-b32") != []
+    assert _gate_on(folder, "int4-b32", "onnx") != []
 
 
 def test_broken_scale_fails_the_gate_tflite(tmp_path):
@@ -248,7 +250,7 @@ def test_broken_scale_fails_the_gate_tflite(tmp_path):
     from export.quantize.tflite import _buffer_view
 
     rc, path = export(tmp_path, "gemma3", "tflite", "int4-b32")
-    assert rc == 0 and _gate_on(path, "int4-b32") == []
+    assert rc == 0 and _gate_on(path, "int4-b32", "tflite") == []
     buf = bytearray(path.read_bytes())
     model = S.Model.GetRootAs(buf, 0)
     sg = model.Subgraphs(0)
@@ -265,12 +267,13 @@ def test_broken_scale_fails_the_gate_tflite(tmp_path):
                 done.add(buffer)
     assert len(done) >= 7 * 6
     path.write_bytes(buf)
-    assert _gate_on(path, "int4-b32") != []
+    assert _gate_on(path, "int4-b32", "tflite") != []
 
 
 def test_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
     import export.quantize.tflite as qt
-    from export.pipeline import export_tflite
+    from export.driver import export as export_to
+    from export.options import ExportOptions
 
     def boom(*a, **k):
         raise RuntimeError("quantizer crashed")
@@ -278,18 +281,15 @@ def test_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(qt, "quantize_file", boom)
     cfg = get_config("gemma3-tiny")
     with pytest.raises(RuntimeError, match="quantizer crashed"):
-        export_tflite(cfg, init_params(cfg, 0), out_dir=tmp_path, max_len=64, prefill_lens=[16], quant="int8")
+        export_to(cfg, init_params(cfg, 0), "tflite", ExportOptions(out_dir=tmp_path, max_len=64, prefill_lens=(16,),
+                                                                    quant="int8", verify=False))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_gate_enforced_on_checkpoints_advisory_on_random_weights(tmp_path, monkeypatch, capsys):
-    import dataclasses
+    from verify import gates
 
-    from export.quantize import recipes
-
-    strict = dataclasses.replace(recipes.RECIPES["dynamic-int8"],
-                                 gate=recipes.Gate(mean_rel_rms=0.0, top1=1.0, mean_kl=0.0))
-    monkeypatch.setitem(recipes.RECIPES, "dynamic-int8", strict)
+    monkeypatch.setitem(gates.GATES, ("onnx", "dynamic-int8"), gates.Gate(mean_rel_rms=0.0, top1=1.0, mean_kl=0.0))
     (tmp_path / "ckpt").mkdir()
     rc, path = export(tmp_path / "ckpt", "gemma3", "onnx", "dynamic-int8")
     assert rc == 1 and not parity_json(path)["passed"]

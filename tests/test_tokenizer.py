@@ -1,4 +1,4 @@
-"""Tests for models.tokenizer, run against a tiny SentencePiece model trained here.
+"""Tests for contract.tokenizer, run against a tiny SentencePiece model trained here.
 
 The model mirrors the real Gemma tokenizer conventions: pad/eos/bos/unk at
 ids 0/1/2/3 with pieces ``<pad>``/``<eos>``/``<bos>``/``<unk>``, the turn
@@ -15,7 +15,7 @@ import pytest
 import sentencepiece
 
 from conftest import tiny_corpus
-from models.tokenizer import (
+from contract.tokenizer import (
     Tokenizer,
     apply_chat_template,
     normalize_family,

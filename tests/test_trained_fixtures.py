@@ -11,7 +11,7 @@ import pytest
 
 from conftest import full_logits
 from models import Family, generate, load_checkpoint
-from models.tokenizer import Tokenizer
+from contract.tokenizer import Tokenizer
 from tools.train_tiny import (
     FOLDERS,
     HELD_OUT_SEED,

@@ -1,23 +1,27 @@
-"""Gemma 3 with images, exported (export/signatures.py: vision_encoder, image_prefill_{T}; ONNX:
+"""Gemma 3 with images, exported (models/signatures.py: vision_encoder, image_prefill_{T}; ONNX:
 vision_encoder.onnx, image_prefill.onnx): both targets pass the parity gate with image prompts,
 greedy generation after images matches the JAX model, the CLIs take images, and bad input is a
 clear error. gemma3-vision-tiny, random weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from contract.metadata import ImageLayout
+from contract.prompt import expand_image_tokens
 from export.cli import main as export_main
-from export.pipeline import export_onnx, export_tflite
+from export.driver import export
+from export.options import ExportOptions
 from models import get_config, init_params
 from models.generate import generate
-from models.multimodal import expand_image_tokens
 from models.vision import init_vision_params
-from runtime_py import load, parity, reference_session
+from runtime_py import load
 from runtime_py.__main__ import main as runtime_main
+from verify import gate_for, parity, reference_session
 
 MAX_LEN, LENS = 64, [8, 16]
 
@@ -36,8 +40,9 @@ def model():
 def artifacts(model, tmp_path_factory):
     cfg, params = model
     out = tmp_path_factory.mktemp("vision_export")
-    tfl = export_tflite(cfg, params, out_dir=out, max_len=MAX_LEN, prefill_lens=LENS).path
-    onnx = export_onnx(cfg, params, out_dir=out, max_len=MAX_LEN, op_set="standard", lens=LENS).path
+    options = ExportOptions(out_dir=out, max_len=MAX_LEN, prefill_lens=tuple(LENS), verify=False)
+    tfl = export(cfg, params, "tflite", options).path
+    onnx = export(cfg, params, "onnx", dataclasses.replace(options, onnx_ops="standard")).path
     return {"tflite": tfl, "onnx": onnx}
 
 
@@ -65,25 +70,27 @@ def test_tflite_signatures(artifacts, model):
     assert (inputs["tokens"], inputs["input_pos"], inputs["embeddings"]) == ((1, 16), (16,), (1, 16, 64))
     # the image prefill carries exactly the text prefill's states
     assert sigs["image_prefill_16"].state_inputs == sigs["prefill_16"].state_inputs
-    assert session.vision == cfg.vision
+    assert session.vision == ImageLayout.of(cfg.vision)
 
 
 @pytest.mark.parametrize("target", ["tflite", "onnx"])
 def test_parity_gate_with_images(artifacts, model, target):
     """The exported encoder and image prefill against the JAX model: soft tokens and logits of every
     prefill chunk and 12 decode steps (relative RMS 1e-4, greedy identical)."""
+    from export.targets import TARGETS
+
     cfg, params = model
-    reference = reference_session(cfg, params, LENS, MAX_LEN)
+    reference = reference_session(cfg, params, LENS, MAX_LEN, TARGETS[target].attention)
     session = load(artifacts[target])
     prompts = [_prompt(cfg, 0), [2, cfg.vision.boi_token, 7, 9]]
     report = parity(reference, session, prompts, 12, images=[_images(2, 1), _images(1, 2)])
-    assert report.passes(1e-4, 12), report.worst()
+    assert gate_for(target, None).failures(report) == [], report.worst()
     assert len(report.encoder) == 3 and max(e["rel_rms"] for e in report.encoder) < 1e-5
     used = {s.signature for s in report.steps}
     if target == "tflite":
         assert {"image_prefill_16", "decode"} <= used
     # no chunk splits an image: every chunk boundary lies outside the soft-token runs
-    from models.multimodal import soft_runs
+    from contract.prompt import soft_runs
 
     ids = expand_image_tokens(cfg.vision, prompts[0])
     bounds = np.cumsum([take for _, take in session.image_chunks(ids)])
@@ -111,8 +118,8 @@ def test_image_errors(artifacts, model, tmp_path):
     session = load(artifacts["tflite"])
     with pytest.raises(ValueError, match="2 image place.*1 image"):
         session.generate(_prompt(cfg), 4, images=_images(1))
-    text_only = export_tflite(get_config("gemma3-tiny"), init_params(get_config("gemma3-tiny"), 0), out_dir=tmp_path,
-                              max_len=32, prefill_lens=[8]).path
+    text_only = export(get_config("gemma3-tiny"), init_params(get_config("gemma3-tiny"), 0), "tflite",
+                       ExportOptions(out_dir=tmp_path, max_len=32, prefill_lens=(8,), verify=False)).path
     with pytest.raises(ValueError, match="no vision encoder"):
         load(text_only).generate([2, 5], 4, images=_images(1))
 
@@ -152,8 +159,8 @@ def test_runtime_cli_generates_from_an_image_file(artifacts, model, tokenizer_25
     at the prompt's marker; the text equals the JAX model's greedy text for the same pixels."""
     from PIL import Image
 
-    from models.multimodal import encode_with_images
-    from models.tokenizer import Tokenizer
+    from contract.prompt import encode_with_images
+    from contract.tokenizer import Tokenizer
     from runtime_py.image import preprocess
 
     cfg, params = model
@@ -245,7 +252,8 @@ def test_onnx_image_prefill_shares_the_decoder_weight_file(model, tmp_path, monk
 
     monkeypatch.setattr(conv, "EXTERNAL_DATA_BYTES", 0)  # tiny weights, handled as a large model's
     cfg, params = model
-    folder = export_onnx(cfg, params, out_dir=tmp_path, max_len=MAX_LEN, op_set="standard", lens=LENS).path
+    folder = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path, max_len=MAX_LEN, prefill_lens=tuple(LENS),
+                                                       onnx_ops="standard", verify=False)).path
     graph = onnx.load(str(folder / "image_prefill.onnx"), load_external_data=False).graph
     external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == \
@@ -260,8 +268,8 @@ def test_runtime_generate_text_in_text_out(artifacts, model, tokenizer_256):
     """runtime_py.generate: a prompt string and image files in, the model's text out (the same
     text the CLI prints); images given to a text-only model are refused."""
     import runtime_py
-    from models.multimodal import encode_with_images
-    from models.tokenizer import Tokenizer
+    from contract.prompt import encode_with_images
+    from contract.tokenizer import Tokenizer
 
     cfg, params = model
     tok = Tokenizer(tokenizer_256)

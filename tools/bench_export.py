@@ -56,7 +56,7 @@ def run_export(model: str, ctx: int, dtype: str, lens: str, out: Path, target: s
 
 def weight_bytes(model: str, dtype: str) -> int:
     sys.path.insert(0, str(ROOT))
-    from export.pipeline import STORED
+    from export.driver import STORED
     from models import get_config, param_shapes
 
     cfg = get_config(model)

@@ -7,7 +7,7 @@ step in a fresh process so its peak RSS is its own. Prints one table; --json wri
 
 Columns
   file MiB        the bundle (model + tokenizer + metadata)
-  export s / RSS  `export_litertlm` without the parity gate: wall seconds, peak RSS
+  export s / RSS  `export.driver.export(..., "litertlm", ...)` without the parity gate: wall seconds, peak RSS
   init s          LiteRT-LM engine + session creation (its counter)
   TTFT s          LiteRT-LM time to first token after a --prompt-tokens prompt (its counter)
   prefill tok/s   LiteRT-LM prefill rate over that prompt
@@ -68,22 +68,24 @@ def _child(args: list[str]) -> dict:
 
 
 def export_child(a) -> dict:
-    from export.pipeline import export_litertlm
+    from export.driver import export
+    from export.options import ExportOptions
     from models import get_config, init_params
 
     cfg = get_config(a.model)
     params = init_params(cfg, 0)
     tok = padded_tokenizer(TOKENIZER, cfg.vocab_size, Path(a.dir) / "tokenizer.model")
     t0 = time.perf_counter()
-    r = export_litertlm(cfg, params, out_dir=Path(a.dir), max_len=a.context, prefill_lens=[32, 128],
-                        tokenizer=tok, quant=None if a.quant == "f32" else a.quant)
+    r = export(cfg, params, "litertlm", ExportOptions(out_dir=Path(a.dir), max_len=a.context, prefill_lens=(32, 128),
+                                                      tokenizer=tok, quant=None if a.quant == "f32" else a.quant,
+                                                      verify=False))
     return {"path": str(r.path), "export_s": time.perf_counter() - t0, "file_bytes": r.path.stat().st_size,
             "export_rss": _peak(), "tokenizer": str(tok)}
 
 
 def _prompt(tokenizer_path: str, n: int) -> tuple[str, list[int]]:
-    from models.tokenizer import Tokenizer
-    from runtime_py.litertlm_engine import window_crossing_prompt
+    from contract.tokenizer import Tokenizer
+    from verify.engine import window_crossing_prompt
 
     tok = Tokenizer(tokenizer_path)
     text = window_crossing_prompt(tok, n, n + 4)

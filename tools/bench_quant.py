@@ -36,9 +36,9 @@ Columns:
   SQNR dB        signal-to-quantization-noise ratio of the logits, 10 log10(signal / error power)
   top-1          fraction of steps whose argmax token equals the reference's
   ties           the same, counting a pick the reference scores within 0.01 logit of its maximum
-                 (runtime_py.parity.TIE_LOGIT) as agreement; the gates use this one
+                 (verify.parity.TIE_LOGIT) as agreement; the gates use this one
   KL             mean KL(reference || artifact) of the next-token distributions, nats
-  gate           PASS/FAIL of the recipe's gate (export.quantize.RECIPES[..].gate; f32: rel RMS 1e-4)
+  gate           PASS/FAIL of the recipe's gate (verify.gates.gate_for(target, recipe); f32: rel RMS 1e-4)
                  (on random weights the CLI only warns: the gates hold for trained checkpoints)
   TTFT s         time to first token of a 128-token prompt (prefill + argmax)
   dec@128        decode tokens/s at context position 128

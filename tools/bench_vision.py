@@ -14,7 +14,7 @@ Every step runs in a fresh process, so each peak RSS (ru_maxrss) is that step's 
   run         the artifact in ai_edge_litert's Interpreter (XNNPACK) or onnxruntime (CPU EP)
 The input is one deterministic random image in [-1, 1], f32 [1, S, S, 3].
 
-Recipes follow export/pipeline.py: fp16 stores the weights float16 and upcasts them in the graph
+Recipes follow export/driver.py: fp16 stores the weights float16 and upcasts them in the graph
 (both targets); the integer recipes quantize the lowered f32 model (TFLite: ai-edge-quantizer,
 export/quantize/tflite.py; ONNX: MatMulNBits, export/quantize/onnx.py). Pairs the recipe table
 does not allow (export.quantize.support; the ONNX vision graphs use op set `standard`) are listed as
@@ -99,7 +99,7 @@ def skip_reason(target: str, recipe: str, vcfg) -> str | None:
         return None
     why = support(target, recipe, ONNX_OP_SET if target == "onnx" else None)
     if why is not None and target == "onnx":
-        return (f"the ONNX vision graphs use op set '{ONNX_OP_SET}' (export/pipeline.py), where the recipe table "
+        return (f"the ONNX vision graphs use op set '{ONNX_OP_SET}' (export/targets/onnx.py), where the recipe table "
                 f"does not allow it: {why.split(';')[0]}")
     if why is not None:
         return f"not in the recipe table for {target}: {why}"
@@ -163,9 +163,9 @@ def export_child(a) -> dict:
     """Lower the vision_encoder signature to a.target at a.path, applying a.recipe."""
     import jax.numpy as jnp
 
-    from export.pipeline import stored_params
+    from export.driver import stored_params
     from export.quantize import RECIPES
-    from export.signatures import build_vision_signature
+    from models.signatures import build_vision_signature
     from models.vision import init_vision_params
 
     cfg = _config(a.model)

@@ -50,7 +50,7 @@ from models import (
 from models.fused import decomposed
 from models.loaders.hf import to_hf_tensors
 from models.loaders.safetensors_io import save_file
-from models.tokenizer import Tokenizer
+from contract.tokenizer import Tokenizer
 
 # ---- the corpus ---------------------------------------------------------------------------------
 # A story is: an introduction, a habit, a find, optionally a friend who asks about it, and an

@@ -10,7 +10,6 @@ Decisions and measurements: docs/quantization.md.
 
 from export.quantize.recipes import (
     RECIPES,
-    Gate,
     QuantizationError,
     Recipe,
     check,
@@ -18,4 +17,4 @@ from export.quantize.recipes import (
     support_table,
 )
 
-__all__ = ["RECIPES", "Gate", "QuantizationError", "Recipe", "check", "support", "support_table"]
+__all__ = ["RECIPES", "QuantizationError", "Recipe", "check", "support", "support_table"]

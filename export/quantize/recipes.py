@@ -1,5 +1,5 @@
-"""The named quantization recipes, the table of which target supports which, and the parity gate
-each recipe must pass.
+"""The named quantization recipes and the table of which target supports which (the parity gate
+each recipe must pass is verify/gates.py's table).
 
 A recipe quantizes every matmul weight (attention, MLP, recurrent-block projections) and the
 embedding table; the tied embedding stays one tensor, read both by the lookup and by the logits
@@ -30,53 +30,20 @@ class QuantizationError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gate:
-    """Parity thresholds of a quantized artifact against the f32 JAX model (teacher-forced prompts,
-    every prefill chunk and decode step): mean relative RMS error of the logits, top-1 agreement
-    (a pick among tokens the reference scores within 0.01 logit of its maximum counts as agreeing:
-    runtime_py.parity.TIE_LOGIT), mean KL(ref || artifact) in nats. Set from measurements on the
-    trained tiny models, both targets, with a margin of about 1.5x (docs/quantization.md,
-    `python tools/bench_quant.py --models trained`)."""
-
-    mean_rel_rms: float
-    top1: float
-    mean_kl: float
-
-    def failures(self, report) -> list[str]:
-        out = []
-        if report.mean_rel_rms > self.mean_rel_rms:
-            out.append(f"mean rel RMS {report.mean_rel_rms:.3g} > {self.mean_rel_rms:.3g}")
-        if report.top1_agreement_ties < self.top1:
-            out.append(f"top-1 agreement {report.top1_agreement_ties:.3f} < {self.top1:.3f}")
-        if report.mean_kl > self.mean_kl:
-            out.append(f"mean KL {report.mean_kl:.3g} > {self.mean_kl:.3g}")
-        return out
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str
     summary: str
     bits: int  # weight bits (16 = float16)
     block: int | None  # inputs per scale; None = one scale per output channel
     dynamic: bool  # activations quantized at run time by the matmul kernel
-    gate: Gate
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("fp16", "float16 weights, f32 compute", 16, None, False,
-           Gate(mean_rel_rms=2e-3, top1=0.99, mean_kl=1e-5)),
-    Recipe("int8", "int8 weights per output channel, dequantized to f32", 8, None, False,
-           Gate(mean_rel_rms=3e-2, top1=0.99, mean_kl=1e-3)),
-    Recipe("dynamic-int8", "int8 weights, int8 activations quantized at run time", 8, None, True,
-           Gate(mean_rel_rms=4e-2, top1=0.97, mean_kl=2e-3)),
-    Recipe("int4-b32", "int4 weights in blocks of 32, int8 activations at run time", 4, 32, True,
-           Gate(mean_rel_rms=0.35, top1=0.85, mean_kl=0.15)),
-    Recipe("int4-b128", "int4 weights in blocks of 128, int8 activations at run time", 4, 128, True,
-           Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.25)),
+    Recipe("fp16", "float16 weights, f32 compute", 16, None, False),
+    Recipe("int8", "int8 weights per output channel, dequantized to f32", 8, None, False),
+    Recipe("dynamic-int8", "int8 weights, int8 activations quantized at run time", 8, None, True),
+    Recipe("int4-b32", "int4 weights in blocks of 32, int8 activations at run time", 4, 32, True),
+    Recipe("int4-b128", "int4 weights in blocks of 128, int8 activations at run time", 4, 128, True),
 ]}
 
 # (target, op set) -> {recipe: None if supported, else why not}. Checked before any work starts.

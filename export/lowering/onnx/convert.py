@@ -25,8 +25,8 @@ from export.lowering.onnx import (  # noqa: F401
 )
 from export.lowering.onnx.fused import MS_DOMAIN, OP_SETS, OPSET
 from export.lowering.onnx.graph import NUMPY_TO_ONNX, Lowering
-from export.signatures import Signature
-from export.stablehlo import weight_names
+from export.stablehlo import stablehlo, weight_names
+from models.signatures import Signature
 
 GRAPH_INPUT_TYPES = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype(np.int64)}
 # Weights past this go to model.onnx.data, streamed tensor by tensor: an in-file model is
@@ -39,17 +39,10 @@ IR_VERSION = 10
 
 def lower_to_graph(sig: Signature, params: dict, *, op_set: str, max_len: int, compute=None) -> Lowering:
     """Trace the signature with symbolic lengths and lower it; returns the filled Lowering."""
-    from jax._src.interpreters import mlir as jax_mlir
-    from jax._src.lib.mlir import ir
-
-    from export.lowering.onnx.trace import export_stablehlo
-
     if op_set not in OP_SETS:
         raise ValueError(f"unknown ONNX op set '{op_set}' (choose from {', '.join(OP_SETS)})")
-    text = export_stablehlo(sig, params, compute)
-    context = jax_mlir.make_ir_context()
-    module = ir.Module.parse(text, context=context)
-    with context:
+    module = stablehlo(sig, params, compute)
+    with module.context:
         lw = Lowering(module, OP_SETS[op_set], params)
         lw.options.update(max_len=max_len, opset=OPSET)
         names = weight_names(params)
@@ -81,8 +74,7 @@ def _state_shape(lw: Lowering, name: str, shape, concrete: bool = False) -> tupl
 
 def state_shapes(sig: Signature, lw: Lowering) -> dict[str, tuple]:
     """{state input name: the shape runtime_py allocates}."""
-    return {t.name: _state_shape(lw, t.name, t.shape, concrete=True) for t in sig.inputs
-            if t.name.startswith("past")}
+    return {t.name: _state_shape(lw, t.name, t.shape, concrete=True) for t in sig.state_inputs}
 
 
 def assemble(sig: Signature, lw: Lowering, metadata: dict[str, str]) -> tuple[onnx.ModelProto, dict]:

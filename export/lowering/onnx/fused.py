@@ -113,6 +113,13 @@ def lower_linear_recurrence(lw: Lowering, op):
     return lw.node("LinearRecurrence", lw.composite_operands(op), n_out=1, domain=DOMAIN, hint="rg_lru")
 
 
+def gqa_local_rows(window_span: int, max_len: int) -> int:
+    """Rows of a local layer's cache when GroupQueryAttention owns it: the keys a query sees
+    (local_window_size), or the whole context when the window spans it (a plain causal cache).
+    The ONNX target's state layout takes its local rows from here."""
+    return window_span if window_span < max_len else max_len
+
+
 def _gqa(lw: Lowering, op, local: bool):
     operands = lw.composite_operands(op)
     if len(operands) != 7:  # the image prefill's block ids: GQA masks causally, images need more
@@ -148,11 +155,10 @@ def _gqa(lw: Lowering, op, local: bool):
     rows, symbol = cache_shape[2], GLOBAL_ROWS
     if local:
         window = int(attrs["window"])
+        rows = gqa_local_rows(window, max_len)
         if window < max_len:
-            rows, symbol = window, LOCAL_ROWS
+            symbol = LOCAL_ROWS
             gqa_attrs.update(local_window_size=window, sliding_window_cache=1)
-        else:  # the window spans the whole context: a plain causal cache of the context
-            rows = max_len
     for name in (cache_k, cache_v):
         lw.declare_state_rows(name, rows, symbol)
     total = lw.node1("Add", [start, num_valid])  # [1] int32

@@ -17,26 +17,26 @@ Measured with onnxruntime-genai 0.18 (docs/onnx.md has the experiments):
 
 from __future__ import annotations
 
-from models.config import Family, LayerKind, ModelConfig
+from contract.layout import LayerKind, StateKind, StateLayout, genai_templates
+from models.config import Family, ModelConfig
 
 MODEL_TYPES = {Family.GEMMA2: "gemma2", Family.GEMMA3: "gemma3_text", Family.RECURRENTGEMMA: "decoder"}
 
 
-def genai_config(cfg: ModelConfig, max_len: int, state_shapes: dict[str, tuple], *, symbolic_local: bool,
+def genai_config(cfg: ModelConfig, max_len: int, layout: StateLayout, *, symbolic_local: bool,
                  filename: str = "model.onnx") -> dict:
-    """The config for a decoder whose states have `state_shapes` {graph input name: shape}."""
+    """The config for a decoder whose states are `layout` (as the folder's runtimes allocate them)."""
     kinds = cfg.layer_kinds
-    local_rows = {shape[2] for name, shape in state_shapes.items()
-                  if name.startswith("past_key_values.") and kinds[int(name.split(".")[1])] is LayerKind.LOCAL}
+    local_rows = {s.rows for s in layout if s.layer_kind is LayerKind.LOCAL and s.rows is not None}
     local_layers = [i for i, k in enumerate(kinds) if k is LayerKind.LOCAL]
     if len(local_rows) > 1:
         raise ValueError(f"local layers with different cache sizes: {sorted(local_rows)}")
-    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
-    if LayerKind.RECURRENT in kinds:
-        inputs.update(past_conv_names="past.%d.conv", past_recurrent_names="past.%d.recurrent")
-        outputs.update(present_conv_names="present.%d.conv", present_recurrent_names="present.%d.recurrent")
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    outputs = {"logits": "logits"}
+    for kind in sorted({s.kind for s in layout}, key=list(StateKind).index):
+        templates = genai_templates(kind)
+        inputs.update([templates["inputs"]])
+        outputs.update([templates["outputs"]])
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": filename, "head_size": cfg.head_dim, "hidden_size": cfg.embed_dim,

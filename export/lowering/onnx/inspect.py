@@ -9,7 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from runtime_py.onnx_backend import METADATA_KEY, model_file
+from contract.metadata import ArtifactMetadata
+from contract.onnx import model_file, read_metadata
 
 
 @dataclasses.dataclass
@@ -21,7 +22,7 @@ class OnnxReport:
     op_histogram: collections.Counter  # graph nodes, "domain::Op" for non-default domains
     function_ops: dict[str, collections.Counter]  # "domain::Function" -> its body's ops
     weight_bytes: int
-    metadata: dict
+    metadata: ArtifactMetadata | None  # ours (contract/metadata.py); None for another tool's model
     genai_config: dict | None
 
     @property
@@ -57,11 +58,10 @@ def read(path) -> OnnxReport:
             weight_bytes += len(t.raw_data)
     data = file.with_name(file.name + ".data")
     files = [file, data] if data.exists() else [file]
-    props = {p.key: p.value for p in model.metadata_props}
     genai = file.parent / "genai_config.json"
     return OnnxReport(
         path, sum(f.stat().st_size for f in files), io["inputs"], io["outputs"],
         collections.Counter(_op(n) for n in model.graph.node),
         {f"{f.domain}::{f.name}": collections.Counter(_op(n) for n in f.node) for f in model.functions},
-        weight_bytes, json.loads(props.get(METADATA_KEY, "{}")),
+        weight_bytes, read_metadata(file),
         json.loads(genai.read_text()) if genai.exists() else None)

@@ -22,10 +22,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from export.signatures import Signature
-from export.stablehlo import lower, portable_artifact, weight_names
+from contract.metadata import METADATA_KEY
 
-METADATA_KEY = "gemma_edge"
+from export.stablehlo import portable_artifact, stablehlo, weight_names
+from models.signatures import Signature
+
 
 
 def _element_type(ir, dtype: np.dtype):
@@ -127,7 +128,7 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
         for i, sig in enumerate(signatures):
             if progress:
                 progress(i, len(signatures), f"lower {sig.name}")
-            module = shlo.deserialize_portable_artifact(ctx, portable_artifact(lower(sig, params, compute)))
+            module = shlo.deserialize_portable_artifact(ctx, portable_artifact(stablehlo(sig, params, compute)))
             main = _inline_weights(ir, arith, func, module, names, attrs)
             conv.set_signature(main.operation, signature_name=sig.name,
                                input_names=[t.name for t in sig.inputs],

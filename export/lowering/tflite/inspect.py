@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import mmap
 from pathlib import Path
+
+from contract.metadata import ArtifactMetadata
+from contract.tflite import enum_names, open_model, read_metadata_json, read_signatures
 
 
 @dataclasses.dataclass
@@ -21,64 +22,20 @@ class TFLiteReport:
     custom_ops: collections.Counter
     weight_bytes: dict[str, int]  # tensor type -> bytes of constant buffers
     transposed_weights: list[str]  # TRANSPOSE ops whose input is a constant buffer
-    metadata: dict
+    metadata: ArtifactMetadata | None  # ours (contract/metadata.py); None for another tool's model
     # (consuming op, operand) -> stored form ("INT4 blockwise-32", "INT8 per-channel", ...) ->
     # [tensors, bytes]; weights behind a DEQUANTIZE are counted at the op the DEQUANTIZE feeds
     weight_kinds: dict = dataclasses.field(default_factory=dict)
 
 
-def _names(enum_cls) -> dict[int, str]:
-    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_")}
-
-
-def _buffer_bytes(buf, data) -> bytes:
-    """A buffer's bytes, stored inline or (files past 2 GB, and ai-edge-quantizer's output) after
-    the flatbuffer at an offset."""
-    if data.DataLength():
-        return data.DataAsNumpy().tobytes()
-    return bytes(buf[data.Offset():data.Offset() + data.Size()])
-
-
-def _model_buffer(path: Path):
-    """(buffer of the flatbuffer, file bytes): the whole .tflite, or a .litertlm's model section;
-    mapped, not read (artifacts can be several GB)."""
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if path.suffix != ".litertlm":
-        return mm, len(mm)
-    from export.litertlm import read_bundle
-
-    section = read_bundle(path).tflite()
-    return memoryview(mm)[section.begin:section.end], len(mm)
-
-
 def read(path) -> TFLiteReport:
-    from ai_edge_litert import schema_py_generated as S
-
     path = Path(path)
-    buf, file_bytes = _model_buffer(path)
-    model = S.Model.GetRootAs(buf, 0)
-    op_names, type_names = _names(S.BuiltinOperator), _names(S.TensorType)
-
-    def tensor_info(sg, idx):
-        t = sg.Tensors(idx)
-        return t.Name().decode(), tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else (), \
-            type_names[t.Type()]
-
+    S, model, buf, file_bytes = open_model(path)
+    op_names, type_names = enum_names(S.BuiltinOperator), enum_names(S.TensorType)
     signatures, sig_subgraph = {}, {}
-    for i in range(model.SignatureDefsLength()):
-        sd = model.SignatureDefs(i)
-        sg = model.Subgraphs(sd.SubgraphIndex())
-        io = {}
-        for kind, n, get in (("inputs", sd.InputsLength(), sd.Inputs), ("outputs", sd.OutputsLength(), sd.Outputs)):
-            io[kind] = []
-            for j in range(n):
-                tm = get(j)
-                _, shape, dtype = tensor_info(sg, tm.TensorIndex())
-                io[kind].append((tm.Name().decode(), shape, dtype))
-        name = sd.SignatureKey().decode()
-        signatures[name] = {"subgraph": sd.SubgraphIndex(), **io}
-        sig_subgraph[sd.SubgraphIndex()] = name
+    for name, sig in read_signatures(model, S).items():
+        signatures[name] = {"subgraph": sig.subgraph, "inputs": list(sig.inputs), "outputs": list(sig.outputs)}
+        sig_subgraph[sig.subgraph] = name
 
     histogram = {name: collections.Counter() for name in signatures}
     composites, custom = collections.Counter(), collections.Counter()
@@ -116,11 +73,8 @@ def read(path) -> TFLiteReport:
                 named_ops.append((name, op))
     kinds = _weight_kinds(model, model.Subgraphs(first_signature), named_ops, S, type_names)
 
-    metadata = {}
-    for i in range(model.MetadataLength()):
-        md = model.Metadata(i)
-        if md.Name().decode() == "gemma_edge":
-            metadata = json.loads(_buffer_bytes(buf, model.Buffers(md.Buffer())).decode())
+    text = read_metadata_json(model, buf)
+    metadata = None if text is None else ArtifactMetadata.from_json(text, where=str(path))
     return TFLiteReport(path, file_bytes, signatures, histogram, composites, custom, dict(weight_bytes),
                         transposed, metadata, kinds)
 

@@ -1,4 +1,5 @@
-"""Token sampling in numpy for artifact sessions: greedy, temperature, top-k, top-p.
+"""Token sampling: the settings (`Sampling`, shared by the JAX reference and the runtimes) and the
+numpy sampler artifact sessions use: greedy, temperature, top-k, top-p.
 
 Same semantics as `models.generate.sample` (the JAX reference); the random streams differ, so
 seeded non-greedy outputs are reproducible per backend, not across backends.
@@ -6,11 +7,32 @@ seeded non-greedy outputs are reproducible per backend, not across backends.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+GREEDY = Sampling()
+
+
 def sample_numpy(logits: np.ndarray, sampling, rng: np.random.Generator, vocab_limit: int | None = None) -> int:
-    """logits [V] -> a token id. `sampling` is a models.Sampling (None = greedy)."""
+    """logits [V] -> a token id. `sampling` is a Sampling (None = greedy)."""
     logits = np.asarray(logits, np.float64)
     if vocab_limit is not None:
         logits = logits[:vocab_limit]

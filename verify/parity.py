@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from contract.prompt import soft_runs
 from runtime_py.session import Session
 
 # Two next tokens whose reference logits differ by less than this (1% in probability) are a tie:
@@ -80,10 +81,6 @@ class ParityReport:
     def worst(self) -> StepReport:
         return max(self.steps, key=lambda s: s.rel_rms)
 
-    def passes(self, rel_rms_tol: float, greedy_steps: int) -> bool:
-        return self.max_rel_rms <= rel_rms_tol and min(self.greedy_match) >= min(greedy_steps,
-                                                                                   self.decode_steps)
-
     def to_json(self, **extra) -> str:
         body = {"max_abs": self.max_abs, "max_rel_rms": self.max_rel_rms, "mean_rel_rms": self.mean_rel_rms,
                 "sqnr_db": self.sqnr_db, "top1_agreement": self.top1_agreement,
@@ -143,6 +140,4 @@ def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int
 
 
 def _runs(session: Session, ids) -> list[tuple[int, int]]:
-    from models.multimodal import soft_runs
-
     return soft_runs(session.vision, ids)

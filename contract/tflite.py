@@ -1,0 +1,108 @@
+"""Read a TFLite flatbuffer (a `.tflite` file, or the model section of a `.litertlm` bundle),
+memory-mapped: its signatures with their tensors, and our metadata.
+
+The flatbuffer schema is the one `ai-edge-litert` ships (the runtime that runs these files);
+nothing is loaded into an interpreter. `python -m export inspect` reads more from the same
+buffer (op histogram, weight forms): export/lowering/tflite/inspect.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from contract.metadata import METADATA_KEY, ArtifactMetadata
+
+_NUMPY = {"FLOAT32": np.float32, "INT32": np.int32, "FLOAT16": np.float16, "INT8": np.int8, "INT64": np.int64,
+          "UINT8": np.uint8, "BOOL": np.bool_, "INT16": np.int16}
+
+
+def numpy_dtype(tflite_type: str) -> np.dtype:
+    if tflite_type == "BFLOAT16":
+        import ml_dtypes  # a dependency of ai-edge-litert
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_NUMPY[tflite_type])
+
+
+def enum_names(enum_cls) -> dict[int, str]:
+    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_")}
+
+
+def buffer_bytes(buf, data) -> bytes:
+    """A buffer's bytes, stored inline or (files past 2 GB, and ai-edge-quantizer's output) after
+    the flatbuffer at an offset."""
+    if data.DataLength():
+        return data.DataAsNumpy().tobytes()
+    return bytes(buf[data.Offset():data.Offset() + data.Size()])
+
+
+def model_buffer(path) -> tuple[memoryview | mmap.mmap, int]:
+    """(buffer of the flatbuffer, file bytes): the whole .tflite, or a .litertlm's model section;
+    mapped, not read (artifacts can be several GB)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if path.suffix != ".litertlm":
+        return mm, len(mm)
+    from contract.bundle import read_bundle
+
+    section = read_bundle(path).tflite()
+    return memoryview(mm)[section.begin:section.end], len(mm)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatSignature:
+    """A signature as the flatbuffer holds it: its subgraph and (name, shape, TFLite type) tensors."""
+
+    name: str
+    subgraph: int
+    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    outputs: tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+def read_signatures(model, schema) -> dict[str, FlatSignature]:
+    type_names = enum_names(schema.TensorType)
+    out = {}
+    for i in range(model.SignatureDefsLength()):
+        sd = model.SignatureDefs(i)
+        sg = model.Subgraphs(sd.SubgraphIndex())
+        io = []
+        for n, get in ((sd.InputsLength(), sd.Inputs), (sd.OutputsLength(), sd.Outputs)):
+            items = []
+            for j in range(n):
+                tm = get(j)
+                t = sg.Tensors(tm.TensorIndex())
+                shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+                items.append((tm.Name().decode(), shape, type_names[t.Type()]))
+            io.append(tuple(items))
+        name = sd.SignatureKey().decode()
+        out[name] = FlatSignature(name, sd.SubgraphIndex(), *io)
+    return out
+
+
+def read_metadata_json(model, buf) -> str | None:
+    for i in range(model.MetadataLength()):
+        md = model.Metadata(i)
+        if md.Name().decode() == METADATA_KEY:
+            return buffer_bytes(buf, model.Buffers(md.Buffer())).decode()
+    return None
+
+
+def open_model(path):
+    """(schema module, flatbuffer Model, buffer, file bytes)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buf, file_bytes = model_buffer(path)
+    return schema, schema.Model.GetRootAs(buf, 0), buf, file_bytes
+
+
+def read_tflite(path) -> tuple[dict[str, FlatSignature], ArtifactMetadata | None]:
+    """(signatures, metadata or None when the model carries none of ours)."""
+    schema, model, buf, _ = open_model(path)
+    text = read_metadata_json(model, buf)
+    meta = None if text is None else ArtifactMetadata.from_json(text, where=str(path))
+    return read_signatures(model, schema), meta

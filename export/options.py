@@ -1,0 +1,84 @@
+"""What an export is asked to do: one frozen options object, checked once (`validate`) before any
+weights load; `resolve` fills in what depends on the model (context, prefill lengths, op set,
+tokenizer, output path) and runs the target's own preflight, still before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+DTYPES = ("f32", "bf16", "f16")
+DEFAULT_PREFILL_LENS = (32, 128)
+DEFAULT_CONTEXT = 4096  # capped by the model's own context
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    out_dir: Path = Path("artifacts")
+    max_len: int | None = None  # the global caches' context; default min(4096, the model's)
+    prefill_lens: tuple[int, ...] | None = None  # default DEFAULT_PREFILL_LENS (+ one that holds an image)
+    dtype: str = "f32"  # stored float weights, without a recipe
+    quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
+    onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
+    tokenizer: Path | None = None  # default: the checkpoint folder
+    name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
+    verify: bool = True  # run the parity gate
+    verify_steps: int = 64
+    engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
+    random_weights: bool = False  # the weights are a random init: a quantized gate only warns
+    verbose: bool = False  # print stages and progress
+
+    def validate(self, target: str):
+        """Every check that needs no model; ValueError with one line naming the problem and the fix."""
+        from export.targets import TARGETS
+
+        if target not in TARGETS:
+            raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype '{self.dtype}'; choose from {', '.join(DTYPES)}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"--max-seq-len {self.max_len} is too small; pass a context of at least 2 tokens")
+        if self.verify_steps < 1:
+            raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
+        if self.quant is not None:
+            from export.quantize import check
+
+            check(TARGETS[target].quant_table, self.quant, self.onnx_ops or "default" if target == "onnx" else None,
+                  dtype=self.dtype)
+        TARGETS[target].check_options(self)
+        check_output(self.out_dir)
+
+    def context(self, model_context: int) -> int:
+        return self.max_len or min(DEFAULT_CONTEXT, model_context)
+
+
+def check_output(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable; pass --out to a writable folder")
+
+
+def parse_prefill_lens(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--prefill-lens '{text}' is not a comma-separated list of integers") from None
+
+
+def check_prefill_lens(lens, max_len: int) -> list[int]:
+    lens = sorted(set(lens))
+    for t in lens:
+        if t < 2 or t > max_len:
+            raise ValueError(f"prefill length {t} must be between 2 and the context ({max_len}); "
+                             "lower --prefill-lens or raise --max-seq-len")
+    return lens
+
+
+__all__ = ["DEFAULT_PREFILL_LENS", "DTYPES", "ExportOptions", "check_output", "check_prefill_lens",
+           "parse_prefill_lens"]

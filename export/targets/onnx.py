@@ -1,0 +1,180 @@
+"""--target onnx: an onnxruntime-genai folder: model.onnx (+ model.onnx.data for large models),
+genai_config.json, the tokenizer files; with vision also vision_encoder.onnx and
+image_prefill.onnx (docs/onnx.md, docs/vision.md).
+
+The decoder is one graph for every chunk length, traced in the cache-owning attention form
+(ONNX Runtime's GroupQueryAttention owns RoPE and the KV cache) and lowered by our own rules
+(export/lowering/onnx). Op set `default` uses ONNX Runtime's contrib ops; `standard` only standard
+ONNX (attention as model-local functions), which a model with vision needs: GroupQueryAttention
+cannot express the bidirectional attention inside an image.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from contract.metadata import METADATA_KEY
+from export.targets import Target
+from models.cache import state_layout
+from models.fused import AttentionForm
+from models.signatures import build_vision_signature, decoder_signature
+
+OP_SET_DEFAULT, OP_SET_STANDARD = "default", "standard"
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    help = "an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)"
+    quant_table = "onnx"
+    attention = AttentionForm.CACHE_OWNING
+    writes_folder = True
+    embed_16bit = False
+
+    def default_prefill_lens(self, max_len: int) -> list[int]:
+        """ONNX takes any chunk length: these only shape the gate's prompts."""
+        from export.options import DEFAULT_PREFILL_LENS
+
+        return [t for t in DEFAULT_PREFILL_LENS if t <= max_len] or [max(2, max_len // 2)]
+
+    def preflight(self, plan):
+        from export.quantize import QuantizationError, check
+
+        cfg, options = plan.cfg, plan.options
+        op_set = options.onnx_ops or (OP_SET_STANDARD if cfg.vision is not None else OP_SET_DEFAULT)
+        if cfg.vision is not None and op_set != OP_SET_STANDARD:
+            raise ValueError("images need the bidirectional attention inside each image, which ONNX Runtime's "
+                             "GroupQueryAttention cannot express: pass --onnx-ops standard, or --no-vision for a "
+                             "text-only export with GroupQueryAttention")
+        if options.onnx_ops is None and cfg.vision is not None:
+            if options.verbose:
+                print("note: a model with vision exports with --onnx-ops standard (GroupQueryAttention cannot "
+                      "express the bidirectional attention inside an image; --no-vision keeps it for text)")
+            if options.quant is not None:
+                try:
+                    check("onnx", options.quant, op_set, dtype=options.dtype)
+                except QuantizationError:
+                    raise QuantizationError(
+                        f"--quant {options.quant} is not available with --onnx-ops standard, which a model with "
+                        "vision exports with (GroupQueryAttention cannot express the attention inside an image): "
+                        "use --quant fp16 (see python -m export --list-quant), or --no-vision") from None
+        tokenizer = options.tokenizer
+        if tokenizer is not None and not Path(tokenizer).exists():
+            raise ValueError(f"tokenizer not found: {tokenizer}")
+        return dataclasses.replace(plan, op_set=op_set, tokenizer=tokenizer)
+
+    def artifact_name(self, plan) -> str:
+        suffix = "" if plan.op_set == OP_SET_DEFAULT else f"_{plan.op_set}"
+        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}_ctx{plan.max_len}{suffix}_onnx"
+
+    def layout(self, plan):
+        """The states as the folder's runtimes allocate them: GroupQueryAttention (op set default)
+        owns the local caches and sizes them to its window (export/lowering/onnx/fused.py)."""
+        from export.lowering.onnx.fused import gqa_local_rows
+
+        local_rows = gqa_local_rows(plan.cfg.window_span, plan.max_len) if plan.op_set == OP_SET_DEFAULT else None
+        return state_layout(plan.cfg, plan.max_len, local_rows=local_rows)
+
+    def signatures(self, plan):
+        return [decoder_signature(plan.cfg, plan.max_len, attention=self.attention)]
+
+    def write(self, plan, weights, signatures, tmp: Path, timer):
+        from onnx import helper
+
+        from export.lowering.onnx.convert import assemble, external_table, lower_to_graph, save, state_shapes
+        from export.lowering.onnx.genai import genai_config
+
+        cfg, sig = plan.cfg, signatures[0]
+        with timer.stage("lower"):
+            lw = lower_to_graph(sig, weights.stored, op_set=plan.op_set, max_len=plan.max_len,
+                                compute=weights.compute)
+        layout = self.layout(plan)
+        allocated = state_shapes(sig, lw)
+        expected = {s.name("onnx_past"): s.shape for s in layout}
+        if allocated != expected:  # the lowering and the contract must agree on every state
+            raise AssertionError(f"ONNX states {allocated} differ from the layout {expected}")
+        metadata = plan.metadata(layout, onnx_op_set=plan.op_set)
+        props = {METADATA_KEY: metadata.to_json()}
+        info = {"stablehlo_ops": dict(lw.ops_seen), "tokenizer_files": None}
+        with timer.stage("write"):
+            model, tensors = assemble(sig, lw, {})
+            del lw
+            recipe = self._integer_recipe(plan)
+            if recipe is not None:
+                from export.quantize.onnx import quantize_model
+
+                tensors = quantize_model(model, tensors, recipe)
+            helper.set_model_props(model, props)
+            save(model, tensors, tmp / "model.onnx")
+            if cfg.vision is not None:
+                t0 = time.perf_counter()
+                self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors))
+                timer.seconds["vision graphs"] = time.perf_counter() - t0
+            del tensors
+            config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
+            (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
+            if plan.tokenizer is not None:
+                from export.tokenizer_files import write_tokenizer_files
+
+                info["tokenizer_files"] = write_tokenizer_files(Path(plan.tokenizer), tmp)
+        if not info["tokenizer_files"] and plan.options.verbose:
+            where = f" in {plan.tokenizer}" if plan.tokenizer else ""
+            print(f"warning: no tokenizer found{where}: {plan.path} has the model and genai_config.json but "
+                  "onnxruntime-genai also needs tokenizer.json and tokenizer_config.json; pass --tokenizer PATH "
+                  "(a folder with tokenizer.json or a SentencePiece tokenizer.model)", file=sys.stderr)
+        return metadata, info
+
+    @staticmethod
+    def _integer_recipe(plan):
+        return None if plan.recipe is None or plan.recipe.bits == 16 else plan.recipe
+
+    def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict):
+        """vision_encoder.onnx (image [1, S, S, 3] -> soft_tokens [1, N, E]) and image_prefill.onnx
+        (the decoder with an `inputs_embeds` input; its weights are referenced in model.onnx.data
+        when the decoder's are external)."""
+        from onnx import helper
+
+        from export.lowering.onnx.convert import assemble, lower_to_graph, save
+
+        recipe = self._integer_recipe(plan)
+        for sig, file, share in ((build_vision_signature(plan.cfg), "vision_encoder.onnx", None),
+                                 (decoder_signature(plan.cfg, plan.max_len, image=True, attention=self.attention),
+                                  "image_prefill.onnx", reuse)):
+            lw = lower_to_graph(sig, weights.stored, op_set=plan.op_set, max_len=plan.max_len, compute=weights.compute)
+            model, tensors = assemble(sig, lw, {})
+            del lw
+            if recipe is not None:
+                from export.quantize.onnx import quantize_model
+
+                tensors = quantize_model(model, tensors, recipe)
+            helper.set_model_props(model, props)
+            save(model, tensors, folder / file, reuse=share)
+
+    def describe(self, result) -> list[str]:
+        from export.lowering.onnx.inspect import read
+
+        report = read(result.path)
+        lines = [f"artifact: {result.path}/ (onnxruntime-genai folder, op set '{result.plan.op_set}')",
+                 result.size_line(report.file_bytes)]
+        n = len(result.metadata.states)
+        lines.append(f"  inputs: input_ids, attention_mask + {n} states -> logits + {n} states")
+        ops = result.info.get("stablehlo_ops", {})
+        met = ", ".join(f"{op.replace('stablehlo.', '')} {k}" for op, k in sorted(ops.items()))
+        lines.append(f"  StableHLO ops lowered: {met}")
+        histogram = collections.Counter(report.op_histogram)
+        top = ", ".join(f"{op} {k}" for op, k in histogram.most_common(12))
+        lines.append(f"  ONNX ops ({sum(histogram.values())} nodes): {top}")
+        if report.function_ops:
+            lines.append("  functions: " + ", ".join(sorted(report.function_ops)))
+        extra = [f"{f.name} {f.stat().st_size / 2**20:.2f} MiB" for f in sorted(result.path.glob("*.onnx*"))
+                 if f.name.startswith(("vision_encoder.", "image_prefill."))]
+        if extra:
+            lines.append("  vision: " + ", ".join(extra) + " (image [1, S, S, 3] -> soft_tokens; the decoder with "
+                         "inputs_embeds)")
+        files = result.info.get("tokenizer_files")
+        lines.append("  tokenizer: " + (", ".join(files) if files else "none"))
+        return lines

@@ -1,0 +1,205 @@
+"""Signatures: the pure functions an artifact exports, described by the artifact contract
+(contract/signatures.py for names and kinds, contract/layout.py for the states).
+
+Shapes follow the legend in models/__init__.py.
+
+  prefill_{T}(tokens int32[1, T], input_pos int32[T], *states) -> (logits f32[1, 1, V], *states)
+  decode     (tokens int32[1, 1], input_pos int32[1], *states) -> (logits f32[1, 1, V], *states)
+  vision_encoder(image f32[1, image_size, image_size, 3]) -> soft_tokens f32[1, I, E]
+  image_prefill_{T}(tokens, input_pos, embeddings f32[1, T, E], *states) -> (logits, *states)
+
+States are the layout's, in its order, each both an input and an output of the same name (the
+TFLite naming). Prefill writes the cache rows of its chunk at input_pos[0] + t. Runtimes right-pad
+chunks; the real tokens are the leading run where input_pos[t] == input_pos[0] + t (pad entries,
+e.g. 0 or -1, end the run), so pad tokens never overwrite a ring row nor change a recurrent state.
+A prefill returns the logits of its last real token only; decode those of its token.
+
+The image prefill's soft-token positions (tokens == the soft token) read `embeddings` (the runtime
+splices each image's soft tokens there) and attend bidirectionally within each image; one per
+prefill length T >= I.
+
+The ONNX decoder (`decoder_signature`) is one function for every chunk length, with
+onnxruntime-genai's names. Every signature carries the attention form it is traced with
+(models/fused.AttentionForm): the exporters lower it, and the JAX reference runs it, in that form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from contract.layout import Naming, StateLayout
+from contract.metadata import ArtifactMetadata, ImageLayout
+from contract.signatures import (
+    EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec,
+    signature_name,
+)
+from models.cache import state_layout
+from models.config import ModelConfig
+from models.fused import AttentionForm
+from models.model import forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature(SignatureSpec):
+    """A signature's tensors (the contract's SignatureSpec) plus the function that computes it,
+    fn(params, *inputs) -> tuple matching outputs, and the attention form it is traced with."""
+
+    fn: Callable | None = None
+    # symbolic-dimension constraints, e.g. "sequence_length <= 4096" (jax.export syntax)
+    constraints: tuple[str, ...] = ()
+    attention: AttentionForm = AttentionForm.SDPA
+
+
+def valid_length(input_pos):
+    """Length of the leading run input_pos[t] == input_pos[0] + t: the chunk's real tokens."""
+    t = input_pos.shape[0]
+    run = input_pos == input_pos[0] + jnp.arange(t, dtype=input_pos.dtype)
+    return jnp.sum(jnp.cumprod(run.astype(jnp.int32)))
+
+
+def _specs(layout: StateLayout, naming: Naming) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name(naming), s.shape, s.dtype) for s in layout)
+
+
+def _cache_of(cfg: ModelConfig, layout: StateLayout, values) -> tuple:
+    cache = [dict() for _ in cfg.layer_kinds]
+    for spec, value in zip(layout, values):
+        cache[spec.layer][spec.kind.value] = value
+    return tuple(cache)
+
+
+def _states_of(layout: StateLayout, cache) -> tuple:
+    return tuple(cache[s.layer][s.kind.value] for s in layout)
+
+
+def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float32, *, image: bool = False,
+                    attention: AttentionForm = AttentionForm.SDPA) -> Signature:
+    """The prefill (length > 1) or decode (length == 1) signature for a context of max_len; with
+    `image`, the image_prefill_{length} signature (an `embeddings` input after input_pos)."""
+    if length < 1 or length > max_len:
+        raise ValueError(f"prefill length {length} must be between 1 and the context ({max_len})")
+    if image and cfg.vision is None:
+        raise ValueError(f"{cfg.name} has no vision tower")
+    kind = (SignatureKind.IMAGE_PREFILL if image else SignatureKind.DECODE if length == 1
+            else SignatureKind.PREFILL)
+    layout = state_layout(cfg, max_len, dtype)
+    states = _specs(layout, Naming.TFLITE)
+    embeddings = (TensorSpec(EMBEDDINGS, (1, length, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
+    inputs = (TensorSpec(TOKENS, (1, length), np.dtype(np.int32)),
+              TensorSpec(INPUT_POS, (length,), np.dtype(np.int32)), *embeddings, *states)
+    outputs = (TensorSpec(LOGITS, (1, 1, cfg.vocab_size), np.dtype(np.float32)), *states)
+
+    def fn(params, tokens, input_pos, *rest):
+        embeds, state_values = (rest[0], rest[1:]) if image else (None, rest)
+        nv = valid_length(input_pos)
+        logits, new_cache = forward(params, cfg, tokens, input_pos[:1], _cache_of(cfg, layout, state_values),
+                                    nv[None], last_only=True, embeddings=embeds, attention=attention)
+        return (logits, *_states_of(layout, new_cache))
+
+    return Signature(signature_name(kind, length), length, inputs, outputs, tuple(t.name for t in states), fn=fn,
+                     attention=attention)
+
+
+def build_vision_signature(cfg: ModelConfig) -> Signature:
+    """vision_encoder(image f32[1, image_size, image_size, 3]) -> soft_tokens f32[1, I, E]
+    (models/vision.py)."""
+    from models.vision import encode_images
+
+    v = cfg.vision
+    if v is None:
+        raise ValueError(f"{cfg.name} has no vision tower")
+    inputs = (TensorSpec(IMAGE, (1, v.image_size, v.image_size, 3), np.dtype(np.float32)),)
+    outputs = (TensorSpec(SOFT_TOKENS, (1, v.tokens_per_image, cfg.embed_dim), np.dtype(np.float32)),)
+
+    def fn(params, image):
+        return (encode_images(params, v, cfg.embed_dim, image),)
+
+    return Signature(signature_name(SignatureKind.VISION_ENCODER), 0, inputs, outputs, fn=fn)
+
+
+def image_prefill_lengths(cfg: ModelConfig, prefill_lens) -> list[int]:
+    """The prefill lengths that get an image_prefill signature: those that hold an image's soft
+    tokens. ValueError (with the fix) when none does."""
+    n = cfg.vision.tokens_per_image
+    lens = [t for t in prefill_lens if t >= n]
+    if not lens:
+        raise ValueError(f"images need a prefill length of at least {n} (an image's soft tokens go in one "
+                         f"chunk); add one to --prefill-lens, or pass --no-vision for a text-only export")
+    return lens
+
+
+def all_signatures(cfg: ModelConfig, prefill_lens, max_len: int, dtype=jnp.float32,
+                   attention: AttentionForm = AttentionForm.SDPA) -> list[Signature]:
+    """Every signature an artifact of this model holds: prefill_{T} and decode, plus, with a vision
+    tower, vision_encoder and image_prefill_{T}."""
+    sigs = [build_signature(cfg, t, max_len, dtype, attention=attention) for t in prefill_lens if t > 1]
+    sigs.append(build_signature(cfg, 1, max_len, dtype, attention=attention))
+    if cfg.vision is not None:
+        sigs.append(build_vision_signature(cfg))
+        sigs += [build_signature(cfg, t, max_len, dtype, image=True, attention=attention)
+                 for t in image_prefill_lengths(cfg, prefill_lens)]
+    return sigs
+
+
+# ---- the ONNX decoder signature (onnxruntime-genai's conventions, DESIGN section 5) ---------------
+SEQ, TOTAL = "sequence_length", "total_sequence_length"
+INPUT_IDS, ATTENTION_MASK, INPUTS_EMBEDS = "input_ids", "attention_mask", "inputs_embeds"
+
+
+def decoder_signature(cfg: ModelConfig, max_len: int, dtype=jnp.float32, image: bool = False,
+                      attention: AttentionForm = AttentionForm.CACHE_OWNING) -> Signature:
+    """One function for every chunk length (ONNX graphs have symbolic dimensions):
+
+      (input_ids int32[1, T], attention_mask int32[1, start + T], *past) -> (logits f32[1, 1, V], *present)
+
+    With `image`, the image prefill graph: an `inputs_embeds` f32[1, T, E] input after input_ids,
+    read at the image soft-token positions (as image_prefill_{T}; contract/prompt.py).
+
+    attention_mask covers the past and the chunk (all ones: batch 1, no padding), so the chunk
+    starts at position sum(attention_mask) - T. States are the layout's (window-sized rings for
+    local layers), named past_* in and present_* out. Logits are those of the chunk's last token.
+    """
+    layout = state_layout(cfg, max_len, dtype)
+    past, present = _specs(layout, Naming.ONNX_PAST), _specs(layout, Naming.ONNX_PRESENT)
+    embeds = (TensorSpec(INPUTS_EMBEDS, (1, SEQ, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
+    inputs = (TensorSpec(INPUT_IDS, (1, SEQ), np.dtype(np.int32)), *embeds,
+              TensorSpec(ATTENTION_MASK, (1, TOTAL), np.dtype(np.int32)), *past)
+    outputs = (TensorSpec(LOGITS, (1, 1, cfg.vocab_size), np.dtype(np.float32)), *present)
+
+    def fn(params, input_ids, *rest):
+        embeddings, (attention_mask, *state_values) = (rest[0], rest[1:]) if image else (None, rest)
+        t = input_ids.shape[1]
+        start = jnp.sum(attention_mask, axis=1, dtype=jnp.int32) - t
+        logits, new_cache = forward(params, cfg, input_ids, start, _cache_of(cfg, layout, state_values), None,
+                                    last_only=True, embeddings=embeddings, attention=attention)
+        return (logits, *_states_of(layout, new_cache))
+
+    name = "image_prefill" if image else "decoder"
+    return Signature(name, 0, inputs, outputs, tuple(t.name for t in past), fn=fn,
+                     constraints=(f"{SEQ} <= {max_len}",), attention=attention)
+
+
+def artifact_metadata(cfg: ModelConfig, max_len: int, layout: StateLayout, **fields) -> ArtifactMetadata:
+    """The contract's metadata record for an artifact of this model (fields: prefill_lengths,
+    weight_dtype, quantization, attention, onnx_op_set)."""
+    t = cfg.tokens
+    attention = fields.pop("attention", AttentionForm.SDPA)
+    return ArtifactMetadata(
+        model=cfg.name, family=cfg.family.value, max_seq_len=max_len, states=layout, vocab_size=cfg.vocab_size,
+        sliding_window=cfg.sliding_window, bos=t.bos, eos=t.eos, pad=t.pad, stop_tokens=tuple(t.stop_ids()),
+        end_of_turn=t.end_of_turn, instruction_tuned=cfg.instruction_tuned,
+        sample_vocab_size=cfg.sample_vocab_size, embed_dim=cfg.embed_dim,
+        image=None if cfg.vision is None else ImageLayout.of(cfg.vision), config=config_dict(cfg),
+        attention=AttentionForm(attention).value, **fields)
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    """The config as plain JSON data (enums as their values)."""
+    raw = dataclasses.asdict(cfg)
+    raw["layer_pattern"] = [k.value for k in cfg.layer_pattern]
+    raw["family"] = cfg.family.value
+    return raw

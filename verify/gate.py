@@ -1,0 +1,109 @@
+"""The parity gate of an exported artifact: load it with runtime_py, run the gate's prompts through
+it and through the JAX reference (the same signatures, the same attention form), judge the report
+by the gate table's row for (target, recipe), run a `.litertlm` in LiteRT-LM itself, and write the
+report as JSON beside the artifact (`<artifact>.parity.json`, or `parity.json` in an ONNX folder),
+atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+from models.config import ModelConfig
+from models.fused import AttentionForm
+from verify.engine import EngineCheck
+from verify.gates import Gate, gate_for
+from verify.parity import ParityReport, parity
+from verify.prompts import verify_images, verify_prompts
+from verify.reference import reference_session
+
+
+@dataclasses.dataclass
+class GateResult:
+    report: ParityReport
+    gate: Gate
+    failures: list[str]
+    path: Path  # the parity JSON
+    quant: str | None
+    engine: EngineCheck | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def engine_failed(self) -> bool:
+        return self.engine is not None and not self.engine.match
+
+
+def parity_path(artifact: Path) -> Path:
+    artifact = Path(artifact)
+    return artifact / "parity.json" if artifact.is_dir() else artifact.with_suffix(".parity.json")
+
+
+def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target: str, max_len: int, lens: list[int],
+             quant: str | None, attention: AttentionForm, steps: int = 64, tokenizer: Path | None = None,
+             engine_check: bool = False, stage=None, drop=None) -> GateResult:
+    """Gate `artifact` against the JAX model on `reference_params` (f32). `drop()` is called once
+    the reference holds its own (device) copy of the weights, so the caller can free the host
+    copies before the runtime loads the artifact: the gate then needs about twice the weights, not
+    three times. `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run."""
+    from runtime_py import load
+
+    stage = stage or (lambda name: contextlib.nullcontext())
+    steps = max(1, min(steps, max_len - 4))
+    reference = reference_session(cfg, reference_params, lens, max_len, attention)
+    reference_params = None
+    if drop is not None:
+        drop()
+    session = load(artifact)
+    prompts = verify_prompts(cfg, max_len, lens, steps)
+    images = [None] * len(prompts)
+    if cfg.vision is not None:
+        more, imgs = verify_images(cfg, max_len, lens, steps)
+        prompts, images = prompts + more, images + imgs
+    report = parity(reference, session, prompts, steps, images)
+    engine = None
+    if engine_check:
+        # float bundles against the JAX model; quantized ones (whose gate above measured them
+        # against JAX) against our interpreter running the same bundle
+        engine = litert_lm_check(artifact, reference if quant is None else session, cfg, tokenizer, max_len, lens,
+                                 steps, "the JAX model" if quant is None else "runtime_py's interpreter", stage)
+    del session
+    gate = gate_for(target, quant)
+    failures = gate.failures(report)
+    path = parity_path(artifact)
+    result = GateResult(report, gate, failures, path, quant, engine)
+    body = {"quantization": quant, **gate.as_dict()} if quant is not None else gate.as_dict()
+    extra = {"litert_lm": engine.as_dict()} if engine is not None else {}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(report.to_json(artifact=Path(artifact).name, gate=body, passed=result.passed, **extra))
+    os.replace(tmp, path)
+    return result
+
+
+def litert_lm_check(bundle: Path, reference, cfg: ModelConfig, tokenizer: Path, max_len: int, lens: list[int],
+                    steps: int, reference_name: str, stage) -> EngineCheck | None:
+    """Run the bundle in LiteRT-LM: greedy text from a prompt that crosses the sliding window must
+    equal the reference session's. None (with a note) when litert-lm-api is not installed."""
+    from contract.tokenizer import Tokenizer
+    from runtime_py import litertlm_engine
+    from verify.engine import check_greedy, window_crossing_prompt
+
+    if not litertlm_engine.available():
+        print("note: litert-lm-api is not installed, so the bundle was not run in LiteRT-LM itself "
+              "(pip install litert-lm-api, or pass --no-engine-check to silence this)")
+        return None
+    tok = Tokenizer(tokenizer)
+    n = max(2, min(steps, max_len // 4))
+    target = min(cfg.sliding_window + lens[0] // 2 + 1, max_len - n - 1)
+    prompt = window_crossing_prompt(tok, target, max_len - n - 1)
+    stops = cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,)
+    with stage("LiteRT-LM"):
+        try:
+            return check_greedy(bundle, reference, tok, prompt, n, stops, reference_name=reference_name)
+        except RuntimeError as e:  # the engine's own log above says why
+            return EngineCheck(len(tok.encode(prompt)), False, 0, "", "", reference_name, error=str(e))

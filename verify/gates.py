@@ -1,0 +1,76 @@
+"""The gate table: the parity thresholds an artifact must meet, keyed by (target, recipe), in one
+place. The CLI, the driver, the tools and the tests read them from here.
+
+Float storage (recipe None; f32, or bf16/f16 weights computed in f32): the reference holds the
+stored weights, so the gate measures the lowering alone: every step's relative RMS error of the
+logits at most 1e-4, and identical greedy tokens for the first 64 decode steps (or all of them).
+
+Quantized recipes are measured against the f32 model (teacher-forced prompts, every prefill chunk
+and decode step): mean relative RMS error of the logits, top-1 agreement (a pick among tokens the
+reference scores within 0.01 logit of its maximum counts as agreeing: verify.parity.TIE_LOGIT),
+mean KL(ref || artifact) in nats. Set from measurements on the trained tiny models, both targets,
+with a margin of about 1.5x (docs/quantization.md, `python tools/bench_quant.py --models trained`).
+A .litertlm holds a TFLite model, so its rows are TFLite's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    # float storage
+    max_rel_rms: float | None = None  # every step
+    greedy_steps: int | None = None  # identical greedy decode steps required
+    # quantized
+    mean_rel_rms: float | None = None
+    top1: float | None = None
+    mean_kl: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.mean_rel_rms is not None
+
+    def failures(self, report) -> list[str]:
+        """What `report` (verify.parity.ParityReport) misses of this gate, one phrase each."""
+        out = []
+        if self.max_rel_rms is not None and report.max_rel_rms > self.max_rel_rms:
+            out.append(f"max rel RMS {report.max_rel_rms:.3g} > {self.max_rel_rms:.3g}")
+        if self.greedy_steps is not None:
+            need = min(self.greedy_steps, report.decode_steps)
+            if min(report.greedy_match) < need:
+                out.append(f"greedy match {min(report.greedy_match)} < {need} decode steps")
+        if self.mean_rel_rms is not None and report.mean_rel_rms > self.mean_rel_rms:
+            out.append(f"mean rel RMS {report.mean_rel_rms:.3g} > {self.mean_rel_rms:.3g}")
+        if self.top1 is not None and report.top1_agreement_ties < self.top1:
+            out.append(f"top-1 agreement {report.top1_agreement_ties:.3f} < {self.top1:.3f}")
+        if self.mean_kl is not None and report.mean_kl > self.mean_kl:
+            out.append(f"mean KL {report.mean_kl:.3g} > {self.mean_kl:.3g}")
+        return out
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+FLOAT = Gate(max_rel_rms=1e-4, greedy_steps=64)
+_QUANTIZED = {
+    "fp16": Gate(mean_rel_rms=2e-3, top1=0.99, mean_kl=1e-5),
+    "int8": Gate(mean_rel_rms=3e-2, top1=0.99, mean_kl=1e-3),
+    "dynamic-int8": Gate(mean_rel_rms=4e-2, top1=0.97, mean_kl=2e-3),
+    "int4-b32": Gate(mean_rel_rms=0.35, top1=0.85, mean_kl=0.15),
+    "int4-b128": Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.25),
+}
+TARGETS = ("tflite", "litertlm", "onnx")
+
+GATES: dict[tuple[str, str | None], Gate] = {
+    **{(target, None): FLOAT for target in TARGETS},
+    **{(target, recipe): gate for target in TARGETS for recipe, gate in _QUANTIZED.items()},
+}
+
+
+def gate_for(target: str, recipe: str | None) -> Gate:
+    try:
+        return GATES[target, recipe]
+    except KeyError:
+        raise ValueError(f"no parity gate for target {target} with recipe {recipe}") from None
