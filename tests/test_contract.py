@@ -289,3 +289,15 @@ def test_runtime_requirements_hold_no_exporter():
             continue
         todo += [_requirement_name(r) for r in reqs if "extra ==" not in r]
     assert not seen & EXPORTER_DISTRIBUTIONS, seen & EXPORTER_DISTRIBUTIONS
+
+
+def test_test_extra_holds_every_other_extra():
+    """The test extra spells out the others (no self-reference, which sends pip's resolver to the
+    index for other releases of this project)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test = set(extras["test"])
+    for name in ("export", "litertlm", "genai"):
+        assert set(extras[name]) <= test, name
+    assert not any(_requirement_name(r) == "gemma-edge" for r in test)

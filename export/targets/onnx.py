@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from contract.layout import Naming
 from contract.metadata import METADATA_KEY
 from export.targets import Target
 from models.cache import state_layout
@@ -94,9 +95,10 @@ class OnnxTarget(Target):
                                 compute=weights.compute)
         layout = self.layout(plan)
         allocated = state_shapes(sig, lw)
-        expected = {s.name("onnx_past"): s.shape for s in layout}
+        expected = {s.name(Naming.ONNX_PAST): s.shape for s in layout}
         if allocated != expected:  # the lowering and the contract must agree on every state
-            raise AssertionError(f"ONNX states {allocated} differ from the layout {expected}")
+            raise RuntimeError(f"internal error: the ONNX graph's states {allocated} differ from the state layout "
+                               f"{expected}")
         metadata = plan.metadata(layout, onnx_op_set=plan.op_set)
         props = {METADATA_KEY: metadata.to_json()}
         info = {"stablehlo_ops": dict(lw.ops_seen), "tokenizer_files": None}

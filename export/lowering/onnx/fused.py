@@ -12,12 +12,12 @@
 odml.embedding_lookup is a Gather in both; the inner odml.scaled_dot_product_attention only occurs
 inside attention decompositions, which are lowered op by op.
 
-GroupQueryAttention (default op set), per attention layer:
+GroupQueryAttention (default op set), per attention layer (shapes in models/__init__.py's legend):
 
-    q [1,T,N,H] -> Reshape [1,T,N*H] --+
-    k [1,T,K,H] -> Reshape [1,T,K*H] --+--> GroupQueryAttention --> out [1,T,N*H] -> Reshape [1,T,N,H]
-    v [1,T,K,H] -> Reshape [1,T,K*H] --+     num_heads=N, kv_num_heads=K, scale, softcap,
-    past_key / past_value [1,K,R,H] ---+     do_rotary=1 (RoPE on the first rope_dim features,
+    q [1,T,H,D] -> Reshape [1,T,H*D] --+
+    k [1,T,K,D] -> Reshape [1,T,K*D] --+--> GroupQueryAttention --> out [1,T,H*D] -> Reshape [1,T,H,D]
+    v [1,T,K,D] -> Reshape [1,T,K*D] --+     num_heads=H, kv_num_heads=K, scale, softcap,
+    past_key / past_value [1,K,R,D] ---+     do_rotary=1 (RoPE on the first rope_dim features,
     seqlens_k = start + num_valid - 1 -+     rotate-half), local_window_size=window and
     total_sequence_length = start + nv +     sliding_window_cache=1 (local layers)
     cos/sin caches [context, rope_dim/2] +--> present_key / present_value (the same buffers)
