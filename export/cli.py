@@ -167,7 +167,7 @@ def run(args) -> int:
         vision = f", of which vision tower {nv / 1e6:.1f}M" if nv else ""
         print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters{vision}")
     plan = driver.resolve(cfg, request.target, request.options)
-    result = driver.run(plan, params, timer)
+    result = driver.run(plan, params, timer, consume=True)
     return report(result)
 
 

@@ -265,8 +265,13 @@ def export(cfg: ModelConfig, params: dict, target: str, options: ExportOptions =
     return run(plan, params, timer or Timer(options.verbose))
 
 
-def run(plan: Plan, params: dict, timer: Timer) -> ExportResult:
+def run(plan: Plan, params: dict, timer: Timer, consume: bool = False) -> ExportResult:
+    """Storage, signatures, write, gate for a resolved plan. With `consume`, `params` is emptied
+    once the stored weights hold what they need, so that the gate can free the host copies
+    (the CLI, which has no further use for them, passes it)."""
     weights = storage(plan, params)
+    if consume:
+        params.clear()
     params = None
     tgt = plan.target
     signatures = tgt.signatures(plan)
