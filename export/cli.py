@@ -22,8 +22,10 @@ rest, and this module prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 from export.options import DTYPES, ExportOptions, parse_prefill_lens
@@ -53,6 +55,10 @@ class Request:
             get_config(self.model)  # an unknown name fails here, in one line
         self.options.validate(self.target)
 
+    @property
+    def gguf(self) -> bool:
+        return self.checkpoint is not None and is_gguf(self.checkpoint)
+
     def load(self):
         """(final config, params) from the checkpoint or a random init."""
         from models import get_config, init_model, load_checkpoint
@@ -61,13 +67,56 @@ class Request:
             return load_checkpoint(self.checkpoint, self.model, vision=self.vision)
         return init_model(get_config(self.model), self.random_init, vision=self.vision)
 
+    def carried(self, cfg) -> dict | None:
+        """A GGUF checkpoint's own Q4_0 / Q8_0 blocks, when the recipe can hold them exactly
+        (export/quantize/blocks.py): int4 recipes take Q4_0, ONNX's 8-bit MatMulNBits Q8_0."""
+        quant = self.options.quant
+        if not self.gguf or quant is None or quant == "fp16":
+            return None
+        from export.quantize.blocks import from_source_blocks
+        from models.loaders.gguf import source_blocks
+
+        return {n: from_source_blocks(b) for n, b in source_blocks(self.checkpoint, cfg).items()}
+
+
+def is_gguf(path: Path) -> bool:
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    return False
+
+
+@contextlib.contextmanager
+def gguf_tokenizer(request: Request):
+    """The request, with --tokenizer pointing at a SentencePiece tokenizer.model rebuilt from the
+    GGUF's vocabulary (models/loaders/gguf_tokenizer.py) when the tokenizer source is a GGUF file
+    (the default for a GGUF checkpoint); the file lives in a scratch folder for the export's
+    duration (the artifact bundles or converts it)."""
+    source = request.options.tokenizer
+    if source is None or not Path(source).is_file() or not is_gguf(source):
+        yield request
+        return
+    from models.loaders.gguf import config_from_gguf
+    from models.loaders.gguf_tokenizer import write_tokenizer
+
+    config_from_gguf(Path(source))  # an unsupported file is named by its architecture first, not its vocabulary
+    with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as scratch:
+        path = Path(scratch) / "tokenizer.model"
+        write_tokenizer(Path(source), path)
+        yield dataclasses.replace(request, options=dataclasses.replace(request.options, tokenizer=path))
+
 
 def build_parser() -> argparse.ArgumentParser:
     from export.targets import TARGETS
 
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="registry name; optional with a --checkpoint holding config.json")
-    ap.add_argument("--checkpoint", type=Path, help="HF safetensors or official Orbax folder")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="HF safetensors folder, official Orbax folder, or a GGUF file (llama.cpp's gemma2 / "
+                         "gemma3; its tokenizer is rebuilt from the GGUF vocabulary)")
     ap.add_argument("--random-init", type=int, metavar="SEED", help="random weights (architecture dry run)")
     ap.add_argument("--target", choices=list(TARGETS), default="tflite",
                     help="; ".join(f"{name}: {t.help}" for name, t in TARGETS.items()))
@@ -87,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "any length and uses these only to shape the parity prompts")
     ap.add_argument("--dtype", choices=DTYPES, default="f32", help="stored weight dtype (without --quant)")
     ap.add_argument("--quant", metavar="RECIPE",
-                    help="post-training quantization recipe: fp16, int8, dynamic-int8, int4-b32, int4-b128 "
+                    help="post-training quantization recipe: fp16, int8, dynamic-int8, int4-b32, int4-b128, int4-b32-e8 "
                          "(see --list-quant for which target runs which); the parity gate then uses the "
                          "recipe's accuracy thresholds")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
@@ -158,17 +207,23 @@ def run(args) -> int:
     from export import driver
 
     request = parse_request(args)
-    request.validate()
-    timer = driver.Timer(verbose=True)
-    with timer.stage("load", record=False):
-        cfg, params = request.load()
-        n = sum(p.size for p in params.values())
-        nv = sum(p.size for k, p in params.items() if k.startswith(("vision.", "mm.")))
-        vision = f", of which vision tower {nv / 1e6:.1f}M" if nv else ""
-        print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters{vision}")
-    plan = driver.resolve(cfg, request.target, request.options)
-    result = driver.run(plan, params, timer, consume=True)
-    return report(result)
+    with gguf_tokenizer(request) as request:
+        request.validate()
+        timer = driver.Timer(verbose=True)
+        with timer.stage("load", record=False):
+            cfg, params = request.load()
+            n = sum(p.size for p in params.values())
+            nv = sum(p.size for k, p in params.items() if k.startswith(("vision.", "mm.")))
+            vision = f", of which vision tower {nv / 1e6:.1f}M" if nv else ""
+            print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters{vision}")
+            carried = request.carried(cfg)
+            if carried:
+                kinds = sorted({b.origin for b in carried.values()})
+                print(f"  {len(carried)} tensors stored {', '.join(kinds)} in the checkpoint: written exactly where "
+                      f"--quant {request.options.quant} holds them")
+        plan = driver.resolve(cfg, request.target, request.options)
+        result = driver.run(plan, params, timer, consume=True, carried=carried)
+        return report(result)
 
 
 def report(result) -> int:

@@ -174,6 +174,9 @@ class Weights:
     stored: dict  # as the artifact stores them (before an integer recipe quantizes the artifact)
     compute: Callable | None  # stored -> f32 compute weights, traced into the graph (16-bit storage)
     reference: dict  # f32 weights of the parity reference
+    # name -> export.quantize.blocks.BlockQuantized: the exact codes and scales the targets write
+    # (int4 recipes: every matmul weight; 8-bit: the checkpoint's Q8_0 blocks where ONNX holds them)
+    blocks: dict | None = None
 
 
 def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
@@ -183,7 +186,10 @@ def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
             else np.asarray(v).astype(target) for k, v in params.items()}
 
 
-def storage(plan: Plan, params: dict) -> Weights:
+def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
+    """The weights as stored, computed with, and checked against; `carried` (name ->
+    BlockQuantized) holds a checkpoint's own quantized blocks (GGUF Q4_0 / Q8_0), written into the
+    artifact exactly where the recipe's format holds them."""
     recipe = plan.recipe
     if recipe is not None and recipe.bits == 16:
         stored = stored_params(params, "f16", embed_16bit=True)
@@ -198,7 +204,28 @@ def storage(plan: Plan, params: dict) -> Weights:
         stored = stored_params(params, plan.storage, embed_16bit=plan.target.embed_16bit)
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
-    return Weights(stored, compute, {k: np.asarray(v, np.float32) for k, v in source.items()})
+    blocks = quantized_blocks(plan, stored, carried)
+    return Weights(stored, compute, {k: np.asarray(v, np.float32) for k, v in source.items()}, blocks)
+
+
+def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | None:
+    """The block-quantized weights an integer recipe writes exactly (export/quantize/blocks.py):
+    for int4, every matmul weight (a checkpoint's own Q4_0 blocks where they match the recipe,
+    else the per-block error search, asymmetric on ONNX; the table at the recipe's table_bits);
+    for 8-bit recipes on ONNX, a checkpoint's Q8_0 blocks (8-bit MatMulNBits in blocks of 32),
+    the rest left to onnxruntime's quantizer. None otherwise."""
+    from export.quantize.blocks import mse, mse_asymmetric, plan_blocks
+
+    recipe = plan.recipe
+    if recipe is None or recipe.bits == 16:
+        return None
+    if recipe.block:  # zero points where the kernel takes them: ONNX's MatMulNBits, not XNNPACK
+        quantize = mse_asymmetric if plan.target.quant_table == "onnx" else mse
+        return plan_blocks(stored, recipe.bits, recipe.block, carried, quantize=quantize, table_bits=recipe.table_bits)
+    if carried and plan.target.quant_table == "onnx":
+        return {n: b for n, b in carried.items()
+                if b.bits == recipe.bits and n in stored and b.shape == np.shape(stored[n])}
+    return None
 
 
 def upcast(params: dict) -> dict:
@@ -256,20 +283,21 @@ class ExportResult:
 
 # ---- the driver ---------------------------------------------------------------------------------------
 def export(cfg: ModelConfig, params: dict, target: str, options: ExportOptions = ExportOptions(),
-           timer: Timer | None = None) -> ExportResult:
+           timer: Timer | None = None, carried: dict | None = None) -> ExportResult:
     """Export `cfg` with `params` to `target` (tflite | litertlm | onnx): resolve, storage,
     signatures, write, and (unless options.verify is False) the parity gate, whose result is
-    `result.gate`. Raises ValueError for bad input before any work."""
+    `result.gate`. `carried`: a checkpoint's own quantized blocks (`storage`). Raises ValueError
+    for bad input before any work."""
     options.validate(target)
     plan = resolve(cfg, target, options)
-    return run(plan, params, timer or Timer(options.verbose))
+    return run(plan, params, timer or Timer(options.verbose), carried=carried)
 
 
-def run(plan: Plan, params: dict, timer: Timer, consume: bool = False) -> ExportResult:
+def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: dict | None = None) -> ExportResult:
     """Storage, signatures, write, gate for a resolved plan. With `consume`, `params` is emptied
     once the stored weights hold what they need, so that the gate can free the host copies
     (the CLI, which has no further use for them, passes it)."""
-    weights = storage(plan, params)
+    weights = storage(plan, params, carried)
     if consume:
         params.clear()
     params = None
@@ -278,6 +306,7 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False) -> Export
     directory = tgt.writes_folder
     with atomic_output(plan.path, directory=directory) as tmp:
         metadata, info = tgt.write(plan, weights, signatures, tmp, timer)
+    weights.blocks = None  # written: the artifact holds them now
     result = ExportResult(plan.path, plan, signatures, metadata, timer.seconds, weights.stored, weights.reference,
                           info)
     if plan.options.verbose:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -185,3 +186,24 @@ def randomize_vlm(model):
             else:
                 p.normal_(0.0, 0.05)
     return model
+
+
+def quantized_payloads(path) -> tuple[list[bytes], list[bytes]]:
+    """(code bytes, scale bytes) of every block-quantized weight of an artifact, in our
+    BlockQuantized encodings: TFLite INT4 tensors as stored; ONNX MatMulNBits /
+    GatherBlockQuantized initializers of 4 and 8 bits (fused q/k/v and gate/up tensors hold their
+    members' rows back to back) with the scales as f32."""
+    import onnx
+
+    path = Path(path)
+    if path.suffix == ".tflite":
+        from export.quantize.tflite import _int4_tensors
+
+        buf = bytearray(path.read_bytes())
+        pairs = [(bytes(c), bytes(s)) for _n, _shape, c, s, _b in _int4_tensors(buf)]
+        return [c for c, _ in pairs], [s for _, s in pairs]
+    model = onnx.load(path / "model.onnx")
+    arrays = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(path)) for t in model.graph.initializer}
+    codes = [a.tobytes() for n, a in arrays.items() if ".q4" in n or ".q8" in n]
+    scales = [a.tobytes() for n, a in arrays.items() if ".scales" in n and a.dtype == np.float32 and a.ndim == 2]
+    return codes, scales

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import quantized_payloads
 from export.cli import main as export_main
 from export.quantize import RECIPES, QuantizationError, check, support, support_table
 from models import get_config, init_params, load_checkpoint
@@ -42,7 +43,7 @@ def parity_json(path: Path) -> dict:
 
 # ---- the recipe table ---------------------------------------------------------------------------
 def test_support_table_and_errors():
-    assert set(RECIPES) == {"fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128"}
+    assert set(RECIPES) == {"fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128", "int4-b32-e8"}
     for name in RECIPES:
         assert support("tflite", name) is None
     assert support("onnx", "int4-b32", "default") is None
@@ -95,7 +96,7 @@ def test_block_quantizer_round_trip(bits, block):
 
 
 # ---- both targets on the trained tiny models ------------------------------------------------------
-@pytest.mark.parametrize("quant", ["fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128", "int4-b32-e8"])
 def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     from export.lowering.tflite.inspect import read
     from export.quantize.sizes import ideal_bytes
@@ -119,7 +120,7 @@ def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     assert zero_scale_count(path) == 0
 
 
-@pytest.mark.parametrize("quant", ["fp16", "dynamic-int8", "int4-b32", "int4-b128"])
+@pytest.mark.parametrize("quant", ["fp16", "dynamic-int8", "int4-b32", "int4-b128", "int4-b32-e8"])
 def test_onnx_recipes_pass_their_gate(tmp_path, quant):
     from export.quantize.sizes import ideal_bytes
 
@@ -227,7 +228,15 @@ def _gate_on(path: Path, quant: str, target: str):
     cfg, params = load_checkpoint(TRAINED["gemma3"])
     reference = reference_session(cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}, [32], 128)
     report = parity(reference, load(path), verify_prompts(cfg, 128, [32], 40), 40)
+    print(f"gate figures {target} {quant}: rel RMS {report.mean_rel_rms:.4f} "
+          f"top-1 {report.top1_agreement_ties:.4f} KL {report.mean_kl:.5f}")
     return gate_for(target, quant).failures(report)
+
+
+def _wrong(rng, shape) -> np.ndarray:
+    """Scale factors of a broken quantizer: log-uniform in [1/2, 2], block by block (a uniform
+    factor would mostly be absorbed by the RMS norms)."""
+    return np.exp2(rng.uniform(-1.0, 1.0, shape))
 
 
 def test_broken_scale_fails_the_gate_onnx(tmp_path):
@@ -235,9 +244,11 @@ def test_broken_scale_fails_the_gate_onnx(tmp_path):
     assert rc == 0 and _gate_on(folder, "int4-b32", "onnx") == []
     model = onnx.load(folder / "model.onnx")
     broken = 0
-    for t in model.graph.initializer:  # a quantizer whose scales are 25% off
+    rng = np.random.default_rng(0)
+    for t in model.graph.initializer:  # a quantizer whose scales are off by up to 2x, block by block
         if ".scales" in t.name and t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 1.25, t.name))
+            a = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(a * _wrong(rng, a.shape).astype(a.dtype), t.name))
             broken += 1
     assert broken == 4 * 6 + 1  # the trained model: 6 layers of 4 matmuls, and the tied table
     onnx.save(model, folder / "model.onnx")
@@ -255,17 +266,24 @@ def test_broken_scale_fails_the_gate_tflite(tmp_path):
     model = S.Model.GetRootAs(buf, 0)
     sg = model.Subgraphs(0)
     done = set()
-    for ti in range(sg.TensorsLength()):  # a quantizer whose scales are 25% off (buffers are shared
-        t = sg.Tensors(ti)               # by the signatures: the first subgraph reaches them all)
-        q = t.Quantization()
+    rng = np.random.default_rng(0)
+    for ti in range(sg.TensorsLength()):  # a quantizer whose scales are off by up to 2x, block by block
+        t = sg.Tensors(ti)               # (buffers are shared by the signatures: the first subgraph
+        q = t.Quantization()             # reaches them all)
         if q is not None and q.DetailsType() == S.QuantizationDetails.BlockwiseQuantization:
             details = S.BlockwiseQuantization()
             details.Init(q.Details().Bytes, q.Details().Pos)
             buffer = sg.Tensors(details.Scales()).Buffer()
             if buffer not in done:
-                _buffer_view(buf, model.Buffers(buffer)).view(np.float16)[:] *= np.float16(1.25)
+                scales = _buffer_view(buf, model.Buffers(buffer)).view(np.float16)
+                scales[:] *= _wrong(rng, scales.shape).astype(np.float16)
                 done.add(buffer)
-    assert len(done) >= 7 * 6
+        elif q is not None and t.Type() == S.TensorType.INT8 and q.ScaleLength() > 1 and t.Buffer() not in done:
+            at = q._tab.Offset(8)  # the int8 table's per-channel scales (QuantizationParameters.scale)
+            scales = np.frombuffer(buf, np.float32, q._tab.VectorLen(at), q._tab.Vector(at))
+            scales[:] *= _wrong(rng, scales.shape).astype(np.float32)
+            done.add(t.Buffer())
+    assert len(done) >= 7 * 6 + 1
     path.write_bytes(buf)
     assert _gate_on(path, "int4-b32", "tflite") != []
 
@@ -298,3 +316,82 @@ def test_gate_enforced_on_checkpoints_advisory_on_random_weights(tmp_path, monke
                       "--max-seq-len", "64", "--prefill-lens", "16", "--verify-steps", "8",
                       "--out", str(tmp_path / "random")])
     assert rc == 0 and "gate is not met on random weights" in capsys.readouterr().err
+
+
+# ---- our own int4 blocks, written exactly into both targets ---------------------------------------
+def test_int4_blocks_are_the_same_numbers_in_both_targets(tmp_path):
+    """The int4 recipe's codes and scales are computed once (export/quantize/blocks.py) and land
+    unchanged in the .tflite and the ONNX folder, a checkpoint's own Q4_0-style blocks (codes
+    reaching -8, which neither runtime quantizer would produce) included."""
+    from export.driver import export as export_to
+    from export.options import ExportOptions
+    from export.quantize.blocks import BlockQuantized, mse, mse_asymmetric, plan_blocks
+
+    cfg = get_config("gemma3-tiny")
+    params = {k: np.array(v) for k, v in init_params(cfg, 0).items()}
+    rng = np.random.default_rng(0)
+    name = "layers.2.mlp.down"
+    n, k = params[name].shape
+    carried = BlockQuantized(rng.integers(-8, 8, (n, k)).astype(np.int8),
+                             (rng.uniform(0.5, 2.0, (n, k // 32)) * 0.01).astype(np.float16), 4, "test")
+    params[name] = carried.dequantize()
+    for target, quant in (("tflite", "int4-b32"), ("onnx", "int4-b32"), ("tflite", "int4-b32-e8"),
+                          ("onnx", "int4-b32-e8")):
+        plan = plan_blocks(params, 4, 32, {name: carried}, quantize=mse if target == "tflite" else mse_asymmetric,
+                           table_bits=RECIPES[quant].table_bits)
+        assert plan[name] is carried and set(plan) >= {"embed", "layers.0.attn.q", name}
+        assert plan["embed"].bits == (8 if quant.endswith("e8") else 4) and plan["embed"].zeros is None
+        assert (plan["layers.0.attn.q"].zeros is None) == (target == "tflite")  # zero points on ONNX
+        int4 = {n: b for n, b in plan.items() if b.bits == 4}
+        out = tmp_path / f"{target}-{quant}"
+        r = export_to(cfg, params, target, ExportOptions(out_dir=out, max_len=64, prefill_lens=(16,),
+                                                         quant=quant, verify=False), carried={name: carried})
+        codes, scales = quantized_payloads(r.path)
+        for pname, b in plan.items():
+            if target == "tflite":
+                if b.bits == 8:  # the table: int8 per channel, ai-edge-quantizer's own scales
+                    continue
+                want_codes, want_scales = b.tflite_int4().tobytes(), b.scales.tobytes()
+                assert want_codes in codes and want_scales in scales, (target, pname)
+            else:
+                packed, s = b.nbits()
+                assert any(packed.tobytes() in c for c in codes), (target, pname)
+                assert any(s.tobytes() in c for c in scales), (target, pname)
+                if b.zeros is not None:
+                    assert any(b.nbits_zero_points().tobytes() in z for z in zero_points(r.path)), pname
+        if target == "tflite":  # every INT4 tensor is one of ours (the table once, or not int4: -e8)
+            assert len(codes) == len(int4)
+
+
+def zero_points(folder: Path) -> list[bytes]:
+    model = onnx.load(folder / "model.onnx")
+    return [onnx.numpy_helper.to_array(t, base_dir=str(folder)).tobytes() for t in model.graph.initializer
+            if ".zero_points" in t.name]
+
+
+def test_asymmetric_blocks_run_in_matmulnbits():
+    """Our zero points (asymmetric int4, ONNX only) mean in MatMulNBits what they mean in numpy:
+    a one-hot input row reads one dequantized weight column exactly, even at accuracy_level 4
+    (int8 activations), for an odd number of blocks per row (a padded zero-point byte)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.quantize.blocks import mse, mse_asymmetric
+    from export.quantize.onnx import MS_DOMAIN, _matmul_nbits
+
+    rng = np.random.default_rng(0)
+    n, k = 48, 96
+    w = (rng.normal(size=(n, k)) + rng.uniform(-1, 1, (n, 1))).astype(np.float32)  # off-centre rows
+    b = mse_asymmetric(w, 4, 32)
+    assert b.zeros is not None and (b.zeros != 0).any()
+    assert np.square(b.dequantize() - w).sum() < np.square(mse(w, 4, 32).dequantize() - w).sum()
+    packed, scales = b.nbits()
+    inits = [onnx.numpy_helper.from_array(a, name) for a, name in
+             ((packed, "B"), (scales, "S"), (b.nbits_zero_points(), "Z"))]
+    node = _matmul_nbits("x", "B", "S", ["y"], k, n, 4, 32, "Z")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.eye(k, dtype=np.float32)})
+    np.testing.assert_allclose(y, b.dequantize().T, rtol=1e-5, atol=1e-6)

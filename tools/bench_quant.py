@@ -13,7 +13,7 @@ folder (`--checkpoint`), or `trained` = tests/fixtures/gemma3-tiny-trained and
 tests/fixtures/recurrentgemma-tiny-trained. Random weights carry no structure, so their accuracy
 figures are only a lower bound on what quantization costs; the trained tiny models are the ones the
 recipes' gates were set from. --recipes: `f32` (a plain export, no --quant) plus any of fp16, int8,
-dynamic-int8, int4-b32, int4-b128 (default: all). --contexts: default 4096 for registry models and
+dynamic-int8, int4-b32, int4-b128, int4-b32-e8 (default: all). --contexts: default 4096 for registry models and
 min(4096, the model's own) for checkpoints; always clamped to the model's max_seq_len.
 
 Every export runs in its own process WITH the parity gate (no --no-verify); a gate failure (exit 1)
@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import artifact_bytes, bench_in_child, decode_rate
 
 TRAINED = ("tests/fixtures/gemma3-tiny-trained", "tests/fixtures/recurrentgemma-tiny-trained")
-QUANT_RECIPES = ("fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128")
+QUANT_RECIPES = ("fp16", "int8", "dynamic-int8", "int4-b32", "int4-b128", "int4-b32-e8")
 FLOAT = "f32"
 MIB = 2**20
 STAGE_DONE = re.compile(r"^\[(?P<name>[^\]]+)\] done in (?P<s>[0-9.]+) s")

@@ -102,9 +102,15 @@ def _role(node, index: int) -> str | None:
     return None
 
 
-def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recipe: Recipe) -> dict:
+def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recipe: Recipe,
+                   blocks: dict | None = None) -> dict:
     """Rewrite `model` in place and return its new weights. Returns weights untouched where a
-    tensor is not a 2-D float weight read only by MatMul / Gemm(transB) / Gather."""
+    tensor is not a 2-D float weight read only by MatMul / Gemm(transB) / Gather.
+
+    `blocks` (name -> export.quantize.blocks.BlockQuantized, keyed by the weight's parameter name,
+    which is its initializer's name) gives the codes and scales of a weight exactly (our own
+    quantizer, or a checkpoint's Q4_0 / Q8_0 blocks); its bits and block then set the node's."""
+    blocks = blocks or {}
     uses = collections.defaultdict(list)
     for node in model.graph.node:
         for i, name in enumerate(node.input):
@@ -112,7 +118,8 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
                 uses[name].append((node, i))
     out = dict(weights)
     new_nodes = {}  # id(old node) -> replacement list
-    siblings = collections.defaultdict(list)  # matmuls of one input: (x, K, block) -> [(node, B, scales, N)]
+    # matmuls of one input: (x, K, block, bits, has zero points) -> [(node, B, scales, N, zero points)]
+    siblings = collections.defaultdict(list)
     for name, users in uses.items():
         array = weights[name]
         if array.ndim != 2 or array.dtype != np.float32:
@@ -122,23 +129,39 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
             continue
         rows = array.T if roles == {"kn"} else array  # [N, K]
         n, k = rows.shape
-        block = block_for(recipe, k)
-        if k % block:
-            continue
-        packed, scales = quantize_rows(rows, recipe.bits, block)
+        given = blocks.get(name)
+        if given is not None and given.shape != (n, k):
+            raise ValueError(f"internal error: blocks for {name} have shape {given.shape}, the weight {(n, k)}")
+        zero_points = None
+        if given is not None:
+            bits, block = given.bits, given.block
+            packed, scales = given.nbits()
+            zero_points = given.nbits_zero_points()
+        else:
+            bits, block = recipe.bits, block_for(recipe, k)
+            if k % block:
+                continue
+            packed, scales = quantize_rows(rows, bits, block)
         del out[name]
-        qname, sname = f"{name}.q{recipe.bits}", f"{name}.scales"
+        qname, sname = f"{name}.q{bits}", f"{name}.scales"
         out[qname], out[sname] = packed, scales
+        zname = None
+        if zero_points is not None:
+            if "gather" in roles:
+                raise ValueError(f"internal error: {name} is gathered, and GatherBlockQuantized gets no zero "
+                                 "points here")
+            zname = f"{name}.zero_points"
+            out[zname] = zero_points
         for node, _ in users:
             if node.op_type == "Gather":
-                new_nodes[id(node)] = _gather(node, qname, sname, out, recipe.bits, block, k)
+                new_nodes[id(node)] = _gather(node, qname, sname, out, bits, block, k)
             elif len(users) == 1 and roles == {"kn"}:
-                siblings[(node.input[0], k, block)].append((node, qname, sname, n))
+                siblings[(node.input[0], k, block, bits, zname is not None)].append((node, qname, sname, n, zname))
             else:
                 new_nodes[id(node)] = [_matmul_nbits(node.input[0], qname, sname, list(node.output), k, n,
-                                                     recipe.bits, block)]
-    for (x, k, block), group in siblings.items():
-        _fuse_siblings(x, k, block, group, recipe.bits, out, new_nodes)
+                                                     bits, block, zname)]
+    for (x, k, block, bits, _zp), group in siblings.items():
+        _fuse_siblings(x, k, block, group, bits, out, new_nodes)
     nodes = []
     for node in model.graph.node:
         nodes.extend(new_nodes.get(id(node), [node]))
@@ -149,8 +172,10 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     return out
 
 
-def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: int, bits: int, block: int):
-    return helper.make_node("MatMulNBits", [x, b, scales], outputs, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: int, bits: int, block: int,
+                  zero_points: str | None = None):
+    inputs = [x, b, scales] + ([zero_points] if zero_points else [])
+    return helper.make_node("MatMulNBits", inputs, outputs, domain=MS_DOMAIN, K=k, N=n, bits=bits,
                             block_size=block, accuracy_level=ACCURACY_LEVEL)
 
 
@@ -159,19 +184,23 @@ def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: 
     concatenated weights and a Split: a decode step is a few hundred small ops, and one wider
     matmul keeps both cores busy where three narrow ones each pay the launch and sync cost."""
     if len(group) == 1:
-        node, b, s, n = group[0]
-        new_nodes[id(node)] = [_matmul_nbits(x, b, s, list(node.output), k, n, bits, block)]
+        node, b, s, n, z = group[0]
+        new_nodes[id(node)] = [_matmul_nbits(x, b, s, list(node.output), k, n, bits, block, z)]
         return
     first = group[0][0]
     b_name, s_name = f"{group[0][1]}.fused{len(group)}", f"{group[0][2]}.fused{len(group)}"
-    weights[b_name] = np.concatenate([weights.pop(b) for _, b, _, _ in group])
-    weights[s_name] = np.concatenate([weights.pop(s) for _, _, s, _ in group])
-    sizes = [n for *_, n in group]
+    weights[b_name] = np.concatenate([weights.pop(b) for _, b, _, _, _ in group])
+    weights[s_name] = np.concatenate([weights.pop(s) for _, _, s, _, _ in group])
+    z_name = None
+    if group[0][4] is not None:  # zero points are per row too: rows concatenate
+        z_name = f"{group[0][4]}.fused{len(group)}"
+        weights[z_name] = np.concatenate([weights.pop(z) for *_, z in group])
+    sizes = [n for _, _, _, n, _ in group]
     split = f"{b_name}.split"
     weights[split] = np.array(sizes, np.int64)
     fused = f"{first.output[0]}.fused"
     new_nodes[id(first)] = [
-        _matmul_nbits(x, b_name, s_name, [fused], k, sum(sizes), bits, block),
+        _matmul_nbits(x, b_name, s_name, [fused], k, sum(sizes), bits, block, z_name),
         helper.make_node("Split", [fused, split], [node.output[0] for node, *_ in group], axis=-1)]
     for node, *_ in group[1:]:
         new_nodes[id(node)] = []

@@ -13,9 +13,16 @@ What each recipe means on each target (docs/quantization.md has the measurements
   dynamic-int8  int8 weights (symmetric); activations quantized to int8 per row at run time by the
                 matmul kernel (TFLite: per-channel weights; ONNX: MatMulNBits, a scale per 128
                 inputs of each output channel).
-  int4-b32      int4 weights, a scale per block of 32 (128) inputs of each output channel;
-  int4-b128     activations quantized per row at run time (TFLite dynamic_wi4b{32,128};
-                ONNX MatMulNBits accuracy_level 4), as the runtimes' fast int4 kernels do.
+  int4-b32      int4 weights, a scale per block of 32 (128) inputs of each output channel,
+  int4-b128     scales chosen by a per-block error search, with zero points on ONNX
+                (export/quantize/blocks.py); activations quantized per row at run time (TFLite
+                dynamic_wi4b{32,128}; ONNX MatMulNBits accuracy_level 4), as the runtimes' fast
+                int4 kernels do. A checkpoint's own Q4_0 blocks (GGUF; Google's QAT models) are
+                carried over exactly.
+  int4-b32-e8   int4-b32 with the tied embedding / LM head at int8 (per row; ONNX: blocks of
+                128): on the real Gemma 3 270M, where the table is 63% of the weights, perplexity
+                ratio ~1.3-1.4 instead of ~1.6-1.7, at +50% file and -20..-50% decode speed; the
+                table's share (and so the cost) falls with model size.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class Recipe:
     bits: int  # weight bits (16 = float16)
     block: int | None  # inputs per scale; None = one scale per output channel
     dynamic: bool  # activations quantized at run time by the matmul kernel
+    table_bits: int | None = None  # the tied embedding / LM head's bits, where not `bits`
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
@@ -44,6 +52,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("dynamic-int8", "int8 weights, int8 activations quantized at run time", 8, None, True),
     Recipe("int4-b32", "int4 weights in blocks of 32, int8 activations at run time", 4, 32, True),
     Recipe("int4-b128", "int4 weights in blocks of 128, int8 activations at run time", 4, 128, True),
+    Recipe("int4-b32-e8", "int4-b32 with the embedding / LM head int8: more accurate, larger, slower decode",
+           4, 32, True, 8),
 ]}
 
 # (target, op set) -> {recipe: None if supported, else why not}. Checked before any work starts.
@@ -56,10 +66,10 @@ _SUPPORT: dict[tuple[str, str | None], dict[str, str | None]] = {
         "int8": ("ONNX Runtime's CPU has no fast weight-only int8 matmul (MatMulNBits 8-bit with f32 "
                  "compute runs ~10x slower than f32, and a dequantized tied embedding is recomputed "
                  "every step); use --quant dynamic-int8 (int8 weights, int8 activations at run time)"),
-        "dynamic-int8": None, "int4-b32": None, "int4-b128": None},
+        "dynamic-int8": None, "int4-b32": None, "int4-b128": None, "int4-b32-e8": None},
     ("onnx", "standard"): {
         "fp16": None, "int8": _ONNX_CONTRIB, "dynamic-int8": _ONNX_CONTRIB, "int4-b32": _ONNX_CONTRIB,
-        "int4-b128": _ONNX_CONTRIB},
+        "int4-b128": _ONNX_CONTRIB, "int4-b32-e8": _ONNX_CONTRIB},
 }
 
 

@@ -19,7 +19,18 @@ def is_quantized_weight(name: str, shape: tuple) -> bool:
     return len(shape) == 2 and min(shape) >= 16 and not name.endswith("conv_w")
 
 
+TABLE = "embed"  # the tied embedding table, also the LM head
+
+
+def table_block(width: int, fallback: int) -> int:
+    """The block of an 8-bit table in an int4 recipe: 128 (a quarter bit of f32 scale per weight)
+    where it divides the width."""
+    return 128 if width % 128 == 0 else fallback
+
+
 def ideal_bytes(params: dict, quant: str, target: str) -> int:
+    """Parameters x bits / 8 plus scales, as `quant` stores them on `target` (an int4 recipe's
+    table at its table_bits; a checkpoint's carried Q4_0 table would be smaller)."""
     recipe = RECIPES[quant]
     total = 0
     for name, value in params.items():
@@ -28,14 +39,16 @@ def ideal_bytes(params: dict, quant: str, target: str) -> int:
         if not is_quantized_weight(name, shape):
             total += 4 * n
             continue
-        total += n * recipe.bits // 8
+        table = name == TABLE and recipe.table_bits is not None
+        total += n * (recipe.table_bits if table else recipe.bits) // 8
         if recipe.bits == 16:
             continue
         rows, width = shape  # [N, K]: one scale per output row and block of inputs
         if target == "onnx":
-            total += 4 * rows * (width // block_for(recipe, width))
-        elif recipe.block:
+            block = table_block(width, recipe.block) if table else block_for(recipe, width)
+            total += 4 * rows * (width // block)
+        elif recipe.block and not table:
             total += 2 * rows * (width // recipe.block)
-        else:
+        else:  # TFLite int8: per output channel
             total += 4 * rows
     return total

@@ -11,7 +11,11 @@ BATCH_MATMUL that the TFLite kernel refuses at run time.
                 conversion, 4.4 GB, this way).
   int8          weight-only int8, per output channel (DEQUANTIZE ops)
   dynamic-int8  dynamic_wi8_afp32: int8 per-channel weights, activations quantized at run time
-  int4-b32/b128 dynamic int4, BLOCKWISE_32 / BLOCKWISE_128 (XNNPACK's blockwise int4 kernels)
+  int4-b32/b128 dynamic int4, BLOCKWISE_32 / BLOCKWISE_128 (XNNPACK's blockwise int4 kernels);
+                the codes and scales are then overwritten with ours (export/quantize/blocks.py:
+                per-block MSE scales, or a checkpoint's Q4_0 blocks), and the tied table gets
+                dynamic int8 per channel (the LM head's FULLY_CONNECTED singled out by its
+                scope, `table_scopes`), unless the checkpoint carried it as Q4_0.
 
 The tied embedding is one tensor read by EMBEDDING_LOOKUP and by the logits FULLY_CONNECTED, and
 both ops take the same quantization, so the table stays stored once (checked by the tests).
@@ -26,27 +30,81 @@ from pathlib import Path
 import numpy as np
 
 from export.quantize.recipes import Recipe
+from export.quantize.sizes import TABLE
 
 
-def ai_edge_recipe(recipe: Recipe):
+def ai_edge_recipe(recipe: Recipe, table_scopes: list[str] | None = None):
+    """ai-edge-quantizer's recipe for `recipe`. With `table_scopes` (the scopes of the
+    FULLY_CONNECTED ops reading the tied table, `table_scopes()`), the table's ops get int8 per
+    channel (dynamic) while the other matmuls get the recipe's int4 blocks: its later, narrower
+    entry wins for those ops."""
+    import re
+
     from ai_edge_quantizer import qtyping, recipe_manager
 
     if recipe.bits == 16:
         raise ValueError("fp16 is written by the converter (16-bit storage), not by ai-edge-quantizer")
 
+    fc, lookup = qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP
     rm = recipe_manager.RecipeManager()
-    for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
+    for op in (fc, lookup):
         if not recipe.dynamic:
             rm.add_weight_only_config(regex=".*", operation_name=op, num_bits=recipe.bits)
         else:
             granularity = (qtyping.QuantGranularity.CHANNELWISE if recipe.block is None
                            else qtyping.QuantGranularity[f"BLOCKWISE_{recipe.block}"])
             rm.add_dynamic_config(regex=".*", operation_name=op, num_bits=recipe.bits, granularity=granularity)
+    if table_scopes:
+        channelwise = qtyping.QuantGranularity.CHANNELWISE
+        rm.add_dynamic_config(regex=".*", operation_name=lookup, num_bits=8, granularity=channelwise)
+        rm.add_dynamic_config(regex="^(?:" + "|".join(re.escape(s) for s in table_scopes) + ")$",
+                              operation_name=fc, num_bits=8, granularity=channelwise)
     return rm.get_quantization_recipe()
 
 
-def quantize_file(src: Path, dst: Path, recipe: Recipe) -> Path:
-    """Quantize the float model at `src` into `dst` (written to a temporary name, then renamed)."""
+def _op_name(model, op) -> str:
+    from ai_edge_litert import schema_py_generated as S
+
+    code = model.OperatorCodes(op.OpcodeIndex())
+    value = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    return next(k for k, v in vars(S.BuiltinOperator).items() if v == value)
+
+
+def table_scopes(path: Path) -> list[str] | None:
+    """ai-edge-quantizer's scopes (output tensor names joined by ';', then ';') of the
+    FULLY_CONNECTED ops that read the embedding table (the tied LM head), or None if they cannot
+    be singled out (a FULLY_CONNECTED of another weight has the same scope)."""
+    from ai_edge_litert import schema_py_generated as S
+
+    buf = memoryview(np.memmap(path, np.uint8, mode="r"))
+    model = S.Model.GetRootAs(buf, 0)
+    ops = []  # (subgraph, op name, op)
+    for si in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(si)
+        for oi in range(sg.OperatorsLength()):
+            op = sg.Operators(oi)
+            ops.append((sg, _op_name(model, op), op))
+    tables = {sg.Tensors(op.Inputs(1)).Buffer() for sg, name, op in ops if name == "EMBEDDING_LOOKUP"}
+    head, other = set(), set()
+    for sg, name, op in ops:
+        if name != "FULLY_CONNECTED":
+            continue
+        names = [sg.Tensors(op.Outputs(i)).Name().decode() for i in range(op.OutputsLength())
+                 if op.Outputs(i) >= 0]
+        scope = ";".join(n for n in names if n) + ";"
+        (head if sg.Tensors(op.Inputs(1)).Buffer() in tables else other).add(scope)
+    if not head or head & other:
+        return None
+    return sorted(head)
+
+
+def quantize_file(src: Path, dst: Path, recipe: Recipe, blocks: dict | None = None,
+                  stored: dict | None = None) -> Path:
+    """Quantize the float model at `src` into `dst` (written to a temporary name, then renamed).
+
+    With `blocks` (parameter name -> export.quantize.blocks.BlockQuantized) and the `stored` f32
+    weights the float model was converted from, every blockwise INT4 tensor that holds one of
+    those weights gets exactly the given codes and scales (`place_blocks`)."""
     import logging
 
     from ai_edge_quantizer import quantizer
@@ -56,7 +114,12 @@ def quantize_file(src: Path, dst: Path, recipe: Recipe) -> Path:
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # its per-tensor warnings would flood the CLI
     try:
-        q = quantizer.Quantizer(str(src), ai_edge_recipe(recipe))
+        table = (blocks or {}).get(TABLE)
+        scopes = table_scopes(src) if table is not None and table.bits == 8 and recipe.bits == 4 else None
+        if table is not None and table.bits == 8 and recipe.bits == 4 and scopes is None:
+            raise RuntimeError("internal error: the LM head's FULLY_CONNECTED cannot be told apart from the "
+                               "other matmuls by its output name, so the int8 table cannot be configured")
+        q = quantizer.Quantizer(str(src), ai_edge_recipe(recipe, scopes))
         with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 in all-zero blocks: fixed below
             result = q.quantize(enable_progress_report=False, enable_progress_bar=False)
         del q
@@ -64,6 +127,8 @@ def quantize_file(src: Path, dst: Path, recipe: Recipe) -> Path:
         if not isinstance(model, bytearray):
             model = bytearray(model)
         fix_zero_blocks(model)
+        if blocks:
+            place_blocks(src, model, blocks, stored)
         with open(tmp, "wb") as f:
             f.write(model)
         del result
@@ -85,16 +150,13 @@ def _buffer_view(buf: bytearray, data) -> np.ndarray | None:
     return None
 
 
-def fix_zero_blocks(buf: bytearray) -> int:
-    """Give every all-zero block of a blockwise-quantized weight scale 1 and code 0, in place.
-
-    ai-edge-quantizer gives such a block (a zero row, a pruned channel) scale 0 and codes from
-    0/0, and XNNPACK refuses a zero scale ('unsupported scale value (0.000000)'), so the model
-    would not load. Returns the number of blocks fixed."""
+def _int4_tensors(buf: bytearray):
+    """(name, tensor shape, codes view, float16 scales view, block size) of every blockwise INT4
+    tensor of the flatbuffer in `buf`, each buffer once."""
     from ai_edge_litert import schema_py_generated as S
 
     model = S.Model.GetRootAs(buf, 0)
-    fixed, seen = 0, set()
+    seen = set()
     for si in range(model.SubgraphsLength()):
         sg = model.Subgraphs(si)
         for ti in range(sg.TensorsLength()):
@@ -108,23 +170,88 @@ def fix_zero_blocks(buf: bytearray) -> int:
             details = S.BlockwiseQuantization()
             table = q.Details()
             details.Init(table.Bytes, table.Pos)
-            scale_tensor = sg.Tensors(details.Scales())
-            scales_raw = _buffer_view(buf, model.Buffers(scale_tensor.Buffer()))
+            scales = _buffer_view(buf, model.Buffers(sg.Tensors(details.Scales()).Buffer()))
             codes = _buffer_view(buf, model.Buffers(t.Buffer()))
-            if scales_raw is None or codes is None:
+            if scales is None or codes is None:
                 continue
-            scales = scales_raw.view(np.float16)
-            zero = np.flatnonzero(~(np.abs(scales.astype(np.float32)) > 0))
-            if not len(zero):
+            yield t.Name().decode(), tuple(int(d) for d in t.ShapeAsNumpy()), codes, scales.view(np.float16), \
+                details.BlockSize()
+
+
+def _float_weight_names(path: Path, digests: dict[bytes, str]) -> dict[str, str]:
+    """Tensor name -> parameter name for the float model's constant tensors whose bytes equal a
+    parameter's (`digests`: blake2b of the f32 bytes -> name). The converter names constants
+    after their MLIR op, not our parameters, so the content is the key; ai-edge-quantizer keeps
+    the tensor names."""
+    import hashlib
+
+    from ai_edge_litert import schema_py_generated as S
+
+    out = {}
+    buf = memoryview(np.memmap(path, np.uint8, mode="r"))  # no copy of a file of several GiB
+    model = S.Model.GetRootAs(buf, 0)
+    for si in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(si)
+        for ti in range(sg.TensorsLength()):
+            t = sg.Tensors(ti)
+            if t.Type() != S.TensorType.FLOAT32 or t.ShapeLength() != 2:
                 continue
-            _rows, width = (int(d) for d in t.ShapeAsNumpy())
-            block = details.BlockSize()
-            per_row = width // block
-            for z in zero:  # each block is block/2 bytes of packed int4 codes
-                start = ((z // per_row) * width + (z % per_row) * block) // 2
-                codes[start:start + block // 2] = 0
-            scales[zero] = np.float16(1.0)
-            fixed += len(zero)
+            data = model.Buffers(t.Buffer())
+            if data.DataLength():
+                start = data._tab.Vector(data._tab.Offset(4))
+                raw = buf[start:start + data.DataLength()]
+            elif data.Offset() > 1:
+                raw = buf[data.Offset():data.Offset() + data.Size()]
+            else:
+                continue
+            name = digests.get(hashlib.blake2b(raw, digest_size=16).digest())
+            if name is not None:
+                out[t.Name().decode()] = name
+    return out
+
+
+def place_blocks(float_path: Path, buf: bytearray, blocks: dict, stored: dict) -> int:
+    """Overwrite, in the quantized flatbuffer `buf`, the codes and scales of every INT4 tensor
+    holding a weight of `blocks` with the given ones (same layout: the bytes only change).
+    Returns the number of tensors placed; raises if a weight of `blocks` that the quantizer made
+    INT4 could not be placed (a wrong block size or shape)."""
+    import hashlib
+
+    digests = {hashlib.blake2b(np.ascontiguousarray(stored[n], np.float32).tobytes(), digest_size=16).digest(): n
+               for n, b in blocks.items() if b.bits == 4 and n in stored}
+    names = _float_weight_names(float_path, digests)
+    placed = set()
+    for tname, shape, codes, scales, block in _int4_tensors(buf):
+        pname = names.get(tname)
+        if pname is None:
+            continue
+        b, _moved = blocks[pname].positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
+        if b.shape != shape or b.block != block:
+            raise RuntimeError(f"internal error: {pname} is INT4 {shape} in blocks of {block} in the artifact, "
+                               f"but {b.shape} in blocks of {b.block} in the plan")
+        codes[:] = b.tflite_int4()
+        scales[:] = b.scales.reshape(-1)
+        placed.add(pname)
+    return len(placed)
+
+
+def fix_zero_blocks(buf: bytearray) -> int:
+    """Give every all-zero block of a blockwise-quantized weight scale 1 and code 0, in place.
+
+    ai-edge-quantizer gives such a block (a zero row, a pruned channel) scale 0 and codes from
+    0/0, and XNNPACK refuses a zero scale ('unsupported scale value (0.000000)'), so the model
+    would not load. Returns the number of blocks fixed."""
+    fixed = 0
+    for _name, (_rows, width), codes, scales, block in _int4_tensors(buf):
+        zero = np.flatnonzero(~(np.abs(scales.astype(np.float32)) > 0))
+        if not len(zero):
+            continue
+        per_row = width // block
+        for z in zero:  # each block is block/2 bytes of packed int4 codes
+            start = ((z // per_row) * width + (z % per_row) * block) // 2
+            codes[start:start + block // 2] = 0
+        scales[zero] = np.float16(1.0)
+        fixed += len(zero)
     return fixed
 
 

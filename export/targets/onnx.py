@@ -109,7 +109,7 @@ class OnnxTarget(Target):
             if recipe is not None:
                 from export.quantize.onnx import quantize_model
 
-                tensors = quantize_model(model, tensors, recipe)
+                tensors = quantize_model(model, tensors, recipe, weights.blocks)
             helper.set_model_props(model, props)
             save(model, tensors, tmp / "model.onnx")
             if cfg.vision is not None:
@@ -152,7 +152,7 @@ class OnnxTarget(Target):
             if recipe is not None:
                 from export.quantize.onnx import quantize_model
 
-                tensors = quantize_model(model, tensors, recipe)
+                tensors = quantize_model(model, tensors, recipe, weights.blocks)
             helper.set_model_props(model, props)
             save(model, tensors, folder / file, reuse=share)
 

@@ -41,7 +41,7 @@ class TFLiteTarget(Target):
                 from export.quantize.tflite import quantize_file
 
                 with timer.stage(f"quantize {plan.quant}", record="quantize"):
-                    quantize_file(float_path, tmp, recipe)
+                    quantize_file(float_path, tmp, recipe, weights.blocks, weights.stored)
         finally:
             if recipe is not None and float_path.exists():
                 float_path.unlink()

@@ -1,6 +1,9 @@
 """Checkpoint loading: `load_checkpoint(path, model=None)` -> (config, params).
 
-Formats, detected from the folder:
+Formats, detected from the path:
+  GGUF:         a llama.cpp .gguf file (architectures gemma2, gemma3; F32/F16/BF16 and the Q*_0,
+                Q*_1 and K quantizations, dequantized to float32), config from its metadata
+                unless a model is given (models/loaders/gguf.py);
   Hugging Face: model.safetensors or sharded with model.safetensors.index.json (bf16/f16/f32),
                 config from its config.json unless a model name is given;
   official:     an Orbax PyTree checkpoint (Gemma 2/3 flat or nested layout, RecurrentGemma);
@@ -18,7 +21,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.errors import CheckpointError
 from models.hf_config import config_from_hf
-from models.loaders import hf, official
+from models.loaders import gguf, hf, official
 from models.loaders.common import assemble
 from models.loaders.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
 from models.registry import get_config
@@ -28,6 +31,8 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
+        if gguf.is_gguf(path):
+            return "gguf"
         raise CheckpointError(f"{path}: pass the checkpoint folder, not a file inside it")
     if (path / INDEX_FILE).exists() or any(path.glob("*.safetensors")):
         return "hf"
@@ -43,6 +48,8 @@ def resolve_config(path: Path, model: str | ModelConfig | None, fmt: str) -> Mod
         return model
     if model is not None:
         return get_config(model)
+    if fmt == "gguf":
+        return gguf.config_from_gguf(path)
     if fmt == "official":
         raise CheckpointError(f"{path}: official checkpoints carry no config.json; pass --model NAME")
     return config_from_hf(path)
@@ -50,13 +57,16 @@ def resolve_config(path: Path, model: str | ModelConfig | None, fmt: str) -> Mod
 
 def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float32,
                     vision: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Load a checkpoint folder as (config, flat params of `dtype`).
+    """Load a checkpoint folder (or a .gguf file) as (config, flat params of `dtype`).
 
     Gemma 3 4B+ checkpoints carry the vision tower: its params (`vision.*`, `mm.*`, always f32,
     models/vision.py) join the text model's. A checkpoint without any vision tensor (a text-only
     conversion), or `vision=False`, gives the text model alone, with `cfg.vision` None."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "gguf":
+        given = model if isinstance(model, ModelConfig) else get_config(model) if model else None
+        return gguf.load_gguf(path, given, dtype=dtype)
     cfg = resolve_config(path, model, fmt)
     if fmt == "hf":
         with SafetensorsCheckpoint(path) as reader:

@@ -1,0 +1,257 @@
+"""How the codes of a block-quantized weight are chosen (numpy only: no torch, no JAX).
+
+Every function takes a float weight ``w`` float32 ``[N out, K in]`` and returns
+
+  symmetric   (codes int8 [N, K], scales float16 [N, K / block])
+              value = code * scale, codes in [-2**(bits-1), 2**(bits-1) - 1] ([-8, 7] for 4 bits)
+  asymmetric  (codes int8 [N, K], scales float16 [N, K / block], zero_points uint8 [N, K / block])
+              value = (code - zero_point) * scale, codes and zero points in [0, 2**bits - 1]
+              ([0, 15] for 4 bits; ONNX MatMulNBits' uint4 codes and zero points)
+
+The symmetric form is what both targets' int4 kernels read (export/quantize/blocks.py:
+``BlockQuantized``); the asymmetric form only fits ONNX (MatMulNBits with zero points). Scales
+are rounded to float16 *inside* every search, so the error that is minimised is the error of the
+numbers that are written.
+
+Functions:
+  rtn          round to nearest; scale = absmax / qmax ("absmax") or the signed value of largest
+               magnitude / qmin ("signed", ggml Q4_0 and onnxruntime's block quantizer); with
+               ``asymmetric=True`` min/max with a zero point
+  mse_search   per block, the scale (and zero point) among shrunk candidates with the smallest
+               squared error of the block
+  gptq         GPTQ (Frantar et al. 2022) with block-wise scales chosen from the error-updated
+               weights when each block starts; needs the Hessian X^T X of the layer's input
+  dequantize   back to float32
+
+Memory: each call works on ``chunk`` rows at a time, so its temporaries are bounded by a few
+times the matrix (the search's candidates are looped over, not broadcast).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_GRID = np.linspace(0.70, 1.0, 32)
+
+
+def _qrange(bits: int, asymmetric: bool) -> tuple[int, int]:
+    if asymmetric:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """Round to float16 and back (the stored scale), never to zero or infinity."""
+    s = x.astype(np.float16).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).tiny)
+    s = np.where(np.abs(s) < tiny, np.where(s < 0, -tiny, tiny), s)
+    return np.clip(s, -65504.0, 65504.0).astype(np.float32)
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    n, k = w.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of block={block}")
+    return np.asarray(w, np.float32).reshape(n, k // block, block)
+
+
+def _chunks(n: int, chunk: int):
+    for r0 in range(0, n, chunk):
+        yield slice(r0, min(n, r0 + chunk))
+
+
+def _quant_sym(b: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """codes (float) of blocks b [..., block] for scales s [...]."""
+    return np.clip(np.rint(b / s[..., None]), qmin, qmax)
+
+
+def _quant_asym(b, s, z, qmax):
+    return np.clip(np.rint(b / s[..., None]) + z[..., None], 0, qmax)
+
+
+def _asym_scale_zero(lo: np.ndarray, hi: np.ndarray, qmax: int):
+    lo = np.minimum(lo, 0.0)
+    hi = np.maximum(hi, 0.0)
+    s = _f16((hi - lo) / qmax)
+    z = np.clip(np.rint(-lo / s), 0, qmax)
+    return s, z
+
+
+def rtn(w: np.ndarray, bits: int = 4, block: int = 32, mode: str = "absmax",
+        asymmetric: bool = False, chunk: int = 4096):
+    """Round to nearest with one float16 scale per ``block`` inputs of each row.
+
+    mode "absmax": scale = max|w| / qmax (7 for 4 bits), the block's extreme maps to +-7.
+    mode "signed": scale = w[argmax|w|] / qmin (-8), the extreme maps exactly to -8 (ggml Q4_0,
+                   onnxruntime's MatMul4BitsQuantizer); the scale is negative when the extreme
+                   is positive, which is fine for value = code * scale.
+    asymmetric: scale = (max - min) / 15, zero point = round(-min / scale) (range includes 0).
+    """
+    wb = _blocks(w, block)
+    n, nb, _ = wb.shape
+    qmin, qmax = _qrange(bits, asymmetric)
+    codes = np.empty(wb.shape, np.int8)
+    scales = np.empty((n, nb), np.float16)
+    zps = np.empty((n, nb), np.uint8) if asymmetric else None
+    for rs in _chunks(n, chunk):
+        b = wb[rs]
+        if asymmetric:
+            s, z = _asym_scale_zero(b.min(-1), b.max(-1), qmax)
+            codes[rs] = _quant_asym(b, s, z, qmax)
+            zps[rs] = z
+        else:
+            if mode == "absmax":
+                s = np.abs(b).max(-1) / qmax
+            elif mode == "signed":
+                idx = np.abs(b).argmax(-1)
+                s = np.take_along_axis(b, idx[..., None], -1)[..., 0] / qmin
+            else:
+                raise ValueError(mode)
+            s = _f16(s)
+            codes[rs] = _quant_sym(b, s, qmin, qmax)
+        scales[rs] = s
+    codes = codes.reshape(n, -1)
+    return (codes, scales, zps) if asymmetric else (codes, scales)
+
+
+def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
+               asymmetric: bool = False, signed: bool = True, chunk: int = 2048,
+               positive: bool = False):
+    """Per block, the candidate scale with the least squared error sum((w - q(w))^2).
+
+    Symmetric candidates: f * absmax / qmax for f in ``grid`` (default 32 steps 0.70..1.0),
+    plus (``signed=True``) f * w[argmax|w|] / qmin, which uses the extra negative code. Each
+    candidate is rounded to float16 before it is scored. Asymmetric: the block's [min, max]
+    shrunk by f with zero point round(-min/scale). The plain RTN scale (f = 1) is always a
+    candidate, so the error is never above ``rtn``'s. ``positive=True`` keeps every scale
+    positive (XNNPACK's blockwise kernels): the signed candidates become f * |w[argmax|w|]| / -qmin,
+    which only reach the extra code where the block's extreme is negative.
+    """
+    wb = _blocks(w, block)
+    n, nb, _ = wb.shape
+    qmin, qmax = _qrange(bits, asymmetric)
+    grid = np.asarray(grid, np.float32)
+    if not np.any(np.isclose(grid, 1.0)):
+        grid = np.append(grid, np.float32(1.0))
+    codes = np.empty(wb.shape, np.int8)
+    scales = np.empty((n, nb), np.float16)
+    zps = np.empty((n, nb), np.uint8) if asymmetric else None
+    for rs in _chunks(n, chunk):
+        b = wb[rs]
+        best_err = np.full(b.shape[:2], np.inf, np.float32)
+        best_s = np.zeros(b.shape[:2], np.float32)
+        best_z = np.zeros(b.shape[:2], np.float32)
+        if asymmetric:
+            lo, hi = b.min(-1), b.max(-1)
+            cands = [(f * lo, f * hi) for f in grid]
+        else:
+            amax = np.abs(b).max(-1)
+            cands = [f * amax / qmax for f in grid]
+            if signed:
+                idx = np.abs(b).argmax(-1)
+                ext = np.take_along_axis(b, idx[..., None], -1)[..., 0]
+                if positive:
+                    ext = -np.abs(ext)
+                cands += [f * ext / qmin for f in grid]
+        for c in cands:
+            if asymmetric:
+                s, z = _asym_scale_zero(c[0], c[1], qmax)
+                q = (_quant_asym(b, s, z, qmax) - z[..., None]) * s[..., None]
+            else:
+                s = _f16(c)
+                z = best_z
+                q = _quant_sym(b, s, qmin, qmax) * s[..., None]
+            err = np.square(q - b).sum(-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+            if asymmetric:
+                best_z = np.where(better, z, best_z)
+        if asymmetric:
+            codes[rs] = _quant_asym(b, best_s, best_z, qmax)
+            zps[rs] = best_z
+        else:
+            codes[rs] = _quant_sym(b, best_s, qmin, qmax)
+        scales[rs] = best_s
+    codes = codes.reshape(n, -1)
+    return (codes, scales, zps) if asymmetric else (codes, scales)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None = None):
+    """float32 [N, K] from codes [N, K], scales [N, K/block] (and zero points [N, K/block])."""
+    n, k = codes.shape
+    nb = scales.shape[1]
+    c = codes.reshape(n, nb, k // nb).astype(np.float32)
+    if zero_points is not None:
+        c = c - zero_points.astype(np.float32)[..., None]
+    return (c * scales.astype(np.float32)[..., None]).reshape(n, k)
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, damp: float = 0.01,
+         scale_fn: Callable = mse_search, lazy: int = 128, chunk: int = 1024, **scale_kw):
+    """GPTQ: quantize columns in order, spreading each column's error over the columns not yet
+    quantized so that the layer's output X W^T changes least (H = X^T X of the layer's input).
+
+    ``hessian`` [K, K] is sum over calibration tokens of x x^T (any positive scale). Damping adds
+    ``damp * mean(diag H)`` to the diagonal; columns whose input is always zero are zeroed. At the
+    first column of each block of ``block`` inputs, the block's scale (and zero point) is chosen
+    by ``scale_fn`` (``mse_search`` or ``rtn``, with ``scale_kw``, e.g. asymmetric=True) from the
+    *current*, error-updated weights of that block; the columns are then rounded with it one at a
+    time. No activation reordering (it would mix blocks). Rows are independent given H, so they
+    are processed ``chunk`` at a time (temporaries ~ chunk x K plus the K x K factor).
+    Returns what ``scale_fn`` returns: (codes, scales) or (codes, scales, zero_points).
+    """
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of block={block}")
+    asym = bool(scale_kw.get("asymmetric", False))
+    qmin, qmax = _qrange(bits, asym)
+    h = np.array(hessian, np.float64, copy=True)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    # upper Cholesky factor of H^-1 (as in the reference implementation)
+    hinv = np.linalg.inv(h)
+    hinv = np.linalg.cholesky(hinv).T.astype(np.float32)  # upper: hinv = U, H^-1 = U^T U
+    nb = k // block
+    codes = np.empty((n, k), np.int8)
+    scales = np.empty((n, nb), np.float16)
+    zps = np.empty((n, nb), np.uint8) if asym else None
+    lazy = max(block, (lazy // block) * block)
+    for rs in _chunks(n, chunk):
+        W = w[rs].copy()
+        W[:, dead] = 0.0
+        m = W.shape[0]
+        s = np.zeros(m, np.float32)
+        z = np.zeros(m, np.float32)
+        for i1 in range(0, k, lazy):
+            i2 = min(i1 + lazy, k)
+            W1 = W[:, i1:i2].copy()
+            E1 = np.zeros_like(W1)
+            U1 = hinv[i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col = i1 + j
+                if col % block == 0:
+                    out = scale_fn(W1[:, j:j + block], bits=bits, block=block, **scale_kw)
+                    s = out[1][:, 0].astype(np.float32)
+                    scales[rs, col // block] = out[1][:, 0]
+                    if asym:
+                        z = out[2][:, 0].astype(np.float32)
+                        zps[rs, col // block] = out[2][:, 0]
+                x = W1[:, j]
+                if asym:
+                    q = np.clip(np.rint(x / s) + z, 0, qmax)
+                    deq = (q - z) * s
+                else:
+                    q = np.clip(np.rint(x / s), qmin, qmax)
+                    deq = q * s
+                codes[rs, col] = q.astype(np.int8)
+                d = U1[j, j]
+                err = (x - deq) / d
+                W1[:, j:] -= np.outer(err, U1[j, j:])
+                E1[:, j] = err
+            W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    return (codes, scales, zps) if asym else (codes, scales)

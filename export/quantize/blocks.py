@@ -1,0 +1,208 @@
+"""Our own block-quantized weights: codes and scales computed once, in numpy, and written exactly
+into both targets' formats.
+
+A `BlockQuantized` is a weight `[N out, K in]` as signed integer codes `[N, K]` and one float16
+scale per block of `block` inputs of each output row (value = code * scale; symmetric, no zero
+point). That is exactly what both targets' fast int4 kernels read:
+
+  TFLite   INT4 tensor (two's complement nibbles, even element in the low nibble) with a
+           BlockwiseQuantization of float16 scales [N, K / block] (XNNPACK's blockwise kernels)
+  ONNX     MatMulNBits / GatherBlockQuantized: uint4 = code + 8 (the default zero point 8), two
+           per byte, even element low; scales f32 [N, K / block] (float16 widens exactly)
+
+and what a GGUF Q4_0 block is (32 codes in [-8, 7] and one float16 scale). So a weight quantized
+here, or carried over from a Q4_0 checkpoint, is the same numbers in the .tflite, the ONNX folder
+and the parity reference (one exception: XNNPACK refuses negative scales, which Q4_0 gives about
+half of its blocks; TFLite gets those blocks negated, exact but for the one value per block that
+sits at +8 steps, which moves to +7: `BlockQuantized.positive`); the targets' quantizers (ai-edge-quantizer, onnxruntime's block
+quantizer) only provide the layout around them (export/quantize/tflite.py, onnx.py).
+
+8-bit blocks (GGUF Q8_0, 32 int8 codes and a float16 scale) are carried into ONNX's 8-bit
+MatMulNBits (uint8 = code + 128) with a block of 32. TFLite's int8 recipes are per output
+channel, which cannot hold a block-32 tensor: there the weight is re-quantized (documented in
+docs/quantization.md).
+
+How the codes are chosen for a float weight (docs/quantization.md has the measurements):
+
+  linear layers  `mse`: per block, the float16 scale with the least squared error among 33
+                 candidates (absmax/7 and |extreme|/8, each shrunk by 16 factors 0.70..1.0,
+                 export/quantize/algorithms.mse_search). No calibration data; ~2x less
+                 perplexity loss than round-to-nearest on the real Gemma 3 270M.
+  the table      the tied embedding / LM head (63% of gemma3-270m's parameters) at int8 in the
+                 int4 recipes (`Recipe.table_bits`), round to nearest per row and block of 128:
+                 at int4 it alone costs ~15% perplexity on real weights, at int8 ~0%.
+                 A checkpoint's own Q4_0 table (Google's QAT GGUFs) is carried at int4 instead:
+                 the model was trained for exactly those numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from export.quantize.sizes import TABLE, is_quantized_weight, table_block
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockQuantized:
+    codes: np.ndarray  # int8 [N, K]: in [-8, 7] for 4 bits, [-128, 127] for 8
+    scales: np.ndarray  # float16 [N, K // block]
+    bits: int
+    origin: str  # where the codes came from: "rtn", "mse", "gguf Q4_0", ...
+    # int8 [N, K // block], in the codes' range: value = (code - zero) * scale (asymmetric blocks;
+    # ONNX MatMulNBits only). None: symmetric, zero = 0.
+    zeros: np.ndarray | None = None
+
+    def __post_init__(self):
+        n, k = self.codes.shape
+        if self.codes.dtype != np.int8 or self.scales.dtype != np.float16:
+            raise TypeError("codes must be int8 and scales float16")
+        if self.scales.shape[0] != n or k % self.scales.shape[1]:
+            raise ValueError(f"scales {self.scales.shape} do not tile codes {self.codes.shape}")
+        if self.zeros is not None and (self.zeros.dtype != np.int8 or self.zeros.shape != self.scales.shape):
+            raise ValueError("zeros must be int8 and shaped like the scales")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        blocks = self.codes.reshape(n, -1, self.block).astype(np.float32)
+        if self.zeros is not None:
+            blocks = blocks - self.zeros.astype(np.float32)[..., None]
+        return (blocks * self.scales.astype(np.float32)[..., None]).reshape(n, k)
+
+    def positive(self) -> tuple["BlockQuantized", int]:
+        """The weight with every scale positive, as XNNPACK's blockwise kernels require, and how
+        many codes had to change. GGUF Q4_0 gives a block whose largest-magnitude value is
+        positive a negative scale and that value the code -8; negating the block's codes and
+        scale is exact except for that code, which becomes 7 instead of 8 (one value in 32 moves
+        by one step). ONNX's MatMulNBits takes negative scales, so only TFLite needs this."""
+        neg = self.scales.astype(np.float32) < 0
+        if not neg.any() or self.zeros is not None:  # asymmetric blocks are ONNX-only
+            return self, 0
+        n, k = self.codes.shape
+        codes = self.codes.reshape(n, -1, self.block).astype(np.int16)
+        codes = np.where(neg[..., None], -codes, codes)
+        qmax = 2 ** (self.bits - 1) - 1
+        clipped = int((codes > qmax).sum())
+        codes = np.minimum(codes, qmax).astype(np.int8).reshape(n, k)
+        scales = np.where(neg, -self.scales, self.scales).astype(np.float16)
+        return BlockQuantized(codes, scales, self.bits, self.origin + " (scales made positive)"), clipped
+
+    # ---- the targets' layouts ----
+    def tflite_int4(self) -> np.ndarray:
+        """The INT4 tensor's bytes: two's complement nibbles, element 2i low, 2i+1 high."""
+        if self.bits != 4 or self.zeros is not None:
+            raise ValueError("only symmetric 4-bit blocks go into a TFLite INT4 tensor")
+        c = self.codes.reshape(-1).astype(np.uint8) & 0x0F
+        return (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
+
+    def nbits(self) -> tuple[np.ndarray, np.ndarray]:
+        """MatMulNBits' (B uint8 [N, K/block, block*bits/8], scales f32 [N, K/block]) with the
+        default zero point (8 for 4 bits, 128 for 8): the same values as the codes."""
+        n, k = self.codes.shape
+        kb = k // self.block
+        if self.bits == 4:
+            u = (self.codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, kb, self.block)
+            packed = u[..., 0::2] | (u[..., 1::2] << 4)
+        elif self.bits == 8:
+            packed = (self.codes.astype(np.int16) + 128).astype(np.uint8).reshape(n, kb, self.block)
+        else:
+            raise ValueError(f"MatMulNBits takes 4 or 8 bits, not {self.bits}")
+        return np.ascontiguousarray(packed), self.scales.astype(np.float32)
+
+    def nbits_zero_points(self) -> np.ndarray | None:
+        """MatMulNBits' packed uint8 zero points ([N, ceil(K/block * bits / 8)]: 4-bit zero + 8,
+        two per byte, even block low, each row padded to whole bytes; 8-bit zero + 128), or None
+        for symmetric blocks (the default zero point)."""
+        if self.zeros is None:
+            return None
+        offset = 2 ** (self.bits - 1)
+        u = (self.zeros.astype(np.int16) + offset).astype(np.uint8)
+        if self.bits == 8:
+            return np.ascontiguousarray(u)
+        if u.shape[1] % 2:
+            u = np.concatenate([u, np.full((u.shape[0], 1), offset, np.uint8)], axis=1)
+        return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def rtn(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
+    """Round to nearest with the block's absolute maximum on the positive end of the grid
+    (scale = max|w| / (2^(bits-1) - 1), rounded to float16; codes from the rounded scale). An
+    all-zero block gets scale 1 and zero codes (XNNPACK rejects a zero scale)."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.reshape(n, k // block, block)
+    scales = (np.abs(blocks).max(-1) / qmax).astype(np.float16)
+    scales[~(scales.astype(np.float32) > 0)] = np.float16(1.0)
+    s = scales.astype(np.float32)[..., None]
+    codes = np.clip(np.rint(blocks / s), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
+    return BlockQuantized(codes, scales, bits, "rtn")
+
+
+MSE_GRID = np.linspace(0.70, 1.0, 16)
+
+
+def mse(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
+    """Per block, the positive float16 scale with the least squared error (see the module doc)."""
+    from export.quantize.algorithms import mse_search
+
+    codes, scales = mse_search(np.asarray(w, np.float32), bits, block, grid=MSE_GRID, positive=True)
+    return BlockQuantized(codes.astype(np.int8), scales.astype(np.float16), bits, "mse")
+
+
+def mse_asymmetric(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
+    """Per block, scale and integer zero point with the least squared error: the block's
+    [min, max] shrunk by 16 factors 0.70..1.0 (ONNX MatMulNBits takes zero points; XNNPACK's
+    blockwise kernels do not)."""
+    from export.quantize.algorithms import mse_search
+
+    codes, scales, zeros = mse_search(np.asarray(w, np.float32), bits, block, grid=MSE_GRID, asymmetric=True)
+    offset = 2 ** (bits - 1)
+    return BlockQuantized((codes.astype(np.int16) - offset).astype(np.int8), scales.astype(np.float16), bits,
+                          "mse asymmetric", (zeros.astype(np.int16) - offset).astype(np.int8))
+
+
+def quantizable(name: str, value) -> bool:
+    return is_quantized_weight(name, tuple(np.shape(value)))
+
+
+def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None,
+                quantize=None, table_bits: int | None = None) -> dict[str, BlockQuantized]:
+    """The block-quantized form of every matmul weight of `params` whose width divides into
+    `block`: carried over from the checkpoint where its source blocks have the same bits and
+    block (`carried`: name -> BlockQuantized, e.g. GGUF Q4_0), else `quantize(w, bits, block)`
+    (default: round to nearest). With `table_bits`, the table (when not carried) is rounded to
+    nearest at that many bits instead, in blocks of `table_block`."""
+    quantize = quantize or rtn
+    carried = carried or {}
+    out = {}
+    for name, value in params.items():
+        if not quantizable(name, value) or np.shape(value)[1] % block:
+            continue
+        src = carried.get(name)
+        if src is not None and src.bits == bits and src.block == block and src.shape == np.shape(value):
+            out[name] = src
+        elif name == TABLE and table_bits and table_bits != bits:
+            out[name] = rtn(np.asarray(value, np.float32), table_bits, table_block(np.shape(value)[1], block))
+        elif name == TABLE:  # symmetric: GatherBlockQuantized reads it too
+            out[name] = mse(np.asarray(value, np.float32), bits, block)
+        else:
+            out[name] = quantize(np.asarray(value, np.float32), bits, block)
+    return out
+
+
+def from_source_blocks(src) -> BlockQuantized:
+    """A checkpoint's quantized tensor (models.loaders.gguf.SourceBlocks: kind q4_0 / q8_0, int8
+    codes, float16 scales) as a BlockQuantized."""
+    bits = {"q4_0": 4, "q8_0": 8}[src.kind]
+    return BlockQuantized(np.ascontiguousarray(src.codes, np.int8), np.ascontiguousarray(src.scales, np.float16),
+                          bits, f"gguf {src.kind.upper()}")
