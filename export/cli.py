@@ -39,6 +39,7 @@ class Request:
     checkpoint: Path | None = None
     random_init: int | None = None
     vision: bool = True
+    memory_check: bool = True
 
     def validate(self):
         """Every check that needs no weights (the options', and where the weights come from)."""
@@ -54,6 +55,26 @@ class Request:
 
             get_config(self.model)  # an unknown name fails here, in one line
         self.options.validate(self.target)
+        if self.memory_check:
+            self.check_memory()
+
+    def check_memory(self, available: int | None = None):
+        """Refuse, before any weights load, an export whose estimated peak memory exceeds this
+        machine's (export/memory.py). A config that cannot be read here is left to the loader."""
+        from export.memory import check_fits
+        from models import get_config
+
+        if self.checkpoint is None:
+            cfg = get_config(self.model)
+        else:
+            from models.loaders import CheckpointError, detect_format, resolve_config
+
+            try:
+                cfg = resolve_config(self.checkpoint, self.model, detect_format(self.checkpoint))
+            except (CheckpointError, ValueError, OSError, KeyError):
+                return
+        o = self.options
+        check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available)
 
     @property
     def gguf(self) -> bool:
@@ -141,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "recipe's accuracy thresholds")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
+    ap.add_argument("--skip-memory-check", action="store_true",
+                    help="export even when the estimated peak memory exceeds this machine's (export/memory.py)")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
     ap.add_argument("--no-engine-check", action="store_true",
                     help="litertlm: skip running the bundle in LiteRT-LM itself (done by default when the "
@@ -159,7 +182,8 @@ def parse_request(args) -> Request:
         dtype=args.dtype, quant=args.quant, onnx_ops=args.onnx_ops,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True)
-    return Request(args.target, options, args.model, args.checkpoint, args.random_init, not args.no_vision)
+    return Request(args.target, options, args.model, args.checkpoint, args.random_init, not args.no_vision,
+                   memory_check=not args.skip_memory_check)
 
 
 def main(argv=None) -> int:

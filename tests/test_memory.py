@@ -1,0 +1,71 @@
+"""The up-front memory check (export/memory.py): an export that cannot fit is refused before any
+weights load, in one line with the memory it needs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from export import memory
+from export.cli import main as export_main
+from models import get_config
+
+GiB = memory.GiB
+
+
+@pytest.fixture
+def machine_of(monkeypatch):
+    def set_total(gib: float):
+        monkeypatch.setattr(memory, "total_memory", lambda: int(gib * GiB))
+    return set_total
+
+
+def test_a_27b_export_is_refused_before_loading(machine_of, tmp_path, capsys):
+    machine_of(24)
+    t0 = time.perf_counter()
+    rc = export_main(["--model", "gemma3-27b", "--random-init", "0", "--target", "tflite", "--quant", "int4-b32",
+                      "--out", str(tmp_path)])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and elapsed < 30  # a random init of 27B parameters alone would take minutes
+    assert len(err.splitlines()) == 1, err
+    assert "gemma3-27b" in err and "needs about" in err and "this machine has 24 GiB" in err
+    needed = float(err.split("needs about ")[1].split(" GiB")[0])
+    assert needed > 100  # its f32 weights alone are ~102 GiB
+    assert "--skip-memory-check" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_refusal_names_what_would_fit():
+    cfg = get_config("gemma3-1b")
+    est = memory.estimate(cfg, "tflite", "int4-b32")
+    between = (est.export_bytes + est.gate_bytes) / 2  # the export fits, its gate does not
+    assert est.export_bytes < est.gate_bytes
+    with pytest.raises(ValueError, match=r"--no-verify \(no parity gate\).* would fit"):
+        memory.check_fits(cfg, "tflite", "int4-b32", available=int(between))
+    assert memory.check_fits(cfg, "tflite", "int4-b32", verify=False, available=int(between)).peak <= between
+
+
+def test_estimates_follow_the_artifact_and_the_model():
+    small, big = get_config("gemma3-1b"), get_config("gemma3-4b")
+    assert memory.estimate(big, "onnx", "int4-b32").peak > memory.estimate(small, "onnx", "int4-b32").peak
+    # the gate holds the runtime of the artifact: float weights cost more than int4
+    assert memory.estimate(small, "tflite", None).gate_bytes > memory.estimate(small, "tflite", "int4-b32").gate_bytes
+    # the vision tower counts only when exported
+    with_v = memory.estimate(big, "onnx", "int4-b32", vision=True)
+    without = memory.estimate(big, "onnx", "int4-b32", vision=False)
+    assert with_v.params - without.params > 300e6  # SigLIP So400m
+
+
+def test_skip_memory_check_and_small_models_pass(machine_of, tmp_path):
+    from export.cli import build_parser, parse_request
+
+    machine_of(0.001)
+    args = build_parser().parse_args(["--model", "gemma3-27b", "--random-init", "0", "--target", "onnx",
+                                      "--quant", "int4-b32", "--skip-memory-check", "--out", str(tmp_path)])
+    parse_request(args).validate()  # no refusal
+    machine_of(24)
+    args = build_parser().parse_args(["--model", "gemma3-tiny", "--random-init", "0", "--target", "tflite",
+                                      "--out", str(tmp_path)])
+    parse_request(args).validate()
