@@ -243,6 +243,7 @@ INT4_VARIANTS = {
     "rtn": "round-to-nearest absmax/7 scales, no zero points (the first int4 recipe)",
     "octav": "--weights-only: ai-edge-quantizer's OCTAV clipping for the TFLite row's linear layers",
     "hqq": "--weights-only: onnxruntime's HQQ for the ONNX row (float zero points; needs onnx-ir and torch)",
+    "hqq-int": "onnxruntime's HQQ scales with integer zero points (MatMulNBits' fast path) for ONNX",
 }
 
 
@@ -260,6 +261,23 @@ class FloatZeroBlocks:
         n, k = self.codes.shape
         c = self.codes.reshape(n, k // self.block, self.block).astype(np.float32)
         return ((c - self.zeros[..., None]) * self.scales[..., None]).reshape(n, k)
+
+
+def hqq_integer_blocks(w: np.ndarray, bits: int, block: int):
+    """HQQ's scales with its zero points rounded to integers in the uint range, codes re-rounded
+    against them: a form MatMulNBits runs on its fast path (uint4 zero points)."""
+    from export.quantize.blocks import BlockQuantized
+
+    h = hqq_blocks(w, bits, block)
+    n, k = h.codes.shape
+    top = 2 ** bits - 1
+    zeros = np.clip(np.rint(h.zeros), 0, top)
+    scale = h.scales.astype(np.float16)
+    x = np.asarray(w, np.float32).reshape(n, k // block, block)
+    codes = np.clip(np.rint(x / scale.astype(np.float32)[..., None]) + zeros[..., None], 0, top)
+    offset = 2 ** (bits - 1)
+    return BlockQuantized((codes - offset).astype(np.int8).reshape(n, k), scale, bits, "hqq, integer zero points",
+                          (zeros - offset).astype(np.int8))
 
 
 SYMMETRIC_OVERRIDE = None  # --int4 octav: the TFLite row's linear layers (the table keeps the recipe's)
@@ -306,6 +324,8 @@ def int4_variant(name: str) -> None:
         blocks.mse_asymmetric = blocks.mse
     if name == "hqq":
         blocks.mse_asymmetric = hqq_blocks
+    if name == "hqq-int":
+        blocks.mse_asymmetric = hqq_integer_blocks
     if name == "octav":
         global SYMMETRIC_OVERRIDE
         SYMMETRIC_OVERRIDE = octav_blocks
