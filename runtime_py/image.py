@@ -28,9 +28,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil():
+    """Pillow, imported when an image is first decoded: text generation runs without it."""
+    try:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("decoding images needs Pillow: pip install pillow") from None
+    return Image, ImageOps, UnidentifiedImageError
 
 
 def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
@@ -74,6 +82,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarr
     EXIF orientation is applied to files only: PIL images and arrays are taken as the pixels given."""
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
+    Image, ImageOps, UnidentifiedImageError = _pil()
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, "PIL image")
     if isinstance(source, (str, os.PathLike)):
@@ -99,6 +108,7 @@ def preprocess(source: str | os.PathLike | Image.Image | np.ndarray, image_size:
         raise ValueError(f"image_size {image_size!r}: pass a positive int (the vision config's image_size, e.g. 896)")
     s = int(image_size)
     rgb = load_image(source)
+    Image = _pil()[0]
     resized = np.asarray(Image.fromarray(rgb).resize((s, s), resample=Image.Resampling.BILINEAR))
     x = (resized.astype(np.float32) * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
     return x[None]

@@ -242,6 +242,31 @@ def test_runtime_cli_without_jax(trained_artifacts):
         assert run.stdout == want + "\n", target
 
 
+def test_every_runtime_module_imports_without_the_exporter_or_pillow():
+    """Each module of runtime_py and contract imports where the exporter and Pillow are not
+    importable (a text-only edge box): Pillow is imported when an image is first decoded."""
+    code = """
+        import importlib, json, pkgutil
+        import runtime_py, contract
+        names = []
+        for pkg in (runtime_py, contract):
+            for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+                importlib.import_module(info.name)
+                names.append(info.name)
+        print(json.dumps(names))
+    """
+    blocker = BLOCKER.replace("BLOCKED = (", "BLOCKED = ('PIL', ", 1)
+    assert blocker != BLOCKER
+    run = subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "runtime_py.image" in names and "runtime_py.session" in names
+    run = subprocess.run([sys.executable, "-c", blocker + "import runtime_py.image as m\nm.preprocess('x.png', 28)"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode != 0 and "decoding images needs Pillow: pip install pillow" in run.stderr
+
+
 def test_a_blocked_import_really_fails():
     """The blocker itself: importing jax under it raises (so the tests above would notice)."""
     run = _run_without_exporter("import jax")
