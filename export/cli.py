@@ -78,6 +78,8 @@ class Request:
 
     @property
     def gguf(self) -> bool:
+        from models.loaders.gguf import is_gguf
+
         return self.checkpoint is not None and is_gguf(self.checkpoint)
 
     def load(self):
@@ -100,24 +102,16 @@ class Request:
         return {n: from_source_blocks(b) for n, b in source_blocks(self.checkpoint, cfg).items()}
 
 
-def is_gguf(path: Path) -> bool:
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        return True
-    if path.is_file():
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    return False
-
-
 @contextlib.contextmanager
 def gguf_tokenizer(request: Request):
     """The request, with --tokenizer pointing at a SentencePiece tokenizer.model rebuilt from the
     GGUF's vocabulary (models/loaders/gguf_tokenizer.py) when the tokenizer source is a GGUF file
     (the default for a GGUF checkpoint); the file lives in a scratch folder for the export's
     duration (the artifact bundles or converts it)."""
+    from models.loaders.gguf import is_gguf
+
     source = request.options.tokenizer
-    if source is None or not Path(source).is_file() or not is_gguf(source):
+    if source is None or not is_gguf(source):
         yield request
         return
     from models.loaders.gguf import config_from_gguf

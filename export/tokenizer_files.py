@@ -63,10 +63,10 @@ template renders ``{{ bos_token }}`` first.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from contract.files import write_atomic
 
 __all__ = ["SPECIAL_USER_DEFINED", "sentencepiece_to_tokenizer", "write_tokenizer_files"]
 
@@ -151,7 +151,7 @@ def write_tokenizer_files(source: Path, out_dir: Path) -> list[str] | None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        write_atomic(out_dir / name, data)
     return list(files)
 
 
@@ -362,22 +362,3 @@ def _dump(data: dict) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

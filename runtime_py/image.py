@@ -26,8 +26,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
 

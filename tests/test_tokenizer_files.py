@@ -253,7 +253,9 @@ def test_failed_write_leaves_no_temp_file(model_path, tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tokenizer_files.os, "replace", fail)
+    import contract.files
+
+    monkeypatch.setattr(contract.files.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_tokenizer_files(model_path, out)
     assert list(out.iterdir()) == []

@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     int4_variant(args.int4)
 
     from contract.tokenizer import Tokenizer
-    from export.cli import is_gguf
+    from models.loaders.gguf import is_gguf
     from export.driver import export
     from export.options import ExportOptions
     from models import load_checkpoint

@@ -28,11 +28,12 @@ How the codes are chosen for a float weight (docs/quantization.md has the measur
                  candidates (absmax/7 and |extreme|/8, each shrunk by 16 factors 0.70..1.0,
                  export/quantize/algorithms.mse_search). No calibration data; ~2x less
                  perplexity loss than round-to-nearest on the real Gemma 3 270M.
-  the table      the tied embedding / LM head (63% of gemma3-270m's parameters) at int8 in the
-                 int4 recipes (`Recipe.table_bits`), round to nearest per row and block of 128:
-                 at int4 it alone costs ~15% perplexity on real weights, at int8 ~0%.
-                 A checkpoint's own Q4_0 table (Google's QAT GGUFs) is carried at int4 instead:
-                 the model was trained for exactly those numbers.
+  the table      the tied embedding / LM head (63% of gemma3-270m's parameters): int4 with the
+                 symmetric search in int4-b32 / int4-b128 (GatherBlockQuantized reads it too, so
+                 no zero points); int8 round to nearest per row and block of 128 in int4-b32-e8
+                 (`Recipe.table_bits`): at int4 it alone costs ~15% perplexity on real weights,
+                 at int8 ~0%. A checkpoint's own Q4_0 table (Google's QAT GGUFs) is carried
+                 at int4: the model was trained for exactly those numbers.
 """
 
 from __future__ import annotations
@@ -135,17 +136,15 @@ class BlockQuantized:
 
 def rtn(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
     """Round to nearest with the block's absolute maximum on the positive end of the grid
-    (scale = max|w| / (2^(bits-1) - 1), rounded to float16; codes from the rounded scale). An
-    all-zero block gets scale 1 and zero codes (XNNPACK rejects a zero scale)."""
+    (algorithms.rtn "absmax": scale = max|w| / (2^(bits-1) - 1), rounded to float16; codes from
+    the rounded scale). An all-zero block gets scale 1 and zero codes."""
+    from export.quantize.algorithms import rtn as round_to_nearest
+
     w = np.asarray(w, np.float32)
+    codes, scales = round_to_nearest(w, bits, block, mode="absmax")
     n, k = w.shape
-    qmax = 2 ** (bits - 1) - 1
-    blocks = w.reshape(n, k // block, block)
-    scales = (np.abs(blocks).max(-1) / qmax).astype(np.float16)
-    scales[~(scales.astype(np.float32) > 0)] = np.float16(1.0)
-    s = scales.astype(np.float32)[..., None]
-    codes = np.clip(np.rint(blocks / s), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
-    return BlockQuantized(codes, scales, bits, "rtn")
+    scales[~np.abs(w.reshape(n, k // block, block)).any(-1)] = np.float16(1.0)
+    return BlockQuantized(codes.astype(np.int8), scales, bits, "rtn")
 
 
 MSE_GRID = np.linspace(0.70, 1.0, 16)

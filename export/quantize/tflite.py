@@ -13,9 +13,9 @@ BATCH_MATMUL that the TFLite kernel refuses at run time.
   dynamic-int8  dynamic_wi8_afp32: int8 per-channel weights, activations quantized at run time
   int4-b32/b128 dynamic int4, BLOCKWISE_32 / BLOCKWISE_128 (XNNPACK's blockwise int4 kernels);
                 the codes and scales are then overwritten with ours (export/quantize/blocks.py:
-                per-block MSE scales, or a checkpoint's Q4_0 blocks), and the tied table gets
-                dynamic int8 per channel (the LM head's FULLY_CONNECTED singled out by its
-                scope, `table_scopes`), unless the checkpoint carried it as Q4_0.
+                per-block MSE scales, or a checkpoint's Q4_0 blocks). int4-b32-e8: the tied table
+                gets dynamic int8 per channel instead (the LM head's FULLY_CONNECTED singled out
+                by its scope, `table_scopes`).
 
 The tied embedding is one tensor read by EMBEDDING_LOOKUP and by the logits FULLY_CONNECTED, and
 both ops take the same quantization, so the table stays stored once (checked by the tests).
@@ -220,10 +220,11 @@ def place_blocks(float_path: Path, buf: bytearray, blocks: dict, stored: dict) -
     digests = {hashlib.blake2b(np.ascontiguousarray(stored[n], np.float32).tobytes(), digest_size=16).digest(): n
                for n, b in blocks.items() if b.bits == 4 and n in stored}
     names = _float_weight_names(float_path, digests)
-    placed = set()
+    placed, unplaced = set(), []
     for tname, shape, codes, scales, block in _int4_tensors(buf):
         pname = names.get(tname)
         if pname is None:
+            unplaced.append(tname)
             continue
         b, _moved = blocks[pname].positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
         if b.shape != shape or b.block != block:
@@ -232,6 +233,10 @@ def place_blocks(float_path: Path, buf: bytearray, blocks: dict, stored: dict) -
         codes[:] = b.tflite_int4()
         scales[:] = b.scales.reshape(-1)
         placed.add(pname)
+    missed = sorted(set(digests.values()) - placed)
+    if missed and unplaced:  # an INT4 weight kept the quantizer's own codes: it was not found by content
+        raise RuntimeError(f"internal error: the int4 codes of {', '.join(missed[:3])} could not be placed; INT4 "
+                           f"tensors {', '.join(unplaced[:3])} hold ai-edge-quantizer's own")
     return len(placed)
 
 

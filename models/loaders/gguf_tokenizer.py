@@ -17,7 +17,6 @@ export/tokenizer_files accept:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from models.errors import CheckpointError
@@ -101,17 +100,9 @@ def sentencepiece_model(file_or_path) -> bytes:
 
 def write_tokenizer(path_or_file, out_path) -> Path:
     """Write the rebuilt tokenizer.model to `out_path` (via a temporary name, then a rename)."""
-    out_path = Path(out_path)
-    data = sentencepiece_model(path_or_file)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out_path
+    from contract.files import write_atomic
+
+    return write_atomic(out_path, sentencepiece_model(path_or_file))
 
 
 __all__ = ["sentencepiece_model", "write_tokenizer"]
