@@ -74,7 +74,7 @@ class Request:
             except (CheckpointError, ValueError, OSError, KeyError):
                 return
         o = self.options
-        check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available)
+        check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate)
 
     @property
     def gguf(self) -> bool:
@@ -83,12 +83,13 @@ class Request:
         return self.checkpoint is not None and is_gguf(self.checkpoint)
 
     def load(self):
-        """(final config, params) from the checkpoint or a random init."""
+        """(final config, params) from the checkpoint or a random init; the text model's weights
+        lazy (models/lazy.py), read one tensor at a time as the export writes them."""
         from models import get_config, init_model, load_checkpoint
 
         if self.checkpoint is not None:
-            return load_checkpoint(self.checkpoint, self.model, vision=self.vision)
-        return init_model(get_config(self.model), self.random_init, vision=self.vision)
+            return load_checkpoint(self.checkpoint, self.model, vision=self.vision, lazy=True)
+        return init_model(get_config(self.model), self.random_init, vision=self.vision, lazy=True)
 
     def carried(self, cfg) -> dict | None:
         """A GGUF checkpoint's own Q4_0 / Q8_0 blocks, when the recipe can hold them exactly
@@ -96,10 +97,10 @@ class Request:
         quant = self.options.quant
         if not self.gguf or quant is None or quant == "fp16":
             return None
-        from export.quantize.blocks import from_source_blocks
+        from export.quantize.blocks import pending_source_blocks
         from models.loaders.gguf import source_blocks
 
-        return {n: from_source_blocks(b) for n, b in source_blocks(self.checkpoint, cfg).items()}
+        return {n: pending_source_blocks(*b) for n, b in source_blocks(self.checkpoint, cfg, lazy=True).items()}
 
 
 @contextlib.contextmanager
@@ -159,12 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-memory-check", action="store_true",
                     help="export even when the estimated peak memory exceeds this machine's (export/memory.py)")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
+    ap.add_argument("--gate", choices=("auto", "memory", "streamed"), default="auto",
+                    help="the parity gate's JAX reference: 'memory' holds the f32 model beside the artifact's "
+                         "runtime (fastest); 'streamed' runs the artifact first, then the reference one layer at a "
+                         "time from the checkpoint (bounded memory); 'auto' streams when the in-memory gate would "
+                         "not fit comfortably (docs/memory.md)")
     ap.add_argument("--no-engine-check", action="store_true",
                     help="litertlm: skip running the bundle in LiteRT-LM itself (done by default when the "
                          "litert-lm-api package is installed)")
     ap.add_argument("--no-vision", action="store_true",
                     help="Gemma 3 4B+: export the text model only (default: with the vision encoder and "
                          "image prefill signatures when the weights have a vision tower)")
+    ap.add_argument("--stage-memory", action="store_true",
+                    help="report each stage's own peak RSS (restarts the process's peak counter at each stage, so "
+                         "/usr/bin/time or getrusage on the whole run then see only the last stage's)")
     ap.add_argument("--list-models", action="store_true", help="print the registry and exit")
     return ap
 
@@ -175,6 +184,7 @@ def parse_request(args) -> Request:
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
         dtype=args.dtype, quant=args.quant, onnx_ops=args.onnx_ops,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
+        gate=args.gate,
         engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True)
     return Request(args.target, options, args.model, args.checkpoint, args.random_init, not args.no_vision,
                    memory_check=not args.skip_memory_check)
@@ -227,7 +237,7 @@ def run(args) -> int:
     request = parse_request(args)
     with gguf_tokenizer(request) as request:
         request.validate()
-        timer = driver.Timer(verbose=True)
+        timer = driver.Timer(verbose=True, stage_peaks=args.stage_memory)
         with timer.stage("load", record=False):
             cfg, params = request.load()
             n = sum(p.size for p in params.values())

@@ -49,31 +49,66 @@ class Timer:
     """Seconds per stage; with `verbose`, `[stage] ...` / `[stage] done in N s` lines and a
     progress line per step."""
 
-    def __init__(self, verbose: bool = False):
+    def __init__(self, verbose: bool = False, stage_peaks: bool = False):
         self.verbose = verbose
+        # restart the peak-RSS count at each stage, so each reports its own; an outside tool
+        # measuring the whole run (getrusage, /usr/bin/time) then sees only the last stage's
+        self.stage_peaks = stage_peaks
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}  # stage -> its peak resident memory (bytes; Linux)
+        self._open: list[int] = []  # the peaks seen by the enclosing stages' finished children
+        self._bar: tuple[int, float, int] | None = None  # the current loop: (n, start time, start i)
 
     @contextlib.contextmanager
     def stage(self, name: str, record: str | bool = True):
-        """Time a block under `record` (True: its name; False: print only)."""
+        """Time a block under `record` (True: its name; False: print only), and measure its peak
+        resident memory: the process's peak so far, or with `stage_peaks` its own (the count
+        restarts at each stage; an enclosing stage's peak is the largest of its children's and
+        its own)."""
+        from export.memory import peak_rss, reset_peak
+
         t0 = time.perf_counter()
         if self.verbose:
             print(f"[{name}] ...", flush=True)
-        yield self
+        if self.stage_peaks:
+            reset_peak()
+        self._open.append(0)
+        try:
+            yield self
+        finally:
+            children = self._open.pop()
         took = time.perf_counter() - t0
+        peak = max(peak_rss() or 0, children)
+        if self.stage_peaks:
+            reset_peak()
+        if self._open:
+            self._open[-1] = max(self._open[-1], peak)
+        key = name if record is True else record or name
         if record:
-            key = name if record is True else record
             self.seconds[key] = self.seconds.get(key, 0.0) + took
+        self.peaks[key] = max(self.peaks.get(key, 0), peak)
         if self.verbose:
-            print(f"[{name}] done in {took:.1f} s", flush=True)
+            mem = f", peak RSS {peak / 2**30:.2f} GiB" if peak else ""
+            print(f"[{name}] done in {took:.1f} s{mem}", flush=True)
 
     def progress(self, i: int, n: int, label: str):
+        """A progress bar with the time left (ETA) of the current loop, from its rate so far."""
         if not self.verbose:
             return
+        now = time.perf_counter()
+        if i == 0 or self._bar is None or self._bar[0] != n:  # a new loop
+            self._bar = (n, now, i)
+        _, t0, i0 = self._bar
+        eta = ""
+        if i > i0 and i < n:
+            left = (now - t0) / (i - i0) * (n - i)
+            eta = f" ETA {left:4.0f} s"
+        elif i == n:
+            eta = f" in {now - t0:.1f} s"
         width = 24
         filled = int(width * i / n)
         end = "\n" if i == n else ""
-        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label:<24}", end=end, flush=True)
+        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label:<28}{eta}   ", end=end, flush=True)
 
 
 # ---- atomic output ------------------------------------------------------------------------------------
@@ -171,6 +206,7 @@ def default_prefill_lens(max_len: int) -> list[int]:
 # ---- weights ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Weights:
+    # Values are arrays, or models.lazy.LazyTensor for a streamed export (read when written)
     stored: dict  # as the artifact stores them (before an integer recipe quantizes the artifact)
     compute: Callable | None  # stored -> f32 compute weights, traced into the graph (16-bit storage)
     reference: dict  # f32 weights of the parity reference
@@ -181,9 +217,17 @@ class Weights:
 
 def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
     """The weights as stored; the embedding table stays f32 unless `embed_16bit`."""
+    from models.lazy import is_lazy
+
     target = STORED[dtype]
-    return {k: np.asarray(v) if (k == "embed" and not embed_16bit) or target == np.float32
-            else np.asarray(v).astype(target) for k, v in params.items()}
+
+    def one(k, v):
+        keep = (k == "embed" and not embed_16bit) or target == np.float32
+        if is_lazy(v):  # stays lazy: cast when the writer reads it
+            return v if keep else v.astype(target)
+        return np.asarray(v) if keep else np.asarray(v).astype(target)
+
+    return {k: one(k, v) for k, v in params.items()}
 
 
 def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
@@ -205,7 +249,13 @@ def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
     blocks = quantized_blocks(plan, stored, carried)
-    return Weights(stored, compute, {k: np.asarray(v, np.float32) for k, v in source.items()}, blocks)
+    return Weights(stored, compute, {k: _f32(v) for k, v in source.items()}, blocks)
+
+
+def _f32(v):
+    from models.lazy import is_lazy
+
+    return v.astype(np.float32) if is_lazy(v) else np.asarray(v, np.float32)
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | None:
@@ -317,12 +367,17 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
         def drop():
             result.stored_params = result.reference_params = weights.stored = weights.reference = None
 
-        with timer.stage("verify"):
+        mode = plan.options.gate
+        if mode == "auto":
+            from export.memory import gate_mode
+
+            mode = gate_mode(plan.cfg, tgt.name, plan.quant, plan.options.dtype)
+        with timer.stage(f"verify ({mode})", record="verify"):
             result.gate = run_gate(plan.path, plan.cfg, weights.reference, target=tgt.name, max_len=plan.max_len,
                                    lens=list(plan.lens), quant=plan.quant, attention=tgt.attention,
                                    steps=plan.options.verify_steps, tokenizer=plan.tokenizer,
                                    engine_check=tgt.engine_check and plan.options.engine_check,
-                                   stage=timer.stage, drop=drop)
+                                   stage=timer.stage, drop=drop, mode=mode, progress=timer.progress)
     return result
 
 

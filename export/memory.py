@@ -1,27 +1,29 @@
 """Will this export fit in memory? An estimate from the config alone, checked before any weights load.
 
-The export pipeline today holds the model's weights in f32 (the loader dequantizes / upcasts every
-tensor), converts the whole graph with them, then runs the parity gate with the f32 JAX model and
-the artifact's runtime in memory together. Its peak is therefore set by the parameter count, not
-the artifact: a 27B model needs ~100 GiB for its f32 weights alone, whatever the recipe. Rather
-than failing after an hour of loading (or being killed by the OOM killer mid-write), the CLI
-refuses such an export up front, with the memory it needs and what would fit.
+The CLI streams the weights (models/lazy.py): each tensor is read from the checkpoint (or drawn
+from its own seed) when the export writes it. What stays in memory depends on the target:
 
-The factors are measured peaks of this pipeline (docs/quantization.md, "Size, export cost and
-speed on gemma3-1b"; gemma3-4b ONNX int4-b32 17.7 GB for 15.5 GB of f32 weights), per byte of f32
-weights (W) and of artifact (A):
+  ONNX      our own writer quantizes and writes tensor by tensor: the packed artifact (A) plus
+            the largest f32 tensor (the embedding table) being quantized:
+            A + 1.2 T_max + 0.5 GiB  (gemma3-1b int4-b32: 2.0 GiB measured)
+  TFLite    the converter and ai-edge-quantizer hold the whole float model: 1.5 W, per byte of
+            f32 weights W (gemma3-1b int4-b32: 5.6 GB measured, was 7.1 GiB before streaming)
 
-  export (convert + quantize + write)   TFLite 1.9 W        ONNX 1.25 W
-  parity gate                           1.5 W (the f32 JAX reference: its weights and its compiled
-                                        programs' buffers) + the runtime's resident size of the artifact
-                                        (TFLite, XNNPACK packing per signature: f32 4 A, 16-bit
-                                        weights 10.5 A, integer recipes 5 A; ONNX: f32 1.3 A,
-                                        fp16 2.6 A, integer 1.6 A)
-                                        + 1.5 GiB of activations, logits and interpreter buffers
+and on the parity gate's mode (verify/gate.py):
 
-They overestimate small models a little (fixed costs are in the 1.5 GiB) and are meant to refuse
-only what cannot work: the check compares against the machine's total memory (not what is free
-now), and `--skip-memory-check` tries anyway.
+  memory    the f32 JAX model beside the artifact's runtime, in lock step: 1.5 W (weights and
+            compiled programs' buffers) + the runtime's resident size of the artifact (TFLite,
+            XNNPACK packing per signature: f32 4 A, 16-bit weights 10.5 A, integer recipes 5 A;
+            ONNX: f32 1.3 A, fp16 2.6 A, integer 1.6 A) + 1.5 GiB
+  streamed  the artifact first, then the JAX model one layer at a time: the larger of the
+            runtime's size and the larger of the largest f32 layer and the f32 table (with a
+            slice of it copied for the head) + 1 GiB; a .litertlm also keeps its session for
+            LiteRT-LM's check
+
+`gate_mode` picks `memory` when it needs at most 60% of the machine (it is faster: one pass, no
+re-reading of the checkpoint), else `streamed`. The estimates are meant to refuse only what cannot
+work: the check compares against the machine's total memory (not what is free now), and
+`--skip-memory-check` tries anyway.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import os
 import numpy as np
 
 GiB = 2**30
-EXPORT_FACTOR = {"tflite": 1.9, "litertlm": 1.9, "onnx": 1.25}
+TFLITE_EXPORT_FACTOR = 1.5  # per f32 byte: the converter's and ai-edge-quantizer's whole-model copies
 GATE_OVERHEAD = 1.5 * GiB
+MEMORY_GATE_SHARE = 0.6  # auto: the in-memory gate when it needs at most this share of the machine
 
 
 def _runtime_factor(target: str, quant: str | None) -> float:
@@ -51,7 +54,10 @@ class Estimate:
     f32_bytes: int
     artifact_bytes: int
     export_bytes: int
-    gate_bytes: int  # 0 without the gate
+    gate_bytes: int  # 0 without the gate; the mode `gate_mode` picks
+    gate: str | None = None  # memory | streamed
+    memory_gate_bytes: int = 0
+    streamed_gate_bytes: int = 0
 
     @property
     def peak(self) -> int:
@@ -70,7 +76,7 @@ def param_shapes_with_vision(cfg, vision: bool) -> dict[str, tuple[int, ...]]:
 
 
 def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-             vision: bool = True) -> Estimate:
+             vision: bool = True, gate: str = "auto", available: int | None = None) -> Estimate:
     """The pipeline's peak resident memory for this export, from the config's parameter shapes."""
     shapes = param_shapes_with_vision(cfg, vision)
     n = sum(math.prod(s) for s in shapes.values())
@@ -82,10 +88,33 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
         artifact = ideal_bytes(fake, quant, "onnx" if target == "onnx" else "tflite")
     else:
         artifact = n * (4 if dtype == "f32" else 2)
-    export = int(EXPORT_FACTOR[target] * f32)
-    gate = int(1.5 * f32 + _runtime_factor(target, quant if quant else (None if dtype == "f32" else "fp16"))
-               * artifact + GATE_OVERHEAD) if verify else 0
-    return Estimate(n, f32, artifact, export, gate)
+    largest = 4 * max(math.prod(s) for s in shapes.values())
+    layers: dict[str, int] = {}
+    for k, s in shapes.items():
+        if k.startswith("layers."):
+            layer = k.split(".")[1]
+            layers[layer] = layers.get(layer, 0) + 4 * math.prod(s)
+    tower = 4 * sum(math.prod(s) for k, s in shapes.items() if k.startswith(("vision.", "mm.")))
+    if target == "onnx":
+        export = int(artifact + 1.2 * largest + 0.5 * GiB)
+    else:
+        export = int(TFLITE_EXPORT_FACTOR * f32)
+    runtime = _runtime_factor(target, quant if quant else (None if dtype == "f32" else "fp16")) * artifact
+    in_memory = int(1.5 * f32 + runtime + GATE_OVERHEAD)
+    table = 4 * math.prod(shapes["embed"])
+    reference = max(max(layers.values(), default=0), 1.15 * table) + tower  # a layer, or the table and a head slice
+    streamed = int(max(runtime, reference) + (runtime if target == "litertlm" else 0) + GiB)
+    if not verify:
+        return Estimate(n, f32, artifact, export, 0, None, in_memory, streamed)
+    if gate == "auto":
+        gate = "memory" if in_memory <= MEMORY_GATE_SHARE * (total_memory() if available is None else available) \
+            else "streamed"
+    return Estimate(n, f32, artifact, export, in_memory if gate == "memory" else streamed, gate, in_memory, streamed)
+
+
+def gate_mode(cfg, target: str, quant: str | None, dtype: str = "f32", available: int | None = None) -> str:
+    """`memory` when the in-memory gate needs at most MEMORY_GATE_SHARE of the machine, else `streamed`."""
+    return estimate(cfg, target, quant, dtype, True, cfg.vision is not None, "auto", available).gate
 
 
 def total_memory() -> int:
@@ -102,27 +131,52 @@ def total_memory() -> int:
 
 
 def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-               vision: bool = True, available: int | None = None) -> Estimate:
+               vision: bool = True, available: int | None = None, gate: str = "auto") -> Estimate:
     """ValueError (one line: the memory needed, the machine's, and what would fit) when the export
     cannot fit; the estimate otherwise."""
     available = total_memory() if available is None else available
-    est = estimate(cfg, target, quant, dtype, verify, vision)
+    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available)
     if est.peak <= available:
         return est
-    stage = "its parity gate" if est.gate_bytes > est.export_bytes else "the export"
+    stage = f"its parity gate ({est.gate})" if est.gate_bytes > est.export_bytes else "the export"
     hints = []
+    if verify and est.gate == "memory" and max(est.export_bytes, est.streamed_gate_bytes) <= available:
+        hints.append("--gate streamed")
     if verify and est.export_bytes <= available:
         hints.append("--no-verify (no parity gate)")
     if target != "onnx":
-        other = estimate(cfg, "onnx", quant, dtype, verify, vision)
+        other = estimate(cfg, "onnx", quant, dtype, verify, vision, gate, available)
         if other.peak <= available:
             hints.append("--target onnx")
     hint = ("; " + " or ".join(hints) + " would fit") if hints else \
-        "; neither --no-verify nor another target fits: the exporter holds every weight in f32 (docs/memory.md)"
+        "; neither --no-verify nor another target fits (docs/memory.md)"
     raise ValueError(
         f"{cfg.name} ({est.params / 1e9:.2f}B parameters, {est.f32_bytes / GiB:.1f} GiB in f32) needs about "
         f"{est.peak / GiB:.0f} GiB of memory for {stage} ({target}, {quant or dtype}) and this machine has "
         f"{available / GiB:.0f} GiB{hint}; pass --skip-memory-check to try anyway")
 
 
-__all__ = ["Estimate", "check_fits", "estimate", "total_memory"]
+# ---- measuring ------------------------------------------------------------------------------------
+def peak_rss() -> int | None:
+    """This process's peak resident set (bytes) since the last `reset_peak` (Linux VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Restart the peak-RSS count at the current RSS (Linux /proc/self/clear_refs "5")."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+__all__ = ["Estimate", "check_fits", "estimate", "gate_mode", "peak_rss", "reset_peak", "total_memory"]

@@ -27,6 +27,7 @@ class ExportOptions:
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
     verify: bool = True  # run the parity gate
     verify_steps: int = 64
+    gate: str = "auto"  # the parity gate's reference: memory | streamed | auto (verify/gate.py, export/memory.py)
     engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
     random_weights: bool = False  # the weights are a random init: a quantized gate only warns
     verbose: bool = False  # print stages and progress
@@ -41,6 +42,8 @@ class ExportOptions:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose from {', '.join(DTYPES)}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"--max-seq-len {self.max_len} is too small; pass a context of at least 2 tokens")
+        if self.gate not in ("auto", "memory", "streamed"):
+            raise ValueError(f"unknown --gate '{self.gate}'; choose auto, memory or streamed")
         if self.verify_steps < 1:
             raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
         if self.quant is not None:

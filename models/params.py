@@ -84,31 +84,30 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, 
     Matmul weights ~ N(0, 1/fan_in); norm scales ~ N(0, 0.1) (so the (1 + scale) gains differ
     from 1); embeddings ~ N(0, 1/E) (they are multiplied by sqrt(E)); RG-LRU `a_param` gives
     a = sigmoid(-a_param) in [0.9, 0.999] as in the Griffin paper; biases ~ N(0, 0.02).
+    Each tensor is drawn from its own seed (models.lazy.random_tensor), so these equal the lazy
+    init (`init_model(..., lazy=True)`, what the CLI's --random-init streams) value for value.
     """
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_shapes(cfg).items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "a_param":
-            a = rng.uniform(0.9, 0.999, size=shape)
-            value = np.log(np.expm1(-np.log(a)))  # softplus(a_param) = -log(a)
-        elif leaf.endswith("_norm"):
-            value = rng.normal(0.0, 0.1, size=shape)
-        elif leaf.endswith("_bias"):
-            value = rng.normal(0.0, 0.02, size=shape)
-        else:
-            fan_in = shape[-1] if leaf != "conv_w" else shape[0]
-            value = rng.standard_normal(size=shape, dtype=np.float32) / np.float32(math.sqrt(fan_in))
-        params[name] = np.asarray(value, dtype=dtype)
-    return params
+    from models.lazy import random_tensor
+
+    return {name: random_tensor(name, shape, seed, dtype) for name, shape in param_shapes(cfg).items()}
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, vision: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def init_model(cfg: ModelConfig, seed: int = 0, vision: bool = True,
+               lazy: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(final config, random params) of a whole model, as a loader returns them: with the vision
-    tower's params when cfg has one and `vision`, else the text model with cfg.vision None."""
+    tower's params when cfg has one and `vision`, else the text model with cfg.vision None.
+
+    `lazy`: the text model's params are models.lazy.LazyTensor, each drawn from its own seed when
+    read (`models.lazy.random_params`: the same values as `init_params`), so a dry run of a large
+    model never holds it whole."""
     import dataclasses
 
-    params = init_params(cfg, seed)
+    if lazy:
+        from models.lazy import random_params
+
+        params = random_params(param_shapes(cfg), seed)
+    else:
+        params = init_params(cfg, seed)
     if cfg.vision is None:
         return cfg, params
     if not vision:

@@ -16,17 +16,19 @@ from pathlib import Path
 from runtime_py.session import ContextFullError, Session
 
 
-def load(path, num_threads: int | None = None) -> Session:
+def load(path, num_threads: int | None = None, tflite_api: str = "compiled") -> Session:
     """A session for an artifact: a `.tflite` file, a `.litertlm` bundle (its TFLite model, run by
-    our interpreter path; `session.tokenizer_model` holds the bundled tokenizer), a `.onnx` file, or
-    an onnxruntime-genai folder (holding model.onnx and genai_config.json)."""
+    LiteRT from Python; `session.tokenizer_model` holds the bundled tokenizer), a `.onnx` file, or
+    an onnxruntime-genai folder (holding model.onnx and genai_config.json). `tflite_api`:
+    "compiled" (LiteRT's CompiledModel with an XNNPACK weight cache) or "interpreter"
+    (runtime_py/tflite_backend.py)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact not found: {path}")
     if path.suffix in (".tflite", ".litertlm"):
         from runtime_py.tflite_backend import load_tflite
 
-        session = load_tflite(path, num_threads)
+        session = load_tflite(path, num_threads, api=tflite_api)
     elif path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
         from runtime_py.onnx_backend import load_onnx
 

@@ -39,19 +39,33 @@ def test_a_27b_export_is_refused_before_loading(machine_of, tmp_path, capsys):
 
 def test_the_refusal_names_what_would_fit():
     cfg = get_config("gemma3-1b")
-    est = memory.estimate(cfg, "tflite", "int4-b32")
-    between = (est.export_bytes + est.gate_bytes) / 2  # the export fits, its gate does not
-    assert est.export_bytes < est.gate_bytes
-    with pytest.raises(ValueError, match=r"--no-verify \(no parity gate\).* would fit"):
-        memory.check_fits(cfg, "tflite", "int4-b32", available=int(between))
+    est = memory.estimate(cfg, "tflite", "int4-b32", gate="memory")
+    between = (max(est.export_bytes, est.streamed_gate_bytes) + est.gate_bytes) / 2  # only the in-memory gate fails
+    assert max(est.export_bytes, est.streamed_gate_bytes) < est.gate_bytes
+    with pytest.raises(ValueError, match=r"--gate streamed or --no-verify \(no parity gate\).* would fit"):
+        memory.check_fits(cfg, "tflite", "int4-b32", available=int(between), gate="memory")
     assert memory.check_fits(cfg, "tflite", "int4-b32", verify=False, available=int(between)).peak <= between
+    # auto picks the streamed gate where the in-memory one would not fit comfortably
+    auto = memory.check_fits(cfg, "tflite", "int4-b32", available=int(between))
+    assert auto.gate == "streamed" and auto.peak <= between
+    assert memory.gate_mode(cfg, "tflite", "int4-b32", available=64 * GiB) == "memory"
+
+
+def test_streamed_onnx_export_needs_its_artifact_not_its_f32_weights():
+    """ONNX quantizes tensor by tensor: a 12B int4 export fits 24 GiB, its f32 weights (44 GiB) do not."""
+    est = memory.estimate(get_config("gemma3-12b"), "onnx", "int4-b32", vision=False, available=24 * GiB)
+    assert est.f32_bytes > 40 * GiB and est.peak < 24 * GiB and est.gate == "streamed"
+    assert est.export_bytes < est.artifact_bytes + 6 * GiB  # the packed artifact and the f32 table being quantized
 
 
 def test_estimates_follow_the_artifact_and_the_model():
     small, big = get_config("gemma3-1b"), get_config("gemma3-4b")
-    assert memory.estimate(big, "onnx", "int4-b32").peak > memory.estimate(small, "onnx", "int4-b32").peak
-    # the gate holds the runtime of the artifact: float weights cost more than int4
-    assert memory.estimate(small, "tflite", None).gate_bytes > memory.estimate(small, "tflite", "int4-b32").gate_bytes
+    for gate in ("memory", "streamed"):
+        assert memory.estimate(big, "onnx", "int4-b32", gate=gate).peak > \
+            memory.estimate(small, "onnx", "int4-b32", gate=gate).peak
+        # the gate holds the runtime of the artifact: float weights cost more than int4
+        assert memory.estimate(small, "tflite", None, gate=gate).gate_bytes > \
+            memory.estimate(small, "tflite", "int4-b32", gate=gate).gate_bytes
     # the vision tower counts only when exported
     with_v = memory.estimate(big, "onnx", "int4-b32", vision=True)
     without = memory.estimate(big, "onnx", "int4-b32", vision=False)

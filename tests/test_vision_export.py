@@ -29,10 +29,10 @@ MAX_LEN, LENS = 64, [8, 16]
 @pytest.fixture(scope="module")
 def model():
     cfg = get_config("gemma3-vision-tiny")
-    # seed 3: greedy text after the test prompt varies and depends on the images (many random tiny
-    # models repeat one token whatever they see)
-    params = init_params(cfg, 3)
-    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 3))
+    # seed 40: greedy text after the test prompt varies and depends on the images (most random tiny
+    # models repeat one or two tokens whatever they see; seeds 0-39 do)
+    params = init_params(cfg, 40)
+    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 40))
     return cfg, params
 
 

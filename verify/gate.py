@@ -12,6 +12,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
+
 from models.config import ModelConfig
 from models.fused import AttentionForm
 from verify.engine import EngineCheck
@@ -44,34 +46,51 @@ def parity_path(artifact: Path) -> Path:
     return artifact / "parity.json" if artifact.is_dir() else artifact.with_suffix(".parity.json")
 
 
+GATE_MODES = ("auto", "memory", "streamed")
+
+
 def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target: str, max_len: int, lens: list[int],
              quant: str | None, attention: AttentionForm, steps: int = 64, tokenizer: Path | None = None,
-             engine_check: bool = False, stage=None, drop=None) -> GateResult:
-    """Gate `artifact` against the JAX model on `reference_params` (f32). `drop()` is called once
-    the reference holds its own (device) copy of the weights, so the caller can free the host
-    copies before the runtime loads the artifact: the gate then needs about twice the weights, not
-    three times. `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run."""
+             engine_check: bool = False, stage=None, drop=None, mode: str = "memory",
+             progress=None) -> GateResult:
+    """Gate `artifact` against the JAX model on `reference_params` (f32 arrays, or lazy tensors
+    read when used).
+
+    mode "memory": the JAX model in memory beside the artifact, stepped in lock step
+    (verify/parity.py). `drop()` is called once the reference holds its own (device) copy of the
+    weights, so the caller can free the host copies before the runtime loads the artifact.
+    mode "streamed": the artifact first, then the reference one layer at a time
+    (verify/streamed.py): memory is the artifact's runtime or one layer, not both.
+    `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run."""
     from runtime_py import load
 
-    stage = stage or (lambda name: contextlib.nullcontext())
+    if mode not in ("memory", "streamed"):
+        raise ValueError(f"unknown gate mode '{mode}'; choose memory or streamed")
+    stage = stage or (lambda name, record=True: contextlib.nullcontext())
     steps = max(1, min(steps, max_len - 4))
-    reference = reference_session(cfg, reference_params, lens, max_len, attention)
-    reference_params = None
-    if drop is not None:
-        drop()
-    session = load(artifact)
     prompts = verify_prompts(cfg, max_len, lens, steps)
     images = [None] * len(prompts)
     if cfg.vision is not None:
         more, imgs = verify_images(cfg, max_len, lens, steps)
         prompts, images = prompts + more, images + imgs
-    report = parity(reference, session, prompts, steps, images)
+    if mode == "streamed":
+        report, session = _streamed(artifact, cfg, reference_params, prompts, images, steps, stage, progress,
+                                    keep_session=engine_check)
+        reference = None
+    else:
+        reference = reference_session(cfg, reference_params, lens, max_len, attention)
+        reference_params = None
+        if drop is not None:
+            drop()
+        session = load(artifact)
+        report = parity(reference, session, prompts, steps, images)
     engine = None
     if engine_check:
         # float bundles against the JAX model; quantized ones (whose gate above measured them
         # against JAX) against our interpreter running the same bundle
-        engine = litert_lm_check(artifact, reference if quant is None else session, cfg, tokenizer, max_len, lens,
-                                 steps, "the JAX model" if quant is None else "runtime_py's interpreter", stage)
+        against_jax = quant is None and reference is not None
+        engine = litert_lm_check(artifact, reference if against_jax else session, cfg, tokenizer, max_len, lens,
+                                 steps, "the JAX model" if against_jax else "runtime_py's interpreter", stage)
     del session
     gate = gate_for(target, quant)
     failures = gate.failures(report)
@@ -83,6 +102,41 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
     tmp.write_text(report.to_json(artifact=Path(artifact).name, gate=body, passed=result.passed, **extra))
     os.replace(tmp, path)
     return result
+
+
+def _streamed(artifact: Path, cfg: ModelConfig, params: dict, prompts, images, steps: int, stage, progress,
+              keep_session: bool):
+    """(report, the artifact's session if `keep_session` else None): the artifact's runs, then the
+    layer-streamed reference (verify/streamed.py)."""
+    from runtime_py import load as load_artifact
+    from verify.streamed import run_artifact, streamed_parity
+
+    with stage("verify: artifact", record=False):
+        session = load_artifact(artifact)
+        recorded = run_artifact(session, prompts, steps, images)
+        layout = session.vision
+    if not keep_session:
+        session = None
+    encode = None if cfg.vision is None else _jax_encoder(cfg, params)
+    with stage("verify: reference, layer by layer", record=False):
+        report = streamed_parity(cfg, params, recorded, steps, encode, layout, progress)
+    return report, session
+
+
+def _jax_encoder(cfg: ModelConfig, params: dict):
+    """image (preprocessed, [1, S, S, 3]) -> soft tokens [N, E] by the JAX vision tower."""
+    import jax
+
+    from models.lazy import load
+    from models.vision import encode_images
+
+    tower = {k: load(v) for k, v in params.items() if k.startswith(("vision.", "mm."))}
+    fn = jax.jit(lambda p, x: encode_images(p, cfg.vision, cfg.embed_dim, x))
+
+    def encode(image):
+        return np.asarray(fn(tower, np.asarray(image, np.float32).reshape(1, *np.shape(image)[-3:])))[0]
+
+    return encode
 
 
 def litert_lm_check(bundle: Path, reference, cfg: ModelConfig, tokenizer: Path, max_len: int, lens: list[int],

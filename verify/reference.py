@@ -20,8 +20,11 @@ def reference_session(cfg: ModelConfig, params: dict, prefill_lengths, max_len: 
     """The source model as a session over `prefill_{T}`/`decode` (and, with a vision tower in cfg,
     the image signatures). `cfg` is final (the loader's: cfg.vision is None for a text-only
     model); `attention` is the form the artifact under test was exported in."""
+    from models.lazy import load
+
     dtype = activation_dtype(params)
-    params = jax.device_put(params)  # once: numpy arguments would be copied on every call
+    # once, a tensor at a time (a lazy one is read here): numpy arguments would be copied on every call
+    params = {k: jax.device_put(load(v)) for k, v in params.items()}
     lens = sorted(set(prefill_lengths))
     sigs = all_signatures(cfg, lens, max_len, dtype, attention)
     compiled = {s.name: jax.jit(s.fn) for s in sigs}

@@ -29,6 +29,7 @@ times the matrix (the search's candidates are looped over, not broadcast).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -60,6 +61,20 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
 def _chunks(n: int, chunk: int):
     for r0 in range(0, n, chunk):
         yield slice(r0, min(n, r0 + chunk))
+
+
+def _parallel(fn, items: list):
+    """fn over items on every core (numpy releases the GIL in its array loops); each call writes
+    its own rows, so the result does not depend on the order."""
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        for it in items:
+            fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, items))
 
 
 def _quant_sym(b: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -138,7 +153,8 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
     codes = np.empty(wb.shape, np.int8)
     scales = np.empty((n, nb), np.float16)
     zps = np.empty((n, nb), np.uint8) if asymmetric else None
-    for rs in _chunks(n, chunk):
+
+    def search(rs):
         b = wb[rs]
         best_err = np.full(b.shape[:2], np.inf, np.float32)
         best_s = np.zeros(b.shape[:2], np.float32)
@@ -155,15 +171,25 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
                 if positive:
                     ext = -np.abs(ext)
                 cands += [f * ext / qmin for f in grid]
+        q = np.empty_like(b)  # one buffer, every step in place: the same numbers as the plain expressions
         for c in cands:
             if asymmetric:
                 s, z = _asym_scale_zero(c[0], c[1], qmax)
-                q = (_quant_asym(b, s, z, qmax) - z[..., None]) * s[..., None]
+                np.divide(b, s[..., None], out=q)
+                np.rint(q, out=q)
+                q += z[..., None]
+                np.clip(q, 0, qmax, out=q)
+                q -= z[..., None]
             else:
                 s = _f16(c)
                 z = best_z
-                q = _quant_sym(b, s, qmin, qmax) * s[..., None]
-            err = np.square(q - b).sum(-1)
+                np.divide(b, s[..., None], out=q)
+                np.rint(q, out=q)
+                np.clip(q, qmin, qmax, out=q)
+            q *= s[..., None]
+            q -= b
+            np.square(q, out=q)
+            err = q.sum(-1)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_s = np.where(better, s, best_s)
@@ -175,6 +201,8 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
         else:
             codes[rs] = _quant_sym(b, best_s, qmin, qmax)
         scales[rs] = best_s
+
+    _parallel(search, list(_chunks(n, chunk)))
     codes = codes.reshape(n, -1)
     return (codes, scales, zps) if asymmetric else (codes, scales)
 
@@ -255,3 +283,4 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, dam
                 E1[:, j] = err
             W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     return (codes, scales, zps) if asym else (codes, scales)
+

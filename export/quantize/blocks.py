@@ -174,29 +174,69 @@ def quantizable(name: str, value) -> bool:
     return is_quantized_weight(name, tuple(np.shape(value)))
 
 
+class PendingBlocks:
+    """The BlockQuantized form of one lazy weight (models.lazy.LazyTensor), computed when
+    `resolve()`d and not kept: a streamed export quantizes each weight as it writes it, so the
+    codes of the whole model (1 byte per parameter) are never held at once. `bits`, `block`
+    and `shape` are known up front (what the writers plan with)."""
+
+    def __init__(self, shape: tuple, bits: int, block: int, compute, origin: str = "pending"):
+        self.shape, self.bits, self.block = tuple(shape), bits, block
+        self._compute = compute
+        self.origin = origin
+
+    def resolve(self) -> BlockQuantized:
+        b = self._compute()
+        if b.shape != self.shape or b.bits != self.bits or b.block != self.block:
+            raise RuntimeError(f"internal error: planned int{self.bits} blocks of {self.block} {self.shape}, "
+                               f"computed int{b.bits} blocks of {b.block} {b.shape}")
+        return b
+
+
+def resolved(b) -> BlockQuantized:
+    """A BlockQuantized, computing a PendingBlocks."""
+    return b.resolve() if isinstance(b, PendingBlocks) else b
+
+
 def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None,
                 quantize=None, table_bits: int | None = None) -> dict[str, BlockQuantized]:
     """The block-quantized form of every matmul weight of `params` whose width divides into
     `block`: carried over from the checkpoint where its source blocks have the same bits and
     block (`carried`: name -> BlockQuantized, e.g. GGUF Q4_0), else `quantize(w, bits, block)`
     (default: round to nearest). With `table_bits`, the table (when not carried) is rounded to
-    nearest at that many bits instead, in blocks of `table_block`."""
+    nearest at that many bits instead, in blocks of `table_block`. A lazy weight
+    (models.lazy.LazyTensor) gets a PendingBlocks, computed when the writer takes it."""
+    from models.lazy import is_lazy, load
+
     quantize = quantize or rtn
     carried = carried or {}
     out = {}
     for name, value in params.items():
-        if not quantizable(name, value) or np.shape(value)[1] % block:
+        shape = tuple(np.shape(value))
+        if not quantizable(name, value) or shape[1] % block:
             continue
         src = carried.get(name)
-        if src is not None and src.bits == bits and src.block == block and src.shape == np.shape(value):
+        if src is not None and src.bits == bits and src.block == block and src.shape == shape:
             out[name] = src
-        elif name == TABLE and table_bits and table_bits != bits:
-            out[name] = rtn(np.asarray(value, np.float32), table_bits, table_block(np.shape(value)[1], block))
+            continue
+        if name == TABLE and table_bits and table_bits != bits:
+            fn, b, k = rtn, table_bits, table_block(shape[1], block)
         elif name == TABLE:  # symmetric: GatherBlockQuantized reads it too
-            out[name] = mse(np.asarray(value, np.float32), bits, block)
+            fn, b, k = mse, bits, block
         else:
-            out[name] = quantize(np.asarray(value, np.float32), bits, block)
+            fn, b, k = quantize, bits, block
+        if is_lazy(value):
+            out[name] = PendingBlocks(shape, b, k, lambda fn=fn, v=value, b=b, k=k: fn(np.asarray(load(v), np.float32), b, k))
+        else:
+            out[name] = fn(np.asarray(value, np.float32), b, k)
     return out
+
+
+def pending_source_blocks(kind: str, shape: tuple, decode) -> PendingBlocks:
+    """A checkpoint's quantized tensor (models.loaders.gguf.source_blocks(lazy=True)) decoded when
+    the writer takes it."""
+    return PendingBlocks(shape, {"q4_0": 4, "q8_0": 8}[kind], 32, lambda: from_source_blocks(decode()),
+                         f"gguf {kind.upper()}")
 
 
 def from_source_blocks(src) -> BlockQuantized:

@@ -103,13 +103,20 @@ def _role(node, index: int) -> str | None:
 
 
 def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recipe: Recipe,
-                   blocks: dict | None = None) -> dict:
+                   blocks: dict | None = None, memo: dict | None = None, progress=None) -> dict:
     """Rewrite `model` in place and return its new weights. Returns weights untouched where a
     tensor is not a 2-D float weight read only by MatMul / Gemm(transB) / Gather.
 
-    `blocks` (name -> export.quantize.blocks.BlockQuantized, keyed by the weight's parameter name,
-    which is its initializer's name) gives the codes and scales of a weight exactly (our own
-    quantizer, or a checkpoint's Q4_0 / Q8_0 blocks); its bits and block then set the node's."""
+    `blocks` (name -> export.quantize.blocks.BlockQuantized or PendingBlocks, keyed by the
+    weight's parameter name, which is its initializer's name) gives the codes and scales of a
+    weight exactly (our own quantizer, or a checkpoint's Q4_0 / Q8_0 blocks); its bits and block
+    then set the node's. Weights may be lazy (models.lazy.LazyTensor): each is read, quantized
+    and dropped in turn, so only the packed result (the artifact's size) is held. `memo`
+    (name -> packed, scales, zero points), shared by the graphs of one folder, quantizes a weight
+    that two graphs read once, and gives both the same arrays (`save(reuse=)` then writes them once)."""
+    from export.quantize.blocks import resolved
+    from models.lazy import load
+
     blocks = blocks or {}
     uses = collections.defaultdict(list)
     for node in model.graph.node:
@@ -120,7 +127,9 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     new_nodes = {}  # id(old node) -> replacement list
     # matmuls of one input: (x, K, block, bits, has zero points) -> [(node, B, scales, N, zero points)]
     siblings = collections.defaultdict(list)
-    for name, users in uses.items():
+    for done, (name, users) in enumerate(uses.items()):
+        if progress:
+            progress(done, len(uses), f"quantize {name}")
         array = weights[name]
         if array.ndim != 2 or array.dtype != np.float32:
             continue
@@ -132,16 +141,23 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
         given = blocks.get(name)
         if given is not None and given.shape != (n, k):
             raise ValueError(f"internal error: blocks for {name} have shape {given.shape}, the weight {(n, k)}")
-        zero_points = None
         if given is not None:
             bits, block = given.bits, given.block
-            packed, scales = given.nbits()
-            zero_points = given.nbits_zero_points()
         else:
             bits, block = recipe.bits, block_for(recipe, k)
             if k % block:
                 continue
-            packed, scales = quantize_rows(rows, bits, block)
+        if memo is not None and name in memo:
+            packed, scales, zero_points = memo[name]
+        else:
+            if given is not None:
+                b = resolved(given)
+                packed, scales, zero_points = (*b.nbits(), b.nbits_zero_points())
+                del b
+            else:
+                packed, scales, zero_points = (*quantize_rows(load(rows), bits, block), None)
+            if memo is not None:
+                memo[name] = packed, scales, zero_points
         del out[name]
         qname, sname = f"{name}.q{bits}", f"{name}.scales"
         out[qname], out[sname] = packed, scales
@@ -160,6 +176,8 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
             else:
                 new_nodes[id(node)] = [_matmul_nbits(node.input[0], qname, sname, list(node.output), k, n,
                                                      bits, block, zname)]
+    if progress:
+        progress(len(uses), len(uses), "quantized")
     for (x, k, block, bits, _zp), group in siblings.items():
         _fuse_siblings(x, k, block, group, bits, out, new_nodes)
     nodes = []

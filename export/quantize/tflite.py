@@ -217,6 +217,8 @@ def place_blocks(float_path: Path, buf: bytearray, blocks: dict, stored: dict) -
     INT4 could not be placed (a wrong block size or shape)."""
     import hashlib
 
+    from export.quantize.blocks import resolved
+
     digests = {hashlib.blake2b(np.ascontiguousarray(stored[n], np.float32).tobytes(), digest_size=16).digest(): n
                for n, b in blocks.items() if b.bits == 4 and n in stored}
     names = _float_weight_names(float_path, digests)
@@ -226,7 +228,7 @@ def place_blocks(float_path: Path, buf: bytearray, blocks: dict, stored: dict) -
         if pname is None:
             unplaced.append(tname)
             continue
-        b, _moved = blocks[pname].positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
+        b, _moved = resolved(blocks[pname]).positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
         if b.shape != shape or b.block != block:
             raise RuntimeError(f"internal error: {pname} is INT4 {shape} in blocks of {block} in the artifact, "
                                f"but {b.shape} in blocks of {b.block} in the plan")

@@ -106,15 +106,16 @@ class OnnxTarget(Target):
             model, tensors = assemble(sig, lw, {})
             del lw
             recipe = self._integer_recipe(plan)
+            memo = {} if cfg.vision is not None else None  # packed weights, shared with the image prefill graph
             if recipe is not None:
                 from export.quantize.onnx import quantize_model
 
-                tensors = quantize_model(model, tensors, recipe, weights.blocks)
+                tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, progress=timer.progress)
             helper.set_model_props(model, props)
-            save(model, tensors, tmp / "model.onnx")
+            save(model, tensors, tmp / "model.onnx", progress=timer.progress)
             if cfg.vision is not None:
                 t0 = time.perf_counter()
-                self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors))
+                self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors), memo=memo)
                 timer.seconds["vision graphs"] = time.perf_counter() - t0
             del tensors
             config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
@@ -134,7 +135,7 @@ class OnnxTarget(Target):
     def _integer_recipe(plan):
         return None if plan.recipe is None or plan.recipe.bits == 16 else plan.recipe
 
-    def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict):
+    def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict, memo: dict):
         """vision_encoder.onnx (image [1, S, S, 3] -> soft_tokens [1, N, E]) and image_prefill.onnx
         (the decoder with an `inputs_embeds` input; its weights are referenced in model.onnx.data
         when the decoder's are external)."""
@@ -152,7 +153,7 @@ class OnnxTarget(Target):
             if recipe is not None:
                 from export.quantize.onnx import quantize_model
 
-                tensors = quantize_model(model, tensors, recipe, weights.blocks)
+                tensors = quantize_model(model, tensors, recipe, weights.blocks, memo)
             helper.set_model_props(model, props)
             save(model, tensors, folder / file, reuse=share)
 

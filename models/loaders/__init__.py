@@ -56,8 +56,12 @@ def resolve_config(path: Path, model: str | ModelConfig | None, fmt: str) -> Mod
 
 
 def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float32,
-                    vision: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+                    vision: bool = True, lazy: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Load a checkpoint folder (or a .gguf file) as (config, flat params of `dtype`).
+
+    `lazy`: the text model's params are models.lazy.LazyTensor, read from the (memory-mapped)
+    checkpoint one tensor at a time when loaded; the reader stays open as long as they live.
+    Orbax checkpoints restore as one tree, so they load eagerly. The vision tower (Gemma 3 4B+, about 0.4B parameters) is read whole either way.
 
     Gemma 3 4B+ checkpoints carry the vision tower: its params (`vision.*`, `mm.*`, always f32,
     models/vision.py) join the text model's. A checkpoint without any vision tensor (a text-only
@@ -66,17 +70,21 @@ def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float
     fmt = detect_format(path)
     if fmt == "gguf":
         given = model if isinstance(model, ModelConfig) else get_config(model) if model else None
-        return gguf.load_gguf(path, given, dtype=dtype)
+        return gguf.load_gguf(path, given, dtype=dtype, lazy=lazy)
     cfg = resolve_config(path, model, fmt)
     if fmt == "hf":
-        with SafetensorsCheckpoint(path) as reader:
+        reader = SafetensorsCheckpoint(path)
+        try:
             params = assemble(cfg, reader, hf.hf_sources(cfg, reader), dtype=dtype,
-                              ignore=hf.is_ignored, where=str(path))
+                              ignore=hf.is_ignored, where=str(path), lazy=lazy)
             cfg, extra = _vision_params(cfg, reader, path, vision, official=False)
+        finally:
+            if not lazy:  # lazy params keep the reader (closed when they are collected)
+                reader.close()
     else:
         reader = official.OrbaxReader(path)
         params = assemble(cfg, reader, official.official_sources(cfg, reader), dtype=dtype,
-                          ignore=official.is_ignored, where=str(path))
+                          ignore=official.is_ignored, where=str(path))  # Orbax restores the whole tree
         cfg, extra = _vision_params(cfg, reader, path, vision, official=True)
     params.update(extra)
     return cfg, params

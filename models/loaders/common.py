@@ -54,9 +54,11 @@ def _shape_after(src: Source, shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 def assemble(cfg: ModelConfig, reader: TensorReader, sources: dict[str, Source], *,
              dtype=np.float32, ignore: Callable[[str], bool] = lambda name: False,
-             where: str = "checkpoint") -> dict[str, np.ndarray]:
+             where: str = "checkpoint", lazy: bool = False) -> dict[str, np.ndarray]:
     """Check the checkpoint against the config, then read and convert every parameter.
 
+    With `lazy`, nothing is read: each parameter is a models.lazy.LazyTensor that reads and
+    converts its tensor when loaded (the reader must stay open while they are used).
     Raises CheckpointError (one line) for the first missing, mis-shaped or unexpected tensor.
     """
     expected = param_shapes(cfg)
@@ -87,6 +89,8 @@ def assemble(cfg: ModelConfig, reader: TensorReader, sources: dict[str, Source],
         if not ignore(name):
             raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of {cfg.name}); {hint}")
 
+    if lazy:
+        return {ours: _lazy_param(reader, sources[ours], shape, dtype, ours) for ours, shape in expected.items()}
     params = {}
     cache: dict[str, np.ndarray] = {}  # a source feeding two parameters (official kv_einsum)
     readers_left = _use_counts(sources[o].name for o in expected)
@@ -104,6 +108,18 @@ def assemble(cfg: ModelConfig, reader: TensorReader, sources: dict[str, Source],
         params[ours] = np.ascontiguousarray(value, dtype=dtype)
         del raw, value
     return params
+
+
+def _lazy_param(reader: TensorReader, src: Source, shape: tuple, dtype, ours: str):
+    from models.lazy import LazyTensor
+
+    def read():
+        value = src.apply(reader.read(src.name, dtype))
+        if value.shape != shape:  # padded embedding rows
+            value = value[: shape[0]]
+        return np.ascontiguousarray(value, dtype=dtype)
+
+    return LazyTensor(shape, dtype, read, ours)
 
 
 def _use_counts(names: Iterable[str]) -> dict[str, int]:

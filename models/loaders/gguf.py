@@ -518,8 +518,9 @@ def check_output_head(f: GGUFFile):
             "not supported (our Gemma ties the LM head to the embedding)")
 
 
-def load_gguf(path, model: ModelConfig | None = None, dtype=np.float32):
-    """(config, params) from a GGUF file."""
+def load_gguf(path, model: ModelConfig | None = None, dtype=np.float32, lazy: bool = False):
+    """(config, params) from a GGUF file; `lazy`: LazyTensor params, dequantized tensor by tensor
+    when loaded (the file stays open while they live)."""
     from models.loaders.common import assemble
 
     f = GGUFFile(path)
@@ -534,8 +535,11 @@ def load_gguf(path, model: ModelConfig | None = None, dtype=np.float32):
                     f"supported: {', '.join(SUPPORTED_TYPES)}")
         check_output_head(f)
         params = assemble(cfg, _Reader(f), gguf_sources(cfg), dtype=dtype, ignore=_is_ignored,
-                          where=str(path))
-    finally:
+                          where=str(path), lazy=lazy)
+    except BaseException:
+        f.close()
+        raise
+    if not lazy:
         f.close()
     return cfg, params
 
@@ -567,9 +571,11 @@ def _decode_blocks(raw: np.ndarray, type_id: int) -> tuple[np.ndarray, np.ndarra
     return codes.reshape(n, -1), scales.astype(np.float16)
 
 
-def source_blocks(path_or_file, cfg: ModelConfig) -> dict[str, SourceBlocks]:
+def source_blocks(path_or_file, cfg: ModelConfig, lazy: bool = False) -> dict[str, SourceBlocks]:
     """The matmul parameters (embed, attn.q/k/v/o, mlp.gate/up/down) the file stores as Q4_0 or
-    Q8_0, as codes and scales (embedding rows trimmed to cfg.vocab_size, as the params are)."""
+    Q8_0, as codes and scales (embedding rows trimmed to cfg.vocab_size, as the params are).
+    `lazy`: {name: (kind, shape, decode)} instead, `decode()` giving the SourceBlocks when called
+    (the file stays open while they live): a streamed export decodes one tensor at a time."""
     f = _open(path_or_file)
     out = {}
     for ours, shape in param_shapes(cfg).items():
@@ -581,9 +587,12 @@ def source_blocks(path_or_file, cfg: ModelConfig) -> dict[str, SourceBlocks]:
         t = f.tensors.get(name)
         if t is None or t.type not in (Q4_0, Q8_0):
             continue
-        raw = np.asarray(f.raw(name))[: shape[0]]
-        codes, scales = _decode_blocks(raw, t.type)
-        out[ours] = SourceBlocks("q8_0" if t.type == Q8_0 else "q4_0", codes, scales)
+        kind = "q8_0" if t.type == Q8_0 else "q4_0"
+
+        def decode(name=name, rows=shape[0], type_id=t.type, kind=kind):
+            return SourceBlocks(kind, *_decode_blocks(np.asarray(f.raw(name))[:rows], type_id))
+
+        out[ours] = (kind, tuple(shape), decode) if lazy else decode()
     return out
 
 

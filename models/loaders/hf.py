@@ -114,10 +114,39 @@ def is_ignored(name: str) -> bool:
 
 
 def to_hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our parameters under HF names and layouts (text-only model, `model.` prefix)."""
+    """Our parameters under HF names and layouts (text-only model, `model.` prefix). Lazy
+    params (models/lazy.py) stay lazy, converted when read (a checkpoint written tensor by tensor)."""
+    from models.lazy import is_lazy
+
     out = {}
     for ours, src in _sources(cfg, "model.").items():
         leaf = ours.split(".", 2)[-1]
         inverse = _INVERSE.get(leaf)
-        out[src.name] = np.ascontiguousarray(inverse(params[ours]) if inverse else params[ours])
+        value = params[ours]
+        if is_lazy(value):
+            if inverse:
+                shape = inverse(np.broadcast_to(np.zeros((), value.dtype), value.shape)).shape
+                value = value.apply(lambda a, f=inverse: np.ascontiguousarray(f(a)), shape=shape)
+            out[src.name] = value
+        else:
+            out[src.name] = np.ascontiguousarray(inverse(value) if inverse else value)
     return out
+
+
+def save_checkpoint(cfg: ModelConfig, params: dict, folder, dtype=None):
+    """Write `params` (arrays or lazy tensors) as a Hugging Face `model.safetensors` in `folder`,
+    one tensor in memory at a time, cast to `dtype` if given (e.g. ml_dtypes.bfloat16). No
+    config.json: load it back with the model's name (`--model NAME --checkpoint folder`)."""
+    from pathlib import Path
+
+    from models.lazy import is_lazy
+    from models.loaders.safetensors_io import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_tensors(cfg, params)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        tensors = {k: v.astype(dtype) if is_lazy(v) else np.asarray(v).astype(dtype) for k, v in tensors.items()}
+    save_file(tensors, folder / "model.safetensors")
+    return folder / "model.safetensors"

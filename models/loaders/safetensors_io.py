@@ -147,7 +147,8 @@ class SafetensorsCheckpoint:
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):
-    """Write tensors as one .safetensors file, atomically (temp file, then rename)."""
+    """Write tensors (arrays or lazy tensors) as one .safetensors file, atomically (temp file, then
+    rename), one tensor in memory at a time."""
     path = Path(path)
     header, offset = {}, 0
     for name, arr in tensors.items():
@@ -163,7 +164,7 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for arr in tensors.values():  # one at a time: a lazy tensor (models/lazy.py) is read here
+            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
     os.replace(tmp, path)
 

@@ -26,6 +26,7 @@ from export.lowering.onnx import (  # noqa: F401
 from export.lowering.onnx.fused import MS_DOMAIN, OP_SETS, OPSET
 from export.lowering.onnx.graph import NUMPY_TO_ONNX, Lowering
 from export.stablehlo import stablehlo, weight_names
+from models.lazy import is_lazy, load
 from models.signatures import Signature
 
 GRAPH_INPUT_TYPES = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype(np.int64)}
@@ -123,6 +124,7 @@ def live_nodes(nodes: list, outputs: list[str]) -> list:
 def _write_rows(f, array: np.ndarray):
     """Write an array's bytes in C order, a block of rows at a time (views, e.g. a transposed
     weight, are never copied whole)."""
+    array = load(array)  # a lazy weight is read here, and dropped once written
     if array.flags.c_contiguous:
         f.write(memoryview(array.reshape(-1).view(np.uint8)))
         return
@@ -151,10 +153,15 @@ def external_table(model: onnx.ModelProto, weights: dict) -> dict:
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+    if a is b:
+        return True
+    if is_lazy(a) or is_lazy(b):  # the same source gives the same lazy object (LazyTensor.T is kept)
+        return False
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
 
 
-def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None = None) -> list[Path]:
+def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None = None,
+         progress=None) -> list[Path]:
     """Write model.onnx (+ model.onnx.data when the weights pass EXTERNAL_DATA_BYTES), each to a
     temporary name first. Weights go in sorted order, so the same inputs give identical bytes.
 
@@ -184,7 +191,10 @@ def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None =
             inline = sorted(n for n, a in weights.items() if a.nbytes < INLINE_BYTES)
             model.graph.initializer.extend(_tensor(name, weights[name]) for name in inline)
             with open(tmp_data, "wb") as f:
-                for name in sorted(set(weights) - set(inline)):
+                names = sorted(set(weights) - set(inline))
+                for i, name in enumerate(names):
+                    if progress:
+                        progress(i, len(names), f"write {name}")
                     array = weights[name]
                     pad = (-f.tell()) % 64
                     f.write(b"\0" * pad)
@@ -197,6 +207,8 @@ def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None =
                         entry = tensor.external_data.add()
                         entry.key, entry.value = key, value
                     model.graph.initializer.append(tensor)
+                if progress:
+                    progress(len(names), len(names), "written")
             written.append(data_path)
         else:
             model.graph.initializer.extend(_tensor(name, weights[name]) for name in sorted(weights))

@@ -119,6 +119,9 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
     from litert_converter.mlir.dialects import arith, func
     from litert_converter.mlir.dialects import stablehlo as shlo
 
+    from models.lazy import materialize
+
+    params = materialize(params)  # the converter reads every weight; they live until the file is written
     names = weight_names(params)
     ctx = ir.Context()
     conv.prepare_mlir_context(ctx)
