@@ -33,9 +33,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sentencepiece as spm
+if TYPE_CHECKING:
+    import sentencepiece as spm
+
+def _sentencepiece():
+    """sentencepiece, imported when a tokenizer is first built: a runtime that takes and gives
+    token ids runs without it."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ImportError("tokenizing text needs sentencepiece: pip install sentencepiece") from None
+    return sentencepiece
+
 
 __all__ = [
     "CHAT_FAMILIES",
@@ -234,7 +245,7 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike[str]):
         model_path = _resolve_model_path(path)
-        processor = spm.SentencePieceProcessor()
+        processor = _sentencepiece().SentencePieceProcessor()
         try:
             processor.Load(model_file=model_path)
         except (RuntimeError, OSError) as err:
@@ -253,7 +264,7 @@ class Tokenizer:
         Raises:
             ValueError: If the bytes are not a SentencePiece model.
         """
-        processor = spm.SentencePieceProcessor()
+        processor = _sentencepiece().SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(bytes(model_proto))
         except (RuntimeError, OSError) as err:

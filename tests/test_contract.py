@@ -243,8 +243,9 @@ def test_runtime_cli_without_jax(trained_artifacts):
 
 
 def test_every_runtime_module_imports_without_the_exporter_or_pillow():
-    """Each module of runtime_py and contract imports where the exporter and Pillow are not
-    importable (a text-only edge box): Pillow is imported when an image is first decoded."""
+    """Each module of runtime_py and contract imports where the exporter, Pillow and sentencepiece
+    are not importable (an edge box that feeds token ids): Pillow is imported when an image is
+    first decoded, sentencepiece when a tokenizer is first built."""
     code = """
         import importlib, json, pkgutil
         import runtime_py, contract
@@ -255,7 +256,7 @@ def test_every_runtime_module_imports_without_the_exporter_or_pillow():
                 names.append(info.name)
         print(json.dumps(names))
     """
-    blocker = BLOCKER.replace("BLOCKED = (", "BLOCKED = ('PIL', ", 1)
+    blocker = BLOCKER.replace("BLOCKED = (", "BLOCKED = ('PIL', 'sentencepiece', ", 1)
     assert blocker != BLOCKER
     run = subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
@@ -265,6 +266,9 @@ def test_every_runtime_module_imports_without_the_exporter_or_pillow():
     run = subprocess.run([sys.executable, "-c", blocker + "import runtime_py.image as m\nm.preprocess('x.png', 28)"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode != 0 and "decoding images needs Pillow: pip install pillow" in run.stderr
+    run = subprocess.run([sys.executable, "-c", blocker + "from contract.tokenizer import Tokenizer\nTokenizer.from_bytes(b'x')"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode != 0 and "tokenizing text needs sentencepiece: pip install sentencepiece" in run.stderr
 
 
 def test_a_blocked_import_really_fails():
