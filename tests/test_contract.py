@@ -266,8 +266,9 @@ def test_every_runtime_module_imports_without_the_exporter_or_pillow():
     run = subprocess.run([sys.executable, "-c", blocker + "import runtime_py.image as m\nm.preprocess('x.png', 28)"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode != 0 and "decoding images needs Pillow: pip install pillow" in run.stderr
-    run = subprocess.run([sys.executable, "-c", blocker + "from contract.tokenizer import Tokenizer\nTokenizer.from_bytes(b'x')"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    tokenize = "from contract.tokenizer import Tokenizer\nTokenizer.from_bytes(b'x')"
+    run = subprocess.run([sys.executable, "-c", blocker + tokenize], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
     assert run.returncode != 0 and "tokenizing text needs sentencepiece: pip install sentencepiece" in run.stderr
 
 
