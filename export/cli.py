@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from export.options import DTYPES, ExportOptions, parse_prefill_lens
+from export.options import DTYPES, GATE_MODES, ExportOptions, parse_prefill_lens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-memory-check", action="store_true",
                     help="export even when the estimated peak memory exceeds this machine's (export/memory.py)")
     ap.add_argument("--verify-steps", type=int, default=64, help="decode steps of the parity gate")
-    ap.add_argument("--gate", choices=("auto", "memory", "streamed"), default="auto",
+    ap.add_argument("--gate", choices=GATE_MODES, default="auto",
                     help="the parity gate's JAX reference: 'memory' holds the f32 model beside the artifact's "
                          "runtime (fastest); 'streamed' runs the artifact first, then the reference one layer at a "
                          "time from the checkpoint (bounded memory); 'auto' streams when the in-memory gate would "

@@ -55,7 +55,6 @@ class Timer:
         # measuring the whole run (getrusage, /usr/bin/time) then sees only the last stage's
         self.stage_peaks = stage_peaks
         self.seconds: dict[str, float] = {}
-        self.peaks: dict[str, int] = {}  # stage -> its peak resident memory (bytes; Linux)
         self._open: list[int] = []  # the peaks seen by the enclosing stages' finished children
         self._bar: tuple[int, float, int] | None = None  # the current loop: (n, start time, start i)
 
@@ -83,10 +82,9 @@ class Timer:
             reset_peak()
         if self._open:
             self._open[-1] = max(self._open[-1], peak)
-        key = name if record is True else record or name
         if record:
+            key = name if record is True else record
             self.seconds[key] = self.seconds.get(key, 0.0) + took
-        self.peaks[key] = max(self.peaks.get(key, 0), peak)
         if self.verbose:
             mem = f", peak RSS {peak / 2**30:.2f} GiB" if peak else ""
             print(f"[{name}] done in {took:.1f} s{mem}", flush=True)
@@ -217,17 +215,11 @@ class Weights:
 
 def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
     """The weights as stored; the embedding table stays f32 unless `embed_16bit`."""
-    from models.lazy import is_lazy
+    from models.lazy import cast
 
     target = STORED[dtype]
-
-    def one(k, v):
-        keep = (k == "embed" and not embed_16bit) or target == np.float32
-        if is_lazy(v):  # stays lazy: cast when the writer reads it
-            return v if keep else v.astype(target)
-        return np.asarray(v) if keep else np.asarray(v).astype(target)
-
-    return {k: one(k, v) for k, v in params.items()}
+    return {k: cast(v, v.dtype if (k == "embed" and not embed_16bit) or target == np.float32 else target)
+            for k, v in params.items()}
 
 
 def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
@@ -249,13 +241,9 @@ def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
     blocks = quantized_blocks(plan, stored, carried)
-    return Weights(stored, compute, {k: _f32(v) for k, v in source.items()}, blocks)
+    from models.lazy import cast
 
-
-def _f32(v):
-    from models.lazy import is_lazy
-
-    return v.astype(np.float32) if is_lazy(v) else np.asarray(v, np.float32)
+    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks)
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | None:

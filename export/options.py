@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 DTYPES = ("f32", "bf16", "f16")
+GATE_MODES = ("auto", "memory", "streamed")  # the parity gate's reference (verify/gate.py, export/memory.py)
 DEFAULT_PREFILL_LENS = (32, 128)
 DEFAULT_CONTEXT = 4096  # capped by the model's own context
 
@@ -42,8 +43,8 @@ class ExportOptions:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose from {', '.join(DTYPES)}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"--max-seq-len {self.max_len} is too small; pass a context of at least 2 tokens")
-        if self.gate not in ("auto", "memory", "streamed"):
-            raise ValueError(f"unknown --gate '{self.gate}'; choose auto, memory or streamed")
+        if self.gate not in GATE_MODES:
+            raise ValueError(f"unknown --gate '{self.gate}'; choose {', '.join(GATE_MODES)}")
         if self.verify_steps < 1:
             raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
         if self.quant is not None:

@@ -87,6 +87,13 @@ def load(value) -> np.ndarray:
     return value.load() if isinstance(value, LazyTensor) else np.asarray(value)
 
 
+def cast(value, dtype):
+    """`value` as `dtype`: a lazy tensor stays lazy (cast when read), an array is cast now."""
+    if isinstance(value, LazyTensor):
+        return value.astype(dtype)
+    return np.asarray(value, dtype)
+
+
 def materialize(params: dict) -> dict:
     """The dict with every lazy tensor read (arrays pass through)."""
     return {k: load(v) for k, v in params.items()}
@@ -127,4 +134,4 @@ def random_params(shapes: dict[str, tuple], seed: int = 0, dtype=np.float32) -> 
             for name, shape in shapes.items()}
 
 
-__all__ = ["LazyTensor", "any_lazy", "is_lazy", "load", "materialize", "random_params", "random_tensor"]
+__all__ = ["LazyTensor", "any_lazy", "cast", "is_lazy", "load", "materialize", "random_params", "random_tensor"]

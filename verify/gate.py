@@ -46,9 +46,6 @@ def parity_path(artifact: Path) -> Path:
     return artifact / "parity.json" if artifact.is_dir() else artifact.with_suffix(".parity.json")
 
 
-GATE_MODES = ("auto", "memory", "streamed")
-
-
 def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target: str, max_len: int, lens: list[int],
              quant: str | None, attention: AttentionForm, steps: int = 64, tokenizer: Path | None = None,
              engine_check: bool = False, stage=None, drop=None, mode: str = "memory",
@@ -87,10 +84,10 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
     engine = None
     if engine_check:
         # float bundles against the JAX model; quantized ones (whose gate above measured them
-        # against JAX) against our interpreter running the same bundle
+        # against JAX) against runtime_py running the same bundle
         against_jax = quant is None and reference is not None
         engine = litert_lm_check(artifact, reference if against_jax else session, cfg, tokenizer, max_len, lens,
-                                 steps, "the JAX model" if against_jax else "runtime_py's interpreter", stage)
+                                 steps, "the JAX model" if against_jax else "runtime_py", stage)
     del session
     gate = gate_for(target, quant)
     failures = gate.failures(report)

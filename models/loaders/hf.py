@@ -139,14 +139,13 @@ def save_checkpoint(cfg: ModelConfig, params: dict, folder, dtype=None):
     config.json: load it back with the model's name (`--model NAME --checkpoint folder`)."""
     from pathlib import Path
 
-    from models.lazy import is_lazy
+    from models.lazy import cast
     from models.loaders.safetensors_io import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_tensors(cfg, params)
     if dtype is not None:
-        dtype = np.dtype(dtype)
-        tensors = {k: v.astype(dtype) if is_lazy(v) else np.asarray(v).astype(dtype) for k, v in tensors.items()}
+        tensors = {k: cast(v, dtype) for k, v in tensors.items()}
     save_file(tensors, folder / "model.safetensors")
     return folder / "model.safetensors"
