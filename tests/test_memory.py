@@ -32,7 +32,7 @@ def test_a_27b_export_is_refused_before_loading(machine_of, tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert "gemma3-27b" in err and "needs about" in err and "this machine has 24 GiB" in err
     needed = float(err.split("needs about ")[1].split(" GiB")[0])
-    assert needed > 100  # its f32 weights alone are ~102 GiB
+    assert needed > 24  # the gate runs a ~14 GiB artifact; the export itself streams
     assert "--skip-memory-check" in err
     assert list(tmp_path.iterdir()) == []
 

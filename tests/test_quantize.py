@@ -293,10 +293,20 @@ def test_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
     from export.driver import export as export_to
     from export.options import ExportOptions
 
-    def boom(*a, **k):
-        raise RuntimeError("quantizer crashed")
+    real = qt.encoder
 
-    monkeypatch.setattr(qt, "quantize_file", boom)
+    def crashing(*a, **k):  # the third weight fails, after two are written
+        encode, calls = real(*a, **k), []
+
+        def fn(name, layout):
+            calls.append(name)
+            if len(calls) == 3:
+                raise RuntimeError("quantizer crashed")
+            return encode(name, layout)
+
+        return fn
+
+    monkeypatch.setattr(qt, "encoder", crashing)
     cfg = get_config("gemma3-tiny")
     with pytest.raises(RuntimeError, match="quantizer crashed"):
         export_to(cfg, init_params(cfg, 0), "tflite", ExportOptions(out_dir=tmp_path, max_len=64, prefill_lens=(16,),

@@ -1,6 +1,18 @@
-"""Quantize a converted .tflite with ai-edge-quantizer.
+"""TFLite quantization: the tensors each recipe stores (`layout`, `encode`: what the streamed writer,
+export/lowering/tflite/streamed.py, fills a skeleton's weight holes with), and ai-edge-quantizer,
+kept as the test oracle those tensors are compared with bit for bit (`quantize_file`).
 
-Each recipe maps to one ai-edge-quantizer configuration applied to FULLY_CONNECTED and
+Ours, by recipe (the same tensors as ai-edge-quantizer's, tests/test_streamed_tflite.py):
+  fp16          the weights stored float16, each CAST to f32 turned into a DEQUANTIZE
+  int8          INT8 per output row (ai-edge-quantizer's symmetric narrow range: scale =
+                max|row| / 127, codes rint(w / scale) in [-127, 127]) + DEQUANTIZE
+  dynamic-int8  the same INT8 tensors read directly by FULLY_CONNECTED / EMBEDDING_LOOKUP
+  int4-b*       INT4 blockwise: our blocks (export/quantize/blocks.py), scales made positive
+  int4-b32-e8   int4-b32, the tied table INT8 per row as in dynamic-int8
+Only weights read solely as matmul / lookup weights are quantized (what ai-edge-quantizer's
+FULLY_CONNECTED / EMBEDDING_LOOKUP configuration reaches); the others keep their float storage.
+
+The oracle: each recipe maps to one ai-edge-quantizer configuration applied to FULLY_CONNECTED and
 EMBEDDING_LOOKUP (the matmul weights and the table). BATCH_MATMUL (RecurrentGemma's
 block-diagonal gates) stays float, as on ONNX: dynamic_wi8 turns it into an int8-rhs
 BATCH_MATMUL that the TFLite kernel refuses at run time.
@@ -31,6 +43,64 @@ import numpy as np
 
 from export.quantize.recipes import Recipe
 from export.quantize.sizes import TABLE
+
+
+def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, f32 scale per row): ai-edge-quantizer's symmetric per-channel int8, value
+    for value (bound = max(|min|, |max|, 1e-9) per row, scale = bound / 127, narrow range)."""
+    w = np.asarray(w, np.float32)
+    bound = np.maximum(np.abs(w.min(axis=1, keepdims=True)), np.abs(w.max(axis=1, keepdims=True)))
+    scale = np.maximum(bound, 1e-9) / 127.0
+    q = np.empty(w.shape, np.int8)
+    step = max(1, (16 << 20) // (4 * w.shape[1]))  # rows per 16 MiB chunk: no whole-table temporaries
+    for r in range(0, w.shape[0], step):
+        x = np.divide(w[r:r + step], scale[r:r + step])
+        np.rint(x, out=x)
+        np.clip(x, -127, 127, out=x)
+        q[r:r + step] = x
+    return q, scale.reshape(-1).astype(np.float32)
+
+
+def layout(recipe: Recipe | None, blocks: dict | None):
+    """hole -> export.lowering.tflite.streamed.Layout: how `recipe` stores each weight."""
+    from export.lowering.tflite.streamed import Layout
+
+    def fn(hole) -> Layout:
+        if recipe is None or recipe.bits == 16 or not hole.quantizable:
+            return Layout(hole.dtype)
+        if hole.dtype != "FLOAT32":
+            raise RuntimeError(f"internal error: {recipe.name} quantizes f32 weights; {hole.name} is {hole.dtype}")
+        if recipe.bits == 4:
+            b = (blocks or {}).get(hole.name)
+            if b is not None and b.bits == 4:
+                if tuple(b.shape) != hole.shape:
+                    raise RuntimeError(f"internal error: blocks of {hole.name} are {b.shape}, the tensor {hole.shape}")
+                return Layout("INT4", block=b.block)
+            if hole.name == TABLE and recipe.table_bits == 8:
+                return Layout("INT8")
+            raise RuntimeError(f"internal error: no int4 blocks were planned for {hole.name} {hole.shape}")
+        return Layout("INT8", dequantize=not recipe.dynamic)
+
+    return fn
+
+
+def encoder(weights: dict, blocks: dict | None):
+    """(name, layout) -> export.lowering.tflite.streamed.Encoded, reading `weights` (arrays or
+    lazy tensors) one at a time."""
+    from export.lowering.tflite.streamed import Encoded
+    from export.quantize.blocks import resolved
+    from models.lazy import load
+
+    def fn(name: str, lay) -> Encoded:
+        if lay.type == "INT4":
+            b, _moved = resolved(blocks[name]).positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
+            return Encoded(b.tflite_int4(), b.scales)
+        w = np.asarray(load(weights[name]))
+        if lay.type == "INT8":
+            return Encoded(*channel_int8(w))
+        return Encoded(w)
+
+    return fn
 
 
 def ai_edge_recipe(recipe: Recipe, table_scopes: list[str] | None = None):

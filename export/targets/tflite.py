@@ -1,9 +1,15 @@
 """--target tflite: one .tflite holding every signature (prefill_{T}, decode; with vision also
 vision_encoder and image_prefill_{T}), the weights shared, our metadata in its metadata table.
 
-Float storage is converted straight into the artifact. An integer recipe converts the f32 model
-to a scratch file and quantizes it with ai-edge-quantizer into the artifact
-(export/quantize/tflite.py); fp16 is the converter's own 16-bit storage (DEQUANTIZE at load).
+The converter lowers the graph with the matmul weights and the table left out (weight holes,
+export/lowering/tflite/convert.py) into a scratch skeleton; the streamed writer
+(export/lowering/tflite/streamed.py) then writes the artifact, each of those weights read from the
+checkpoint, stored as the recipe says (export/quantize/tflite.py: float, float16, INT8 per
+channel, INT4 blockwise, ai-edge-quantizer's layouts) and dropped: no export holds the model's f32
+weights. The other weights (norm scales, the recurrent block's gates and convolution) are small
+and go to the converter as constants, as does a 2-D weight that something other than a matmul
+reads (the vision tower's position table, which the converter folds into the patch bias): the
+skeleton shows them (`stray_holes`), and the graph is converted once more with them inlined.
 """
 
 from __future__ import annotations
@@ -29,22 +35,28 @@ class TFLiteTarget(Target):
 
     def write(self, plan, weights, signatures, tmp: Path, timer):
         from export.lowering.tflite.convert import convert
+        from export.lowering.tflite.streamed import fill, stray_holes
+        from export.quantize.sizes import is_quantized_weight
+        from export.quantize.tflite import encoder, layout
 
         metadata = plan.metadata(state_layout(plan.cfg, plan.max_len))
-        recipe = None if plan.recipe is None or plan.recipe.bits == 16 else plan.recipe
-        float_path = tmp if recipe is None else tmp.with_name(tmp.name + ".float.tmp")
+        holes = [n for n, v in weights.stored.items() if is_quantized_weight(n, tuple(v.shape))]
+        skeleton = tmp.with_name(tmp.name + ".skeleton.tmp")
         try:
             with timer.stage("convert"):
-                convert(signatures, weights.stored, float_path, compute=weights.compute, progress=timer.progress,
-                        metadata=metadata.to_json())
-            if recipe is not None:
-                from export.quantize.tflite import quantize_file
-
-                with timer.stage(f"quantize {plan.quant}", record="quantize"):
-                    quantize_file(float_path, tmp, recipe, weights.blocks, weights.stored)
+                convert(signatures, weights.stored, skeleton, compute=weights.compute, progress=timer.progress,
+                        metadata=metadata.to_json(), holes=holes)
+                stray = stray_holes(skeleton)
+                if stray:  # weights the converter folds (vision position table): give them to it
+                    holes = [n for n in holes if n not in set(stray)]
+                    convert(signatures, weights.stored, skeleton, compute=weights.compute, progress=timer.progress,
+                            metadata=metadata.to_json(), holes=holes)
+            with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
+                fill(skeleton, tmp, layout(plan.recipe, weights.blocks), encoder(weights.stored, weights.blocks),
+                     progress=timer.progress)
         finally:
-            if recipe is not None and float_path.exists():
-                float_path.unlink()
+            if skeleton.exists():
+                skeleton.unlink()
         return metadata, {}
 
     def describe(self, result) -> list[str]:

@@ -9,6 +9,10 @@ Recipe (DESIGN section 6; verified in this repo's tests):
   4. the TFL passes run with origin "JAX" and canonicalizing_inf_as_min_max_float = False
      (True crashes the process on dense resources);
   5. the flatbuffer goes to a temporary name, then is renamed: never a partial artifact.
+With `holes` (weight names), those weights are not given to the converter: they stay leading
+inputs of every signature, named HOLE + name, and the file written is a skeleton that
+export/lowering/tflite/streamed.py fills with the weights, stored as the recipe asks, tensor by
+tensor (the converter never holds them: a quantized export never holds its f32 weights).
 Metadata (a JSON string) is attached as the module attribute `tfl.metadata`, which the
 flatbuffer exporter writes into the model's metadata table.
 """
@@ -54,22 +58,29 @@ def _weight_attrs(ir, params: dict) -> dict:
     return attrs
 
 
+HOLE = "weight:"  # the input name of a weight left out of the conversion (`holes`)
+
+
 def _inline_weights(ir, arith, func, module, names: list[str], attrs: dict):
+    """Replace the leading weight arguments named in `attrs` by constants; the others (holes)
+    stay arguments, in their order."""
     main = next(op for op in module.body.operations
                 if isinstance(op, func.FuncOp) and op.sym_name.value == "main")
     block = main.entry_block
-    n = len(names)
+    inlined = [i for i, name in enumerate(names) if name in attrs]
     with ir.InsertionPoint(block.operations[0]), ir.Location.unknown():
-        for i, name in enumerate(names):
-            attr, ttype = attrs[name]
+        for i in inlined:
+            attr, ttype = attrs[names[i]]
             block.arguments[i].replace_all_uses_with(arith.ConstantOp(ttype, attr).result)
-    for i in reversed(range(n)):
+    for i in reversed(inlined):
         block.erase_argument(i)
+    gone = set(inlined)
     ftype = main.type
-    main.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(ftype.inputs[n:], ftype.results))
+    inputs = [t for i, t in enumerate(ftype.inputs) if i not in gone]
+    main.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(inputs, ftype.results))
     if "arg_attrs" in main.attributes:
         old = main.attributes["arg_attrs"]
-        main.attributes["arg_attrs"] = ir.ArrayAttr.get([old[i] for i in range(n, len(old))])
+        main.attributes["arg_attrs"] = ir.ArrayAttr.get([old[i] for i in range(len(old)) if i not in gone])
     return main
 
 
@@ -112,8 +123,11 @@ def _dequantize_f16_weights(ir, module) -> int:
 
 
 def convert(signatures: list[Signature], params: dict, path: Path, *, compute: Callable | None = None,
-            metadata: str | None = None, progress: Callable | None = None) -> Path:
-    """Write one .tflite holding every signature, sharing the stored `params`."""
+            metadata: str | None = None, progress: Callable | None = None,
+            holes: list[str] | None = None) -> Path:
+    """Write one .tflite holding every signature, sharing the stored `params`; the weights named
+    in `holes` are left out (inputs named HOLE + name, in parameter order, before the
+    signature's own inputs), to be filled by export/lowering/tflite/streamed.py."""
     from litert_converter import converter_api_ext as conv
     from litert_converter.mlir import ir, passmanager
     from litert_converter.mlir.dialects import arith, func
@@ -121,20 +135,22 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
 
     from models.lazy import materialize
 
-    params = materialize(params)  # the converter reads every weight; they live until the file is written
     names = weight_names(params)
+    holes = [n for n in names if n in set(holes or ())]
+    # the converter reads every other weight; they live until the file is written
+    inlined = materialize({k: v for k, v in params.items() if k not in set(holes)})
     ctx = ir.Context()
     conv.prepare_mlir_context(ctx)
     modules = []
     with ctx, ir.Location.unknown():
-        attrs = _weight_attrs(ir, params)
+        attrs = _weight_attrs(ir, inlined)
         for i, sig in enumerate(signatures):
             if progress:
                 progress(i, len(signatures), f"lower {sig.name}")
             module = shlo.deserialize_portable_artifact(ctx, portable_artifact(stablehlo(sig, params, compute)))
             main = _inline_weights(ir, arith, func, module, names, attrs)
             conv.set_signature(main.operation, signature_name=sig.name,
-                               input_names=[t.name for t in sig.inputs],
+                               input_names=[HOLE + n for n in holes] + [t.name for t in sig.inputs],
                                output_names=[t.name for t in sig.outputs])
             modules.append(module)
         if progress:

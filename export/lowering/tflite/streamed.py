@@ -1,0 +1,303 @@
+"""Fill a converted skeleton's weight holes: the final .tflite, its weights written tensor by tensor.
+
+The converter never sees the large weights (export/lowering/tflite/convert.py `holes`): each one
+is a leading input of every signature, named HOLE + parameter name. This module turns those
+inputs into constant tensors stored as the recipe asks, in exactly the layouts ai-edge-quantizer
+writes and XNNPACK's kernels take (export/quantize/tflite.py has the encoders; the tests compare
+them with ai-edge-quantizer bit for bit):
+
+  float (f32, bf16)      the tensor itself; a bf16 weight keeps the graph's CAST to f32
+  float16                the tensor, and the CAST the graph applies becomes a DEQUANTIZE (LiteRT
+                         runs it once at load; the converter's own form for f16 constants)
+  INT8, per channel      one f32 scale per output row (zero points 0, dimension 0), read directly
+                         by FULLY_CONNECTED / EMBEDDING_LOOKUP (dynamic-int8), or through a
+                         DEQUANTIZE placed before the first reader (int8 weight-only)
+  INT4, blockwise        packed codes, a FLOAT16 [rows, cols / block] scale tensor beside it
+
+File layout: the flatbuffer (graph, small constants, quantization parameters) first, then each
+weight's bytes at a 64-byte aligned offset that its Buffer records (`offset`/`size`, TFLite's form
+for models past 2 GiB, which every LiteRT loader reads). The offsets depend only on the weights'
+shapes, so the flatbuffer is packed once with placeholder scales to learn its size, the data is
+streamed after it one weight at a time (read, quantized, written, dropped), and the flatbuffer is
+packed again with the real scales (its size cannot change: only values differ) and written in
+front. Peak memory: the skeleton plus one weight. Written to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.lowering.tflite.convert import HOLE
+
+ALIGN = 64
+QUANTIZED_READERS = {("FULLY_CONNECTED", 1), ("EMBEDDING_LOOKUP", 1)}  # (op, input index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one weight is stored, known before its values are: its tensor type, and for INT8 a
+    scale per output row, for INT4 the block of inputs per float16 scale."""
+
+    type: str  # schema TensorType name: FLOAT32, FLOAT16, BFLOAT16, INT8, INT4
+    block: int = 0  # INT4 only
+    dequantize: bool = False  # INT8: a DEQUANTIZE to f32 feeds the readers (weight-only int8)
+
+    def nbytes(self, shape: tuple) -> int:
+        n = int(np.prod(shape))
+        return {"FLOAT32": 4 * n, "FLOAT16": 2 * n, "BFLOAT16": 2 * n, "INT8": n, "INT4": (n + 1) // 2}[self.type]
+
+    def scale_shape(self, shape: tuple) -> tuple | None:
+        if self.type == "INT8":
+            return (shape[0],)
+        if self.type == "INT4":
+            return (shape[0], shape[1] // self.block)
+        return None
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One weight's stored values: `data` (its bytes, any dtype) and, for a quantized layout,
+    `scales` (INT8: f32 [rows]; INT4: f16 [rows, cols / block])."""
+
+    data: np.ndarray
+    scales: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class Hole:
+    """One weight left out of the conversion: where it is read, and how it will be stored."""
+
+    name: str
+    shape: tuple
+    dtype: str  # the skeleton's tensor type name (the stored float dtype)
+    places: list  # (subgraph index, tensor index) of its input tensor in each signature
+    readers: set  # (op name, input index) over all signatures
+    layout: Layout | None = None
+
+    @property
+    def quantizable(self) -> bool:
+        """Read only as a matmul or lookup weight (what the recipes quantize)."""
+        return bool(self.readers) and self.readers <= QUANTIZED_READERS
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as S
+
+    return S
+
+
+def _op_names(model) -> list[str]:
+    S = _schema()
+    names = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
+    return [names[max(c.builtinCode, c.deprecatedBuiltinCode)] for c in model.operatorCodes]
+
+
+def _readers(model, sg) -> dict[int, list]:
+    """tensor index -> [(operator index, op name, input index)] in one subgraph."""
+    names = _op_names(model)
+    out: dict[int, list] = {}
+    for oi, op in enumerate(sg.operators):
+        for pos, t in enumerate(op.inputs):
+            if t >= 0:
+                out.setdefault(t, []).append((oi, names[op.opcodeIndex], pos))
+    return out
+
+
+def find_holes(model) -> dict[str, Hole]:
+    """The weight holes of a skeleton (by its signature inputs named HOLE + name)."""
+    S = _schema()
+    types = {v: k for k, v in vars(S.TensorType).items() if not k.startswith("_")}
+    holes: dict[str, Hole] = {}
+    for sig in model.signatureDefs or []:
+        sg = model.subgraphs[sig.subgraphIndex]
+        readers = _readers(model, sg)
+        for tmap in sig.inputs:
+            key = tmap.name.decode() if isinstance(tmap.name, bytes) else tmap.name
+            if not key.startswith(HOLE):
+                continue
+            name, t = key[len(HOLE):], sg.tensors[tmap.tensorIndex]
+            hole = holes.setdefault(name, Hole(name, tuple(int(d) for d in t.shape), types[t.type], [], set()))
+            hole.places.append((sig.subgraphIndex, tmap.tensorIndex))
+            for oi, op, pos in readers.get(tmap.tensorIndex, []):
+                if op == "CAST":  # a 16-bit weight cast to f32 for compute: what reads the cast counts
+                    for _, op2, pos2 in readers.get(sg.operators[oi].outputs[0], []):
+                        hole.readers.add((op2, pos2))
+                else:
+                    hole.readers.add((op, pos))
+    return holes
+
+
+def stray_holes(skeleton: Path) -> list[str]:
+    """The holes of a skeleton that something other than a matmul or lookup reads (a position
+    table added to activations): the converter folds such a weight into its neighbours when it
+    is a constant, so the export gives it to the converter instead (convert once more)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return sorted(h.name for h in find_holes(flatbuffer_utils.read_model(str(skeleton))).values()
+                  if not h.quantizable)
+
+
+def _opcode(model, name: str, version: int) -> int:
+    S = _schema()
+    code = getattr(S.BuiltinOperator, name)
+    for i, c in enumerate(model.operatorCodes):
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == code:
+            return i
+    oc = S.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def _tensor(name: str, shape: tuple, type_name: str, buffer: int, has_rank: bool = True):
+    S = _schema()
+    t = S.TensorT()
+    t.name, t.shape, t.type, t.buffer = name.encode(), list(shape), getattr(S.TensorType, type_name), buffer
+    t.hasRank = has_rank
+    return t
+
+
+def _buffer():
+    b = _schema().BufferT()
+    b.offset, b.size = 1, 1  # placeholders: present in the packed table, set before the final pack
+    return b
+
+
+def _place(model, holes: dict[str, Hole]) -> tuple[list, dict]:
+    """Turn every hole into constant tensors as its layout says. Returns the data buffers in
+    write order [(buffer index, nbytes, name, 'data' | 'scales')] and name -> the scale arrays the
+    flatbuffer holds (INT8: filled in place once the values are known)."""
+    S = _schema()
+    buffers, channel_scales = [], {}
+    for name in sorted(holes):
+        hole, layout = holes[name], holes[name].layout
+        data_buf = len(model.buffers)
+        model.buffers.append(_buffer())
+        buffers.append((data_buf, layout.nbytes(hole.shape), name, "data"))
+        scale_buf = None
+        if layout.type == "INT4":
+            scale_buf = len(model.buffers)
+            model.buffers.append(_buffer())
+            buffers.append((scale_buf, 2 * int(np.prod(layout.scale_shape(hole.shape))), name, "scales"))
+        if layout.type == "INT8":
+            channel_scales[name] = np.ones(hole.shape[0], np.float32)
+        for si, ti in hole.places:
+            sg = model.subgraphs[si]
+            target = sg.tensors[ti]
+            if layout.dequantize:  # a new INT8 constant, dequantized into the hole's f32 tensor
+                stored = _tensor(name, hole.shape, layout.type, data_buf)
+                sg.tensors.append(stored)
+                deq = S.OperatorT()
+                deq.opcodeIndex, deq.inputs, deq.outputs = _opcode(model, "DEQUANTIZE", 1), [len(sg.tensors) - 1], [ti]
+                first = min(oi for oi, _, _ in _readers(model, sg).get(ti, [(len(sg.operators), None, None)]))
+                sg.operators.insert(first, deq)
+                target.name = (name + "_dequant").encode()
+            else:
+                stored = target
+                stored.name, stored.type, stored.buffer = name.encode(), getattr(S.TensorType, layout.type), data_buf
+                stored.hasRank = True
+            if layout.type == "INT8":
+                q = S.QuantizationParametersT()
+                q.scale, q.zeroPoint, q.quantizedDimension = channel_scales[name], np.zeros(hole.shape[0], np.int64), 0
+                stored.quantization = q
+            elif layout.type == "INT4":
+                sg.tensors.append(_tensor(name + "_scales", layout.scale_shape(hole.shape), "FLOAT16", scale_buf,
+                                          has_rank=False))
+                details = S.BlockwiseQuantizationT()
+                details.scales, details.zeroPoints, details.blockSize = len(sg.tensors) - 1, -1, layout.block
+                q = S.QuantizationParametersT()
+                q.detailsType, q.details = S.QuantizationDetails.BlockwiseQuantization, details
+                stored.quantization = q
+            elif layout.type == "FLOAT16":  # the graph's CAST to f32 becomes a DEQUANTIZE, as for f16 constants
+                for oi, op, _pos in _readers(model, sg).get(ti, []):
+                    if op == "CAST":
+                        cast = sg.operators[oi]
+                        cast.opcodeIndex = _opcode(model, "DEQUANTIZE", 3)
+                        cast.builtinOptionsType, cast.builtinOptions = 0, None
+            sg.inputs = [i for i in sg.inputs if i != ti]
+    for sig in model.signatureDefs or []:
+        sig.inputs = [m for m in sig.inputs
+                      if not (m.name.decode() if isinstance(m.name, bytes) else m.name).startswith(HOLE)]
+    return buffers, channel_scales
+
+
+def _pack(model) -> bytearray:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return builder.Output()
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
+         progress: Callable | None = None) -> Path:
+    """Write `path`: the skeleton with every hole filled. `layout(hole)` says how each weight is
+    stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
+    it is written)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(skeleton))
+    holes = find_holes(model)
+    for hole in holes.values():
+        hole.layout = layout(hole)
+        if hole.layout.type in ("INT8", "INT4") and not hole.quantizable:
+            raise RuntimeError(f"internal error: weight {hole.name} is read by {sorted(hole.readers)}, "
+                               "which take no quantized weight")
+    buffers, channel_scales = _place(model, holes)
+    size = len(_pack(model))
+    offset = _align(size)
+    for index, nbytes, _name, _what in buffers:
+        model.buffers[index].offset, model.buffers[index].size = offset, nbytes
+        offset = _align(offset + nbytes)
+    end = offset
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            where = {(name, what): (index, nbytes) for index, nbytes, name, what in buffers}
+            names = sorted(holes)
+            for i, name in enumerate(names):
+                if progress:
+                    progress(i, len(names), f"write {name}")
+                hole = holes[name]
+                enc = encode(name, hole.layout)
+                _write(f, model, where[(name, "data")], enc.data, name)
+                shape = hole.layout.scale_shape(hole.shape)
+                if hole.layout.type == "INT8":
+                    channel_scales[name][:] = np.asarray(enc.scales, np.float32).reshape(shape)
+                elif hole.layout.type == "INT4":
+                    _write(f, model, where[(name, "scales")], np.asarray(enc.scales, np.float16).reshape(shape), name)
+                del enc
+            if progress:
+                progress(len(names), len(names), "weights written")
+            flat = _pack(model)
+            if len(flat) != size:
+                raise RuntimeError(f"internal error: the flatbuffer changed size ({size} -> {len(flat)} bytes) "
+                                   "when its scales were set")
+            f.seek(0)
+            f.write(flat)
+            f.write(b"\0" * (_align(size) - size))
+            f.truncate(end)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _write(f, model, place: tuple[int, int], values: np.ndarray, name: str):
+    index, nbytes = place
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    if raw.nbytes != nbytes:
+        raise RuntimeError(f"internal error: weight {name} encodes to {raw.nbytes} bytes, its layout holds {nbytes}")
+    f.seek(model.buffers[index].offset)
+    f.write(raw)
