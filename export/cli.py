@@ -55,13 +55,20 @@ class Request:
 
             get_config(self.model)  # an unknown name fails here, in one line
         self.options.validate(self.target)
-        if self.memory_check:
-            self.check_memory()
+        cfg = self.config()
+        if cfg is None:  # a checkpoint whose config cannot be read here: the loader says why
+            return
+        from export.driver import resolve
 
-    def check_memory(self, available: int | None = None):
-        """Refuse, before any weights load, an export whose estimated peak memory exceeds this
-        machine's (export/memory.py). A config that cannot be read here is left to the loader."""
-        from export.memory import check_fits
+        resolve(cfg, self.target, self.options)  # context, prefill lengths, recipe x model, tokenizer
+        if self.memory_check:
+            self.check_memory(cfg=cfg)
+        self.check_disk(cfg)
+
+    def config(self):
+        """The model's config before any weights load (the registry's, or the checkpoint's own
+        config: config.json, GGUF metadata); the vision tower dropped for --no-vision. None when
+        the checkpoint's config cannot be read without loading it."""
         from models import get_config
 
         if self.checkpoint is None:
@@ -72,9 +79,33 @@ class Request:
             try:
                 cfg = resolve_config(self.checkpoint, self.model, detect_format(self.checkpoint))
             except (CheckpointError, ValueError, OSError, KeyError):
-                return
+                return None
+        return cfg if self.vision else dataclasses.replace(cfg, vision=None)
+
+    def check_memory(self, available: int | None = None, cfg=None):
+        """Refuse, before any weights load, an export whose estimated peak memory exceeds this
+        machine's (export/memory.py). A config that cannot be read here is left to the loader."""
+        from export.memory import check_fits
+
+        cfg = cfg or self.config()
+        if cfg is None:
+            return
         o = self.options
         check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate)
+
+    def check_disk(self, cfg, free: int | None = None):
+        """Refuse an export whose artifact (estimated from the config) would not fit the free space
+        of --out, with both numbers."""
+        import shutil
+
+        from export.memory import GiB, estimate
+
+        need = int(1.05 * estimate(cfg, self.target, self.options.quant, self.options.dtype, verify=False,
+                                   vision=self.vision).artifact_bytes) + 64 * 2**20
+        free = shutil.disk_usage(self.options.out_dir).free if free is None else free
+        if need > free:
+            raise ValueError(f"the artifact needs about {need / GiB:.1f} GiB and {self.options.out_dir} has "
+                             f"{free / GiB:.1f} GiB free; free some space or pass --out on another disk")
 
     @property
     def gguf(self) -> bool:
@@ -125,10 +156,28 @@ def gguf_tokenizer(request: Request):
         yield dataclasses.replace(request, options=dataclasses.replace(request.options, tokenizer=path))
 
 
+EPILOG = """examples:
+  python -m export --model gemma3-270m --random-init 0              # dry run: random weights, .tflite
+  python -m export --checkpoint ./gemma-3-1b-it --target litertlm --quant int4-b32
+  python -m export --checkpoint gemma-3-270m-Q4_K_M.gguf --target onnx --quant int4-b32
+  python -m export --checkpoint ./gemma-3-4b-it --target tflite --prefill-lens 32,128,256   # with vision
+  python -m export inspect artifacts/gemma3-270m_f32_ctx4096.tflite                   # what a file holds
+
+subcommands:
+  inspect ARTIFACT [--json]   signatures, states, weights, metadata and the parity verdict of an artifact
+
+Every export runs the parity gate against the JAX model (unless --no-verify) and writes
+NAME.parity.json beside the artifact; a failed gate leaves the file as NAME.FAILED.<suffix> and
+exits 1. Bad arguments exit 2 with one line, before any weights load. docs/export.md has more."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from export.targets import TARGETS
 
-    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+    from contract.cli_help import HelpFormatter, prog
+
+    ap = argparse.ArgumentParser(prog=prog("export"), description=__doc__.split("\n")[0], epilog=EPILOG,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", help="registry name; optional with a --checkpoint holding config.json")
     ap.add_argument("--checkpoint", type=Path,
                     help="HF safetensors folder, official Orbax folder, or a GGUF file (llama.cpp's gemma2 / "
@@ -146,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "litertlm needs a SentencePiece tokenizer.model")
     ap.add_argument("--list-onnx-ops", action="store_true", help="print the ONNX lowering's op coverage and exit")
     ap.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
-    ap.add_argument("--max-seq-len", type=int, help="context of the global caches (default min(4096, model's))")
+    ap.add_argument("--max-seq-len", type=int,
+                    help="context of the global caches (default: min(4096, the model's trained context))")
+    ap.add_argument("--untrained-context", action="store_true",
+                    help="allow a --max-seq-len beyond the model's trained context (Gemma 2: 8192; Gemma 3: 32768 "
+                         "for 1B, 131072 for 4B and up); RecurrentGemma takes any length without it")
     ap.add_argument("--prefill-lens", default=None,
                     help="comma-separated prefill signature lengths (tflite; default 32,128). onnx takes "
                          "any length and uses these only to shape the parity prompts")
@@ -185,7 +238,8 @@ def parse_request(args) -> Request:
         dtype=args.dtype, quant=args.quant, onnx_ops=args.onnx_ops,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         gate=args.gate,
-        engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True)
+        engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True,
+        untrained_context=args.untrained_context)
     return Request(args.target, options, args.model, args.checkpoint, args.random_init, not args.no_vision,
                    memory_check=not args.skip_memory_check)
 
@@ -202,6 +256,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every writer cleans up after itself: temporary names, scratch folders
+        print("\ninterrupted: no artifact was written (partial files removed)", file=sys.stderr)
+        return 130
 
 
 def list_onnx_ops() -> int:
@@ -258,7 +315,38 @@ def report(result) -> int:
     """Print the gate's verdict; the exit code (0 pass, 1 a parity or LiteRT-LM failure)."""
     gate = result.gate
     if gate is None:
+        print(f"NOT VERIFIED (--no-verify): {result.path} has had no parity check; run the export without "
+              "--no-verify to check it against the JAX model")
         return 0
+    code = _verdict(result, gate)
+    if code:
+        print(f"the artifact that failed its gate is left at {result.path} for inspection (not under its final "
+              "name)", file=sys.stderr)
+    else:
+        print(next_step(result))
+    return code
+
+
+def next_step(result) -> str:
+    """The command to try the artifact with: runtime_py generate, with --tokenizer where the
+    artifact carries none (a .litertlm bundle and an ONNX folder carry theirs)."""
+    import shlex
+
+    plan = result.plan
+    args = ["python", "-m", "runtime_py", "generate", "--artifact", str(result.path)]
+    carries = result.path.suffix == ".litertlm" or result.path.is_dir()
+    if not carries:
+        tokenizer = plan.tokenizer or plan.options.tokenizer
+        if tokenizer is None or "gguf-tokenizer-" in str(tokenizer):  # none, or one rebuilt for this export only
+            tokenizer = "TOKENIZER.model"
+        args += ["--tokenizer", str(tokenizer)]
+    prompt = "Why is the sky blue?" if plan.cfg.instruction_tuned else "The capital of France is"
+    args += ["--prompt", prompt]
+    note = "  (random weights: expect noise)" if plan.options.random_weights else ""
+    return "next: " + " ".join(shlex.quote(a) for a in args) + note
+
+
+def _verdict(result, gate) -> int:
     r, engine = gate.report, gate.engine
     if engine is not None:
         print(engine.line(), file=sys.stdout if engine.match else sys.stderr)

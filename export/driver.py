@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,25 +39,37 @@ from contract.layout import StateLayout
 from contract.metadata import ArtifactMetadata
 from export.options import DEFAULT_PREFILL_LENS, ExportOptions, check_prefill_lens
 from export.quantize.recipes import Recipe
-from models.config import ModelConfig
+from models.config import Family, ModelConfig
 from models.signatures import Signature, artifact_metadata, image_prefill_lengths
 
 STORED = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16)}
 
 
 # ---- timing and progress ------------------------------------------------------------------------------
-class Timer:
-    """Seconds per stage; with `verbose`, `[stage] ...` / `[stage] done in N s` lines and a
-    progress line per step."""
+HEARTBEAT_S = 20.0  # a stage that has printed nothing for this long says it is still running
 
-    def __init__(self, verbose: bool = False, stage_peaks: bool = False):
+
+class Timer:
+    """Seconds per stage; with `verbose`, `[stage] ...` / `[stage] done in N s` lines, a progress
+    bar per loop (tqdm on a terminal; plain lines, one per tenth or per HEARTBEAT_S, when the output
+    is a log file) and, for a stage that reports no steps (the converter's passes), an
+    `[stage] still running, N s` line every HEARTBEAT_S."""
+
+    def __init__(self, verbose: bool = False, stage_peaks: bool = False, interactive: bool | None = None):
         self.verbose = verbose
         # restart the peak-RSS count at each stage, so each reports its own; an outside tool
         # measuring the whole run (getrusage, /usr/bin/time) then sees only the last stage's
         self.stage_peaks = stage_peaks
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.seconds: dict[str, float] = {}
         self._open: list[int] = []  # the peaks seen by the enclosing stages' finished children
-        self._bar: tuple[int, float, int] | None = None  # the current loop: (n, start time, start i)
+        self._loop = None  # the current loop: _Loop
+        self._last_print = time.perf_counter()
+        self._stages: list[tuple[str, float]] = []
+
+    def _print(self, text: str):
+        print(text, flush=True)
+        self._last_print = time.perf_counter()
 
     @contextlib.contextmanager
     def stage(self, name: str, record: str | bool = True):
@@ -68,14 +81,18 @@ class Timer:
 
         t0 = time.perf_counter()
         if self.verbose:
-            print(f"[{name}] ...", flush=True)
+            self._print(f"[{name}] ...")
         if self.stage_peaks:
             reset_peak()
         self._open.append(0)
+        self._stages.append((name, t0))
+        beat = self._heartbeat() if self.verbose and len(self._stages) == 1 else contextlib.nullcontext()
         try:
-            yield self
+            with beat:
+                yield self
         finally:
             children = self._open.pop()
+            self._stages.pop()
         took = time.perf_counter() - t0
         peak = max(peak_rss() or 0, children)
         if self.stage_peaks:
@@ -86,27 +103,90 @@ class Timer:
             key = name if record is True else record
             self.seconds[key] = self.seconds.get(key, 0.0) + took
         if self.verbose:
+            self._close_loop()
             mem = f", peak RSS {peak / 2**30:.2f} GiB" if peak else ""
-            print(f"[{name}] done in {took:.1f} s{mem}", flush=True)
+            self._print(f"[{name}] done in {took:.1f} s{mem}")
+
+    @contextlib.contextmanager
+    def _heartbeat(self):
+        """A daemon thread that prints `[innermost stage] still running, N s` whenever nothing was
+        printed for HEARTBEAT_S (no progress bar is open then)."""
+        import threading
+
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(1.0):
+                quiet = time.perf_counter() - self._last_print
+                if quiet >= HEARTBEAT_S and self._loop is None and self._stages:
+                    name, t0 = self._stages[-1]
+                    self._print(f"[{name}] still running, {time.perf_counter() - t0:.0f} s")
+
+        thread = threading.Thread(target=beat, daemon=True, name="export-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=2.0)
 
     def progress(self, i: int, n: int, label: str):
-        """A progress bar with the time left (ETA) of the current loop, from its rate so far."""
+        """Step i of n of the current loop (i == n: done): a bar with the rate and the time left."""
         if not self.verbose:
             return
+        loop = self._loop
+        if loop is None or loop.n != n or i < loop.i:  # a new loop
+            self._close_loop()
+            loop = self._loop = _Loop(n, i, self.interactive)
+        loop.update(i, label, self)
+        if i >= n:
+            self._close_loop()
+
+    def _close_loop(self):
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+            self._last_print = time.perf_counter()
+
+
+class _Loop:
+    """One loop's progress display: tqdm on a terminal, else a plain line per tenth of the loop
+    (or per HEARTBEAT_S) with the ETA."""
+
+    def __init__(self, n: int, i: int, interactive: bool):
+        self.n, self.i, self.t0, self.i0 = n, i, time.perf_counter(), i
+        self.bar = None
+        self.next_line = 0
+        if interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n, initial=i, leave=False, dynamic_ncols=True, file=sys.stdout,
+                            bar_format="  {bar:24} {n_fmt}/{total_fmt} {desc} [{elapsed}<{remaining}]")
+
+    def update(self, i: int, label: str, timer: Timer):
+        if self.bar is not None:
+            self.bar.set_description_str(label[:32], refresh=False)
+            self.bar.update(i - self.i)
+            self.i = i
+            return
+        self.i = i
         now = time.perf_counter()
-        if i == 0 or self._bar is None or self._bar[0] != n:  # a new loop
-            self._bar = (n, now, i)
-        _, t0, i0 = self._bar
-        eta = ""
-        if i > i0 and i < n:
-            left = (now - t0) / (i - i0) * (n - i)
-            eta = f" ETA {left:4.0f} s"
-        elif i == n:
-            eta = f" in {now - t0:.1f} s"
-        width = 24
-        filled = int(width * i / n)
-        end = "\n" if i == n else ""
-        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label:<28}{eta}   ", end=end, flush=True)
+        tenth = max(1, self.n // 10)
+        if i < self.n and i < self.next_line and now - timer._last_print < HEARTBEAT_S:
+            return
+        self.next_line = (i // tenth + 1) * tenth
+        if i >= self.n:
+            eta = f"in {now - self.t0:.1f} s"
+        elif i > self.i0:
+            eta = f"ETA {(now - self.t0) / (i - self.i0) * (self.n - i):.0f} s"
+        else:
+            eta = ""
+        timer._print(f"  {i}/{self.n} {label} {eta}".rstrip())
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ---- atomic output ------------------------------------------------------------------------------------
@@ -181,6 +261,11 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
     max_len = options.context(cfg.max_seq_len)
     if max_len < 2:
         raise ValueError(f"--max-seq-len {max_len} is too small")
+    # RecurrentGemma's state does not grow with the context (its attention is local): any length runs
+    if max_len > cfg.max_seq_len and cfg.family != Family.RECURRENTGEMMA and not options.untrained_context:
+        raise ValueError(f"--max-seq-len {max_len} is beyond {cfg.name}'s trained context of {cfg.max_seq_len} "
+                         f"tokens (past it the model's output is not what it was trained for); pass "
+                         f"--max-seq-len {cfg.max_seq_len} or less, or --untrained-context to export it anyway")
     if options.prefill_lens is None:
         lens = tgt.default_prefill_lens(max_len)
     else:
@@ -312,6 +397,8 @@ class ExportResult:
 
     def summary(self) -> str:
         lines = self.plan.target.describe(self)
+        if self.path != self.plan.path and lines and lines[0].startswith("artifact: "):
+            lines[0] = f"artifact: {self.plan.path} (written as {self.path.name} until its parity gate passes)"
         states = self.metadata.states.bytes_by_layer_kind()
         lines.append("  state bytes by layer kind (context %d): %s" % (self.max_len, ", ".join(
             f"{k} {v / 2**20:.2f} MiB" for k, v in states.items())))
@@ -342,31 +429,136 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     tgt = plan.target
     signatures = tgt.signatures(plan)
     directory = tgt.writes_folder
-    with atomic_output(plan.path, directory=directory) as tmp:
+    verify = plan.options.verify
+    # a verified export is written under a pending name and takes its final name only once the gate
+    # has passed: an interrupted or failed gate never leaves an artifact that looks finished
+    written = pending_path(plan.path) if verify else plan.path
+    _remove(parity_path(plan.path))  # a report of an earlier export under this name no longer applies
+    with atomic_output(written, directory=directory) as tmp:
         metadata, info = tgt.write(plan, weights, signatures, tmp, timer)
     weights.blocks = None  # written: the artifact holds them now
-    result = ExportResult(plan.path, plan, signatures, metadata, timer.seconds, weights.stored, weights.reference,
+    result = ExportResult(written, plan, signatures, metadata, timer.seconds, weights.stored, weights.reference,
                           info)
     if plan.options.verbose:
         print(result.summary(), flush=True)
-    if plan.options.verify:
-        from verify.gate import run_gate
+    if not verify:
+        write_unverified(plan.path)
+        return result
+    from verify.gate import run_gate
 
-        def drop():
-            result.stored_params = result.reference_params = weights.stored = weights.reference = None
+    def drop():
+        result.stored_params = result.reference_params = weights.stored = weights.reference = None
 
-        mode = plan.options.gate
-        if mode == "auto":
-            from export.memory import gate_mode
+    mode = plan.options.gate
+    if mode == "auto":
+        from export.memory import gate_mode
 
-            mode = gate_mode(plan.cfg, tgt.name, plan.quant, plan.options.dtype)
+        mode = gate_mode(plan.cfg, tgt.name, plan.quant, plan.options.dtype)
+    try:
         with timer.stage(f"verify ({mode})", record="verify"):
-            result.gate = run_gate(plan.path, plan.cfg, weights.reference, target=tgt.name, max_len=plan.max_len,
+            result.gate = run_gate(written, plan.cfg, weights.reference, target=tgt.name, max_len=plan.max_len,
                                    lens=list(plan.lens), quant=plan.quant, attention=tgt.attention,
                                    steps=plan.options.verify_steps, tokenizer=plan.tokenizer,
                                    engine_check=tgt.engine_check and plan.options.engine_check,
                                    stage=timer.stage, drop=drop, mode=mode, progress=timer.progress)
+    except BaseException:  # an error or Ctrl-C during the gate: nothing is left
+        _remove_weight_cache(written)
+        _remove(written)
+        _remove(parity_path(written))
+        raise
+    advisory = plan.options.random_weights and plan.quant is not None  # random weights: quantized gates warn
+    ok = (result.gate.passed or advisory) and not result.gate.engine_failed
+    final = plan.path if ok else failed_path(plan.path)
+    result.path = _settle(written, final)
+    result.gate.path = parity_path(result.path)
     return result
+
+
+def pending_path(final: Path) -> Path:
+    """Where a verified export waits for its gate: beside the final name, hidden, the suffix kept
+    (runtimes recognise the file)."""
+    final = Path(final)
+    return final.with_name(f".{final.stem}.unverified{final.suffix}")
+
+
+def failed_path(final: Path) -> Path:
+    """Where an artifact that failed its gate is left for inspection: NAME.FAILED.tflite,
+    NAME_onnx.FAILED (an ONNX folder), never the final name."""
+    final = Path(final)
+    return final.with_name(f"{final.stem}.FAILED{final.suffix}")
+
+
+def parity_path(artifact: Path) -> Path:
+    from verify.gate import parity_path as path
+
+    return path(artifact)
+
+
+def write_unverified(final: Path):
+    """The parity record of an export run with --no-verify: it says so (`inspect` reads it)."""
+    import json
+
+    final = Path(final)
+    record = {"artifact": final.name, "verified": False, "passed": None,
+              "artifact_bytes": artifact_bytes(final)}
+    path = parity_path(final)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def artifact_bytes(path: Path) -> int:
+    """A file's size, or a folder's files' total (its parity.json excluded)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "parity.json")
+
+
+def _remove_weight_cache(artifact: Path):
+    """Remove the XNNPACK weight cache file the gate built for `artifact` (if any)."""
+    artifact = Path(artifact)
+    if artifact.suffix in (".tflite", ".litertlm") and artifact.exists():
+        from runtime_py.tflite_backend import weight_cache_path
+
+        cache = weight_cache_path(artifact)
+        if cache is not None and cache.exists():
+            cache.unlink()
+
+
+def _settle(written: Path, final: Path) -> Path:
+    """Move a verified artifact (and its parity report, and its XNNPACK weight cache, which the
+    gate built and the first run can reuse) from its pending name to `final`."""
+    import json
+
+    old_cache = new_cache = None
+    if written.suffix in (".tflite", ".litertlm"):
+        from runtime_py.tflite_backend import weight_cache_path
+
+        old_cache = weight_cache_path(written)
+    report = parity_path(written)
+    if final.exists():
+        _remove(final)
+    os.replace(written, final)
+    if report.exists():  # a folder's report moved with it
+        data = json.loads(report.read_text())
+        data.update(artifact=final.name, artifact_bytes=artifact_bytes(final))
+        report.write_text(json.dumps(data, indent=1))
+        os.replace(report, parity_path(final))
+    else:
+        target = parity_path(final)
+        data = json.loads(target.read_text())
+        data.update(artifact=final.name, artifact_bytes=artifact_bytes(final))
+        target.write_text(json.dumps(data, indent=1))
+    if old_cache is not None and old_cache.exists():
+        from runtime_py.tflite_backend import weight_cache_path
+
+        new_cache = weight_cache_path(final)
+        if new_cache is not None:
+            os.replace(old_cache, new_cache)
+        else:
+            old_cache.unlink()
+    return final
 
 
 def scratch_dir(out_dir: Path, stem: str):

@@ -248,6 +248,35 @@ def format_text(d: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(path: Path) -> dict:
+    """The parity verdict of an artifact, from the report the export wrote beside it (NAME.parity.json,
+    or parity.json inside an ONNX folder): {"verdict": PASSED | FAILED | NOT VERIFIED, "why": ...}."""
+    from export.driver import artifact_bytes
+    from verify.gate import parity_path
+
+    path = Path(path)
+    report = parity_path(path)
+    if not report.exists():
+        return {"verdict": "NOT VERIFIED", "why": f"no parity report ({report.name}) beside it"}
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return {"verdict": "NOT VERIFIED", "why": f"{report.name} is not a parity report"}
+    size = data.get("artifact_bytes")
+    if data.get("artifact") != path.name or (size is not None and size != artifact_bytes(path)):
+        return {"verdict": "NOT VERIFIED", "why": f"{report.name} reports on another file"}
+    if not data.get("verified", True):
+        return {"verdict": "NOT VERIFIED", "why": "exported with --no-verify"}
+    gate = data.get("gate") or {}
+    what = f"{gate['quantization']} thresholds" if gate.get("quantization") else "float tolerance"
+    if "mean_rel_rms" in data and gate.get("quantization"):
+        figures = (f"mean rel RMS {data['mean_rel_rms']:.2e}, top-1 {data.get('top1_agreement', 0):.3f}, "
+                   f"mean KL {data.get('mean_kl', 0):.2e}")
+    else:
+        figures = f"max rel RMS {data.get('max_rel_rms', float('nan')):.2e}, greedy {data.get('greedy_match')}"
+    return {"verdict": "PASSED" if data.get("passed") else "FAILED", "why": f"{figures} ({what}; {report.name})"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export inspect", description="print what an artifact holds")
     ap.add_argument("artifact", type=Path)
@@ -258,5 +287,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(d, indent=1, default=str) if args.json else format_text(d))
+    v = verdict(args.artifact)
+    d["parity"] = v
+    print(json.dumps(d, indent=1, default=str) if args.json else f"parity: {v['verdict']}: {v['why']}\n" + format_text(d))
     return 0

@@ -31,6 +31,7 @@ class ExportOptions:
     gate: str = "auto"  # the parity gate's reference: memory | streamed | auto (verify/gate.py, export/memory.py)
     engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
     random_weights: bool = False  # the weights are a random init: a quantized gate only warns
+    untrained_context: bool = False  # allow --max-seq-len beyond the model's trained context
     verbose: bool = False  # print stages and progress
 
     def validate(self, target: str):
@@ -45,6 +46,9 @@ class ExportOptions:
             raise ValueError(f"--max-seq-len {self.max_len} is too small; pass a context of at least 2 tokens")
         if self.gate not in GATE_MODES:
             raise ValueError(f"unknown --gate '{self.gate}'; choose {', '.join(GATE_MODES)}")
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ValueError(f"--tokenizer {self.tokenizer} does not exist; pass a tokenizer.model (or the folder "
+                             "holding it)")
         if self.verify_steps < 1:
             raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
         if self.quant is not None:

@@ -121,9 +121,11 @@ def cmd_generate(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered models")
+    from contract.cli_help import HelpFormatter, prog
+
+    parser = argparse.ArgumentParser(prog=prog("models"), description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="the registered models and their shapes", formatter_class=HelpFormatter)
 
     def model_args(p):
         p.add_argument("--model", help="registry name (see `list`); optional with --checkpoint")
@@ -131,24 +133,25 @@ def main(argv=None) -> int:
         p.add_argument("--random-init", type=int, default=0, metavar="SEED",
                        help="random weights from SEED when no checkpoint is given")
 
-    check = sub.add_parser("check", help="chunked prefill + decode vs full forward")
+    check = sub.add_parser("check", help="the JAX model's cache paths agree: chunked prefill + decode vs one full "
+                                         "forward pass", formatter_class=HelpFormatter)
     model_args(check)
     check.add_argument("--tokens", type=int, help="sequence length (default 2*window + 8)")
     check.add_argument("--chunk", type=int, help="prefill chunk (default window/2 + 1: wraps the ring)")
-    check.add_argument("--decode-steps", type=int, default=6)
+    check.add_argument("--decode-steps", type=int, default=6, help="decode steps after the prefill")
     check.add_argument("--tolerance", type=float, default=1e-4, help="max relative error")
 
-    gen = sub.add_parser("generate", help="generate text with the JAX reference")
+    gen = sub.add_parser("generate", help="generate text with the JAX reference model", formatter_class=HelpFormatter)
     model_args(gen)
     gen.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the checkpoint's)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the user's text")
     gen.add_argument("--raw", action="store_true", help="no chat template for -it models")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--max-len", type=int, help="context length (default prompt + new tokens)")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
     args = parser.parse_args(argv)
     commands = {"list": cmd_list, "check": cmd_check, "generate": cmd_generate}

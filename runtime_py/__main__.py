@@ -43,30 +43,39 @@ def cmd_generate(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime_py", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text from an artifact")
-    gen.add_argument("--artifact", type=Path, required=True)
+    from contract.cli_help import HelpFormatter, prog
+
+    ap = argparse.ArgumentParser(prog=prog("runtime_py"), description=__doc__, formatter_class=HelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="generate text from an artifact (.tflite, .litertlm, ONNX folder)",
+                         description="Generate text from an exported artifact, streamed as it comes.",
+                         formatter_class=HelpFormatter)
+    gen.add_argument("--artifact", type=Path, required=True,
+                     help="a .tflite, a .litertlm bundle, or an ONNX folder written by python -m export")
     gen.add_argument("--tokenizer", type=Path,
                      help="tokenizer.model or its folder (default: the one a .litertlm bundle or an ONNX "
-                          "artifact folder carries)")
-    gen.add_argument("--prompt", required=True)
+                          "artifact folder carries); checked against the artifact's vocabulary")
+    gen.add_argument("--prompt", required=True, help="the user's text")
     gen.add_argument("--image", type=Path, action="append",
                      help="an image file (repeatable; Gemma 3 with vision): each goes where the prompt says "
                           "<start_of_image>, or before the prompt when it has no marker")
-    gen.add_argument("--raw", action="store_true", help="no chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--threads", type=int, help="interpreter threads (default: runtime's choice)")
+    gen.add_argument("--raw", action="store_true",
+                     help="no chat template (instruction-tuned artifacts get it otherwise)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
     args = ap.parse_args(argv)
     try:
         return cmd_generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

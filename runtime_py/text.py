@@ -12,15 +12,34 @@ from contract.tokenizer import Tokenizer
 
 
 def tokenizer_for(session, artifact, tokenizer=None):
-    """The given tokenizer (a path), else the one a .litertlm bundle or an ONNX folder carries."""
+    """The given tokenizer (a path), else the one a .litertlm bundle or an ONNX folder carries;
+    checked against the artifact's metadata (`check_tokenizer`)."""
     if tokenizer is not None:
-        return Tokenizer(tokenizer)
-    if session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
-        return Tokenizer.from_bytes(session.tokenizer_model)
-    bundled = Path(artifact or ".") / "tokenizer.model"  # so does an onnxruntime-genai folder
-    if artifact is None or not bundled.exists():
-        raise ValueError(f"{artifact} holds no tokenizer.model: pass a tokenizer (--tokenizer PATH)")
-    return Tokenizer(bundled)
+        tok, name = Tokenizer(tokenizer), str(tokenizer)
+    elif session.tokenizer_model is not None:  # a .litertlm bundle carries its tokenizer
+        tok, name = Tokenizer.from_bytes(session.tokenizer_model), "the bundled tokenizer"
+    else:
+        bundled = Path(artifact or ".") / "tokenizer.model"  # so does an onnxruntime-genai folder
+        if artifact is None or not bundled.exists():
+            raise ValueError(f"{artifact} holds no tokenizer.model: pass a tokenizer (--tokenizer PATH)")
+        tok, name = Tokenizer(bundled), str(bundled)
+    check_tokenizer(tok, session.metadata, name)
+    return tok
+
+
+def check_tokenizer(tok, meta, name: str = "the tokenizer"):
+    """Refuse a tokenizer that is not the artifact's model's, in one line naming both: more pieces
+    than the model has embedding rows (ids past its table), fewer than half of them (most of the
+    vocabulary unreachable: another model's tokenizer), or other BOS / EOS ids. (A model may have
+    more rows than pieces: Gemma 3's image tokens.)"""
+    model = f"the artifact's model ({meta.model}: {meta.vocab_size} vocabulary rows, bos {meta.bos}, eos {meta.eos})"
+    pieces = tok.vocab_size
+    if pieces > meta.vocab_size or pieces < meta.vocab_size // 2:
+        raise ValueError(f"{name} has {pieces} pieces, which does not fit {model}: pass the tokenizer the model was "
+                         "trained with (--tokenizer PATH)")
+    if (tok.bos_id, tok.eos_id) != (meta.bos, meta.eos):
+        raise ValueError(f"{name} has bos {tok.bos_id} and eos {tok.eos_id}, which do not match {model}: pass the "
+                         "tokenizer the model was trained with (--tokenizer PATH)")
 
 
 def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) -> list[int]:

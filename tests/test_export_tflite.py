@@ -248,6 +248,10 @@ def test_parity_failure_exits_1_and_says_where(tmp_path, capsys, monkeypatch):
     assert "parity failed: worst at signature" in err and "rel RMS" in err
     report = json.loads(next(tmp_path.glob("*.parity.json")).read_text())
     assert report["passed"] is False
+    # left for inspection, never under its final name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma2-tiny_f32_ctx64.FAILED.parity.json",
+                                                          "gemma2-tiny_f32_ctx64.FAILED.tflite"]
+    assert report["artifact"] == "gemma2-tiny_f32_ctx64.FAILED.tflite"
 
 
 def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):

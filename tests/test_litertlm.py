@@ -207,7 +207,8 @@ def test_engine_disagreement_fails_the_export(tmp_path, capsys, monkeypatch):
                       "--max-seq-len", "256", "--verify-steps", "16"])
     captured = capsys.readouterr()
     assert rc == 1 and "greedy text DIFFERENT" in captured.err and "parity: " in captured.out
-    parity = json.loads((tmp_path / "gemma3-tiny-trained_f32_ctx256.parity.json").read_text())
+    parity = json.loads((tmp_path / "gemma3-tiny-trained_f32_ctx256.FAILED.parity.json").read_text())
+    assert not (tmp_path / "gemma3-tiny-trained_f32_ctx256.litertlm").exists()
     assert parity["passed"] and not parity["litert_lm"]["match"]
 
 

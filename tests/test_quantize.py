@@ -28,7 +28,7 @@ def export(tmp_path, family: str, target: str, quant: str | None, *extra) -> tup
     if quant:
         args += ["--quant", quant]
     rc = export_main(args)
-    made = [p for p in tmp_path.iterdir() if p.suffix == ".tflite" or p.name.endswith("_onnx")]
+    made = [p for p in tmp_path.iterdir() if p.suffix == ".tflite" or p.name.endswith(("_onnx", "_onnx.FAILED"))]
     assert len(made) == 1, made
     return rc, made[0]
 
@@ -321,6 +321,7 @@ def test_gate_enforced_on_checkpoints_advisory_on_random_weights(tmp_path, monke
     (tmp_path / "ckpt").mkdir()
     rc, path = export(tmp_path / "ckpt", "gemma3", "onnx", "dynamic-int8")
     assert rc == 1 and not parity_json(path)["passed"]
+    assert path.name.endswith(".FAILED")  # never under its final name
     assert "parity failed the dynamic-int8 gate: mean rel RMS" in capsys.readouterr().err
     rc = export_main(["--model", "gemma3-tiny", "--random-init", "0", "--target", "onnx", "--quant", "dynamic-int8",
                       "--max-seq-len", "64", "--prefill-lens", "16", "--verify-steps", "8",

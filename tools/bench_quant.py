@@ -188,6 +188,11 @@ def run_export(model: dict, target: str, recipe: str, ctx: int, lens: list[int],
         elif line.startswith("artifact: "):
             path = Path(line[len("artifact: "):].split()[0].rstrip("/"))
     path = path or expected
+    if not path.exists():  # a failed gate leaves NAME.FAILED.<suffix>, never the final name
+        from export.driver import failed_path
+
+        if failed_path(path).exists():
+            path = failed_path(path)
     peak = next((int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS")), None)
     row = {"exit_code": proc.returncode, "wall_s": wall, "export_s": wall - stages.get("verify", 0.0),
            "quantize_s": next((v for k, v in stages.items() if k.startswith("quantize")), None),

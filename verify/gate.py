@@ -80,7 +80,7 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
         if drop is not None:
             drop()
         session = load(artifact)
-        report = parity(reference, session, prompts, steps, images)
+        report = parity(reference, session, prompts, steps, images, progress=progress)
     engine = None
     if engine_check:
         # float bundles against the JAX model; quantized ones (whose gate above measured them

@@ -103,10 +103,15 @@ def compare_logits(ref: np.ndarray, art: np.ndarray) -> tuple[float, float, bool
 
 
 def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int]],
-           decode_steps: int, images: Sequence[Sequence] | None = None) -> ParityReport:
-    """images: per prompt, None or the images its `<start_of_image>` tokens stand for."""
+           decode_steps: int, images: Sequence[Sequence] | None = None, progress=None) -> ParityReport:
+    """images: per prompt, None or the images its `<start_of_image>` tokens stand for;
+    progress(i, n, label): called per prompt and per 8 decode steps."""
     steps, greedy, encoder = [], [], []
+    total = len(prompts) * (decode_steps // 8 + 1)
+    tick = 0
     for pi, prompt in enumerate(prompts):
+        if progress:
+            progress(tick, total, f"prompt {pi + 1}/{len(prompts)} prefill")
         reference.reset()
         artifact.reset()
         ref_emb = art_emb = None
@@ -135,7 +140,13 @@ def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int
                 matched = d
             ref, art = reference.decode(token), artifact.decode(token)
             steps.append(StepReport(pi, "decode", d, reference.position - 1, *compare_logits(ref, art)))
+            if progress and d % 8 == 7:
+                tick += 1
+                progress(tick, total, f"prompt {pi + 1}/{len(prompts)} decode {d + 1}")
+        tick = (pi + 1) * (decode_steps // 8 + 1)
         greedy.append(decode_steps if matched is None else matched)
+    if progress:
+        progress(total, total, "checked")
     return ParityReport(steps, greedy, decode_steps, encoder)
 
 

@@ -110,7 +110,7 @@ def _weight_kinds(model, sg, ops, S, type_names) -> dict:
     for name, op in ops:
         if name == "DEQUANTIZE" and op.InputsLength() and is_const(op.Inputs(0)):
             dequantized[op.Outputs(0)] = op.Inputs(0)
-    out, seen = {}, set()
+    out, seen, first = {}, set(), {}  # first: buffer -> the key it was counted under
     for name, op in ops:
         if name == "DEQUANTIZE":
             continue
@@ -129,6 +129,10 @@ def _weight_kinds(model, sg, ops, S, type_names) -> dict:
                 continue  # shapes, positions and other small constants are not weights
             form = _stored_form(t, S, type_names) + (" (DEQUANTIZE at load)" if src != ti else "")
             key = f"{name} {_OPERANDS.get((name, slot), f'input {slot}')}"
+            owner = first.setdefault(t.Buffer(), key)
+            if owner != key:  # one tensor read by two ops (the tied table): its bytes count once
+                form += f" = the {owner} tensor"
+                size = 0
             entry = out.setdefault(key, {}).setdefault(form, [0, 0])
             entry[0] += 1
             entry[1] += size
