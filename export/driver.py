@@ -434,6 +434,7 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     # has passed: an interrupted or failed gate never leaves an artifact that looks finished
     written = pending_path(plan.path) if verify else plan.path
     _remove(parity_path(plan.path))  # a report of an earlier export under this name no longer applies
+    _remove(parity_path(plan.path).with_suffix(".png"))
     with atomic_output(written, directory=directory) as tmp:
         metadata, info = tgt.write(plan, weights, signatures, tmp, timer)
     weights.blocks = None  # written: the artifact holds them now
@@ -471,6 +472,10 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     final = plan.path if ok else failed_path(plan.path)
     result.path = _settle(written, final)
     result.gate.path = parity_path(result.path)
+    from verify.plot import write_png
+
+    # the picture of the report, beside it (verify/plot.py)
+    write_png(result.gate.path, result.gate.path.with_suffix(".png"), plan.cfg.sliding_window)
     return result
 
 

@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export inspect", description="print what an artifact holds")
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--json", action="store_true", help="everything as JSON")
+    ap.add_argument("--report", action="store_true",
+                    help="the parity report as a table (per prompt: calls, relative RMS, KL, top-1, greedy match)")
     args = ap.parse_args(argv)
     try:
         d = describe(args.artifact)
@@ -289,5 +291,17 @@ def main(argv=None) -> int:
         return 2
     v = verdict(args.artifact)
     d["parity"] = v
+    if args.report:
+        from verify.gate import parity_path
+        from verify.plot import table
+
+        report = parity_path(args.artifact)
+        if not report.exists():
+            print(f"error: {args.artifact} has no parity report ({report.name}); export it without --no-verify",
+                  file=sys.stderr)
+            return 2
+        png = report.with_suffix(".png")
+        print(f"parity: {v['verdict']}: {v['why']}\n{table(report)}" + (f"\npicture: {png}" if png.exists() else ""))
+        return 0
     print(json.dumps(d, indent=1, default=str) if args.json else f"parity: {v['verdict']}: {v['why']}\n" + format_text(d))
     return 0

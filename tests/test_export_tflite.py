@@ -198,7 +198,8 @@ def test_export_from_an_hf_checkpoint(hf_checkpoints, tmp_path):
     assert export_main(["--checkpoint", str(folder), "--out", str(tmp_path), "--max-seq-len", "64",
                         "--prefill-lens", "8", "--verify-steps", "16"]) == 0
     produced = sorted(p.name for p in tmp_path.iterdir())
-    assert len(produced) == 2 and produced[0].endswith(".parity.json") and produced[1].endswith(".tflite")
+    assert len(produced) == 3 and produced[0].endswith(".parity.json") and produced[1].endswith(".parity.png") \
+        and produced[2].endswith(".tflite")
 
 
 def test_runtime_cli_streams_the_reference_text(tmp_path, model_path):
@@ -250,6 +251,7 @@ def test_parity_failure_exits_1_and_says_where(tmp_path, capsys, monkeypatch):
     assert report["passed"] is False
     # left for inspection, never under its final name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma2-tiny_f32_ctx64.FAILED.parity.json",
+                                                          "gemma2-tiny_f32_ctx64.FAILED.parity.png",
                                                           "gemma2-tiny_f32_ctx64.FAILED.tflite"]
     assert report["artifact"] == "gemma2-tiny_f32_ctx64.FAILED.tflite"
 

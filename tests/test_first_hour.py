@@ -108,8 +108,10 @@ def verdicts(tmp_path_factory):
 def test_a_failed_gate_never_leaves_the_final_name(verdicts):
     folder = verdicts["FAILED"].parent
     assert sorted(p.name for p in folder.iterdir()) == ["gemma3-tiny_f32_ctx32.FAILED.parity.json",
+                                                         "gemma3-tiny_f32_ctx32.FAILED.parity.png",
                                                          "gemma3-tiny_f32_ctx32.FAILED.tflite"]
     assert sorted(p.name for p in verdicts["PASSED"].parent.iterdir()) == ["gemma3-tiny_f32_ctx32.parity.json",
+                                                                          "gemma3-tiny_f32_ctx32.parity.png",
                                                                           "gemma3-tiny_f32_ctx32.tflite"]
 
 
@@ -199,3 +201,21 @@ def test_console_scripts_are_declared():
     installed = [n for n in scripts if (bin_dir / n).exists()]
     if installed:  # an install of this checkout (pip install -e .) puts them beside python
         assert os.access(bin_dir / installed[0], os.X_OK)
+
+
+def test_the_report_picture_and_table(verdicts, capsys):
+    """Beside each gated artifact, its report drawn (1200 x 700 PNG); `inspect --report` prints it
+    as a table; an unverified artifact has neither."""
+    from PIL import Image
+
+    for verdict in ("PASSED", "FAILED"):
+        png = verdicts[verdict].with_suffix(".parity.png")
+        with Image.open(png) as im:
+            assert im.size == (1200, 700) and im.format == "PNG"
+        assert inspect_main([str(verdicts[verdict]), "--report"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"parity: {verdict}") and out[1].split()[:3] == ["prompt", "calls", "max"]
+        assert out[-2].startswith(f"verdict: {verdict}") and out[-1] == f"picture: {png}"
+    assert not verdicts["NOT VERIFIED"].with_suffix(".parity.png").exists()
+    assert inspect_main([str(verdicts["NOT VERIFIED"]), "--report"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "not verified (--no-verify)"

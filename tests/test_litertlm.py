@@ -251,7 +251,8 @@ def test_cli_exports_gates_and_runs_a_quantized_bundle(tmp_path, capsys):
     parity = json.loads(bundle.with_suffix(".parity.json").read_text())
     assert parity["passed"] and parity["litert_lm"]["match"]
     assert parity["litert_lm"]["reference"] == "runtime_py"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name, bundle.with_suffix(".parity.json").name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name, bundle.with_suffix(".parity.json").name,
+                                                          bundle.with_suffix(".parity.png").name]
 
     from runtime_py.__main__ import main as runtime_main
 

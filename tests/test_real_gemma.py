@@ -187,7 +187,8 @@ def test_the_readme_quickstart_exports_the_real_model_and_it_talks(real_gguf, hf
     out = capsys.readouterr().out.strip().splitlines()
     assert "LiteRT-LM: greedy text identical" in "\n".join(out) and out[-1].startswith("next: ")
     bundle = tmp_path / "gemma-3-270m_f32_ctx1024.litertlm"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name, "gemma-3-270m_f32_ctx1024.parity.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name, "gemma-3-270m_f32_ctx1024.parity.json",
+                                                          "gemma-3-270m_f32_ctx1024.parity.png"]
     nxt = shlex.split(out[-1][len("next: "):])
     assert nxt[:4] == ["python", "-m", "runtime_py", "generate"] and str(bundle) in nxt
     assert run_main(nxt[4:] + ["--max-new-tokens", "8"]) == 0
