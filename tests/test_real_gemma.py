@@ -191,7 +191,7 @@ def test_the_readme_quickstart_exports_the_real_model_and_it_talks(real_gguf, hf
                                                           "gemma-3-270m_f32_ctx1024.parity.png"]
     nxt = shlex.split(out[-1][len("next: "):])
     assert nxt[:4] == ["python", "-m", "runtime_py", "generate"] and str(bundle) in nxt
-    assert run_main(nxt[4:] + ["--max-new-tokens", "8"]) == 0
+    assert run_main(nxt[3:] + ["--max-new-tokens", "8"]) == 0
     assert len(capsys.readouterr().out.strip()) > 8  # real text
     prompt, expected = hf_greedy
     assert load(bundle).generate(prompt, GREEDY_STEPS) == expected

@@ -125,7 +125,7 @@ def test_streamed_export_equals_in_memory_export(tmp_path, target, quant):
     common = dict(max_len=64, prefill_lens=(8, 16), quant=quant, verify_steps=8)
     gated = (target, quant) in GATED  # the streamed gate on a few (time: the suite runs on 2 cores)
     streamed = export(cfg, lazy, target, ExportOptions(out_dir=tmp_path / "lazy", gate="streamed", verify=gated,
-                                                       **common))
+                                                       random_weights=True, **common))  # quantized gates warn
     eager = export(cfg, arrays, target, ExportOptions(out_dir=tmp_path / "eager", verify=False, **common))
     assert _files(streamed.path) == _files(eager.path)
     if gated:
