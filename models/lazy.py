@@ -23,14 +23,16 @@ import numpy as np
 class LazyTensor:
     """A tensor of `shape` and `dtype`, produced by `read()` each time it is loaded."""
 
-    __slots__ = ("shape", "dtype", "_read", "name", "_t")
+    __slots__ = ("shape", "dtype", "_read", "name", "_t", "_rows")
 
-    def __init__(self, shape, dtype, read: Callable[[], np.ndarray], name: str | None = None):
+    def __init__(self, shape, dtype, read: Callable[[], np.ndarray], name: str | None = None,
+                 rows: Callable[[int, int], np.ndarray] | None = None):
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self._read = read
         self.name = name
         self._t = None
+        self._rows = rows  # (start, stop) -> those rows, where the source can read a slice alone
 
     @property
     def ndim(self) -> int:
@@ -50,6 +52,22 @@ class LazyTensor:
             raise RuntimeError(f"internal error: {self.name or 'a lazy tensor'} read as {value.dtype}{list(value.shape)}, "
                                f"declared {self.dtype}{list(self.shape)}")
         return value
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of the tensor: read alone where the source can (a memory-mapped
+        checkpoint), else sliced from a whole read."""
+        if self._rows is None:
+            return self.load()[start:stop]
+        value = np.asarray(self._rows(start, stop))
+        want = (min(stop, self.shape[0]) - start, *self.shape[1:])
+        if value.shape != want or value.dtype != self.dtype:
+            raise RuntimeError(f"internal error: rows of {self.name or 'a lazy tensor'} read as {value.dtype}"
+                               f"{list(value.shape)}, declared {self.dtype}{list(want)}")
+        return value
+
+    @property
+    def reads_rows(self) -> bool:
+        return self._rows is not None
 
     def __array__(self, dtype=None, copy=None):
         value = self.load()
@@ -72,7 +90,8 @@ class LazyTensor:
         dtype = np.dtype(dtype)
         if dtype == self.dtype:
             return self
-        return self.apply(lambda a: a.astype(dtype), dtype=dtype)
+        rows = None if self._rows is None else (lambda a, b: self._rows(a, b).astype(dtype))
+        return LazyTensor(self.shape, dtype, lambda: self.load().astype(dtype), self.name, rows)
 
     def __repr__(self) -> str:
         return f"LazyTensor({self.name or '?'}, {self.dtype}{list(self.shape)})"
@@ -85,6 +104,21 @@ def is_lazy(value) -> bool:
 def load(value) -> np.ndarray:
     """An array of `value` (read if lazy)."""
     return value.load() if isinstance(value, LazyTensor) else np.asarray(value)
+
+
+def row_chunks(value, max_bytes: int = 256 << 20):
+    """(start, rows) of a 2-D weight in chunks of at most `max_bytes` as f32: a lazy tensor whose
+    source reads row slices is never held whole (the embedding table of a 4B+ model is 2.5 GiB
+    and up in f32); anything else is loaded once and sliced."""
+    n, width = value.shape[0], int(np.prod(value.shape[1:], dtype=np.int64))
+    step = max(1, max_bytes // (4 * max(width, 1)))
+    if isinstance(value, LazyTensor) and value.reads_rows:
+        for r in range(0, n, step):
+            yield r, value.read_rows(r, min(r + step, n))
+        return
+    whole = load(value)
+    for r in range(0, n, step):
+        yield r, whole[r:r + step]
 
 
 def cast(value, dtype):

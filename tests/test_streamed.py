@@ -36,6 +36,34 @@ def test_lazy_tensor_reads_on_demand_and_transforms():
         bad.load()
 
 
+def test_row_chunked_quantization_equals_the_whole_weight(hf_checkpoints):
+    """A checkpoint's table is read a slice of rows at a time (never whole in f32), and the block
+    quantizers and the TFLite int8 encoder give, chunk by chunk, the whole weight's numbers."""
+    from export.quantize import blocks
+    from export.quantize.tflite import channel_int8, encoder
+    from export.lowering.tflite.streamed import Layout
+    from models.lazy import row_chunks
+    from models.loaders import load_checkpoint
+
+    path, _ = hf_checkpoints["gemma3"]
+    _, lazy = load_checkpoint(path, lazy=True)
+    table = lazy["embed"]
+    assert table.reads_rows and table.astype(np.float16).reads_rows and not table.T.reads_rows
+    whole = table.load()
+    chunks = list(row_chunks(table, 4096))  # 16 rows of 64 at a time
+    assert len(chunks) == whole.shape[0] // 16
+    np.testing.assert_array_equal(np.concatenate([r for _, r in chunks]), whole)
+    for fn in (blocks.mse, blocks.mse_asymmetric, blocks.rtn):
+        a, b = blocks.by_rows(fn, table, 4, 32, max_bytes=4096), fn(whole, 4, 32)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scales, b.scales)
+        assert (a.zeros is None and b.zeros is None) or np.array_equal(a.zeros, b.zeros)
+    enc = encoder(lazy, None)("embed", Layout("INT8"))
+    codes, scales = channel_int8(whole)
+    np.testing.assert_array_equal(enc.data, codes)
+    np.testing.assert_array_equal(enc.scales, scales)
+
+
 def test_random_params_are_per_tensor_and_deterministic():
     cfg = get_config("gemma3-tiny")
     a, b = random_params(param_shapes(cfg), 3), random_params(param_shapes(cfg), 3)

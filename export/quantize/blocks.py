@@ -99,11 +99,19 @@ class BlockQuantized:
 
     # ---- the targets' layouts ----
     def tflite_int4(self) -> np.ndarray:
-        """The INT4 tensor's bytes: two's complement nibbles, element 2i low, 2i+1 high."""
+        """The INT4 tensor's bytes: two's complement nibbles, element 2i low, 2i+1 high (packed
+        in chunks: no whole-tensor temporaries)."""
         if self.bits != 4 or self.zeros is not None:
             raise ValueError("only symmetric 4-bit blocks go into a TFLite INT4 tensor")
-        c = self.codes.reshape(-1).astype(np.uint8) & 0x0F
-        return (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
+        flat = self.codes.reshape(-1)
+        out = np.empty((flat.size + 1) // 2, np.uint8)
+        step = 1 << 24  # codes per chunk (even)
+        for i in range(0, flat.size, step):
+            c = flat[i:i + step].view(np.uint8) & 0x0F
+            if c.size % 2:
+                c = np.append(c, np.uint8(0))
+            out[i // 2:i // 2 + c.size // 2] = c[0::2] | (c[1::2] << 4)
+        return out
 
     def nbits(self) -> tuple[np.ndarray, np.ndarray]:
         """MatMulNBits' (B uint8 [N, K/block, block*bits/8], scales f32 [N, K/block]) with the
@@ -206,7 +214,7 @@ def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None
     (default: round to nearest). With `table_bits`, the table (when not carried) is rounded to
     nearest at that many bits instead, in blocks of `table_block`. A lazy weight
     (models.lazy.LazyTensor) gets a PendingBlocks, computed when the writer takes it."""
-    from models.lazy import is_lazy, load
+    from models.lazy import is_lazy
 
     quantize = quantize or rtn
     carried = carried or {}
@@ -226,10 +234,29 @@ def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None
         else:
             fn, b, k = quantize, bits, block
         if is_lazy(value):
-            out[name] = PendingBlocks(shape, b, k, lambda fn=fn, v=value, b=b, k=k: fn(np.asarray(load(v), np.float32), b, k))
+            out[name] = PendingBlocks(shape, b, k, lambda fn=fn, v=value, b=b, k=k: by_rows(fn, v, b, k))
         else:
             out[name] = fn(np.asarray(value, np.float32), b, k)
     return out
+
+
+def by_rows(fn, value, bits: int, block: int, max_bytes: int = 256 << 20) -> BlockQuantized:
+    """`fn(w, bits, block)` of a weight computed over row chunks (models.lazy.row_chunks: a lazy
+    weight whose source reads row slices is never held whole in f32). Every block is one row's,
+    so the result is the whole weight's, value for value."""
+    from models.lazy import row_chunks
+
+    codes = np.empty(tuple(value.shape), np.int8)
+    scales, zeros, origin = [], [], ""
+    for r, rows in row_chunks(value, max_bytes):
+        b = fn(np.asarray(rows, np.float32), bits, block)
+        codes[r:r + len(rows)] = b.codes
+        scales.append(b.scales)
+        zeros.append(b.zeros)
+        origin = b.origin
+        del b
+    zeros = None if zeros[0] is None else np.concatenate(zeros)
+    return BlockQuantized(codes, np.concatenate(scales), bits, origin, zeros)
 
 
 def pending_source_blocks(kind: str, shape: tuple, decode) -> PendingBlocks:

@@ -89,16 +89,19 @@ def encoder(weights: dict, blocks: dict | None):
     lazy tensors) one at a time."""
     from export.lowering.tflite.streamed import Encoded
     from export.quantize.blocks import resolved
-    from models.lazy import load
+    from models.lazy import load, row_chunks
 
     def fn(name: str, lay) -> Encoded:
         if lay.type == "INT4":
             b, _moved = resolved(blocks[name]).positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
             return Encoded(b.tflite_int4(), b.scales)
-        w = np.asarray(load(weights[name]))
-        if lay.type == "INT8":
-            return Encoded(*channel_int8(w))
-        return Encoded(w)
+        if lay.type == "INT8":  # per row: computed over row chunks (models.lazy.row_chunks)
+            value = weights[name]
+            codes, scales = np.empty(tuple(value.shape), np.int8), np.empty(value.shape[0], np.float32)
+            for r, rows in row_chunks(value):
+                codes[r:r + len(rows)], scales[r:r + len(rows)] = channel_int8(rows)
+            return Encoded(codes, scales)
+        return Encoded(np.asarray(load(weights[name])))
 
     return fn
 

@@ -119,7 +119,11 @@ def _lazy_param(reader: TensorReader, src: Source, shape: tuple, dtype, ours: st
             value = value[: shape[0]]
         return np.ascontiguousarray(value, dtype=dtype)
 
-    return LazyTensor(shape, dtype, read, ours)
+    def rows(start, stop):  # a row slice of the stored tensor, read alone
+        return np.ascontiguousarray(reader.read_rows(src.name, start, min(stop, shape[0]), dtype), dtype=dtype)
+
+    sliceable = src.transform is None and len(shape) == 2 and hasattr(reader, "read_rows")
+    return LazyTensor(shape, dtype, read, ours, rows if sliceable else None)
 
 
 def _use_counts(names: Iterable[str]) -> dict[str, int]:

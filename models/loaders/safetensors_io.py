@@ -86,6 +86,21 @@ class SafetensorsFile:
         self._drop_pages(begin, end)
         return out
 
+    def read_rows(self, name: str, start: int, stop: int, dtype=None) -> np.ndarray:
+        """Rows start..stop of a tensor (a contiguous byte range of the file), as a fresh array."""
+        entry = self._entries[name]
+        shape = entry["shape"]
+        dtype_in = self.dtype(name)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype_in.itemsize
+        begin = self._base + entry["data_offsets"][0] + start * row
+        n = max(0, min(stop, shape[0]) - start)
+        src = np.frombuffer(self._map, dtype=dtype_in, count=n * row // dtype_in.itemsize,
+                            offset=begin).reshape(n, *shape[1:])
+        out = src.astype(dtype or src.dtype, copy=True)
+        del src
+        self._drop_pages(begin, begin + n * row)
+        return out
+
     def _drop_pages(self, begin: int, end: int):
         page = mmap.PAGESIZE
         start = begin - begin % page
@@ -134,6 +149,9 @@ class SafetensorsCheckpoint:
 
     def read(self, name: str, dtype=None) -> np.ndarray:
         return self._where[name].read(name, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype=None) -> np.ndarray:
+        return self._where[name].read_rows(name, start, stop, dtype)
 
     def close(self):
         for f in self._files:
