@@ -132,7 +132,7 @@ def rtn(w: np.ndarray, bits: int = 4, block: int = 32, mode: str = "absmax",
 
 
 def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
-               asymmetric: bool = False, signed: bool = True, chunk: int = 2048,
+               asymmetric: bool = False, signed: bool = True, chunk: int | None = None,
                positive: bool = False):
     """Per block, the candidate scale with the least squared error sum((w - q(w))^2).
 
@@ -202,6 +202,9 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
             codes[rs] = _quant_sym(b, best_s, qmin, qmax)
         scales[rs] = best_s
 
+    if chunk is None:  # rows per task: ~2 MiB of blocks (cache-sized), and work for every core
+        cores = os.cpu_count() or 1
+        chunk = max(1, min((2 << 20) // (4 * max(1, nb * block)), -(-n // (4 * cores))))
     _parallel(search, list(_chunks(n, chunk)))
     codes = codes.reshape(n, -1)
     return (codes, scales, zps) if asymmetric else (codes, scales)
