@@ -545,16 +545,12 @@ def _settle(written: Path, final: Path) -> Path:
     if final.exists():
         _remove(final)
     os.replace(written, final)
-    if report.exists():  # a folder's report moved with it
-        data = json.loads(report.read_text())
-        data.update(artifact=final.name, artifact_bytes=artifact_bytes(final))
-        report.write_text(json.dumps(data, indent=1))
+    if report.exists():  # a file's report sits beside it (a folder's moved with the folder)
         os.replace(report, parity_path(final))
-    else:
-        target = parity_path(final)
-        data = json.loads(target.read_text())
-        data.update(artifact=final.name, artifact_bytes=artifact_bytes(final))
-        target.write_text(json.dumps(data, indent=1))
+    report = parity_path(final)
+    data = json.loads(report.read_text())
+    data.update(artifact=final.name, artifact_bytes=artifact_bytes(final))
+    report.write_text(json.dumps(data, indent=1))
     if old_cache is not None and old_cache.exists():
         from runtime_py.tflite_backend import weight_cache_path
 

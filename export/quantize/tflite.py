@@ -51,13 +51,7 @@ def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(w, np.float32)
     bound = np.maximum(np.abs(w.min(axis=1, keepdims=True)), np.abs(w.max(axis=1, keepdims=True)))
     scale = np.maximum(bound, 1e-9) / 127.0
-    q = np.empty(w.shape, np.int8)
-    step = max(1, (16 << 20) // (4 * w.shape[1]))  # rows per 16 MiB chunk: no whole-table temporaries
-    for r in range(0, w.shape[0], step):
-        x = np.divide(w[r:r + step], scale[r:r + step])
-        np.rint(x, out=x)
-        np.clip(x, -127, 127, out=x)
-        q[r:r + step] = x
+    q = np.clip(np.rint(np.divide(w, scale)), -127, 127).astype(np.int8)  # callers pass row chunks
     return q, scale.reshape(-1).astype(np.float32)
 
 

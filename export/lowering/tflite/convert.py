@@ -136,9 +136,10 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
     from models.lazy import materialize
 
     names = weight_names(params)
-    holes = [n for n in names if n in set(holes or ())]
+    left_out = set(holes or ())
+    holes = [n for n in names if n in left_out]
     # the converter reads every other weight; they live until the file is written
-    inlined = materialize({k: v for k, v in params.items() if k not in set(holes)})
+    inlined = materialize({k: v for k, v in params.items() if k not in left_out})
     ctx = ir.Context()
     conv.prepare_mlir_context(ctx)
     modules = []

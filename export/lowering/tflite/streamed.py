@@ -20,13 +20,13 @@ for models past 2 GiB, which every LiteRT loader reads). The offsets depend only
 shapes, so the flatbuffer is packed once with placeholder scales to learn its size, the data is
 streamed after it one weight at a time (read, quantized, written, dropped), and the flatbuffer is
 packed again with the real scales (its size cannot change: only values differ) and written in
-front. Peak memory: the skeleton plus one weight. Written to a temporary name, then renamed.
+front. Peak memory: the skeleton plus one weight. `path` is the driver's temporary name
+(export/driver.py: atomic_output renames it when complete and removes it on any error).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +174,10 @@ def _place(model, holes: dict[str, Hole]) -> tuple[list, dict]:
     flatbuffer holds (INT8: filled in place once the values are known)."""
     S = _schema()
     buffers, channel_scales = [], {}
+    # every subgraph's readers, taken once before any change; the DEQUANTIZE ops are inserted at
+    # the end (from the back, so the indices hold)
+    readers = {si: _readers(model, sg) for si, sg in enumerate(model.subgraphs)}
+    inserts: dict[int, list] = {}
     for name in sorted(holes):
         hole, layout = holes[name], holes[name].layout
         data_buf = len(model.buffers)
@@ -194,8 +198,8 @@ def _place(model, holes: dict[str, Hole]) -> tuple[list, dict]:
                 sg.tensors.append(stored)
                 deq = S.OperatorT()
                 deq.opcodeIndex, deq.inputs, deq.outputs = _opcode(model, "DEQUANTIZE", 1), [len(sg.tensors) - 1], [ti]
-                first = min(oi for oi, _, _ in _readers(model, sg).get(ti, [(len(sg.operators), None, None)]))
-                sg.operators.insert(first, deq)
+                first = min(oi for oi, _, _ in readers[si].get(ti, [(len(sg.operators), None, None)]))
+                inserts.setdefault(si, []).append((first, deq))
                 target.name = (name + "_dequant").encode()
             else:
                 stored = target
@@ -214,12 +218,15 @@ def _place(model, holes: dict[str, Hole]) -> tuple[list, dict]:
                 q.detailsType, q.details = S.QuantizationDetails.BlockwiseQuantization, details
                 stored.quantization = q
             elif layout.type == "FLOAT16":  # the graph's CAST to f32 becomes a DEQUANTIZE, as for f16 constants
-                for oi, op, _pos in _readers(model, sg).get(ti, []):
+                for oi, op, _pos in readers[si].get(ti, []):
                     if op == "CAST":
                         cast = sg.operators[oi]
                         cast.opcodeIndex = _opcode(model, "DEQUANTIZE", 3)
                         cast.builtinOptionsType, cast.builtinOptions = 0, None
             sg.inputs = [i for i in sg.inputs if i != ti]
+    for si, ops in inserts.items():
+        for first, deq in sorted(ops, key=lambda x: x[0], reverse=True):
+            model.subgraphs[si].operators.insert(first, deq)
     for sig in model.signatureDefs or []:
         sig.inputs = [m for m in sig.inputs
                       if not (m.name.decode() if isinstance(m.name, bytes) else m.name).startswith(HOLE)]
@@ -240,7 +247,7 @@ def _align(n: int) -> int:
 
 def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
          progress: Callable | None = None) -> Path:
-    """Write `path`: the skeleton with every hole filled. `layout(hole)` says how each weight is
+    """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
     stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
     it is written)."""
     from ai_edge_litert.tools import flatbuffer_utils
@@ -260,37 +267,31 @@ def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: C
         offset = _align(offset + nbytes)
     end = offset
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            where = {(name, what): (index, nbytes) for index, nbytes, name, what in buffers}
-            names = sorted(holes)
-            for i, name in enumerate(names):
-                if progress:
-                    progress(i, len(names), f"write {name}")
-                hole = holes[name]
-                enc = encode(name, hole.layout)
-                _write(f, model, where[(name, "data")], enc.data, name)
-                shape = hole.layout.scale_shape(hole.shape)
-                if hole.layout.type == "INT8":
-                    channel_scales[name][:] = np.asarray(enc.scales, np.float32).reshape(shape)
-                elif hole.layout.type == "INT4":
-                    _write(f, model, where[(name, "scales")], np.asarray(enc.scales, np.float16).reshape(shape), name)
-                del enc
+    with open(path, "wb") as f:
+        where = {(name, what): (index, nbytes) for index, nbytes, name, what in buffers}
+        names = sorted(holes)
+        for i, name in enumerate(names):
             if progress:
-                progress(len(names), len(names), "weights written")
-            flat = _pack(model)
-            if len(flat) != size:
-                raise RuntimeError(f"internal error: the flatbuffer changed size ({size} -> {len(flat)} bytes) "
-                                   "when its scales were set")
-            f.seek(0)
-            f.write(flat)
-            f.write(b"\0" * (_align(size) - size))
-            f.truncate(end)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                progress(i, len(names), f"write {name}")
+            hole = holes[name]
+            enc = encode(name, hole.layout)
+            _write(f, model, where[(name, "data")], enc.data, name)
+            shape = hole.layout.scale_shape(hole.shape)
+            if hole.layout.type == "INT8":
+                channel_scales[name][:] = np.asarray(enc.scales, np.float32).reshape(shape)
+            elif hole.layout.type == "INT4":
+                _write(f, model, where[(name, "scales")], np.asarray(enc.scales, np.float16).reshape(shape), name)
+            del enc
+        if progress:
+            progress(len(names), len(names), "weights written")
+        flat = _pack(model)
+        if len(flat) != size:
+            raise RuntimeError(f"internal error: the flatbuffer changed size ({size} -> {len(flat)} bytes) "
+                               "when its scales were set")
+        f.seek(0)
+        f.write(flat)
+        f.write(b"\0" * (_align(size) - size))
+        f.truncate(end)
     return path
 
 
