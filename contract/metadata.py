@@ -69,6 +69,7 @@ class ArtifactMetadata:
     prefill_lengths: tuple[int, ...] = ()
     weight_dtype: str = "f32"  # stored float weights: f32 | bf16 | f16
     quantization: str | None = None  # the recipe, None for float storage
+    quant_method: str | None = None  # int4 recipes: how the codes were chosen (mse | gptq)
     attention: str = "sdpa"  # the attention form the graphs were traced with (models.fused)
     onnx_op_set: str | None = None
     image: ImageLayout | None = None  # Gemma 3 with a vision encoder

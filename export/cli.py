@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from export.options import DTYPES, GATE_MODES, ExportOptions, parse_prefill_lens
+from export.options import DTYPES, GATE_MODES, INT4_METHODS, ExportOptions, parse_prefill_lens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,8 @@ class Request:
         if cfg is None:
             return
         o = self.options
-        check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate)
+        check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate,
+                   gptq=o.int4_method == "gptq")
 
     def check_disk(self, cfg, free: int | None = None):
         """Refuse an export whose artifact (estimated from the config) would not fit the free space
@@ -208,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="post-training quantization recipe: fp16, int8, dynamic-int8, int4-b32, int4-b128, int4-b32-e8 "
                          "(see --list-quant for which target runs which); the parity gate then uses the "
                          "recipe's accuracy thresholds")
+    ap.add_argument("--int4-method", choices=INT4_METHODS, default="mse",
+                    help="how the int4 recipes choose codes: mse (default: per-block least-error scales, no data) "
+                         "or gptq (error-compensating rounding from the model's own activations on a calibration "
+                         "text shipped with the project; more accurate, minutes longer; same file and speed)")
+    ap.add_argument("--calibration-text", type=Path, metavar="FILE",
+                    help="GPTQ's calibration text (UTF-8; a few thousand tokens or more, like what the model will "
+                         "read); default: export/quantize/calibration.txt, English prose and Python code")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--skip-memory-check", action="store_true",
@@ -235,7 +243,7 @@ def parse_request(args) -> Request:
     options = ExportOptions(
         out_dir=args.out, max_len=args.max_seq_len,
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
-        dtype=args.dtype, quant=args.quant, onnx_ops=args.onnx_ops,
+        dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         gate=args.gate,
         engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True,

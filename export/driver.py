@@ -246,8 +246,9 @@ class Plan:
         return "f16" if self.recipe.bits == 16 else "f32"
 
     def metadata(self, layout: StateLayout, **fields) -> ArtifactMetadata:
+        method = self.options.int4_method if self.recipe is not None and self.recipe.block else None
         return artifact_metadata(self.cfg, self.max_len, layout, prefill_lengths=self.lens,
-                                 weight_dtype=self.storage, quantization=self.quant,
+                                 weight_dtype=self.storage, quantization=self.quant, quant_method=method,
                                  attention=self.target.attention, **fields)
 
 
@@ -279,7 +280,27 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
     plan = tgt.preflight(plan)
     recipe = None if options.quant is None else check(tgt.quant_table, options.quant, plan.op_set, cfg, options.dtype)
     plan = dataclasses.replace(plan, recipe=recipe)
+    if options.int4_method == "gptq":
+        calibration_tokenizer(plan)  # a missing or unreadable tokenizer fails here, before any work
     return dataclasses.replace(plan, path=Path(options.out_dir) / (options.name or tgt.artifact_name(plan)))
+
+
+def calibration_tokenizer(plan: Plan):
+    """The tokenizer GPTQ's calibration text is read with (export/quantize/gptq.py): the target's
+    or --tokenizer's. None for a random-weight dry run without one (seeded random ids); otherwise
+    a missing tokenizer is a one-line ValueError."""
+    from contract.tokenizer import Tokenizer
+
+    source = plan.tokenizer or plan.options.tokenizer
+    try:
+        if source is None:
+            raise FileNotFoundError("no tokenizer")
+        return Tokenizer(source)
+    except (FileNotFoundError, ValueError) as e:
+        if plan.options.random_weights:
+            return None
+        raise ValueError(f"--int4-method gptq calibrates on text and needs the model's tokenizer ({e}): pass "
+                         "--tokenizer PATH (a tokenizer.model or the folder holding it)") from None
 
 
 def default_prefill_lens(max_len: int) -> list[int]:
@@ -296,6 +317,14 @@ class Weights:
     # name -> export.quantize.blocks.BlockQuantized: the exact codes and scales the targets write
     # (int4 recipes: every matmul weight; 8-bit: the checkpoint's Q8_0 blocks where ONNX holds them)
     blocks: dict | None = None
+    scratch: object = None  # a TemporaryDirectory the blocks are read from (GPTQ), removed once written
+
+    def written(self):
+        """The artifact holds the blocks now: drop them and their scratch files."""
+        self.blocks = None
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
 
 
 def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
@@ -307,10 +336,11 @@ def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
             for k, v in params.items()}
 
 
-def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
+def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer | None = None) -> Weights:
     """The weights as stored, computed with, and checked against; `carried` (name ->
     BlockQuantized) holds a checkpoint's own quantized blocks (GGUF Q4_0 / Q8_0), written into the
-    artifact exactly where the recipe's format holds them."""
+    artifact exactly where the recipe's format holds them. With --int4-method gptq the
+    calibration runs here (a `timer` stage)."""
     recipe = plan.recipe
     if recipe is not None and recipe.bits == 16:
         stored = stored_params(params, "f16", embed_16bit=True)
@@ -325,10 +355,32 @@ def storage(plan: Plan, params: dict, carried: dict | None = None) -> Weights:
         stored = stored_params(params, plan.storage, embed_16bit=plan.target.embed_16bit)
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
+    scratch = None
+    if recipe is not None and recipe.block and plan.options.int4_method == "gptq":
+        scratch = tempfile.TemporaryDirectory(dir=plan.path.parent, prefix=f".{plan.path.name}.gptq-")
+        try:
+            with (timer or Timer()).stage("calibrate (gptq)", record="calibrate") as t:
+                carried = dict(carried or {}, **gptq(plan, stored, carried, Path(scratch.name), t.progress))
+        except BaseException:
+            scratch.cleanup()
+            raise
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 
-    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks)
+    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch)
+
+
+def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress) -> dict:
+    """GPTQ blocks (export/quantize/gptq.py) of every layer matmul the checkpoint does not carry
+    in the recipe's form, spilled to `scratch`; they then take the place of carried blocks."""
+    from export.quantize.gptq import gptq_blocks
+
+    recipe = plan.recipe
+    same = {n: b for n, b in (carried or {}).items()
+            if n in stored and b.bits == recipe.bits and b.block == recipe.block and b.shape == np.shape(stored[n])}
+    return gptq_blocks(stored, plan.cfg, recipe.bits, recipe.block, asymmetric=plan.target.quant_table == "onnx",
+                       scratch=scratch, tokenizer=calibration_tokenizer(plan), carried=same,
+                       text=plan.options.calibration_text, table=not recipe.table_bits, progress=progress)
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | None:
@@ -392,7 +444,8 @@ class ExportResult:
 
         ideal = ideal_bytes(stored, self.quant, self.plan.target.quant_table)
         f32 = sum(v.size for v in stored.values()) * 4
-        return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}; {f32 / file_bytes:.2f}x smaller than f32, "
+        method = "" if self.metadata.quant_method in (None, "mse") else f", {self.metadata.quant_method} codes"
+        return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}{method}; {f32 / file_bytes:.2f}x smaller than f32, "
                 f"{file_bytes / ideal:.3f}x the ideal {ideal / 2**20:.1f} MiB of parameters x bits + scales)")
 
     def summary(self) -> str:
@@ -422,7 +475,7 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     """Storage, signatures, write, gate for a resolved plan. With `consume`, `params` is emptied
     once the stored weights hold what they need, so that the gate can free the host copies
     (the CLI, which has no further use for them, passes it)."""
-    weights = storage(plan, params, carried)
+    weights = storage(plan, params, carried, timer)
     if consume:
         params.clear()
     params = None
@@ -435,9 +488,11 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     written = pending_path(plan.path) if verify else plan.path
     _remove(parity_path(plan.path))  # a report of an earlier export under this name no longer applies
     _remove(parity_path(plan.path).with_suffix(".png"))
-    with atomic_output(written, directory=directory) as tmp:
-        metadata, info = tgt.write(plan, weights, signatures, tmp, timer)
-    weights.blocks = None  # written: the artifact holds them now
+    try:
+        with atomic_output(written, directory=directory) as tmp:
+            metadata, info = tgt.write(plan, weights, signatures, tmp, timer)
+    finally:
+        weights.written()
     result = ExportResult(written, plan, signatures, metadata, timer.seconds, weights.stored, weights.reference,
                           info)
     if plan.options.verbose:
@@ -461,7 +516,8 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
                                    lens=list(plan.lens), quant=plan.quant, attention=tgt.attention,
                                    steps=plan.options.verify_steps, tokenizer=plan.tokenizer,
                                    engine_check=tgt.engine_check and plan.options.engine_check,
-                                   stage=timer.stage, drop=drop, mode=mode, progress=timer.progress)
+                                   stage=timer.stage, drop=drop, mode=mode, progress=timer.progress,
+                                   method=metadata.quant_method)
     except BaseException:  # an error or Ctrl-C during the gate: nothing is left
         _remove_weight_cache(written)
         _remove(written)

@@ -171,7 +171,9 @@ def format_text(d: dict) -> str:
     if meta:
         lines.append(f"  model {meta.get('model')} ({meta.get('family')}), context {meta.get('max_seq_len')}, "
                      f"sliding window {meta.get('sliding_window')}, weights {meta.get('weight_dtype')}, "
-                     f"quantization {meta.get('quantization') or 'none'}, vocab {meta.get('vocab_size')}, "
+                     f"quantization {meta.get('quantization') or 'none'}"
+                     + (f" ({meta['quant_method']} codes)" if meta.get("quant_method") else "")
+                     + f", vocab {meta.get('vocab_size')}, "
                      f"instruction-tuned {meta.get('instruction_tuned')}")
     else:
         lines.append("  no gemma-edge metadata (not exported by this tool?)")
@@ -268,7 +270,8 @@ def verdict(path: Path) -> dict:
     if not data.get("verified", True):
         return {"verdict": "NOT VERIFIED", "why": "exported with --no-verify"}
     gate = data.get("gate") or {}
-    what = f"{gate['quantization']} thresholds" if gate.get("quantization") else "float tolerance"
+    method = f" ({gate['quant_method']})" if gate.get("quant_method") else ""
+    what = f"{gate['quantization']}{method} thresholds" if gate.get("quantization") else "float tolerance"
     if "mean_rel_rms" in data and gate.get("quantization"):
         figures = (f"mean rel RMS {data['mean_rel_rms']:.2e}, top-1 {data.get('top1_agreement', 0):.3f}, "
                    f"mean KL {data.get('mean_kl', 0):.2e}")

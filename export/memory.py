@@ -79,9 +79,28 @@ def param_shapes_with_vision(cfg, vision: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def gptq_bytes(shapes: dict) -> int:
+    """GPTQ's calibration (export/quantize/gptq.py): a layer's f32 weights twice (as read and
+    dequantized), the widest matmul input's K x K statistic four times (H, its damped copy, the
+    inverse, the factor), the f32 table (a random init's or a GGUF's is read whole for the
+    calibration tokens' embeddings) and a GiB for the activations and the runtime (gemma3-1b:
+    2.8 GiB measured, 3.0 estimated)."""
+    layers: dict[str, int] = {}
+    widest = 0
+    for k, s in shapes.items():
+        if k.startswith("layers."):
+            layers[k.split(".")[1]] = layers.get(k.split(".")[1], 0) + 4 * math.prod(s)
+            if len(s) == 2:
+                widest = max(widest, s[1])
+    square = (8 if widest <= 4096 else 4) * widest ** 2  # algorithms.gptq: f64 algebra up to K = 4096, then f32
+    table = 4 * math.prod(shapes["embed"])  # the lookup of the calibration tokens may read it whole
+    return int(2 * max(layers.values(), default=0) + 4 * square + table + GiB)
+
+
 def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-             vision: bool = True, gate: str = "auto", available: int | None = None) -> Estimate:
-    """The pipeline's peak resident memory for this export, from the config's parameter shapes."""
+             vision: bool = True, gate: str = "auto", available: int | None = None, gptq: bool = False) -> Estimate:
+    """The pipeline's peak resident memory for this export, from the config's parameter shapes
+    (`gptq`: --int4-method gptq's calibration, which runs before the weights are written)."""
     shapes = param_shapes_with_vision(cfg, vision)
     n = sum(math.prod(s) for s in shapes.values())
     f32 = 4 * n
@@ -106,6 +125,8 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
 
         inlined = 4 * sum(math.prod(s) for k, s in shapes.items() if not is_quantized_weight(k, s))
         export = int(inlined + 1.3 * largest + GiB)
+    if gptq:
+        export = max(export, gptq_bytes(shapes))
     runtime = _runtime_factor(target, quant if quant else (None if dtype == "f32" else "fp16")) * artifact
     in_memory = int(1.5 * f32 + runtime + GATE_OVERHEAD)
     table = 4 * math.prod(shapes["embed"])
@@ -138,11 +159,11 @@ def total_memory() -> int:
 
 
 def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-               vision: bool = True, available: int | None = None, gate: str = "auto") -> Estimate:
+               vision: bool = True, available: int | None = None, gate: str = "auto", gptq: bool = False) -> Estimate:
     """ValueError (one line: the memory needed, the machine's, and what would fit) when the export
     cannot fit; the estimate otherwise."""
     available = total_memory() if available is None else available
-    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available)
+    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq)
     if est.peak <= available:
         return est
     stage = f"its parity gate ({est.gate})" if est.gate_bytes > est.export_bytes else "the export"
@@ -152,7 +173,7 @@ def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: 
     if verify and est.export_bytes <= available:
         hints.append("--no-verify (no parity gate)")
     if target != "onnx":
-        other = estimate(cfg, "onnx", quant, dtype, verify, vision, gate, available)
+        other = estimate(cfg, "onnx", quant, dtype, verify, vision, gate, available, gptq)
         if other.peak <= available:
             hints.append("--target onnx")
     hint = ("; " + " or ".join(hints) + " would fit") if hints else \

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 DTYPES = ("f32", "bf16", "f16")
-GATE_MODES = ("auto", "memory", "streamed")  # the parity gate's reference (verify/gate.py, export/memory.py)
+GATE_MODES = ("auto", "memory", "streamed")
+INT4_METHODS = ("mse", "gptq")  # how int4 codes are chosen (export/quantize/blocks.py, export/quantize/gptq.py)  # the parity gate's reference (verify/gate.py, export/memory.py)
 DEFAULT_PREFILL_LENS = (32, 128)
 DEFAULT_CONTEXT = 4096  # capped by the model's own context
 
@@ -23,6 +24,8 @@ class ExportOptions:
     prefill_lens: tuple[int, ...] | None = None  # default DEFAULT_PREFILL_LENS (+ one that holds an image)
     dtype: str = "f32"  # stored float weights, without a recipe
     quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
+    int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
+    calibration_text: Path | None = None  # GPTQ's text; default export/quantize/calibration.txt
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
     tokenizer: Path | None = None  # default: the checkpoint folder
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
@@ -51,6 +54,16 @@ class ExportOptions:
                              "holding it)")
         if self.verify_steps < 1:
             raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
+        if self.int4_method not in INT4_METHODS:
+            raise ValueError(f"unknown --int4-method '{self.int4_method}'; choose {', '.join(INT4_METHODS)}")
+        if self.int4_method != "mse" and (self.quant is None or not self.quant.startswith("int4")):
+            raise ValueError(f"--int4-method {self.int4_method} chooses int4 codes: pass an int4 recipe "
+                             "(--quant int4-b32, int4-b128 or int4-b32-e8), or drop --int4-method")
+        if self.calibration_text is not None:
+            if self.int4_method != "gptq":
+                raise ValueError("--calibration-text is GPTQ's: add --int4-method gptq, or drop --calibration-text")
+            if not Path(self.calibration_text).is_file():
+                raise ValueError(f"--calibration-text {self.calibration_text} is not a file; pass a UTF-8 text file")
         if self.quant is not None:
             from export.quantize import check
 

@@ -8,6 +8,8 @@ accumulation; norm statistics, RoPE angles, softmax, soft-caps and the RG-LRU ga
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -32,8 +34,28 @@ class Params:
         return Params(self._params, self._prefix + prefix)
 
 
+_TAP = None  # see `tap`
+
+
+@contextlib.contextmanager
+def tap(fn):
+    """Within the block, every `dense` first calls fn(w, x) with its weight and input (calibration:
+    export/quantize/gptq.py collects each matmul's input statistics this way, inside a trace of one
+    layer). Not reentrant; the model's numbers are unchanged."""
+    global _TAP
+    if _TAP is not None:
+        raise RuntimeError("dense is already tapped")
+    _TAP = fn
+    try:
+        yield
+    finally:
+        _TAP = None
+
+
 def dense(x, w, bias=None):
     """x [..., in] @ w[out, in].T (+ bias). Weights are stored [out, in] (becomes FULLY_CONNECTED)."""
+    if _TAP is not None:
+        _TAP(w, x)
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32)
     if bias is not None:
         y = y + bias.astype(F32)

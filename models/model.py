@@ -64,7 +64,6 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     if max_len is not None and is_static(t) and t > max_len:
         raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
 
-    layer_fn = _LAYER_FNS[cfg.family]
     extra = {"attention": AttentionForm(attention)}
     if embeddings is None:
         x = embed_tokens(params, cfg, tokens)
@@ -76,13 +75,21 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
         x = jnp.where(is_soft[..., None], embeddings.astype(x.dtype), x)
         extra["blocks"] = image_blocks(is_soft)
     new_cache = []
-    for i, kind in enumerate(cfg.layer_kinds):
-        x, layer_cache = layer_fn(Params(params, f"layers.{i}."), cfg, kind, x, positions, start, nv,
-                                  cache[i], **extra)
+    for i in range(len(cfg.layer_kinds)):
+        x, layer_cache = apply_layer(params, cfg, i, x, positions, start, nv, cache[i], **extra)
         new_cache.append(layer_cache)
     if last_only:  # [B, T, E] -> [B, 1, E]
         x = jnp.take_along_axis(x, jnp.maximum(nv - 1, 0)[:, None, None], axis=1)
     return unembed(params, cfg, x), tuple(new_cache)
+
+
+def apply_layer(params: dict, cfg: ModelConfig, i: int, x, positions, start, num_valid, layer_cache, **extra):
+    """Layer i of the stack (its weights are params' "layers.{i}." entries): x [B, T, E] ->
+    (x, the layer's new cache). `forward` runs every layer through here; calibration
+    (export/quantize/gptq.py) runs them one at a time."""
+    layer_fn = _LAYER_FNS[cfg.family]
+    return layer_fn(Params(params, f"layers.{i}."), cfg, cfg.layer_kinds[i], x, positions, start, num_valid,
+                    layer_cache, **extra)
 
 
 def unembed(params: dict, cfg: ModelConfig, x):

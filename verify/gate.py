@@ -49,7 +49,7 @@ def parity_path(artifact: Path) -> Path:
 def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target: str, max_len: int, lens: list[int],
              quant: str | None, attention: AttentionForm, steps: int = 64, tokenizer: Path | None = None,
              engine_check: bool = False, stage=None, drop=None, mode: str = "memory",
-             progress=None) -> GateResult:
+             progress=None, method: str | None = None) -> GateResult:
     """Gate `artifact` against the JAX model on `reference_params` (f32 arrays, or lazy tensors
     read when used).
 
@@ -58,7 +58,8 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
     weights, so the caller can free the host copies before the runtime loads the artifact.
     mode "streamed": the artifact first, then the reference one layer at a time
     (verify/streamed.py): memory is the artifact's runtime or one layer, not both.
-    `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run."""
+    `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run. `method`: how an int4 recipe's
+    codes were chosen (verify/gates.py has a row per method)."""
     from runtime_py import load
 
     if mode not in ("memory", "streamed"):
@@ -89,11 +90,12 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
         engine = litert_lm_check(artifact, reference if against_jax else session, cfg, tokenizer, max_len, lens,
                                  steps, "the JAX model" if against_jax else "runtime_py", stage)
     del session
-    gate = gate_for(target, quant)
+    gate = gate_for(target, quant, method)
     failures = gate.failures(report)
     path = parity_path(artifact)
     result = GateResult(report, gate, failures, path, quant, engine)
-    body = {"quantization": quant, **gate.as_dict()} if quant is not None else gate.as_dict()
+    body = {"quantization": quant, **({"quant_method": method} if method else {}), **gate.as_dict()} \
+        if quant is not None else gate.as_dict()
     extra = {"litert_lm": engine.as_dict()} if engine is not None else {}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(report.to_json(artifact=Path(artifact).name, gate=body, passed=result.passed, **extra))

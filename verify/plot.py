@@ -60,7 +60,8 @@ def write_png(report_path: Path, png_path: Path, window: int | None = None) -> P
     ax_kl.set_xlabel("position" + (f" (dashed: multiples of the {window}-token window, where the rings wrap)"
                                    if window else ""))
     verdict = "PASSED" if data.get("passed") else "FAILED"
-    what = f"{gate['quantization']} vs the f32 model" if gate.get("quantization") else "float"
+    method = f" ({gate['quant_method']})" if gate.get("quant_method") else ""
+    what = f"{gate['quantization']}{method} vs the f32 model" if gate.get("quantization") else "float"
     ax_rms.set_title(f"{data.get('artifact', '')}: parity {verdict} ({what}), greedy match "
                      f"{data.get('greedy_match')} of {data.get('decode_steps')}")
     ax_rms.legend(loc="upper left", fontsize=7, ncol=4)

@@ -220,6 +220,20 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | 
     return (c * scales.astype(np.float32)[..., None]).reshape(n, k)
 
 
+def upper_factor_of_inverse(h: np.ndarray) -> np.ndarray:
+    """U, upper triangular with a positive diagonal, such that H^-1 = U^T U (the Cholesky factor
+    GPTQ steps with), without forming H^-1: with J the reversal, J H J = L L^T (Cholesky), and
+    U = J L^-1 J. 2/3 n^3 flops instead of an inverse and a Cholesky's 7/3 n^3 (a 6912-wide
+    input: ~3 s instead of ~10 s on 2 cores)."""
+    from scipy.linalg import lapack
+
+    low = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    inverse, info = (lapack.dtrtri if low.dtype == np.float64 else lapack.strtri)(low, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
+    return np.ascontiguousarray(inverse[::-1, ::-1])
+
+
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, damp: float = 0.01,
          scale_fn: Callable = mse_search, lazy: int = 128, chunk: int = 1024, **scale_kw):
     """GPTQ: quantize columns in order, spreading each column's error over the columns not yet
@@ -240,19 +254,20 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, dam
         raise ValueError(f"K={k} is not a multiple of block={block}")
     asym = bool(scale_kw.get("asymmetric", False))
     qmin, qmax = _qrange(bits, asym)
-    h = np.array(hessian, np.float64, copy=True)
+    # f64 algebra, f32 for the widest inputs (K > 4096: 12B's and 27B's down projections, where
+    # four f64 K x K matrices would be 7-15 GiB; the damping keeps H well conditioned)
+    h = np.array(hessian, np.float64 if k <= 4096 else np.float32, copy=True)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # upper Cholesky factor of H^-1 (as in the reference implementation)
-    hinv = np.linalg.inv(h)
-    hinv = np.linalg.cholesky(hinv).T.astype(np.float32)  # upper: hinv = U, H^-1 = U^T U
+    hinv = upper_factor_of_inverse(h).astype(np.float32)  # upper U, H^-1 = U^T U
     nb = k // block
     codes = np.empty((n, k), np.int8)
     scales = np.empty((n, nb), np.float16)
     zps = np.empty((n, nb), np.uint8) if asym else None
     lazy = max(block, (lazy // block) * block)
-    for rs in _chunks(n, chunk):
+
+    def run(rs):
         W = w[rs].copy()
         W[:, dead] = 0.0
         m = W.shape[0]
@@ -265,10 +280,13 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, dam
             U1 = hinv[i1:i2, i1:i2]
             for j in range(i2 - i1):
                 col = i1 + j
-                if col % block == 0:
-                    out = scale_fn(W1[:, j:j + block], bits=bits, block=block, **scale_kw)
-                    s = out[1][:, 0].astype(np.float32)
-                    scales[rs, col // block] = out[1][:, 0]
+                if col % block == 0:  # one task: the rows are already spread over the cores
+                    out = scale_fn(W1[:, j:j + block], bits=bits, block=block, chunk=m, **scale_kw)
+                    # an all-zero block (at its start) gets scale 1: its later columns may still
+                    # take error updates, which round against a finite scale
+                    s16 = np.where(out[1][:, 0] == 0, np.float16(1.0), out[1][:, 0]).astype(np.float16)
+                    s = s16.astype(np.float32)
+                    scales[rs, col // block] = s16
                     if asym:
                         z = out[2][:, 0].astype(np.float32)
                         zps[rs, col // block] = out[2][:, 0]
@@ -285,5 +303,9 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block: int = 32, dam
                 W1[:, j:] -= np.outer(err, U1[j, j:])
                 E1[:, j] = err
             W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+
+    # rows are independent given H: chunks of rows on every core (each writes its own rows)
+    chunk = max(1, min(chunk, -(-n // (os.cpu_count() or 1))))
+    _parallel(run, list(_chunks(n, chunk)))
     return (codes, scales, zps) if asym else (codes, scales)
 

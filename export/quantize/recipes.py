@@ -18,7 +18,8 @@ What each recipe means on each target (docs/quantization.md has the measurements
                 (export/quantize/blocks.py); activations quantized per row at run time (TFLite
                 dynamic_wi4b{32,128}; ONNX MatMulNBits accuracy_level 4), as the runtimes' fast
                 int4 kernels do. A checkpoint's own Q4_0 blocks (GGUF; Google's QAT models) are
-                carried over exactly.
+                carried over exactly. `--int4-method gptq` (export/quantize/gptq.py) chooses
+                the codes from calibration text instead: same layouts, more accurate.
   int4-b32-e8   int4-b32 with the tied embedding / LM head at int8 (per row; ONNX: blocks of
                 128): on the real Gemma 3 270M, where the table is 63% of the weights, perplexity
                 ratio ~1.3-1.4 instead of ~1.6-1.7, at +50% file and -20..-50% decode speed; the
