@@ -54,7 +54,7 @@ def _kl(params, cfg, reference, ids):
 def test_gptq_beats_the_default_search_on_held_out_text(tmp_path, trained, stories):
     """The model, not one matmul: with calibration text like its own, GPTQ's int4 model is closer
     to f32 (mean KL on held-out stories) than the default search's, both symmetric (TFLite) and
-    with zero points (ONNX). Measured: 0.0018 vs 0.0027, 0.0021 vs 0.0025."""
+    with zero points (ONNX). Measured: 0.0018 vs 0.0027, 0.0017 vs 0.0025."""
     from contract.tokenizer import Tokenizer
     from tests.conftest import full_logits
     from tools.train_tiny import generate_stories
@@ -81,12 +81,17 @@ def test_gptq_beats_the_default_search_on_held_out_text(tmp_path, trained, stori
 def test_calibration_ids(trained):
     cfg, _ = trained
     ids = G.calibration_ids(cfg, TRAINED)
-    assert ids.shape[0] >= G.CALIBRATION_SEQUENCES and 64 <= ids.shape[1] <= G.CALIBRATION_TOKENS
-    assert ids.shape[1] == min(G.CALIBRATION_TOKENS, cfg.max_seq_len)  # the whole text, in full windows
+    assert ids.shape[0] >= G.CALIBRATION_SEQUENCES and 64 <= ids.shape[1] <= min(G.CALIBRATION_TOKENS, cfg.max_seq_len)
+    from contract.tokenizer import Tokenizer
+
+    body = Tokenizer(TRAINED).encode(G.CALIBRATION.read_text(encoding="utf-8"), add_bos=False)
+    used = (ids.shape[1] - 1) * ids.shape[0]  # the whole text in equal windows: less than a token per window left
+    assert len(body) - ids.shape[0] < used <= len(body)
+    assert (ids[:, 1:].reshape(-1) == body[:used]).all()
     assert (ids[:, 0] == cfg.tokens.bos).all() and (ids[:, 1:] != cfg.tokens.bos).all()
     assert ids.max() < cfg.vocab_size
     short = G.calibration_ids(cfg, TRAINED, max_len=64)
-    assert short.shape[1] == 64 and short.shape[0] > ids.shape[0]
+    assert short.shape[1] <= 64 and short.shape[0] > ids.shape[0]
     rand = G.calibration_ids(cfg, None, seed=3)  # a dry run without a tokenizer
     assert (rand == G.calibration_ids(cfg, None, seed=3)).all() and rand.max() < cfg.vocab_size
 

@@ -5,9 +5,10 @@ the codes and scales differ. docs/quantization.md#gptq has the measurements and 
 
 How it runs (bounded memory: one layer's f32 weights at a time, never the model):
 
-  text     export/quantize/calibration.txt (English prose written for this project; not any
-           benchmark's text), tokenized with the model's tokenizer into CALIBRATION_SEQUENCES
-           windows of up to CALIBRATION_TOKENS tokens, each starting with BOS. A random-weight
+  text     export/quantize/calibration.txt (English prose and Python code written for this
+           project; not any benchmark's text) or --calibration-text, tokenized with the model's
+           tokenizer into as few equal windows of up to CALIBRATION_TOKENS tokens as hold it
+           (at least CALIBRATION_SEQUENCES), each starting with BOS. A random-weight
            dry run without a tokenizer calibrates on seeded random ids (its numbers mean nothing;
            it measures time and memory).
   layers   one at a time: the layer's input (the previous layers already quantized, as the
@@ -51,8 +52,8 @@ def calibration_ids(cfg, tokenizer=None, seed: int = 0, max_len: int | None = No
                     text: Path | None = None) -> np.ndarray:
     """[S, T] token ids of the calibration text (`text`, default CALIBRATION), each window
     starting with BOS: T <= CALIBRATION_TOKENS and the model's context (the calibration runs in
-    JAX, not in the artifact: the export's --max-seq-len does not bound it); S =
-    CALIBRATION_SEQUENCES, or more windows of CALIBRATION_TOKENS when a longer text is given.
+    JAX, not in the artifact: the export's --max-seq-len does not bound it); S: as few equal
+    windows as hold the whole text, at least CALIBRATION_SEQUENCES.
     Without a tokenizer: seeded random ids (dry runs)."""
     limit = min(CALIBRATION_TOKENS, max_len or cfg.max_seq_len)
     if tokenizer is None:
@@ -65,11 +66,12 @@ def calibration_ids(cfg, tokenizer=None, seed: int = 0, max_len: int | None = No
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     path = Path(text or CALIBRATION)
     body = tok.encode(path.read_text(encoding="utf-8"), add_bos=False)
-    t = min(limit, len(body) // CALIBRATION_SEQUENCES + 1)
-    if t < 64:
+    # as few windows as hold the whole text (at least CALIBRATION_SEQUENCES), of equal length
+    count = max(CALIBRATION_SEQUENCES, -(-len(body) // (limit - 1)))
+    t = min(limit, len(body) // count + 1)
+    if len(body) < CALIBRATION_SEQUENCES * 64:
         raise ValueError(f"the calibration text {path} is only {len(body)} tokens with this tokenizer; give "
                          f"GPTQ at least {CALIBRATION_SEQUENCES * 64} (a few thousand are better)")
-    count = max(CALIBRATION_SEQUENCES, len(body) // (t - 1))
     rows = [[tok.bos_id] + body[i * (t - 1):(i + 1) * (t - 1)] for i in range(count)]
     return np.asarray(rows, np.int32)
 
