@@ -3,6 +3,7 @@ layer kinds, with its name in each target's naming scheme.
 
   attention layer i (global or local): key, value         [1, K, R, D]  R = context (global) or the
                                                                          local cache's rows (local)
+    with an int8 KV cache also:        key/value scale     [1, K, R, 1] float32 (one per token and head)
   recurrent layer i:                   conv               [1, conv_width - 1, lru_width]
                                        recurrent (RG-LRU) [1, lru_width] float32
 
@@ -11,6 +12,8 @@ Names (DESIGN section 5):
   state       TFLite / LiteRT-LM      ONNX input (past)           ONNX output (present)
   key         kv_cache_k_{i}          past_key_values.{i}.key     present.{i}.key
   value       kv_cache_v_{i}          past_key_values.{i}.value   present.{i}.value
+  key scale   kv_cache_k_{i}_scale    past_key_values.{i}.key_scale   present.{i}.key_scale
+  value scale kv_cache_v_{i}_scale    past_key_values.{i}.value_scale present.{i}.value_scale
   conv        kv_cache_conv_{i}       past.{i}.conv               present.{i}.conv
   recurrent   kv_cache_lru_{i}        past.{i}.recurrent          present.{i}.recurrent
 
@@ -48,6 +51,8 @@ class StateKind(str, enum.Enum):
     VALUE = "v"
     CONV = "conv"
     RECURRENT = "rg_lru"
+    KEY_SCALE = "k_scale"  # int8 KV caches: the per-token, per-head scale of the key rows
+    VALUE_SCALE = "v_scale"
 
 
 class Naming(str, enum.Enum):
@@ -63,11 +68,14 @@ _NAMES = {
     StateKind.VALUE: ("kv_cache_v_{i}", "past_key_values.{i}.value", "present.{i}.value"),
     StateKind.CONV: ("kv_cache_conv_{i}", "past.{i}.conv", "present.{i}.conv"),
     StateKind.RECURRENT: ("kv_cache_lru_{i}", "past.{i}.recurrent", "present.{i}.recurrent"),
+    StateKind.KEY_SCALE: ("kv_cache_k_{i}_scale", "past_key_values.{i}.key_scale", "present.{i}.key_scale"),
+    StateKind.VALUE_SCALE: ("kv_cache_v_{i}_scale", "past_key_values.{i}.value_scale", "present.{i}.value_scale"),
 }
 _SCHEMES = (Naming.TFLITE, Naming.ONNX_PAST, Naming.ONNX_PRESENT)
 # onnxruntime-genai's genai_config keys for each state kind's input and output name templates
 _GENAI_KEYS = {StateKind.KEY: "key", StateKind.VALUE: "value", StateKind.CONV: "conv",
-               StateKind.RECURRENT: "recurrent"}
+               StateKind.RECURRENT: "recurrent", StateKind.KEY_SCALE: "key_scale",
+               StateKind.VALUE_SCALE: "value_scale"}
 
 
 def genai_templates(kind: StateKind) -> dict[str, tuple[str, str]]:
@@ -99,7 +107,7 @@ class StateSpec:
     @property
     def rows(self) -> int | None:
         """Positions an attention cache holds (dimension 2); None for recurrent states."""
-        return self.shape[2] if self.kind in (StateKind.KEY, StateKind.VALUE) else None
+        return self.shape[2] if self.kind not in (StateKind.CONV, StateKind.RECURRENT) else None
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "layer_kind": self.layer_kind.value, "kind": self.kind.value,
@@ -120,11 +128,14 @@ class StateLayout:
 
     @classmethod
     def build(cls, layer_kinds: Sequence[LayerKind], *, max_len: int, local_rows: int, kv_heads: int = 0,
-              head_dim: int = 0, conv_width: int = 0, lru_width: int = 0, dtype=np.float32) -> StateLayout:
+              head_dim: int = 0, conv_width: int = 0, lru_width: int = 0, dtype=np.float32,
+              kv_dtype=None) -> StateLayout:
         """The layout of a model whose layers are `layer_kinds`, for a context of max_len: global
         caches hold max_len rows, local ones `local_rows` (a ring), recurrent states are fixed
-        (the RG-LRU state is always float32; the others take `dtype`)."""
+        (the RG-LRU state is always float32; the others take `dtype`). `kv_dtype` int8: the KV
+        caches are int8 with a float32 scale per row and head (key, value, key scale, value scale)."""
         dtype, states = np.dtype(dtype), []
+        int8 = kv_dtype is not None and np.dtype(kv_dtype) == np.int8
         for i, kind in enumerate(layer_kinds):
             kind = LayerKind(kind)
             if kind is LayerKind.RECURRENT:
@@ -133,8 +144,12 @@ class StateLayout:
             else:
                 rows = max_len if kind is LayerKind.GLOBAL else local_rows
                 shape = (1, kv_heads, rows, head_dim)
-                states += [StateSpec(i, kind, StateKind.KEY, shape, dtype),
-                           StateSpec(i, kind, StateKind.VALUE, shape, dtype)]
+                kv = np.dtype(np.int8) if int8 else dtype
+                states += [StateSpec(i, kind, StateKind.KEY, shape, kv), StateSpec(i, kind, StateKind.VALUE, shape, kv)]
+                if int8:
+                    scale = (1, kv_heads, rows, 1)
+                    states += [StateSpec(i, kind, StateKind.KEY_SCALE, scale, np.dtype(np.float32)),
+                               StateSpec(i, kind, StateKind.VALUE_SCALE, scale, np.dtype(np.float32))]
         return cls(tuple(states))
 
     def __iter__(self) -> Iterator[StateSpec]:
@@ -161,6 +176,11 @@ class StateLayout:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.states)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the states grow by per token of context: the global layers' cache rows (local
+        rings and recurrent states have a fixed size)."""
+        return sum(s.nbytes // s.shape[2] for s in self.states if s.layer_kind.value == "global")
 
     def to_list(self) -> list[dict]:
         return [s.to_dict() for s in self.states]

@@ -67,6 +67,7 @@ class ArtifactMetadata:
     sample_vocab_size: int | None = None  # rows the sampler may pick (None: every row)
     embed_dim: int = 0
     prefill_lengths: tuple[int, ...] = ()
+    context_buckets: tuple[int, ...] = ()  # TFLite: spans of the ctx{L}_* signatures (contract/signatures.py)
     weight_dtype: str = "f32"  # stored float weights: f32 | bf16 | f16
     quantization: str | None = None  # the recipe, None for float storage
     quant_method: str | None = None  # int4 recipes: how the codes were chosen (mse | gptq)
@@ -81,6 +82,7 @@ class ArtifactMetadata:
         body["states"] = self.states.to_list()
         body["stop_tokens"] = list(self.stop_tokens)
         body["prefill_lengths"] = list(self.prefill_lengths)
+        body["context_buckets"] = list(self.context_buckets)
         return json.dumps(body, sort_keys=True)
 
     @classmethod
@@ -100,6 +102,7 @@ class ArtifactMetadata:
         body["states"] = StateLayout.from_list(body["states"])
         body["stop_tokens"] = tuple(body.get("stop_tokens", ()))
         body["prefill_lengths"] = tuple(body.get("prefill_lengths", ()))
+        body["context_buckets"] = tuple(body.get("context_buckets", ()))
         if body.get("image"):
             body["image"] = ImageLayout(**body["image"])
         return cls(**body)

@@ -8,6 +8,11 @@ description of a signature's tensors.
 
 The image prefill is not named `prefill_*`: LiteRT-LM takes every `prefill*` signature as one of
 its own text prefills.
+
+Context buckets (TFLite, long contexts): `ctx{L}_prefill_{T}` and `ctx{L}_decode` are prefill_{T}
+and decode over the same states whose global layers attend over the first L rows of their caches
+only, so their cost follows the context in use; they hold positions below L. The prefix keeps
+them out of LiteRT-LM's `prefill*` match (it runs the full-length signatures).
 """
 
 from __future__ import annotations
@@ -43,10 +48,25 @@ def signature_name(kind: SignatureKind | str, length: int = 0) -> str:
 
 
 _NAME = re.compile(r"(prefill|image_prefill)_(\d+)")
+_BUCKET = re.compile(r"ctx(\d+)_(prefill_\d+|decode)")
+
+
+def bucket_name(name: str, span: int | None) -> str:
+    """The context-bucket variant of prefill_{T} or decode attending over `span` rows (None: the
+    name itself)."""
+    return name if span is None else f"ctx{int(span)}_{name}"
+
+
+def split_bucket(name: str) -> tuple[str, int | None]:
+    """(base signature name, span) of a context-bucket name; (name, None) for any other."""
+    m = _BUCKET.fullmatch(name)
+    return (m.group(2), int(m.group(1))) if m else (name, None)
 
 
 def parse_signature(name: str) -> tuple[SignatureKind, int]:
-    """(kind, length) of a signature name; decode has length 1, the vision encoder 0."""
+    """(kind, length) of a signature name; decode has length 1, the vision encoder 0. A context
+    bucket's are its base signature's."""
+    name = split_bucket(name)[0]
     if name == SignatureKind.DECODE.value:
         return SignatureKind.DECODE, 1
     if name == SignatureKind.VISION_ENCODER.value:
@@ -79,6 +99,11 @@ class SignatureSpec:
     @property
     def kind(self) -> SignatureKind:
         return parse_signature(self.name)[0]
+
+    @property
+    def span(self) -> int | None:
+        """The rows of the global caches it attends over, for a context bucket; None for all."""
+        return split_bucket(self.name)[1]
 
     @property
     def state_inputs(self) -> tuple[TensorSpec, ...]:

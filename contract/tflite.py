@@ -106,3 +106,77 @@ def read_tflite(path) -> tuple[dict[str, FlatSignature], ArtifactMetadata | None
     text = read_metadata_json(model, buf)
     meta = None if text is None else ArtifactMetadata.from_json(text, where=str(path))
     return read_signatures(model, schema), meta
+
+
+# ops whose output may share its input's memory (TFLite lets them run in place): a read of their
+# output is a read of their input's buffer
+_ALIASING = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "BITCAST"}
+
+
+def in_place_states(path, names=None) -> dict[str, frozenset[str]]:
+    """For each signature (or those in `names`): the states that a runtime may bind to one buffer
+    as both input and output. A state qualifies when its output is written by a
+    DYNAMIC_UPDATE_SLICE whose operand is the state input itself, and every other op that reads
+    the input (directly, or through ops that alias it) is an ancestor of that write, so it runs
+    before it in any execution order. LiteRT's DYNAMIC_UPDATE_SLICE skips copying its operand
+    when operand and output share memory, so such a call writes the updated rows only (a
+    full-length KV cache is not copied every step)."""
+    schema, model, _, _ = open_model(path)
+    op_names = enum_names(schema.BuiltinOperator)
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        c = model.OperatorCodes(i)
+        codes.append(op_names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode()), ""))
+    out = {}
+    for i in range(model.SignatureDefsLength()):
+        sd = model.SignatureDefs(i)
+        key = sd.SignatureKey().decode()
+        if names is not None and key not in names:
+            continue
+        sg = model.Subgraphs(sd.SubgraphIndex())
+        ins = {sd.Inputs(j).Name().decode(): sd.Inputs(j).TensorIndex() for j in range(sd.InputsLength())}
+        outs = {sd.Outputs(j).Name().decode(): sd.Outputs(j).TensorIndex() for j in range(sd.OutputsLength())}
+        ops, producer, consumers = [], {}, {}
+        for k in range(sg.OperatorsLength()):
+            op = sg.Operators(k)
+            inputs = [int(x) for x in op.InputsAsNumpy()] if op.InputsLength() else []
+            outputs = [int(x) for x in op.OutputsAsNumpy()] if op.OutputsLength() else []
+            ops.append((codes[op.OpcodeIndex()], inputs, outputs))
+            for t in outputs:
+                producer[t] = k
+            for t in inputs:
+                if t >= 0:
+                    consumers.setdefault(t, []).append(k)
+        good = set()
+        for name, t_in in ins.items():
+            k = producer.get(outs.get(name, -1))
+            if k is None or ops[k][0] != "DYNAMIC_UPDATE_SLICE" or ops[k][1][0] != t_in:
+                continue
+            if t_in in ops[k][1][1:]:
+                continue
+            ancestors = _ancestors(k, ops, producer)
+            readers, seen, ok = list(consumers.get(t_in, [])), set(), True
+            while readers and ok:
+                r = readers.pop()
+                if r == k or r in seen:
+                    continue
+                seen.add(r)
+                if r not in ancestors:
+                    ok = False
+                elif ops[r][0] in _ALIASING:
+                    readers += consumers.get(ops[r][2][0], [])
+            if ok:
+                good.add(name)
+        out[key] = frozenset(good)
+    return out
+
+
+def _ancestors(k: int, ops, producer) -> set[int]:
+    seen, stack = set(), [k]
+    while stack:
+        for t in ops[stack.pop()][1]:
+            p = producer.get(t)
+            if p is not None and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen

@@ -233,6 +233,7 @@ class Plan:
     recipe: Recipe | None = None
     op_set: str | None = None  # onnx
     tokenizer: Path | None = None  # the tokenizer source the target writes or bundles
+    buckets: tuple[int, ...] = ()  # TFLite context buckets (models/signatures.context_buckets)
 
     @property
     def quant(self) -> str | None:
@@ -248,6 +249,7 @@ class Plan:
     def metadata(self, layout: StateLayout, **fields) -> ArtifactMetadata:
         method = self.options.int4_method if self.recipe is not None and self.recipe.block else None
         return artifact_metadata(self.cfg, self.max_len, layout, prefill_lengths=self.lens,
+                                 context_buckets=self.buckets,
                                  weight_dtype=self.storage, quantization=self.quant, quant_method=method,
                                  attention=self.target.attention, **fields)
 
@@ -267,6 +269,10 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
         raise ValueError(f"--max-seq-len {max_len} is beyond {cfg.name}'s trained context of {cfg.max_seq_len} "
                          f"tokens (past it the model's output is not what it was trained for); pass "
                          f"--max-seq-len {cfg.max_seq_len} or less, or --untrained-context to export it anyway")
+    if options.verify_long and options.verify_long + 1 > max_len:
+        raise ValueError(f"--verify-long {options.verify_long} needs a context of at least {options.verify_long + 1} "
+                         f"tokens (the prompt, then decode); pass --verify-long {max_len - 1} or less, or a larger "
+                         "--max-seq-len")
     if options.prefill_lens is None:
         lens = tgt.default_prefill_lens(max_len)
     else:
@@ -276,7 +282,15 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
         if options.prefill_lens is None and max(lens) < n <= max_len:  # the default lengths hold no image
             lens.append(min(1 << (n - 1).bit_length(), max_len))
         image_prefill_lengths(cfg, lens)
-    plan = Plan(cfg, tgt, options, max_len, tuple(lens), Path(options.out_dir) / "pending")
+    buckets = ()
+    if tgt.context_buckets:
+        from models.signatures import context_buckets
+
+        buckets = tuple(context_buckets(cfg, max_len, options.context_buckets))
+    elif options.context_buckets:
+        raise ValueError(f"--context-buckets are TFLite's (--target {target} attends over the valid length "
+                         "already); drop --context-buckets")
+    plan = Plan(cfg, tgt, options, max_len, tuple(lens), Path(options.out_dir) / "pending", buckets=buckets)
     plan = tgt.preflight(plan)
     recipe = None if options.quant is None else check(tgt.quant_table, options.quant, plan.op_set, cfg, options.dtype)
     plan = dataclasses.replace(plan, recipe=recipe)
@@ -455,6 +469,12 @@ class ExportResult:
         states = self.metadata.states.bytes_by_layer_kind()
         lines.append("  state bytes by layer kind (context %d): %s" % (self.max_len, ", ".join(
             f"{k} {v / 2**20:.2f} MiB" for k, v in states.items())))
+        per_token = self.metadata.states.kv_bytes_per_token()
+        if per_token:
+            buckets = self.metadata.context_buckets
+            lines.append(f"  KV bytes per token: {per_token / 1024:.1f} KiB (global layers, "
+                         f"{self.metadata.states.states[0].dtype.name}); context buckets: "
+                         + (", ".join(map(str, buckets)) if buckets else "none"))
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -510,6 +530,10 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
         from export.memory import gate_mode
 
         mode = gate_mode(plan.cfg, tgt.name, plan.quant, plan.options.dtype)
+        if plan.options.verify_long and mode != "memory":
+            print(f"note: the in-memory gate may not fit {plan.cfg.name} beside the artifact, but --verify-long "
+                  "needs it: running it in memory", flush=True)
+            mode = "memory"
     try:
         with timer.stage(f"verify ({mode})", record="verify"):
             result.gate = run_gate(written, plan.cfg, weights.reference, target=tgt.name, max_len=plan.max_len,
@@ -517,13 +541,15 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
                                    steps=plan.options.verify_steps, tokenizer=plan.tokenizer,
                                    engine_check=tgt.engine_check and plan.options.engine_check,
                                    stage=timer.stage, drop=drop, mode=mode, progress=timer.progress,
-                                   method=metadata.quant_method)
+                                   method=metadata.quant_method, long=plan.options.verify_long,
+                                   kv=plan.options.kv_cache)
     except BaseException:  # an error or Ctrl-C during the gate: nothing is left
         _remove_weight_cache(written)
         _remove(written)
         _remove(parity_path(written))
         raise
-    advisory = plan.options.random_weights and plan.quant is not None  # random weights: quantized gates warn
+    # random weights: quantized gates (a recipe, an int8 KV cache) only warn
+    advisory = plan.options.random_weights and (plan.quant is not None or plan.options.kv_cache != "f32")
     ok = (result.gate.passed or advisory) and not result.gate.engine_failed
     final = plan.path if ok else failed_path(plan.path)
     result.path = _settle(written, final)

@@ -64,6 +64,7 @@ def describe_tflite(path: Path) -> dict:
         "signatures": {name: {"inputs": [list(t) for t in sig["inputs"]], "outputs": [list(t) for t in sig["outputs"]]}
                        for name, sig in report.signatures.items()},
         "states": _states(report.metadata, Naming.TFLITE),
+        "kv_bytes_per_token": report.metadata.states.kv_bytes_per_token() if report.metadata else 0,
         "decode_ops": dict(report.op_histogram.get("decode", collections.Counter()).most_common()),
         "composites": dict(report.composites), "custom_ops": dict(report.custom_ops),
         "weights": report.weight_kinds, "metadata": _metadata(report.metadata), "tokenizer": None,
@@ -120,6 +121,7 @@ def describe_onnx(path: Path) -> dict:
         "artifact": str(path), "kind": "onnx", "file_bytes": report.file_bytes,
         "inputs": [list(t) for t in report.inputs], "outputs": [list(t) for t in report.outputs],
         "states": _states(report.metadata, Naming.ONNX_PAST),
+        "kv_bytes_per_token": report.metadata.states.kv_bytes_per_token() if report.metadata else 0,
         "ops": dict(report.op_histogram.most_common()), "contrib_ops": sorted(report.contrib_ops),
         "functions": sorted(report.function_ops), "weights": weights, "metadata": _metadata(report.metadata),
         "genai_config": report.genai_config,
@@ -220,6 +222,10 @@ def format_text(d: dict) -> str:
         by_kind[s["kind"] or "?"] += s["bytes"]
     lines.append(f"states ({len(d['states'])}, {_mib(sum(by_kind.values()))}): "
                  + ", ".join(f"{k} {_mib(v)}" for k, v in by_kind.items()))
+    if d.get("kv_bytes_per_token"):
+        buckets = (d.get("metadata") or {}).get("context_buckets") or []
+        lines.append(f"KV bytes per token: {d['kv_bytes_per_token'] / 1024:.1f} KiB (global layers); context "
+                     f"buckets: {', '.join(map(str, buckets)) if buckets else 'none'}")
     shapes = collections.Counter((s["kind"] or "?", tuple(s["shape"]), s["dtype"]) for s in d["states"])
     for (kind, shape, dtype), n in shapes.items():
         lines.append(f"  {n} x {kind} {list(shape)} {dtype}")

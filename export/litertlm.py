@@ -160,7 +160,7 @@ def llm_metadata(cfg: ModelConfig, max_len: int):
     return m
 
 
-def executor_metadata(cfg: ModelConfig, max_len: int):
+def executor_metadata(cfg: ModelConfig, max_len: int, kv: str = "f32"):
     """Every state tensor declared, so LiteRT-LM knows the context and each cache's layout.
     RecurrentGemma's conv and RG-LRU states are LINEAR_ATTENTION buffers (fixed size, no sequence
     axis); with no global cache LiteRT-LM takes no context limit from the buffers, and
@@ -174,7 +174,10 @@ def executor_metadata(cfg: ModelConfig, max_len: int):
              (LayerKind.GLOBAL, StateKind.VALUE): E.StateBuffer.TYPE_GLOBAL_VALUE_CACHE,
              (LayerKind.LOCAL, StateKind.KEY): E.StateBuffer.TYPE_LOCAL_KEY_CACHE,
              (LayerKind.LOCAL, StateKind.VALUE): E.StateBuffer.TYPE_LOCAL_VALUE_CACHE}
-    for spec in state_layout(cfg, max_len):
+    # an int8 cache's scales (one per row and head) are declared as their cache's kind
+    types.update({(k, StateKind.KEY_SCALE): types[k, StateKind.KEY] for k in (LayerKind.GLOBAL, LayerKind.LOCAL)})
+    types.update({(k, StateKind.VALUE_SCALE): types[k, StateKind.VALUE] for k in (LayerKind.GLOBAL, LayerKind.LOCAL)})
+    for spec in state_layout(cfg, max_len, kv=kv):
         name = spec.name(Naming.TFLITE)
         sb = x.state_buffers.add()
         sb.prefill_input_name = sb.prefill_output_name = name
@@ -189,7 +192,7 @@ def executor_metadata(cfg: ModelConfig, max_len: int):
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path):
+def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path, kv: str = "f32"):
     """Write `out` (.litertlm) atomically: built under a temporary name, then renamed."""
     from litert_lm_builder import litertlm_builder as B
 
@@ -198,7 +201,7 @@ def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".litertlm-") as scratch:
         llm, executor = Path(scratch) / "llm_metadata.pb", Path(scratch) / "executor_metadata.pb"
         llm.write_bytes(llm_metadata(cfg, max_len).SerializeToString())
-        executor.write_bytes(executor_metadata(cfg, max_len).SerializeToString())
+        executor.write_bytes(executor_metadata(cfg, max_len, kv).SerializeToString())
         b = B.LitertLmFileBuilder()
         b.add_system_metadata(B.Metadata(key="Authors", value="gemma-edge", dtype=B.DType.STRING))
         with contextlib.redirect_stdout(io.StringIO()):  # the builder prints this option

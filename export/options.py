@@ -21,7 +21,10 @@ DEFAULT_CONTEXT = 4096  # capped by the model's own context
 class ExportOptions:
     out_dir: Path = Path("artifacts")
     max_len: int | None = None  # the global caches' context; default min(4096, the model's)
-    prefill_lens: tuple[int, ...] | None = None  # default DEFAULT_PREFILL_LENS (+ one that holds an image)
+    prefill_lens: tuple[int, ...] | None = None
+    # TFLite context buckets (ctx{L}_* signatures); None: 4096, 16384, 65536 ... below the context;
+    # () for none (models/signatures.context_buckets)
+    context_buckets: tuple[int, ...] | None = None  # default DEFAULT_PREFILL_LENS (+ one that holds an image)
     dtype: str = "f32"  # stored float weights, without a recipe
     quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
     int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
@@ -31,6 +34,8 @@ class ExportOptions:
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
     verify: bool = True  # run the parity gate
     verify_steps: int = 64
+    kv_cache: str = "f32"  # KV cache storage: f32 | int8 (TFLite; models/cache.quantize_kv)
+    verify_long: int = 0  # tokens of the gate's long check (verify/long.py); 0: none
     gate: str = "auto"  # the parity gate's reference: memory | streamed | auto (verify/gate.py, export/memory.py)
     engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
     random_weights: bool = False  # the weights are a random init: a quantized gate only warns
@@ -54,6 +59,23 @@ class ExportOptions:
                              "holding it)")
         if self.verify_steps < 1:
             raise ValueError(f"--verify-steps {self.verify_steps} must be at least 1")
+        from models.cache import KV_DTYPES
+
+        if self.kv_cache not in KV_DTYPES:
+            raise ValueError(f"unknown --kv-cache '{self.kv_cache}'; choose {', '.join(KV_DTYPES)}")
+        if self.kv_cache != "f32" and target == "onnx":
+            raise ValueError("--kv-cache int8 is TFLite's: ONNX Runtime's GroupQueryAttention keeps its CPU cache in the "
+                             "activation type (its quantized-cache options are CUDA's, with fixed scales); export "
+                             "--target tflite or litertlm, or drop --kv-cache")
+        if self.verify_long:
+            if self.verify_long < 2:
+                raise ValueError(f"--verify-long {self.verify_long} is too short; pass a prompt length past the "
+                                 "sliding window (e.g. 8192)")
+            if not self.verify:
+                raise ValueError("--verify-long is part of the parity gate: drop --no-verify, or drop --verify-long")
+            if self.gate == "streamed":
+                raise ValueError("--verify-long runs the JAX model beside the artifact: pass --gate memory (or "
+                                 "auto), or drop --verify-long")
         if self.int4_method not in INT4_METHODS:
             raise ValueError(f"unknown --int4-method '{self.int4_method}'; choose {', '.join(INT4_METHODS)}")
         if self.int4_method != "mse" and (self.quant is None or not self.quant.startswith("int4")):
@@ -92,6 +114,18 @@ def parse_prefill_lens(text: str) -> tuple[int, ...]:
         raise ValueError(f"--prefill-lens '{text}' is not a comma-separated list of integers") from None
 
 
+def parse_buckets(text: str | None) -> tuple[int, ...] | None:
+    """--context-buckets: None (the default set), 'none' (), or a comma-separated list."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--context-buckets '{text}' is not a comma-separated list of lengths (or 'none')") from None
+
+
 def check_prefill_lens(lens, max_len: int) -> list[int]:
     lens = sorted(set(lens))
     for t in lens:
@@ -102,4 +136,4 @@ def check_prefill_lens(lens, max_len: int) -> list[int]:
 
 
 __all__ = ["DEFAULT_PREFILL_LENS", "DTYPES", "ExportOptions", "check_output", "check_prefill_lens",
-           "parse_prefill_lens"]
+           "parse_buckets", "parse_prefill_lens"]

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from models.cache import is_static, ring_from_window, ring_positions, write_global, write_ring
+from models.cache import (
+    dequantize_kv, is_static, quantize_kv, ring_from_window, ring_positions, write_global, write_ring,
+)
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm, attention_mask, cached_attention, scaled_dot_product_attention
 from models.layers import Params, apply_rope, dense, rms_norm
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
-                    blocks=None, attention: AttentionForm = AttentionForm.SDPA):
+                    blocks=None, attention: AttentionForm = AttentionForm.SDPA, span: int | None = None):
     """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t); blocks: None, or
     [B, T] int32 image-block ids (models/multimodal.image_blocks), whose tokens attend each other
-    bidirectionally; attention: how the core is traced (models/fused.AttentionForm). Returns
+    bidirectionally; attention: how the core is traced (models/fused.AttentionForm); span: a
+    global layer attends over its cache's first `span` rows only (a context bucket). Returns
     ([B, T, E], new cache)."""
     b, t, _ = h.shape
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -43,17 +46,25 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     base, scale = cfg.rope_params(kind)
     # RoPE happens inside the core (so that ONNX Runtime's attention can apply it: do_rotary)
     rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
+    int8 = "k_scale" in cache  # int8 KV caches (models.cache.quantize_kv): codes and scales travel together
+    cache_k = (cache["k"], cache["k_scale"]) if int8 else cache["k"]
+    cache_v = (cache["v"], cache["v_scale"]) if int8 else cache["v"]
+    if int8 and AttentionForm(attention) is not AttentionForm.SDPA:
+        raise ValueError("int8 KV caches are traced in the SDPA form (the TFLite export) only")
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid, blocks=blocks, form=attention,
-                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope)
+                                       cache_k, cache_v, start, num_valid, blocks=blocks, form=attention,
+                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope,
+                                       **({} if span is None else {"span": span}))
     else:
         out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
-                                       cache["k"], cache["v"], start, num_valid, blocks=blocks, form=attention,
+                                       cache_k, cache_v, start, num_valid, blocks=blocks, form=attention,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
     out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
+    if int8:
+        return out, {"k": ck[0], "v": cv[0], "k_scale": ck[1], "v_scale": cv[1]}
     return out, {"k": ck, "v": cv}
 
 
@@ -77,21 +88,36 @@ def _chunk_key_blocks(blocks, start, rows: int):
 
 
 def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, scale, rope_base, rope_scale,
-                 rope_dim, logit_cap=None):
-    """RoPE, write the chunk into the full-length cache, then attend over all of it."""
+                 rope_dim, logit_cap=None, span=None):
+    """RoPE, write the chunk into the full-length cache, then attend over all of it (over its
+    first `span` rows for a context bucket: the chunk's real tokens must lie below it)."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
     q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
     # [B, T, K, D] -> [B, K, T, D], the cache layout
-    ck = write_global(cache_k, k.transpose(0, 2, 1, 3), start)
-    cv = write_global(cache_v, v.transpose(0, 2, 1, 3), start)
-    rows = ck.shape[2]
+    if isinstance(cache_k, tuple):  # int8 KV: (codes, scales), quantized on write
+        ck = _write_int8(write_global, cache_k, k, start)
+        cv = _write_int8(write_global, cache_v, v, start)
+        rows = ck[0].shape[2] if span is None else min(int(span), ck[0].shape[2])
+        keys = dequantize_kv(ck[0][:, :, :rows], ck[1][:, :, :rows], q.dtype).transpose(0, 2, 1, 3)
+        values = dequantize_kv(cv[0][:, :, :rows], cv[1][:, :, :rows], q.dtype).transpose(0, 2, 1, 3)
+    else:
+        ck = write_global(cache_k, k.transpose(0, 2, 1, 3), start)
+        cv = write_global(cache_v, v.transpose(0, 2, 1, 3), start)
+        rows = ck.shape[2] if span is None else min(int(span), ck.shape[2])  # a context bucket: the first rows
+        keys, values = ck[:, :, :rows].transpose(0, 2, 1, 3), cv[:, :, :rows].transpose(0, 2, 1, 3)
     k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
-    keys, values = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
     k_blocks = None if blocks is None else _chunk_key_blocks(blocks, start, rows)
     mask = attention_mask(positions, k_pos, None, blocks, k_blocks)
     out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
     return out, ck, cv
+
+
+def _write_int8(write, cache: tuple, rows, start) -> tuple:
+    """Quantize rows [B, T, K, D] (models.cache.quantize_kv) and write codes and scales with
+    `write(cache, chunk [B, K, T, X], start)`."""
+    codes, scales = quantize_kv(rows.transpose(0, 2, 1, 3))
+    return write(cache[0], codes, start), write(cache[1], scales, start)
 
 
 def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale, window, rope_base, rope_scale,
@@ -100,13 +126,21 @@ def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale
     t = q.shape[1]
     positions = _positions(start, t)
     q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
-    k_pos = jnp.concatenate([ring_positions(start, ring_k.shape[2]), positions], axis=1)
-    keys = jnp.concatenate([ring_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([ring_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
+    int8 = isinstance(ring_k, tuple)  # int8 KV: (codes, scales); the chunk attends its own rows unrounded
+    old_k = dequantize_kv(*ring_k, k.dtype) if int8 else ring_k
+    old_v = dequantize_kv(*ring_v, v.dtype) if int8 else ring_v
+    k_pos = jnp.concatenate([ring_positions(start, old_k.shape[2]), positions], axis=1)
+    keys = jnp.concatenate([old_k.transpose(0, 2, 1, 3).astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([old_v.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
     k_blocks = None if blocks is None else jnp.concatenate(
-        [jnp.zeros((blocks.shape[0], ring_k.shape[2]), blocks.dtype), blocks], axis=1)
+        [jnp.zeros((blocks.shape[0], old_k.shape[2]), blocks.dtype), blocks], axis=1)
     mask = attention_mask(positions, k_pos, int(window), blocks, k_blocks)
-    if is_static(t):
+    if int8:
+        if not is_static(t):
+            raise NotImplementedError("int8 KV caches need static chunk lengths (the TFLite export)")
+        ring = lambda cache, chunk, s: write_ring(cache, chunk, s, num_valid)  # noqa: E731
+        ck, cv = _write_int8(ring, ring_k, k, start), _write_int8(ring, ring_v, v, start)
+    elif is_static(t):
         ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
         cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
     else:

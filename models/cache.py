@@ -8,6 +8,8 @@ Layouts (heads first, as Hugging Face, LiteRT-LM and ONNX Runtime's GroupQueryAt
                           position p lives in row p % R.
   recurrent layer:        {"conv": [B, conv_width - 1, C] (last raw conv inputs, oldest first),
                           "rg_lru": [B, C] float32}.
+  int8 KV caches (kv="int8"): "k", "v" hold int8 codes and "k_scale", "v_scale" [B, K, R, 1]
+                          float32 their per-row, per-head scales (`quantize_kv`), written together.
 Nothing in a cache records positions: the caller passes the chunk's start position, and every
 row's position follows from it (see `ring_positions`). That keeps caches exactly the tensors a
 runtime passes in and out.
@@ -36,24 +38,44 @@ def is_static(n) -> bool:
 
 
 def state_layout(cfg: ModelConfig, max_len: int | None = None, dtype=np.float32,
-                 local_rows: int | None = None) -> StateLayout:
+                 local_rows: int | None = None, kv: str = "f32") -> StateLayout:
     """The artifact contract's state layout of this model for a context of max_len (default
     cfg.max_seq_len): the caches below, batch 1. `local_rows` overrides the local rings' rows for a
-    runtime that owns them (ONNX Runtime's GroupQueryAttention: export/lowering/onnx/fused.py)."""
+    runtime that owns them (ONNX Runtime's GroupQueryAttention: export/lowering/onnx/fused.py).
+    `kv` "int8": int8 KV caches with a float32 scale per row and head (`quantize_kv`)."""
+    if kv not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache type '{kv}'; choose {', '.join(KV_DTYPES)}")
     max_len = cfg.max_seq_len if max_len is None else max_len
     rc = cfg.recurrent
     return StateLayout.build(
         cfg.layer_kinds, max_len=max_len,
         local_rows=cfg.cache_len(LayerKind.LOCAL, max_len) if local_rows is None else local_rows,
         kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, conv_width=rc.conv_width if rc else 0,
-        lru_width=rc.lru_width if rc else 0, dtype=np.dtype(dtype))
+        lru_width=rc.lru_width if rc else 0, dtype=np.dtype(dtype), kv_dtype=np.int8 if kv == "int8" else None)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> Cache:
+KV_DTYPES = ("f32", "int8")
+
+
+def quantize_kv(x):
+    """Rows [B, K, T, D] -> (int8 codes [B, K, T, D], float32 scales [B, K, T, 1]): symmetric, one
+    scale per row and head, max |x| / 127, rounded to nearest."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.clip(jnp.round(xf / scale), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
+def dequantize_kv(codes, scale, dtype=jnp.float32):
+    return (codes.astype(jnp.float32) * scale).astype(dtype)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=jnp.float32, kv: str = "f32") -> Cache:
     """Zeroed caches for `batch` sequences of up to `max_len` tokens (default cfg.max_seq_len):
     one dict per layer, keyed by StateKind value, shaped as `state_layout` says."""
     layers = [dict() for _ in cfg.layer_kinds]
-    for spec in state_layout(cfg, max_len, dtype):
+    for spec in state_layout(cfg, max_len, dtype, kv=kv):
         layers[spec.layer][spec.kind.value] = jnp.zeros((batch, *spec.shape[1:]), spec.dtype)
     return tuple(layers)
 
@@ -137,7 +159,18 @@ def write_global(cache, chunk, start):
 
 
 def _update_rows(cache, rows, offset, keep_new):
-    """Per sequence: cache[i, :, offset[i]:offset[i]+T] = rows[i] (old rows where keep_new is False)."""
+    """Per sequence: cache[i, :, offset[i]:offset[i]+T] = rows[i] (old rows where keep_new is False).
+
+    Batch 1 (every exported signature) is one dynamic_update_slice on the 4-D cache, nothing
+    between the state input and the state output: a runtime that binds one buffer to both (LiteRT's
+    DYNAMIC_UPDATE_SLICE skips its copy when its input and output share memory) writes T rows."""
+    if cache.shape[0] == 1:
+        new = rows.astype(cache.dtype)
+        if keep_new is not None:
+            old = jax.lax.dynamic_slice_in_dim(cache, offset[0], new.shape[2], axis=2)
+            new = jnp.where(keep_new[0], new, old)
+        zero = jnp.zeros((), offset.dtype)
+        return jax.lax.dynamic_update_slice(cache, new, (zero, zero, offset[0], zero))
     out = []
     for i in range(cache.shape[0]):
         new = rows[i]

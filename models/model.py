@@ -39,7 +39,8 @@ def embed_tokens(params: dict, cfg: ModelConfig, tokens):
 
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
-            last_only: bool = False, embeddings=None, attention: AttentionForm = AttentionForm.SDPA):
+            last_only: bool = False, embeddings=None, attention: AttentionForm = AttentionForm.SDPA,
+            span: int | None = None):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
@@ -55,6 +56,9 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
 
     attention: how attention layers are traced (models/fused.AttentionForm): the same numbers in
     either form; an export passes its target's form so the reference runs the exported graph.
+
+    span: global layers attend over the first `span` rows of their caches only (a context bucket,
+    models/signatures.py); the chunk's real tokens must lie below it. None: every row.
     """
     b, t = tokens.shape
     start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
@@ -65,6 +69,8 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
         raise ValueError(f"a chunk of {t} tokens is longer than the cache ({max_len} positions)")
 
     extra = {"attention": AttentionForm(attention)}
+    if span is not None and cfg.family is not Family.RECURRENTGEMMA:  # Griffin has no global layers
+        extra["span"] = int(span)
     if embeddings is None:
         x = embed_tokens(params, cfg, tokens)
     else:

@@ -35,7 +35,7 @@ from contract.layout import Naming, StateLayout
 from contract.metadata import ArtifactMetadata, ImageLayout
 from contract.signatures import (
     EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec,
-    signature_name,
+    bucket_name, signature_name,
 )
 from models.cache import state_layout
 from models.config import ModelConfig
@@ -77,16 +77,21 @@ def _states_of(layout: StateLayout, cache) -> tuple:
 
 
 def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float32, *, image: bool = False,
-                    attention: AttentionForm = AttentionForm.SDPA) -> Signature:
+                    attention: AttentionForm = AttentionForm.SDPA, span: int | None = None, kv: str = "f32") -> Signature:
     """The prefill (length > 1) or decode (length == 1) signature for a context of max_len; with
-    `image`, the image_prefill_{length} signature (an `embeddings` input after input_pos)."""
+    `image`, the image_prefill_{length} signature (an `embeddings` input after input_pos); with
+    `span`, its context bucket ctx{span}_* (global layers attend over the first span rows); `kv`
+    "int8": int8 KV caches with their scales as extra states (models.cache.quantize_kv)."""
     if length < 1 or length > max_len:
         raise ValueError(f"prefill length {length} must be between 1 and the context ({max_len})")
+    if span is not None and (image or not length <= span < max_len):
+        raise ValueError(f"a context bucket of {span} rows needs a text signature of at most {span} tokens and a "
+                         f"larger context (here {max_len})")
     if image and cfg.vision is None:
         raise ValueError(f"{cfg.name} has no vision tower")
     kind = (SignatureKind.IMAGE_PREFILL if image else SignatureKind.DECODE if length == 1
             else SignatureKind.PREFILL)
-    layout = state_layout(cfg, max_len, dtype)
+    layout = state_layout(cfg, max_len, dtype, kv=kv)
     states = _specs(layout, Naming.TFLITE)
     embeddings = (TensorSpec(EMBEDDINGS, (1, length, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
     inputs = (TensorSpec(TOKENS, (1, length), np.dtype(np.int32)),
@@ -97,11 +102,11 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
         embeds, state_values = (rest[0], rest[1:]) if image else (None, rest)
         nv = valid_length(input_pos)
         logits, new_cache = forward(params, cfg, tokens, input_pos[:1], _cache_of(cfg, layout, state_values),
-                                    nv[None], last_only=True, embeddings=embeds, attention=attention)
+                                    nv[None], last_only=True, embeddings=embeds, attention=attention, span=span)
         return (logits, *_states_of(layout, new_cache))
 
-    return Signature(signature_name(kind, length), length, inputs, outputs, tuple(t.name for t in states), fn=fn,
-                     attention=attention)
+    return Signature(bucket_name(signature_name(kind, length), span), length, inputs, outputs,
+                     tuple(t.name for t in states), fn=fn, attention=attention)
 
 
 def build_vision_signature(cfg: ModelConfig) -> Signature:
@@ -132,15 +137,43 @@ def image_prefill_lengths(cfg: ModelConfig, prefill_lens) -> list[int]:
     return lens
 
 
+def context_buckets(cfg: ModelConfig, max_len: int, requested=None) -> list[int]:
+    """The context buckets of an export: `requested` (checked), or by default 4096, 16384, 65536
+    ... below max_len (none up to 4096, nor for a model without global layers)."""
+    from models.config import LayerKind
+
+    if LayerKind.GLOBAL not in cfg.layer_kinds:
+        if requested:
+            raise ValueError(f"{cfg.name} has no global attention layers: context buckets do not apply; drop "
+                             "--context-buckets")
+        return []
+    if requested is None:
+        out, span = [], 4096
+        while span < max_len and max_len > 4096:
+            out.append(span)
+            span *= 4
+        return out
+    spans = sorted(set(int(x) for x in requested))
+    for span in spans:
+        if not 2 <= span < max_len:
+            raise ValueError(f"context bucket {span} must be between 2 and below the context ({max_len}); lower it "
+                             "or raise --max-seq-len")
+    return spans
+
+
 def all_signatures(cfg: ModelConfig, prefill_lens, max_len: int, dtype=jnp.float32,
-                   attention: AttentionForm = AttentionForm.SDPA) -> list[Signature]:
+                   attention: AttentionForm = AttentionForm.SDPA, buckets=(), kv: str = "f32") -> list[Signature]:
     """Every signature an artifact of this model holds: prefill_{T} and decode, plus, with a vision
-    tower, vision_encoder and image_prefill_{T}."""
-    sigs = [build_signature(cfg, t, max_len, dtype, attention=attention) for t in prefill_lens if t > 1]
-    sigs.append(build_signature(cfg, 1, max_len, dtype, attention=attention))
+    tower, vision_encoder and image_prefill_{T}, plus for each context bucket L its
+    ctx{L}_prefill_{T} (T <= L) and ctx{L}_decode."""
+    sigs = [build_signature(cfg, t, max_len, dtype, attention=attention, kv=kv) for t in prefill_lens if t > 1]
+    sigs.append(build_signature(cfg, 1, max_len, dtype, attention=attention, kv=kv))
+    for span in buckets:
+        sigs += [build_signature(cfg, t, max_len, dtype, attention=attention, span=span, kv=kv)
+                 for t in [*(t for t in prefill_lens if t > 1), 1] if t <= span]
     if cfg.vision is not None:
         sigs.append(build_vision_signature(cfg))
-        sigs += [build_signature(cfg, t, max_len, dtype, image=True, attention=attention)
+        sigs += [build_signature(cfg, t, max_len, dtype, image=True, attention=attention, kv=kv)
                  for t in image_prefill_lengths(cfg, prefill_lens)]
     return sigs
 

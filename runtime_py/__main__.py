@@ -27,11 +27,18 @@ def cmd_generate(args) -> int:
     session = load(args.artifact, args.threads)
     tok = tokenizer_for(session, args.artifact, args.tokenizer)
     images = args.image or []
-    ids = prompt_ids(session, tok, args.prompt, len(images), args.raw)
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("pass the prompt as --prompt TEXT or --prompt-file PATH (one of them)")
+    text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    ids = prompt_ids(session, tok, text, len(images), args.raw)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     t0 = time.perf_counter()
     out: list[int] = []
-    for piece in stream_text(session, tok, ids, args.max_new_tokens, images=images, sampling=sampling, counts=out):
+    bar = PrefillBar() if len(ids) > PrefillBar.MIN_TOKENS else None
+    for piece in stream_text(session, tok, ids, args.max_new_tokens, images=images, sampling=sampling, counts=out,
+                             progress=bar):
+        if bar is not None:
+            bar = bar.close()
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -40,6 +47,41 @@ def cmd_generate(args) -> int:
     print(f"[{n_prompt} prompt tokens{f' ({len(images)} images)' if images else ''}, {len(out)} generated in "
           f"{seconds:.2f} s]", file=sys.stderr)
     return 0
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read --prompt-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
+
+
+class PrefillBar:
+    """The prefill's progress on stderr for a long prompt: tokens done, rate, time left."""
+
+    MIN_TOKENS = 256
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, done: int, total: int):
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        width = 30
+        fill = int(width * done / total)
+        left = (total - done) / rate if rate > 0 else 0.0
+        sys.stderr.write(f"\rprefill [{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens, {rate:.0f} tok/s, "
+                         f"{left:.0f} s left ")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        return None
 
 
 def main(argv=None) -> int:
@@ -55,7 +97,10 @@ def main(argv=None) -> int:
     gen.add_argument("--tokenizer", type=Path,
                      help="tokenizer.model or its folder (default: the one a .litertlm bundle or an ONNX "
                           "artifact folder carries); checked against the artifact's vocabulary")
-    gen.add_argument("--prompt", required=True, help="the user's text")
+    gen.add_argument("--prompt", help="the user's text")
+    gen.add_argument("--prompt-file", type=Path,
+                     help="read the user's text from a UTF-8 file (long prompts: prefilled in chunks, with a "
+                          "progress bar; one longer than the context is refused)")
     gen.add_argument("--image", type=Path, action="append",
                      help="an image file (repeatable; Gemma 3 with vision): each goes where the prompt says "
                           "<start_of_image>, or before the prompt when it has no marker")

@@ -18,8 +18,8 @@ from contract.metadata import ArtifactMetadata
 from contract.prompt import chunk_bounds, image_inputs
 from contract.sampling import sample_numpy
 from contract.signatures import (
-    EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, parse_signature,
-    signature_name,
+    EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, bucket_name,
+    parse_signature, signature_name, split_bucket,
 )
 
 
@@ -63,6 +63,11 @@ class Session:
     A backend has `signatures`, `reset()` (zero every state), `states()` (copies, for inspection)
     and `call(name, tokens, input_pos, embeddings=None) -> logits [V]`, carrying the states from
     call to call; with vision, `encode_image(image [1, S, S, 3]) -> soft tokens [1, N, E]`.
+
+    Context buckets (ctx{L}_prefill_{T}, ctx{L}_decode: contract/signatures.py): each text call
+    runs the smallest bucket whose L holds the call's last real position (`signature_for`), so a
+    long-context artifact pays for the context in use; image prefills and positions past every
+    bucket run the full-length signatures. `use_buckets = False` runs only those.
     """
 
     tokenizer_model: bytes | None = None  # the SentencePiece model a .litertlm bundle carries
@@ -76,7 +81,10 @@ class Session:
         self.backend = backend
         self.metadata = metadata
         self.max_len = metadata.max_seq_len
-        kinds = {name: parse_signature(name) for name in signatures}
+        kinds = {name: parse_signature(name) for name in signatures if split_bucket(name)[1] is None}
+        # context buckets (TFLite): ctx{L}_* variants of prefill/decode attending over L global rows
+        self.buckets = sorted({span for name in signatures if (span := split_bucket(name)[1]) is not None})
+        self.use_buckets = True
         self.prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.PREFILL)
         self.image_prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.IMAGE_PREFILL)
         self.vision = None
@@ -116,6 +124,15 @@ class Session:
                 f"{self.max_len}; reset() or export with a larger --max-seq-len"
             )
 
+    def signature_for(self, name: str, end: int) -> str:
+        """The signature that runs `name` (prefill_{T} or decode) for a call whose real tokens end
+        before position `end`: its smallest context bucket holding them, else itself."""
+        if self.use_buckets:
+            for span in self.buckets:
+                if end <= span and bucket_name(name, span) in self.signatures:
+                    return bucket_name(name, span)
+        return name
+
     def chunks(self, n: int) -> list[tuple[str, int]]:
         """(signature, real tokens) covering n prompt tokens: the largest prefill signature while
         more remain, then the smallest that holds the rest; decode when there is no prefill."""
@@ -152,10 +169,11 @@ class Session:
             done += take
         return plan
 
-    def prefill(self, tokens: Sequence[int], embeddings: np.ndarray | None = None) -> np.ndarray:
+    def prefill(self, tokens: Sequence[int], embeddings: np.ndarray | None = None, progress=None) -> np.ndarray:
         """Feed prompt tokens; returns the logits [V] after the last one. With `embeddings`
         ([len(tokens), E], the images' soft tokens spliced at their positions: `image_inputs`),
-        chunks holding soft tokens run the image prefill."""
+        chunks holding soft tokens run the image prefill. `progress(done, total)` is called after
+        each chunk (a long prompt is many)."""
         tokens = np.asarray(tokens, np.int32)
         if tokens.size == 0:
             raise ValueError("prefill needs at least one token")
@@ -175,9 +193,12 @@ class Session:
             if parse_signature(name)[0] is SignatureKind.IMAGE_PREFILL:
                 embeds = np.zeros((1, length, embeddings.shape[-1]), np.float32)
                 embeds[0, :take] = embeddings[done:done + take]
-            logits = self._call(name, chunk, pos, embeds)
+            run = name if embeds is not None else self.signature_for(name, self.position + take)
+            logits = self._call(run, chunk, pos, embeds)
             self.position += take
             done += take
+            if progress is not None:
+                progress(done, tokens.size)
         return logits
 
     def encode_image(self, image) -> np.ndarray:
@@ -206,14 +227,17 @@ class Session:
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns the logits [V] after it."""
         self._check_room(1)
-        logits = self._call("decode", np.array([[token]], np.int32), np.array([self.position], np.int32))
+        logits = self._call(self.signature_for("decode", self.position + 1), np.array([[token]], np.int32),
+                            np.array([self.position], np.int32))
         self.position += 1
         return logits
 
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int, *, sampling=None,
-                        stop_tokens: Sequence[int] = (), images: Sequence | None = None) -> Iterator[int]:
+                        stop_tokens: Sequence[int] = (), images: Sequence | None = None,
+                        progress=None) -> Iterator[int]:
         """Yield generated token ids (the stop token is not yielded). Starts a new sequence.
-        images: one per `<start_of_image>` token of the prompt (see `encode_image` for the forms)."""
+        images: one per `<start_of_image>` token of the prompt (see `encode_image` for the forms);
+        progress: the prefill's (`prefill`)."""
         embeddings = None
         if images:
             prompt, embeddings = self.image_inputs(prompt, images)
@@ -225,7 +249,7 @@ class Session:
                 "larger --max-seq-len"
             )
         rng = np.random.default_rng(getattr(sampling, "seed", 0))
-        logits = self.prefill(prompt, embeddings)
+        logits = self.prefill(prompt, embeddings, progress)
         stop = set(stop_tokens)
         limit = self.metadata.sample_vocab_size
         for step in range(max_new_tokens):

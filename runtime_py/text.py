@@ -67,12 +67,13 @@ def stop_ids(session, tok) -> list[int]:
 
 
 def stream_text(session, tok, ids: Sequence[int], max_new_tokens: int, *, images: Sequence = (), sampling=None,
-                counts: list | None = None) -> Iterator[str]:
+                counts: list | None = None, progress=None) -> Iterator[str]:
     """Yield the generated text piece by piece (each piece is what the new token added); the
-    generated ids are appended to `counts` when given."""
+    generated ids are appended to `counts` when given; `progress(done, total)` after each
+    prefill chunk."""
     out, printed = [] if counts is None else counts, ""
     for token in session.generate_stream(ids, max_new_tokens, sampling=sampling, stop_tokens=stop_ids(session, tok),
-                                         images=list(images)):
+                                         images=list(images), progress=progress):
         out.append(token)
         text = tok.decode(out)
         yield text[len(printed):]

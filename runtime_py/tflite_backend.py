@@ -2,9 +2,11 @@
 
 Two of ai_edge_litert's APIs (docs/memory.md has the measurements):
 
-  compiled     (default) the CompiledModel API. The states live in two banks of TensorBuffers
-               shared by every signature: a call reads one bank and writes the other, then they
-               swap, so no state is ever copied. XNNPACK packs the weights once for all
+  compiled     (default) the CompiledModel API. The states live in TensorBuffers shared by
+               every signature: a call updates a state in place where the signature allows it
+               (the full-length KV caches: only the new rows are written), else reads it from
+               one buffer and writes it to a second one, which becomes the current one; no state
+               is ever copied between calls. XNNPACK packs the weights once for all
                signatures into a weight cache file (`weight_cache_path`), which later loads map
                instead of packing again: the real Gemma 3 270M at int4 holds 2.4x its file,
                against 5.4x with the interpreter, which packs every weight once per signature.
@@ -30,7 +32,7 @@ from contract.signatures import (
     EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec,
     parse_signature,
 )
-from contract.tflite import numpy_dtype, read_tflite
+from contract.tflite import in_place_states, numpy_dtype, read_tflite
 from runtime_py.session import Session
 
 
@@ -82,23 +84,28 @@ class TFLiteBackend:
 
 
 class CompiledBackend:
-    """A backend over LiteRT's CompiledModel (see the module docstring)."""
+    """A backend over LiteRT's CompiledModel (see the module docstring).
 
-    def __init__(self, model, signatures: dict[str, SignatureSpec]):
+    Each state has a buffer, and a second one where some signature cannot update it in place.
+    A call binds a state's current buffer as its input and, as its output, the same buffer when
+    the signature updates that state in place (`in_place`: contract.tflite.in_place_states; a
+    full-length KV cache's rows are then written, not the whole cache copied), else the other
+    buffer, which then becomes the current one. Nothing is copied between calls either way."""
+
+    def __init__(self, model, signatures: dict[str, SignatureSpec], in_place: dict[str, frozenset] | None = None):
         self.signatures = signatures
         self._model = model
         listed = model.get_signature_list()
         self._io = {}
+        in_place = in_place or {}
+        self._in_place = {name: in_place.get(name, frozenset()) for name in signatures}
         states = [t.name for t in signatures["decode"].state_inputs] if "decode" in signatures else []
         self._state_specs = {t.name: t for t in signatures["decode"].state_inputs} if states else {}
-        if states:  # bank 0: decode's input buffers, bank 1: its output buffers (the same shapes)
-            index = model.get_signature_index("decode")
-            ins = dict(zip(listed["decode"]["inputs"], model.create_input_buffers(index)))
-            outs = dict(zip(listed["decode"]["outputs"], model.create_output_buffers(index)))
-            self._banks = [{n: ins[n] for n in states}, {n: outs[n] for n in states}]
-        else:
-            self._banks = [{}, {}]
-        self._current = 0
+        banked = {n for name, spec in signatures.items() for n in spec.states if n not in self._in_place[name]}
+        self._buffers = {n: [model.create_input_buffer_by_name("decode", n),
+                             model.create_output_buffer_by_name("decode", n) if n in banked else None]
+                         for n in states}
+        self._current = {n: 0 for n in states}
         for name in signatures:
             index = model.get_signature_index(name)
             inputs, outputs = listed[name]["inputs"], listed[name]["outputs"]
@@ -108,16 +115,22 @@ class CompiledBackend:
                       for n, d in model.get_output_tensor_details(name).items()}
             self._io[name] = (index, inputs, outputs, own_in, own_out, shapes)
 
+    @property
+    def in_place(self) -> dict[str, frozenset]:
+        """Per signature, the states it updates in place."""
+        return dict(self._in_place)
+
     def reset(self):
-        self._current = 0
-        for name, buffer in self._banks[0].items():
+        for name, pair in self._buffers.items():
+            self._current[name] = 0
             spec = self._state_specs[name]
-            buffer.write(np.zeros(spec.shape, spec.dtype))
+            pair[0].write(np.zeros(spec.shape, spec.dtype))
 
     def states(self) -> dict[str, np.ndarray]:
         out = {}
-        for name, buffer in self._banks[self._current].items():
+        for name, pair in self._buffers.items():
             spec = self._state_specs[name]
+            buffer = pair[self._current[name]]
             out[name] = buffer.read(int(np.prod(spec.shape)), spec.dtype).reshape(spec.shape)
         return out
 
@@ -127,11 +140,20 @@ class CompiledBackend:
 
     def _run(self, name: str):
         index, inputs, outputs, own_in, own_out, _ = self._io[name]
-        now, then = self._banks[self._current], self._banks[1 - self._current]
-        self._model.run_by_index(index, [own_in[n] if n in own_in else now[n] for n in inputs],
-                                 [own_out[n] if n in own_out else then[n] for n in outputs])
-        if now:
-            self._current = 1 - self._current
+        in_place, cur = self._in_place[name], self._current
+        feeds = [own_in[n] if n in own_in else self._buffers[n][cur[n]] for n in inputs]
+        outs, flip = [], []
+        for n in outputs:
+            if n in own_out:
+                outs.append(own_out[n])
+            elif n in in_place:
+                outs.append(self._buffers[n][cur[n]])
+            else:
+                outs.append(self._buffers[n][1 - cur[n]])
+                flip.append(n)
+        self._model.run_by_index(index, feeds, outs)
+        for n in flip:
+            cur[n] = 1 - cur[n]
 
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
         own_in = self._io[name][3]
@@ -229,11 +251,13 @@ def signature_specs(flat: dict, metadata: ArtifactMetadata) -> dict[str, Signatu
     return out
 
 
-def load_tflite(path, num_threads: int | None = None, api: str = "compiled", weight_cache: bool = True) -> Session:
+def load_tflite(path, num_threads: int | None = None, api: str = "compiled", weight_cache: bool = True,
+                in_place: bool = True) -> Session:
     """A session over a .tflite file, or over the TFLite model of a .litertlm bundle (the
     bundle's tokenizer is kept as `session.tokenizer_model`). `api`: "compiled" (LiteRT's
     CompiledModel, with an XNNPACK weight cache file unless `weight_cache` is False) or
-    "interpreter" (module docstring)."""
+    "interpreter" (module docstring). `in_place`: let the compiled API update the states that a
+    signature can update in place (CompiledBackend) in their own buffer."""
     path = Path(path)
     if api not in ("compiled", "interpreter"):
         raise ValueError(f"unknown TFLite api '{api}'; choose compiled or interpreter")
@@ -251,7 +275,7 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
     specs = signature_specs(flat, metadata)
     if api == "compiled":
         model, cache = _compiled_model(path, data, num_threads, weight_cache)
-        session = Session(CompiledBackend(model, specs), metadata)
+        session = Session(CompiledBackend(model, specs, in_place_states(path) if in_place else None), metadata)
         session.compiled_model, session.weight_cache = model, cache
     else:
         from ai_edge_litert.interpreter import Interpreter

@@ -56,13 +56,15 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child(args: list[str]) -> dict:
+def _child(args: list[str], script: str = __file__) -> dict:
+    """Run `script` with `args` and --out-json in a fresh process; its JSON, or {"error": the last
+    line it printed that is not a LiteRT log line}."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, __file__, *args, "--out-json", f.name], check=False, capture_output=True,
+        proc = subprocess.run([sys.executable, script, *args, "--out-json", f.name], check=False, capture_output=True,
                               text=True, env=env, cwd=ROOT)
         if proc.returncode:
-            tail = proc.stderr.strip().splitlines()
+            tail = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(("INFO", "WARNING", "└"))]
             return {"error": tail[-1][-300:] if tail else f"exit {proc.returncode}"}
         return json.loads(Path(f.name).read_text())
 

@@ -31,6 +31,8 @@ class GateResult:
     path: Path  # the parity JSON
     quant: str | None
     engine: EngineCheck | None = None
+    long: ParityReport | None = None  # the long check (--verify-long; verify/long.py)
+    long_tokens: int = 0
 
     @property
     def passed(self) -> bool:
@@ -49,7 +51,7 @@ def parity_path(artifact: Path) -> Path:
 def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target: str, max_len: int, lens: list[int],
              quant: str | None, attention: AttentionForm, steps: int = 64, tokenizer: Path | None = None,
              engine_check: bool = False, stage=None, drop=None, mode: str = "memory",
-             progress=None, method: str | None = None) -> GateResult:
+             progress=None, method: str | None = None, long: int = 0, kv: str = "f32") -> GateResult:
     """Gate `artifact` against the JAX model on `reference_params` (f32 arrays, or lazy tensors
     read when used).
 
@@ -59,21 +61,25 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
     mode "streamed": the artifact first, then the reference one layer at a time
     (verify/streamed.py): memory is the artifact's runtime or one layer, not both.
     `tokenizer` and `engine_check`: a .litertlm's LiteRT-LM run. `method`: how an int4 recipe's
-    codes were chosen (verify/gates.py has a row per method)."""
+    codes were chosen (verify/gates.py has a row per method). `long`: tokens of the long check
+    (verify/long.py; memory mode only), judged by the same gate row, its failures prefixed `long N:`."""
     from runtime_py import load
 
     if mode not in ("memory", "streamed"):
         raise ValueError(f"unknown gate mode '{mode}'; choose memory or streamed")
+    if long and mode != "memory":
+        raise ValueError("--verify-long runs the JAX model beside the artifact: pass --gate memory")
     stage = stage or (lambda name, record=True: contextlib.nullcontext())
     steps = max(1, min(steps, max_len - 4))
     prompts = verify_prompts(cfg, max_len, lens, steps)
+    full = prompts[-1:]  # run again on the full-length signatures when the artifact has context buckets
     images = [None] * len(prompts)
     if cfg.vision is not None:
         more, imgs = verify_images(cfg, max_len, lens, steps)
         prompts, images = prompts + more, images + imgs
     if mode == "streamed":
         report, session = _streamed(artifact, cfg, reference_params, prompts, images, steps, stage, progress,
-                                    keep_session=engine_check)
+                                    keep_session=engine_check, full=full)
         reference = None
     else:
         reference = reference_session(cfg, reference_params, lens, max_len, attention)
@@ -82,29 +88,59 @@ def run_gate(artifact: Path, cfg: ModelConfig, reference_params: dict, *, target
             drop()
         session = load(artifact)
         report = parity(reference, session, prompts, steps, images, progress=progress)
+        if session.buckets:  # the gate's prompts ran in the smallest bucket: the full-length ones too
+            session.use_buckets = False
+            _merge(report, parity(reference, session, full, steps))
+            session.use_buckets = True
+    long_report = None
+    if long:
+        from verify.long import long_parity, long_prompt
+
+        with stage(f"verify: long check ({long} tokens)", record=False):
+            long_report = long_parity(reference, session, long_prompt(cfg, long), steps, cfg.sliding_window,
+                                      progress=progress)
     engine = None
     if engine_check:
         # float bundles against the JAX model; quantized ones (whose gate above measured them
         # against JAX) against runtime_py running the same bundle
-        against_jax = quant is None and reference is not None
+        against_jax = quant is None and kv == "f32" and reference is not None
         engine = litert_lm_check(artifact, reference if against_jax else session, cfg, tokenizer, max_len, lens,
                                  steps, "the JAX model" if against_jax else "runtime_py", stage)
     del session
-    gate = gate_for(target, quant, method)
+    gate = gate_for(target, quant, method, kv)
+    if kv != "f32" and quant is None:  # judged like a recipe, against the f32-cache model
+        quant = f"{kv} KV"
     failures = gate.failures(report)
+    long_failures = [] if long_report is None else gate.failures(long_report)
+    failures += [f"long {long}: {f}" for f in long_failures]
     path = parity_path(artifact)
-    result = GateResult(report, gate, failures, path, quant, engine)
+    result = GateResult(report, gate, failures, path, quant, engine, long_report, long)
     body = {"quantization": quant, **({"quant_method": method} if method else {}), **gate.as_dict()} \
         if quant is not None else gate.as_dict()
+    if kv != "f32":
+        body["kv_cache"] = kv
     extra = {"litert_lm": engine.as_dict()} if engine is not None else {}
+    if long_report is not None:
+        from verify.long import summary
+
+        extra["long"] = summary(long_report, long, long_failures)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(report.to_json(artifact=Path(artifact).name, gate=body, passed=result.passed, **extra))
     os.replace(tmp, path)
     return result
 
 
+def _merge(report: ParityReport, more: ParityReport):
+    """Append `more` (a run on the full-length signatures) to `report`: its prompts numbered after
+    report's, its signatures labelled `full-length`."""
+    offset = len(report.greedy_match)
+    for s in more.steps:
+        report.steps.append(dataclasses.replace(s, prompt=s.prompt + offset, signature=f"full-length {s.signature}"))
+    report.greedy_match += more.greedy_match
+
+
 def _streamed(artifact: Path, cfg: ModelConfig, params: dict, prompts, images, steps: int, stage, progress,
-              keep_session: bool):
+              keep_session: bool, full=()):
     """(report, the artifact's session if `keep_session` else None): the artifact's runs, then the
     layer-streamed reference (verify/streamed.py)."""
     from runtime_py import load as load_artifact
@@ -113,6 +149,13 @@ def _streamed(artifact: Path, cfg: ModelConfig, params: dict, prompts, images, s
     with stage("verify: artifact", record=False):
         session = load_artifact(artifact)
         recorded = run_artifact(session, prompts, steps, images)
+        if session.buckets and full:  # as the in-memory gate: the full-length signatures too
+            session.use_buckets = False
+            more = run_artifact(session, full, steps)
+            session.use_buckets = True
+            for r in more:
+                r.steps = [(f"full-length {name}", step, pos) for name, step, pos in r.steps]
+            recorded += more
         layout = session.vision
     if not keep_session:
         session = None

@@ -101,9 +101,18 @@ GATES: dict[tuple[str, str | None], Gate] = {
 }
 
 
-def gate_for(target: str, recipe: str | None, method: str | None = None) -> Gate:
+# --kv-cache int8 (models/cache.quantize_kv) with float weights: measured against the f32-cache
+# model like a recipe; 1.5x the worse of the trained tiny (rel RMS 2.0e-3, top-1 1.0, KL 8.7e-6)
+# and the real Gemma 3 270M (4.2e-2, 0.993, 3.7e-3; docs/long_context.md). With a recipe, the
+# recipe's row applies.
+KV_INT8 = Gate(mean_rel_rms=0.065, top1=0.95, mean_kl=6e-3)
+
+
+def gate_for(target: str, recipe: str | None, method: str | None = None, kv: str = "f32") -> Gate:
     """The gate of `recipe` on `target`; `method` is how an int4 recipe's codes were chosen
-    (mse, the default, or gptq)."""
+    (mse, the default, or gptq); `kv` the KV cache's storage (f32, int8)."""
+    if kv == "int8" and recipe is None and target in ("tflite", "litertlm"):
+        return KV_INT8
     if method == "gptq" and recipe in _GPTQ.get(target, {}):
         return _GPTQ[target][recipe]
     try:

@@ -42,7 +42,7 @@ class LitertlmTarget(TFLiteTarget):
             inner = Path(scratch) / "model.tflite"
             metadata, info = super().write(plan, weights, signatures, inner, timer)
             with timer.stage("bundle"):
-                write_bundle(inner, plan.tokenizer, plan.cfg, plan.max_len, tmp)
+                write_bundle(inner, plan.tokenizer, plan.cfg, plan.max_len, tmp, plan.options.kv_cache)
         return metadata, info
 
     def describe(self, result) -> list[str]:

@@ -26,12 +26,15 @@ class TFLiteTarget(Target):
     name = "tflite"
     help = "one .tflite with prefill_T/decode signatures"
     quant_table = "tflite"
+    context_buckets = True
 
     def artifact_name(self, plan) -> str:
-        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}_ctx{plan.max_len}.tflite"
+        kv = "_kv8" if plan.options.kv_cache == "int8" else ""
+        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}_ctx{plan.max_len}.tflite"
 
     def signatures(self, plan):
-        return all_signatures(plan.cfg, list(plan.lens), plan.max_len, attention=self.attention)
+        return all_signatures(plan.cfg, list(plan.lens), plan.max_len, attention=self.attention, buckets=plan.buckets,
+                              kv=plan.options.kv_cache)
 
     def write(self, plan, weights, signatures, tmp: Path, timer):
         from export.lowering.tflite.convert import convert
@@ -39,7 +42,7 @@ class TFLiteTarget(Target):
         from export.quantize.sizes import is_quantized_weight
         from export.quantize.tflite import encoder, layout
 
-        metadata = plan.metadata(state_layout(plan.cfg, plan.max_len))
+        metadata = plan.metadata(state_layout(plan.cfg, plan.max_len, kv=plan.options.kv_cache))
         holes = [n for n, v in weights.stored.items() if is_quantized_weight(n, tuple(v.shape))]
         skeleton = tmp.with_name(tmp.name + ".skeleton.tmp")
         try:
