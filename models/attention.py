@@ -46,6 +46,8 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     base, scale = cfg.rope_params(kind)
     # RoPE happens inside the core (so that ONNX Runtime's attention can apply it: do_rotary)
     rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
+    if AttentionForm(attention) is AttentionForm.SDPA:  # inline: angles from a float32 constant (layers.rope_frequencies)
+        rope["exact_rope"] = True
     int8 = "k_scale" in cache  # int8 KV caches (models.cache.quantize_kv): codes and scales travel together
     cache_k = (cache["k"], cache["k_scale"]) if int8 else cache["k"]
     cache_v = (cache["v"], cache["v_scale"]) if int8 else cache["v"]
@@ -73,8 +75,8 @@ def _positions(start, t):
     return start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]
 
 
-def _rope(q, k, positions, rope_base, rope_scale, rope_dim):
-    kw = dict(base=rope_base, scale=rope_scale, rope_dim=int(rope_dim))
+def _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact=False):
+    kw = dict(base=rope_base, scale=rope_scale, rope_dim=int(rope_dim), exact=exact)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
 
 
@@ -88,12 +90,12 @@ def _chunk_key_blocks(blocks, start, rows: int):
 
 
 def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, scale, rope_base, rope_scale,
-                 rope_dim, logit_cap=None, span=None):
+                 rope_dim, logit_cap=None, span=None, exact_rope=False):
     """RoPE, write the chunk into the full-length cache, then attend over all of it (over its
     first `span` rows for a context bucket: the chunk's real tokens must lie below it)."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
-    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact_rope)
     # [B, T, K, D] -> [B, K, T, D], the cache layout
     if isinstance(cache_k, tuple):  # int8 KV: (codes, scales), quantized on write
         ck = _write_int8(write_global, cache_k, k, start)
@@ -121,11 +123,11 @@ def _write_int8(write, cache: tuple, rows, start) -> tuple:
 
 
 def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale, window, rope_base, rope_scale,
-                rope_dim, logit_cap=None):
+                rope_dim, logit_cap=None, exact_rope=False):
     """RoPE, attend over the ring as it was plus the chunk, then write the chunk into the ring."""
     t = q.shape[1]
     positions = _positions(start, t)
-    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact_rope)
     int8 = isinstance(ring_k, tuple)  # int8 KV: (codes, scales); the chunk attends its own rows unrounded
     old_k = dequantize_kv(*ring_k, k.dtype) if int8 else ring_k
     old_v = dequantize_kv(*ring_v, v.dtype) if int8 else ring_v

@@ -12,6 +12,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import fused
 
@@ -74,7 +75,20 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None):
+def rope_frequencies(base: float, scale: float, rope_dim: int) -> np.ndarray:
+    """RoPE's angular frequencies 1 / (scale * base^(2i / rope_dim)), i < rope_dim / 2, computed in
+    float64 and rounded once to a float32 constant. A rotation angle is then one float32 product,
+    position * frequency, which every runtime computes bit for bit alike (the TFLite converter
+    folds any chain of divisions into one multiply by a constant: a chain would round differently
+    at each position, by up to an ulp of the angle, which grows with the position and at 32K
+    tokens moves the logits by ~1e-4). Inside a StableHLO composite (the ONNX form) a constant
+    array would become an extra operand, so there the angles keep the in-graph form (`exact`
+    False), and the ONNX cos/sin tables are computed by that same JAX code."""
+    i = np.arange(int(rope_dim) // 2, dtype=np.float64)
+    return (1.0 / (float(scale) * float(base) ** (2.0 * i / int(rope_dim)))).astype(np.float32)
+
+
+def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None, exact: bool = False):
     """Half-split ("rotate_half") RoPE on the first `rope_dim` features of each head.
 
     x: [B, T, H, D] (keys: [B, T, K, D]); positions: [B, T] int. Angles and the rotation are
@@ -85,8 +99,11 @@ def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int |
     d = x.shape[-1]
     rope_dim = d if rope_dim is None else rope_dim
     half = rope_dim // 2
-    timescale = base ** ((2.0 / rope_dim) * jnp.arange(half, dtype=F32))  # [half]
-    angle = positions.astype(F32)[..., None] / scale / timescale  # [B, T, half]
+    if exact:  # one product with a float32 constant (`rope_frequencies`)
+        angle = positions.astype(F32)[..., None] * rope_frequencies(base, scale, rope_dim)  # [B, T, half]
+    else:
+        timescale = base ** ((2.0 / rope_dim) * jnp.arange(half, dtype=F32))  # [half]
+        angle = positions.astype(F32)[..., None] / scale / timescale  # [B, T, half]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, half]
     xf = x.astype(F32)
     a, b, rest = xf[..., :half], xf[..., half:rope_dim], xf[..., rope_dim:]
