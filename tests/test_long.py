@@ -151,7 +151,6 @@ def test_bucketed_logits_equal_the_full_length_ones_at_every_bucket_boundary(buc
     report = long_parity(full, bucket, long_prompt(cfg, 300), 8, cfg.sliding_window)
     assert report.max_rel_rms < 1e-5 and report.greedy_match == [8]
     assert {63, 64, 65, 255, 256, 257} <= {s.position for s in report.steps}
-    assert {"ctx64_prefill_16", "ctx256_prefill_16", "prefill_64", "decode"} & set(calls)
     assert any(c.startswith("ctx64_") for c in calls) and any(c.startswith("ctx256_") for c in calls)
     assert "decode" in calls  # past the last bucket: full length
     # the gate ran the buckets and the full-length signatures

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from verify.parity import ParityReport, StepReport, compare_logits
+from verify.parity import ParityReport, StepReport, compare_logits, teacher_forced_decode
 
 MAX_PROBES = 48  # boundaries probed (three positions each), half of them the window's
 
@@ -82,16 +82,12 @@ def long_parity(reference, artifact, prompt: Sequence[int], decode_steps: int, w
         start = p + 1
         if progress:
             progress(i + 1, total, f"long check: position {p + 1} of {n}")
-    matched = None
-    for d in range(steps):
-        token = int(ref.argmax())
-        if matched is None and int(art.argmax()) != token:
-            matched = d
-        ref, art = reference.decode(token), artifact.decode(token)
-        out.append(StepReport(0, "decode", d, reference.position - 1, *compare_logits(ref, art)))
+    def step(d):
         if progress and (d % 8 == 7 or d == steps - 1):
             progress(len(probes) + d + 1, total, f"long check: decode {d + 1}")
-    return ParityReport(out, [steps if matched is None else matched], steps)
+
+    greedy = teacher_forced_decode(reference, artifact, ref, art, steps, out, 0, step)
+    return ParityReport(out, [greedy], steps)
 
 
 def summary(report: ParityReport, n: int, failures: list[str]) -> dict:

@@ -133,21 +133,32 @@ def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int
                 art = artifact.prefill(chunk, art_emb[done:done + take])
             done += take
             steps.append(StepReport(pi, name, ci, done - 1, *compare_logits(ref, art)))
-        matched = None
-        for d in range(decode_steps):
-            token = int(ref.argmax())
-            if matched is None and int(art.argmax()) != token:
-                matched = d
-            ref, art = reference.decode(token), artifact.decode(token)
-            steps.append(StepReport(pi, "decode", d, reference.position - 1, *compare_logits(ref, art)))
+        def step(d, tick=tick, pi=pi):
             if progress and d % 8 == 7:
-                tick += 1
-                progress(tick, total, f"prompt {pi + 1}/{len(prompts)} decode {d + 1}")
+                progress(tick + (d + 1) // 8, total, f"prompt {pi + 1}/{len(prompts)} decode {d + 1}")
+
+        greedy.append(teacher_forced_decode(reference, artifact, ref, art, decode_steps, steps, pi, step))
         tick = (pi + 1) * (decode_steps // 8 + 1)
-        greedy.append(decode_steps if matched is None else matched)
     if progress:
         progress(total, total, "checked")
     return ParityReport(steps, greedy, decode_steps, encoder)
+
+
+def teacher_forced_decode(reference: Session, artifact: Session, ref: np.ndarray, art: np.ndarray, n: int,
+                          out: list, prompt: int = 0, after_step=None) -> int:
+    """Decode `n` steps in both sessions, each fed the reference's greedy token (starting from the
+    logits `ref`, `art` of the last prefill); a StepReport per step is appended to `out`. Returns
+    the steps before the artifact's argmax first differs (n when it never does)."""
+    matched = None
+    for d in range(n):
+        token = int(ref.argmax())
+        if matched is None and int(art.argmax()) != token:
+            matched = d
+        ref, art = reference.decode(token), artifact.decode(token)
+        out.append(StepReport(prompt, "decode", d, reference.position - 1, *compare_logits(ref, art)))
+        if after_step is not None:
+            after_step(d)
+    return n if matched is None else matched
 
 
 def _runs(session: Session, ids) -> list[tuple[int, int]]:
