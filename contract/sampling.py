@@ -31,13 +31,16 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def sample_numpy(logits: np.ndarray, sampling, rng: np.random.Generator, vocab_limit: int | None = None) -> int:
-    """logits [V] -> a token id. `sampling` is a Sampling (None = greedy)."""
+def probabilities(logits: np.ndarray, sampling, vocab_limit: int | None = None) -> np.ndarray:
+    """logits [V] -> the distribution `sample_numpy` draws from (float64 [V'], V' = vocab_limit or
+    V) after temperature, top-k and top-p; one-hot at the argmax for greedy (None or temperature 0)."""
     logits = np.asarray(logits, np.float64)
     if vocab_limit is not None:
         logits = logits[:vocab_limit]
     if sampling is None or sampling.temperature == 0.0:
-        return int(np.argmax(logits))
+        probs = np.zeros_like(logits)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
     logits = logits / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.size:
         kth = np.partition(logits, -sampling.top_k)[-sampling.top_k]
@@ -51,4 +54,13 @@ def sample_numpy(logits: np.ndarray, sampling, rng: np.random.Generator, vocab_l
         keep[order[before < sampling.top_p]] = True
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
+    return probs
+
+
+def sample_numpy(logits: np.ndarray, sampling, rng: np.random.Generator, vocab_limit: int | None = None) -> int:
+    """logits [V] -> a token id. `sampling` is a Sampling (None = greedy)."""
+    if sampling is None or sampling.temperature == 0.0:
+        logits = np.asarray(logits)
+        return int(np.argmax(logits if vocab_limit is None else logits[:vocab_limit]))
+    probs = probabilities(logits, sampling, vocab_limit)
     return int(rng.choice(probs.size, p=probs))

@@ -5,6 +5,12 @@ description of a signature's tensors.
   decode     (tokens int32[1, 1], input_pos int32[1], *states) -> (logits f32[1, 1, V], *states)
   image_prefill_{T}(tokens, input_pos, embeddings f32[1, T, E], *states) -> (logits, *states)
   vision_encoder(image f32[1, S, S, 3]) -> soft_tokens f32[1, N, E]
+  verify_{K}(tokens int32[1, K], input_pos int32[K], *states) -> (logits f32[1, K, V], *states)
+
+verify_{K} is prefill_{K} returning the logits at every position: speculative decoding checks K
+tokens (the last accepted one and K - 1 drafted) in one call (runtime_py/speculative.py). An
+artifact with it has local rings K - 1 rows longer than the window, so the runtime may rewind the
+position past rejected tokens (models/config.ModelConfig.rewind).
 
 The image prefill is not named `prefill_*`: LiteRT-LM takes every `prefill*` signature as one of
 its own text prefills.
@@ -33,6 +39,7 @@ class SignatureKind(str, enum.Enum):
     DECODE = "decode"
     IMAGE_PREFILL = "image_prefill"
     VISION_ENCODER = "vision_encoder"
+    VERIFY = "verify"
 
     @property
     def has_states(self) -> bool:
@@ -40,19 +47,20 @@ class SignatureKind(str, enum.Enum):
 
 
 def signature_name(kind: SignatureKind | str, length: int = 0) -> str:
-    """The name of a signature: `decode`, `vision_encoder`, `prefill_{T}`, `image_prefill_{T}`."""
+    """The name of a signature: `decode`, `vision_encoder`, `prefill_{T}`, `image_prefill_{T}`,
+    `verify_{K}`."""
     kind = SignatureKind(kind)
     if kind in (SignatureKind.DECODE, SignatureKind.VISION_ENCODER):
         return kind.value
     return f"{kind.value}_{int(length)}"
 
 
-_NAME = re.compile(r"(prefill|image_prefill)_(\d+)")
-_BUCKET = re.compile(r"ctx(\d+)_(prefill_\d+|decode)")
+_NAME = re.compile(r"(prefill|image_prefill|verify)_(\d+)")
+_BUCKET = re.compile(r"ctx(\d+)_(prefill_\d+|verify_\d+|decode)")
 
 
 def bucket_name(name: str, span: int | None) -> str:
-    """The context-bucket variant of prefill_{T} or decode attending over `span` rows (None: the
+    """The context-bucket variant of prefill_{T}, verify_{K} or decode attending over `span` rows (None: the
     name itself)."""
     return name if span is None else f"ctx{int(span)}_{name}"
 
@@ -74,7 +82,7 @@ def parse_signature(name: str) -> tuple[SignatureKind, int]:
     m = _NAME.fullmatch(name)
     if not m:
         raise ValueError(f"unexpected signature '{name}' (want decode, prefill_<T>, image_prefill_<T>, "
-                         "vision_encoder)")
+                         "verify_<K>, vision_encoder)")
     return SignatureKind(m.group(1)), int(m.group(2))
 
 

@@ -269,6 +269,14 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
         raise ValueError(f"--max-seq-len {max_len} is beyond {cfg.name}'s trained context of {cfg.max_seq_len} "
                          f"tokens (past it the model's output is not what it was trained for); pass "
                          f"--max-seq-len {cfg.max_seq_len} or less, or --untrained-context to export it anyway")
+    if options.speculative:
+        if cfg.recurrent is not None:
+            raise ValueError(f"--speculative: {cfg.name}'s recurrent state cannot be rewound past rejected draft "
+                             "tokens (only attention caches can); drop --speculative")
+        if options.speculative + 1 > max_len:
+            raise ValueError(f"--speculative {options.speculative} needs a context of at least "
+                             f"{options.speculative + 1} tokens; lower it or raise --max-seq-len")
+        cfg = dataclasses.replace(cfg, rewind=options.speculative)
     if options.verify_long and options.verify_long + 1 > max_len:
         raise ValueError(f"--verify-long {options.verify_long} needs a context of at least {options.verify_long + 1} "
                          f"tokens (the prompt, then decode); pass --verify-long {max_len - 1} or less, or a larger "

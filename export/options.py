@@ -36,6 +36,9 @@ class ExportOptions:
     verify_steps: int = 64
     kv_cache: str = "f32"  # KV cache storage: f32 | int8 (TFLite; models/cache.quantize_kv)
     verify_long: int = 0  # tokens of the gate's long check (verify/long.py); 0: none
+    # draft tokens per speculative step: a verify_{K+1} signature and rewindable caches (TFLite);
+    # 0: none (models/config.ModelConfig.rewind, runtime_py/speculative.py)
+    speculative: int = 0
     gate: str = "auto"  # the parity gate's reference: memory | streamed | auto (verify/gate.py, export/memory.py)
     engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
     random_weights: bool = False  # the weights are a random init: a quantized gate only warns
@@ -76,6 +79,11 @@ class ExportOptions:
             if self.gate == "streamed":
                 raise ValueError("--verify-long runs the JAX model beside the artifact: pass --gate memory (or "
                                  "auto), or drop --verify-long")
+        if self.speculative < 0:
+            raise ValueError(f"--speculative {self.speculative} must be a number of draft tokens (e.g. 4), or 0")
+        if self.speculative and not TARGETS[target].speculative:
+            raise ValueError(f"--speculative is TFLite's (verify_K signatures; the {target} graph returns the last "
+                             "position's logits only): export --target tflite or litertlm, or drop --speculative")
         if self.int4_method not in INT4_METHODS:
             raise ValueError(f"unknown --int4-method '{self.int4_method}'; choose {', '.join(INT4_METHODS)}")
         if self.int4_method != "mse" and (self.quant is None or not self.quant.startswith("int4")):

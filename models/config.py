@@ -118,6 +118,11 @@ class ModelConfig:
     # Rows the sampler may pick (the HF multimodal Gemma 3 table has 64 placeholder rows past the
     # text vocabulary). None means every row.
     sample_vocab_size: int | None = None
+    # Positions a sequence may be rewound by (speculative decoding: rejected draft tokens; export
+    # --speculative K sets it to K). Local rings get this many rows past the window, so the rows a
+    # rejected token overwrote held keys already outside every later query's window. An export
+    # choice, not the architecture's: it changes only the local caches' rows.
+    rewind: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -137,6 +142,8 @@ class ModelConfig:
             raise ValueError(f"{self.name}: rope_fraction * head_dim must be an even integer")
         if self.sliding_window < 1 or self.max_seq_len < 1:
             raise ValueError(f"{self.name}: sliding_window and max_seq_len must be positive")
+        if self.rewind < 0:
+            raise ValueError(f"{self.name}: rewind must be >= 0")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -173,5 +180,5 @@ class ModelConfig:
         if kind is LayerKind.GLOBAL:
             return max_len
         if kind is LayerKind.LOCAL:
-            return min(self.sliding_window, max_len)
+            return min(self.sliding_window + self.rewind, max_len)
         return 0

@@ -7,12 +7,15 @@ Shapes follow the legend in models/__init__.py.
   decode     (tokens int32[1, 1], input_pos int32[1], *states) -> (logits f32[1, 1, V], *states)
   vision_encoder(image f32[1, image_size, image_size, 3]) -> soft_tokens f32[1, I, E]
   image_prefill_{T}(tokens, input_pos, embeddings f32[1, T, E], *states) -> (logits, *states)
+  verify_{K}(tokens int32[1, K], input_pos int32[K], *states) -> (logits f32[1, K, V], *states)
 
 States are the layout's, in its order, each both an input and an output of the same name (the
 TFLite naming). Prefill writes the cache rows of its chunk at input_pos[0] + t. Runtimes right-pad
 chunks; the real tokens are the leading run where input_pos[t] == input_pos[0] + t (pad entries,
 e.g. 0 or -1, end the run), so pad tokens never overwrite a ring row nor change a recurrent state.
-A prefill returns the logits of its last real token only; decode those of its token.
+A prefill returns the logits of its last real token only; decode those of its token; verify_{K}
+(speculative decoding's check of K tokens: runtime_py/speculative.py) those of every token, pads
+included (the runtime reads the real ones).
 
 The image prefill's soft-token positions (tokens == the soft token) read `embeddings` (the runtime
 splices each image's soft tokens there) and attend bidirectionally within each image; one per
@@ -77,9 +80,11 @@ def _states_of(layout: StateLayout, cache) -> tuple:
 
 
 def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float32, *, image: bool = False,
-                    attention: AttentionForm = AttentionForm.SDPA, span: int | None = None, kv: str = "f32") -> Signature:
+                    attention: AttentionForm = AttentionForm.SDPA, span: int | None = None, kv: str = "f32",
+                    verify: bool = False) -> Signature:
     """The prefill (length > 1) or decode (length == 1) signature for a context of max_len; with
     `image`, the image_prefill_{length} signature (an `embeddings` input after input_pos); with
+    `verify`, verify_{length} (logits at every position); with
     `span`, its context bucket ctx{span}_* (global layers attend over the first span rows); `kv`
     "int8": int8 KV caches with their scales as extra states (models.cache.quantize_kv)."""
     if length < 1 or length > max_len:
@@ -89,20 +94,24 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
                          f"larger context (here {max_len})")
     if image and cfg.vision is None:
         raise ValueError(f"{cfg.name} has no vision tower")
-    kind = (SignatureKind.IMAGE_PREFILL if image else SignatureKind.DECODE if length == 1
-            else SignatureKind.PREFILL)
+    if verify and (image or length < 2):
+        raise ValueError(f"a verify signature checks at least 2 text tokens (here {length})")
+    kind = (SignatureKind.IMAGE_PREFILL if image else SignatureKind.VERIFY if verify
+            else SignatureKind.DECODE if length == 1 else SignatureKind.PREFILL)
     layout = state_layout(cfg, max_len, dtype, kv=kv)
     states = _specs(layout, Naming.TFLITE)
     embeddings = (TensorSpec(EMBEDDINGS, (1, length, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
     inputs = (TensorSpec(TOKENS, (1, length), np.dtype(np.int32)),
               TensorSpec(INPUT_POS, (length,), np.dtype(np.int32)), *embeddings, *states)
-    outputs = (TensorSpec(LOGITS, (1, 1, cfg.vocab_size), np.dtype(np.float32)), *states)
+    rows = length if verify else 1
+    outputs = (TensorSpec(LOGITS, (1, rows, cfg.vocab_size), np.dtype(np.float32)), *states)
 
     def fn(params, tokens, input_pos, *rest):
         embeds, state_values = (rest[0], rest[1:]) if image else (None, rest)
         nv = valid_length(input_pos)
         logits, new_cache = forward(params, cfg, tokens, input_pos[:1], _cache_of(cfg, layout, state_values),
-                                    nv[None], last_only=True, embeddings=embeds, attention=attention, span=span)
+                                    nv[None], last_only=not verify, embeddings=embeds, attention=attention,
+                                    span=span)
         return (logits, *_states_of(layout, new_cache))
 
     return Signature(bucket_name(signature_name(kind, length), span), length, inputs, outputs,
@@ -161,16 +170,28 @@ def context_buckets(cfg: ModelConfig, max_len: int, requested=None) -> list[int]
     return spans
 
 
+def verify_length(cfg: ModelConfig) -> int | None:
+    """The verify signature's tokens for a config exported for speculative decoding (cfg.rewind
+    draft tokens plus the last accepted one), else None."""
+    return cfg.rewind + 1 if cfg.rewind else None
+
+
 def all_signatures(cfg: ModelConfig, prefill_lens, max_len: int, dtype=jnp.float32,
                    attention: AttentionForm = AttentionForm.SDPA, buckets=(), kv: str = "f32") -> list[Signature]:
-    """Every signature an artifact of this model holds: prefill_{T} and decode, plus, with a vision
+    """Every signature an artifact of this model holds: prefill_{T} and decode, plus verify_{K}
+    for a config exported for speculative decoding (cfg.rewind = K - 1), plus, with a vision
     tower, vision_encoder and image_prefill_{T}, plus for each context bucket L its
-    ctx{L}_prefill_{T} (T <= L) and ctx{L}_decode."""
+    ctx{L}_prefill_{T} (T <= L), ctx{L}_verify_{K} and ctx{L}_decode."""
+    k = verify_length(cfg)
     sigs = [build_signature(cfg, t, max_len, dtype, attention=attention, kv=kv) for t in prefill_lens if t > 1]
     sigs.append(build_signature(cfg, 1, max_len, dtype, attention=attention, kv=kv))
+    if k is not None:
+        sigs.append(build_signature(cfg, k, max_len, dtype, attention=attention, kv=kv, verify=True))
     for span in buckets:
         sigs += [build_signature(cfg, t, max_len, dtype, attention=attention, span=span, kv=kv)
                  for t in [*(t for t in prefill_lens if t > 1), 1] if t <= span]
+        if k is not None and k <= span:
+            sigs.append(build_signature(cfg, k, max_len, dtype, attention=attention, span=span, kv=kv, verify=True))
     if cfg.vision is not None:
         sigs.append(build_vision_signature(cfg))
         sigs += [build_signature(cfg, t, max_len, dtype, image=True, attention=attention, kv=kv)

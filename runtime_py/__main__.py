@@ -6,6 +6,8 @@
   python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_int4-b32_ctx4096.litertlm --prompt "Hi"
   python -m runtime_py generate --artifact artifacts/gemma-3-4b-it_f32_ctx4096.tflite \
       --tokenizer ./gemma-3-4b-it --image cat.jpg --prompt "<start_of_image> What is in this picture?"
+  python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_dynamic-int8_spec4_ctx4096.tflite \
+      --draft artifacts/gemma-3-270m-it_int4-b32_spec4_ctx4096.tflite --prompt "Hi"   # speculative
 
 Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
 --raw). Bad input exits 2 with one line.
@@ -26,6 +28,15 @@ def cmd_generate(args) -> int:
 
     session = load(args.artifact, args.threads)
     tok = tokenizer_for(session, args.artifact, args.tokenizer)
+    draft = stats = None
+    if args.draft is not None:
+        from runtime_py.speculative import SpeculativeStats, check_pair
+
+        draft = load(args.draft, args.threads)
+        check_pair(session, draft, args.draft_tokens)
+        stats = SpeculativeStats()
+    elif args.draft_tokens is not None:
+        raise ValueError("--draft-tokens needs --draft ARTIFACT")
     images = args.image or []
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("pass the prompt as --prompt TEXT or --prompt-file PATH (one of them)")
@@ -36,7 +47,7 @@ def cmd_generate(args) -> int:
     out: list[int] = []
     bar = PrefillBar() if len(ids) > PrefillBar.MIN_TOKENS else None
     for piece in stream_text(session, tok, ids, args.max_new_tokens, images=images, sampling=sampling, counts=out,
-                             progress=bar):
+                             progress=bar, draft=draft, draft_tokens=args.draft_tokens, stats=stats):
         if bar is not None:
             bar = bar.close()
         sys.stdout.write(piece)
@@ -46,6 +57,8 @@ def cmd_generate(args) -> int:
     n_prompt = len(ids) + len(images) * (session.vision.image_length - 1 if images else 0)
     print(f"[{n_prompt} prompt tokens{f' ({len(images)} images)' if images else ''}, {len(out)} generated in "
           f"{seconds:.2f} s]", file=sys.stderr)
+    if stats is not None:
+        print(f"[{stats}]", file=sys.stderr)
     return 0
 
 
@@ -112,6 +125,12 @@ def main(argv=None) -> int:
     gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    gen.add_argument("--draft", type=Path,
+                     help="speculative decoding: a smaller artifact of the same tokenizer (e.g. Gemma 3 270M for "
+                          "Gemma 3) proposes tokens that the --artifact checks in one call; both exported with "
+                          "--speculative K. Greedy output is the same as without it")
+    gen.add_argument("--draft-tokens", type=int,
+                     help="draft tokens per step (default: the K the target was exported with)")
     args = ap.parse_args(argv)
     try:
         return cmd_generate(args)

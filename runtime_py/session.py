@@ -41,7 +41,8 @@ class FeedBackend:
     def states(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self._states.items()}
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
+             rows: bool = False) -> np.ndarray:
         sig = self.signatures[name]
         feed = {TOKENS: tokens, INPUT_POS: input_pos}
         if embeddings is not None:
@@ -50,7 +51,7 @@ class FeedBackend:
         out = self._run(name, feed)
         for t in sig.state_inputs:
             self._states[t.name] = out[t.name]
-        return np.asarray(out[LOGITS])[0, -1]
+        return np.asarray(out[LOGITS])[0] if rows else np.asarray(out[LOGITS])[0, -1]
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(signature_name(SignatureKind.VISION_ENCODER), {IMAGE: image})[SOFT_TOKENS])
@@ -61,8 +62,13 @@ class Session:
     model with vision also `vision_encoder` and `image_prefill_{T}`).
 
     A backend has `signatures`, `reset()` (zero every state), `states()` (copies, for inspection)
-    and `call(name, tokens, input_pos, embeddings=None) -> logits [V]`, carrying the states from
-    call to call; with vision, `encode_image(image [1, S, S, 3]) -> soft tokens [1, N, E]`.
+    and `call(name, tokens, input_pos, embeddings=None, rows=False) -> logits [V]` (with `rows`,
+    every row the signature returns: [T, V]), carrying the states from call to call; with vision,
+    `encode_image(image [1, S, S, 3]) -> soft tokens [1, N, E]`.
+
+    Speculative decoding (an artifact exported with --speculative K: runtime_py/speculative.py):
+    `verify(tokens)` feeds up to K tokens in one call and returns the logits after each, and
+    `rewind(position)` forgets the tokens from `position` on (up to `max_rewind` of them).
 
     Context buckets (ctx{L}_prefill_{T}, ctx{L}_decode: contract/signatures.py): each text call
     runs the smallest bucket whose L holds the call's last real position (`signature_for`), so a
@@ -87,6 +93,7 @@ class Session:
         self.use_buckets = True
         self.prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.PREFILL)
         self.image_prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.IMAGE_PREFILL)
+        self.verify_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.VERIFY)
         self.vision = None
         if any(k is SignatureKind.VISION_ENCODER for k, _ in kinds.values()):
             if metadata.image is None:
@@ -111,7 +118,9 @@ class Session:
     def states(self) -> dict[str, np.ndarray]:
         return self.backend.states()
 
-    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
+    def _call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None, rows=False) -> np.ndarray:
+        if rows:
+            return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32), rows=True)
         if embeddings is None:
             return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32))
         return self.backend.call(name, tokens.astype(np.int32), input_pos.astype(np.int32),
@@ -230,6 +239,54 @@ class Session:
         logits = self._call(self.signature_for("decode", self.position + 1), np.array([[token]], np.int32),
                             np.array([self.position], np.int32))
         self.position += 1
+        return logits
+
+    @property
+    def max_rewind(self) -> int:
+        """How many positions `rewind` may go back: what every local ring holds past its window
+        (an export with --speculative K: K), unbounded for rings as long as the context (they
+        never wrap) and models with global layers only, 0 with a recurrent state."""
+        from contract.layout import LayerKind
+
+        limit = self.max_len
+        for spec in self.metadata.states:
+            if spec.layer_kind is LayerKind.RECURRENT:
+                return 0
+            if spec.layer_kind is LayerKind.LOCAL and spec.rows < self.max_len:
+                limit = min(limit, spec.rows - self.metadata.sliding_window)
+        return max(limit, 0)
+
+    def rewind(self, position: int):
+        """Forget the tokens from `position` on: the next call writes there. Their cache rows stay
+        until overwritten, but no later query attends to them (global rows past the position are
+        masked; local rings hold `max_rewind` rows past the window)."""
+        back = self.position - int(position)
+        if back < 0 or position < 0:
+            raise ValueError(f"cannot rewind from position {self.position} to {position}")
+        if back > self.max_rewind:
+            raise ValueError(f"cannot rewind {back} positions: this artifact's caches keep {self.max_rewind} (export "
+                             f"it with --speculative {back} or more)")
+        self.position = int(position)
+
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed up to K tokens in one call of verify_{K} (speculative decoding's check); returns
+        the logits after each [len(tokens), V]."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if not self.verify_lengths:
+            raise ValueError("this artifact has no verify signature; export it with --speculative K (TFLite or "
+                             ".litertlm) to check draft tokens in one call")
+        fits = [k for k in self.verify_lengths if k >= tokens.size]
+        if not fits or tokens.size == 0:
+            raise ValueError(f"verify takes 1 to {self.verify_lengths[-1]} tokens, not {tokens.size}")
+        self._check_room(tokens.size)
+        k = fits[0]
+        chunk = np.zeros((1, k), np.int32)
+        chunk[0, :tokens.size] = tokens
+        pos = np.full((k,), -1, np.int32)
+        pos[:tokens.size] = self.position + np.arange(tokens.size)
+        name = self.signature_for(signature_name(SignatureKind.VERIFY, k), self.position + tokens.size)
+        logits = self._call(name, chunk, pos, rows=True)[:tokens.size]
+        self.position += tokens.size
         return logits
 
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int, *, sampling=None,

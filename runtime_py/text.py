@@ -67,13 +67,24 @@ def stop_ids(session, tok) -> list[int]:
 
 
 def stream_text(session, tok, ids: Sequence[int], max_new_tokens: int, *, images: Sequence = (), sampling=None,
-                counts: list | None = None, progress=None) -> Iterator[str]:
+                counts: list | None = None, progress=None, draft=None, draft_tokens: int | None = None,
+                stats=None) -> Iterator[str]:
     """Yield the generated text piece by piece (each piece is what the new token added); the
     generated ids are appended to `counts` when given; `progress(done, total)` after each
-    prefill chunk."""
+    prefill chunk. With a `draft` session: speculative decoding (runtime_py/speculative.py; text
+    only), `stats` a SpeculativeStats to fill."""
     out, printed = [] if counts is None else counts, ""
-    for token in session.generate_stream(ids, max_new_tokens, sampling=sampling, stop_tokens=stop_ids(session, tok),
-                                         images=list(images), progress=progress):
+    if draft is not None:
+        from runtime_py.speculative import generate_stream
+
+        if images:
+            raise ValueError("speculative decoding takes text prompts only; drop --draft to pass images")
+        tokens = generate_stream(session, draft, ids, max_new_tokens, draft_tokens=draft_tokens, sampling=sampling,
+                                 stop_tokens=stop_ids(session, tok), stats=stats, progress=progress)
+    else:
+        tokens = session.generate_stream(ids, max_new_tokens, sampling=sampling, stop_tokens=stop_ids(session, tok),
+                                         images=list(images), progress=progress)
+    for token in tokens:
         out.append(token)
         text = tok.decode(out)
         yield text[len(printed):]

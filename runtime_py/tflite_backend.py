@@ -63,7 +63,8 @@ class TFLiteBackend:
     def states(self) -> dict[str, np.ndarray]:
         return {name: np.array(self._value(name)) for name in self._source}
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
+             rows: bool = False) -> np.ndarray:
         subgraph, inputs, outputs = self._io[name]
         np.copyto(self._view(subgraph, inputs[TOKENS]), tokens)
         np.copyto(self._view(subgraph, inputs[INPUT_POS]), input_pos)
@@ -74,7 +75,8 @@ class TFLiteBackend:
         self._wrapper.Invoke(subgraph)
         for state in self._source:
             self._source[state] = ("tensor", subgraph, outputs[state])
-        return np.array(self._view(subgraph, outputs[LOGITS])[0, -1])
+        logits = self._view(subgraph, outputs[LOGITS])[0]
+        return np.array(logits if rows else logits[-1])
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         subgraph, inputs, outputs = self._io["vision_encoder"]
@@ -155,14 +157,16 @@ class CompiledBackend:
         for n in flip:
             cur[n] = 1 - cur[n]
 
-    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None) -> np.ndarray:
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
+             rows: bool = False) -> np.ndarray:
         own_in = self._io[name][3]
         own_in[TOKENS].write(np.ascontiguousarray(tokens, np.int32))
         own_in[INPUT_POS].write(np.ascontiguousarray(input_pos, np.int32))
         if embeddings is not None:
             own_in[EMBEDDINGS].write(np.ascontiguousarray(embeddings, np.float32))
         self._run(name)
-        return self._read(name, LOGITS)[0, -1].copy()
+        logits = self._read(name, LOGITS)[0]
+        return (logits if rows else logits[-1]).copy()
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         name = "vision_encoder"

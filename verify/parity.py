@@ -138,6 +138,8 @@ def parity(reference: Session, artifact: Session, prompts: Sequence[Sequence[int
                 progress(tick + (d + 1) // 8, total, f"prompt {pi + 1}/{len(prompts)} decode {d + 1}")
 
         greedy.append(teacher_forced_decode(reference, artifact, ref, art, decode_steps, steps, pi, step))
+        if ref_emb is None:
+            verify_rows(reference, artifact, prompt, steps, pi)
         tick = (pi + 1) * (decode_steps // 8 + 1)
     if progress:
         progress(total, total, "checked")
@@ -159,6 +161,36 @@ def teacher_forced_decode(reference: Session, artifact: Session, ref: np.ndarray
         if after_step is not None:
             after_step(d)
     return n if matched is None else matched
+
+
+def verify_tokens(session: Session, prompt: Sequence[int]) -> list[int]:
+    """The tokens the gate checks the verify signature with (an artifact exported with
+    --speculative): as many as it takes, from the prompt; [] when it has none or no room."""
+    if not session.verify_lengths:
+        return []
+    k = session.verify_lengths[-1]
+    if session.position + k > session.max_len or len(prompt) < k:
+        return []
+    return [int(t) for t in prompt[:k]]
+
+
+def verify_rows(reference: Session, artifact: Session, prompt: Sequence[int], out: list, index: int = 0):
+    """Speculative decoding's signatures, where the artifact has them: verify_{K} on K tokens in
+    both sessions, each row compared (labelled verify_{K}); then both rewind to keep the first
+    token only and decode the second again (labelled `decode after rewind`): the rows the
+    rejected tokens left in the caches must not change it."""
+    tokens = verify_tokens(artifact, prompt)
+    if not tokens:
+        return
+    start = artifact.position
+    ref_rows, art_rows = reference.verify(tokens), artifact.verify(tokens)
+    name = f"verify_{artifact.verify_lengths[-1]}"
+    for i, (r, a) in enumerate(zip(ref_rows, art_rows)):
+        out.append(StepReport(index, name, i, start + i, *compare_logits(r, a)))
+    reference.rewind(start + 1)
+    artifact.rewind(start + 1)
+    out.append(StepReport(index, "decode after rewind", 0, start + 1,
+                          *compare_logits(reference.decode(tokens[1]), artifact.decode(tokens[1]))))
 
 
 def _runs(session: Session, ids) -> list[tuple[int, int]]:

@@ -6,8 +6,9 @@ runtime's resident size). This one never holds more than one of them, and of the
 layer at a time:
 
   1. the artifact runs every prompt with its own chunking, then `steps` greedy decode steps fed
-     its own argmax; the logits of every prefill call and decode step are kept, with the token
-     stream they came from. The artifact's session is then released.
+     its own argmax (then, exported with --speculative, one verify_{K} call whose rows extend the
+     stream); the logits of every prefill call, decode step and verify row are kept, with the
+     token stream they came from. The artifact's session is then released.
   2. `streamed_logits` scores all streams teacher-forced through the JAX model: embed, then for
      each layer in turn its weights are read from the checkpoint (models/lazy.py), every
      stream's activations go through it, and the weights are dropped; the final norm and the tied
@@ -33,7 +34,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.lazy import load
-from verify.parity import ParityReport, StepReport, compare_logits
+from verify.parity import ParityReport, StepReport, compare_logits, verify_tokens
 
 HEAD_ROWS = 32768  # vocabulary rows of the tied head copied to JAX at a time
 
@@ -78,6 +79,12 @@ def run_artifact(session, prompts: Sequence[Sequence[int]], steps: int,
             art = session.decode(token)
             rec.append(("decode", d, session.position - 1))
             logits.append(np.asarray(art, np.float32))
+        tokens = verify_tokens(session, prompt) if emb is None else []
+        if tokens:  # speculative decoding's verify_{K}: its rows are the stream's next positions
+            for i, row in enumerate(session.verify(tokens)):
+                ids.append(tokens[i])
+                rec.append((f"verify_{session.verify_lengths[-1]}", i, len(ids) - 1))
+                logits.append(np.asarray(row, np.float32))
         out.append(Recorded(ids, rec, logits, emb, imgs, greedy))
         if progress:
             progress(pi + 1, len(prompts), "artifact")

@@ -27,10 +27,12 @@ class TFLiteTarget(Target):
     help = "one .tflite with prefill_T/decode signatures"
     quant_table = "tflite"
     context_buckets = True
+    speculative = True
 
     def artifact_name(self, plan) -> str:
         kv = "_kv8" if plan.options.kv_cache == "int8" else ""
-        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}_ctx{plan.max_len}.tflite"
+        spec = f"_spec{plan.cfg.rewind}" if plan.cfg.rewind else ""
+        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}{spec}_ctx{plan.max_len}.tflite"
 
     def signatures(self, plan):
         return all_signatures(plan.cfg, list(plan.lens), plan.max_len, attention=self.attention, buckets=plan.buckets,
