@@ -209,13 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TFLite: extra ctx{L}_prefill_T / ctx{L}_decode signatures whose global layers attend over "
                          "the first L cache rows only, so decode and prefill cost follows the context in use; "
                          "runtime_py picks the smallest that holds the sequence (LiteRT-LM runs the full-length "
-                         "ones). Default: 4096,16384,65536... below --max-seq-len; 'none' for none")
+                         "ones). Default above a 1024 context: 512, then 4096,16384,65536... below --max-seq-len; 'none' for none")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
                     help="TFLite, .litertlm: export for speculative decoding with up to K draft tokens per step: a "
                          "verify_{K+1} signature (logits at every position) and local caches K rows longer than the "
                          "window, so the runtime can rewind past rejected tokens. Export the target and the draft "
                          "(e.g. gemma3-270m) with the same K; run them with `python -m runtime_py generate --draft` "
                          "(docs/decode.md)")
+    ap.add_argument("--inline-composites", action="store_true",
+                    help="TFLite, .litertlm: trace RMS norm and attention as plain ops instead of the odml.* "
+                         "composites: faster on CPU (XNNPACK runs the graph as one partition instead of one per "
+                         "composite), but GPU/NPU delegates no longer see the ops "
+                         "they swap fused kernels in for (docs/decode.md)")
     ap.add_argument("--prefill-lens", default=None,
                     help="comma-separated prefill signature lengths (tflite; default 32,128). onnx takes "
                          "any length and uses these only to shape the parity prompts")
@@ -265,7 +270,7 @@ def parse_request(args) -> Request:
         context_buckets=parse_buckets(args.context_buckets), kv_cache=args.kv_cache,
         dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
-        verify_long=args.verify_long, speculative=args.speculative,
+        verify_long=args.verify_long, speculative=args.speculative, inline_composites=args.inline_composites,
         gate=args.gate,
         engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True,
         untrained_context=args.untrained_context)

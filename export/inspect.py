@@ -233,7 +233,7 @@ def format_text(d: dict) -> str:
     label = "decode ops" if "decode_ops" in d else "ops"
     lines.append(f"{label} ({sum(ops.values())}): " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:14]))
     if d.get("composites"):
-        lines.append("composites: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["composites"].items())))
+        lines.append("composites: " + (", ".join(f"{k} x{v}" for k, v in sorted(d["composites"].items())) or "none"))
     if d.get("custom_ops"):
         lines.append(f"CUSTOM ops: {d['custom_ops']}")
     if d.get("contrib_ops"):

@@ -22,7 +22,7 @@ class ExportOptions:
     out_dir: Path = Path("artifacts")
     max_len: int | None = None  # the global caches' context; default min(4096, the model's)
     prefill_lens: tuple[int, ...] | None = None
-    # TFLite context buckets (ctx{L}_* signatures); None: 4096, 16384, 65536 ... below the context;
+    # TFLite context buckets (ctx{L}_* signatures); None: 512 and 4096, 16384, 65536 ... below a context above 1024;
     # () for none (models/signatures.context_buckets)
     context_buckets: tuple[int, ...] | None = None  # default DEFAULT_PREFILL_LENS (+ one that holds an image)
     dtype: str = "f32"  # stored float weights, without a recipe
@@ -39,6 +39,9 @@ class ExportOptions:
     # draft tokens per speculative step: a verify_{K+1} signature and rewindable caches (TFLite);
     # 0: none (models/config.ModelConfig.rewind, runtime_py/speculative.py)
     speculative: int = 0
+    # TFLite: trace odml.rms_norm and odml.scaled_dot_product_attention as plain ops (faster on
+    # CPU; GPU/NPU delegates lose their fused kernels): models/fused.CPU_INLINED
+    inline_composites: bool = False
     gate: str = "auto"  # the parity gate's reference: memory | streamed | auto (verify/gate.py, export/memory.py)
     engine_check: bool = True  # litertlm: run the bundle in LiteRT-LM after the gate
     random_weights: bool = False  # the weights are a random init: a quantized gate only warns
@@ -84,6 +87,9 @@ class ExportOptions:
         if self.speculative and not TARGETS[target].speculative:
             raise ValueError(f"--speculative is TFLite's (verify_K signatures; the {target} graph returns the last "
                              "position's logits only): export --target tflite or litertlm, or drop --speculative")
+        if self.inline_composites and not TARGETS[target].inline_composites:
+            raise ValueError(f"--inline-composites is TFLite's (the {target} lowering replaces the composites itself); "
+                             "drop it")
         if self.int4_method not in INT4_METHODS:
             raise ValueError(f"unknown --int4-method '{self.int4_method}'; choose {', '.join(INT4_METHODS)}")
         if self.int4_method != "mse" and (self.quant is None or not self.quant.startswith("int4")):

@@ -56,8 +56,30 @@ def decomposed():
         _DECOMPOSED.reset(token)
 
 
+_INLINED = contextvars.ContextVar("inlined", default=frozenset())
+
+# What `--inline-composites` traces as plain ops (TFLite): LiteRT's CPU path runs each composite
+# as a call of its decomposition subgraph, which XNNPACK delegates as a partition of its own (183
+# in gemma3-1b's decode); inline, the graph is one partition (docs/decode.md has the figures). The
+# embedding lookup stays a composite: its quantized table is read through it.
+CPU_INLINED = ("odml.rms_norm", "odml.scaled_dot_product_attention")
+
+
+@contextlib.contextmanager
+def inlined(names=CPU_INLINED):
+    """While active, the fused ops named trace as their decompositions (same computation), so a
+    CPU graph has no composite call for them; delegates that know the names lose their kernels."""
+    token = _INLINED.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _INLINED.reset(token)
+
+
 def _composite(impl, name: str):
-    return impl if _DECOMPOSED.get() else jax.lax.composite(impl, name=name)
+    if _DECOMPOSED.get() or name in _INLINED.get():
+        return impl
+    return jax.lax.composite(impl, name=name)
 
 
 class AttentionForm(str, enum.Enum):

@@ -146,9 +146,14 @@ def image_prefill_lengths(cfg: ModelConfig, prefill_lens) -> list[int]:
     return lens
 
 
+SHORT_BUCKET = 512  # the default's first context bucket (contexts above 1024)
+
+
 def context_buckets(cfg: ModelConfig, max_len: int, requested=None) -> list[int]:
-    """The context buckets of an export: `requested` (checked), or by default 4096, 16384, 65536
-    ... below max_len (none up to 4096, nor for a model without global layers)."""
+    """The context buckets of an export: `requested` (checked), or by default 512 and 4096, 16384,
+    65536 ... below max_len for a context above 1024 (none up to 1024, nor for a model without
+    global layers). The 512 bucket is for chats, which mostly stay short: gemma3-1b int4 decodes
+    ~20% faster at position 128 over 512 global rows than over 4096 (docs/decode.md)."""
     from models.config import LayerKind
 
     if LayerKind.GLOBAL not in cfg.layer_kinds:
@@ -157,7 +162,7 @@ def context_buckets(cfg: ModelConfig, max_len: int, requested=None) -> list[int]
                              "--context-buckets")
         return []
     if requested is None:
-        out, span = [], 4096
+        out, span = ([SHORT_BUCKET] if max_len > 2 * SHORT_BUCKET else []), 4096
         while span < max_len and max_len > 4096:
             out.append(span)
             span *= 4

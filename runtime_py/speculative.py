@@ -7,7 +7,9 @@ Each step, with the target's caches holding every accepted token but the last (`
   2. the target runs verify_{K} on [x, d1, ..., dg] (one call, logits after every token);
   3. greedy: d_i is kept while it is the target's argmax after the tokens before it; the first
      mismatch is replaced by the target's argmax there, and when all g are kept the target's
-     argmax after dg comes free. The output is plain greedy decoding's, token for token.
+     argmax after dg comes free. The output is greedy decoding on verify's logits: plain greedy
+     decoding's token for token on float artifacts; with int8 activations the two paths round
+     differently and can part at a near choice (docs/decode.md).
      Sampling: the standard rejection rule (Leviathan et al., Chen et al. 2023): keep d_i with
      probability min(1, p(d_i) / q(d_i)), else draw from max(p - q, 0) renormalized, where p and q
      are the target's and the draft's sampling distributions (temperature, top-k, top-p applied);

@@ -198,9 +198,10 @@ def test_default_context_buckets():
     from models.signatures import context_buckets
 
     g3 = get_config("gemma3-1b")
-    assert context_buckets(g3, 4096) == [] and context_buckets(g3, 8192) == [4096]
-    assert context_buckets(g3, 32768) == [4096, 16384]
-    assert context_buckets(g3, 131072) == [4096, 16384, 65536]
+    assert context_buckets(g3, 1024) == [] and context_buckets(g3, 1025) == [512]
+    assert context_buckets(g3, 4096) == [512] and context_buckets(g3, 8192) == [512, 4096]
+    assert context_buckets(g3, 32768) == [512, 4096, 16384]
+    assert context_buckets(g3, 131072) == [512, 4096, 16384, 65536]
     assert context_buckets(get_config("recurrentgemma-2b"), 32768) == []
     assert context_buckets(g3, 4096, (1024, 512)) == [512, 1024]
     with pytest.raises(ValueError, match="below the context"):

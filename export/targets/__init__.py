@@ -11,7 +11,8 @@ driver and the CLI (`--target` choices and their help).
 Class attributes: name, help, quant_table (the quantization support table it uses), attention
 (models.fused.AttentionForm), writes_folder, embed_16bit (16-bit storage of the embedding table),
 engine_check (the gate may run the artifact in its own runtime), context_buckets (it exports
-ctx{L}_* signatures for long contexts), speculative (it exports verify_{K} signatures: --speculative).
+ctx{L}_* signatures for long contexts), speculative (it exports verify_{K} signatures: --speculative), inline_composites (it can trace
+rms_norm and attention as plain ops: --inline-composites).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Target:
     engine_check = False
     context_buckets = False
     speculative = False
+    inline_composites = False
 
     def default_prefill_lens(self, max_len: int) -> list[int]:
         return check_prefill_lens(DEFAULT_PREFILL_LENS, max_len)

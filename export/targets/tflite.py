@@ -14,6 +14,8 @@ skeleton shows them (`stray_holes`), and the graph is converted once more with t
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 from contract.signatures import EMBEDDINGS, INPUT_POS, LOGITS, TOKENS
@@ -28,6 +30,7 @@ class TFLiteTarget(Target):
     quant_table = "tflite"
     context_buckets = True
     speculative = True
+    inline_composites = True
 
     def artifact_name(self, plan) -> str:
         kv = "_kv8" if plan.options.kv_cache == "int8" else ""
@@ -47,8 +50,11 @@ class TFLiteTarget(Target):
         metadata = plan.metadata(state_layout(plan.cfg, plan.max_len, kv=plan.options.kv_cache))
         holes = [n for n, v in weights.stored.items() if is_quantized_weight(n, tuple(v.shape))]
         skeleton = tmp.with_name(tmp.name + ".skeleton.tmp")
+        from models.fused import inlined
+
+        trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
         try:
-            with timer.stage("convert"):
+            with timer.stage("convert"), trace:
                 convert(signatures, weights.stored, skeleton, compute=weights.compute, progress=timer.progress,
                         metadata=metadata.to_json(), holes=holes)
                 stray = stray_holes(skeleton)
@@ -87,7 +93,8 @@ def describe_tflite(path: Path, result) -> list[str]:
     decode = report.op_histogram.get("decode", {})
     top = ", ".join(f"{op} {n}" for op, n in decode.most_common(12))
     lines.append(f"  decode ops: {top}")
-    lines.append("  composites: " + ", ".join(f"{k} x{v}" for k, v in sorted(report.composites.items())))
+    lines.append("  composites: " + (", ".join(f"{k} x{v}" for k, v in sorted(report.composites.items()))
+                                      or "none (--inline-composites)"))
     if report.custom_ops:
         lines.append(f"  CUSTOM ops: {dict(report.custom_ops)}")
     return lines
