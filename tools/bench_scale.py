@@ -147,17 +147,42 @@ def hf_config_json(model: str) -> dict | None:
     return body
 
 
+# onnxruntime-genai's builder in a child process. The builder (0.18) reads Gemma 3's RoPE settings
+# flat, as transformers 4 wrote them (rope_parameters["rope_type"], rope_theta, rope_local_base_freq);
+# transformers 5 nests them per layer type (KeyError: 'rope_type'), and converts a transformers-4
+# config.json back on load, so the loaded config is flattened here (tools/bench_anchors.py's
+# docstring has the check against our JAX model). The builder also needs `onnx-ir` installed.
+BUILDER_CHILD = r"""
+import runpy, sys, transformers
+_load = transformers.AutoConfig.from_pretrained.__func__
+
+def _flat_rope(cls, *args, **kwargs):
+    config = _load(cls, *args, **kwargs)
+    for c in (config, getattr(config, "text_config", None)):
+        rope = getattr(c, "rope_parameters", None)
+        if isinstance(rope, dict) and "full_attention" in rope:
+            full = dict(rope["full_attention"])
+            c.rope_parameters = full
+            c.rope_theta = full["rope_theta"]
+            c.rope_local_base_freq = rope.get("sliding_attention", full)["rope_theta"]
+    return config
+
+transformers.AutoConfig.from_pretrained = classmethod(_flat_rope)
+sys.argv = ["builder"] + sys.argv[1:]
+try:
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+finally:
+    print("PEAK", next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
 def run_ort_genai(model: str, ckpt: Path, out: Path) -> dict:
     config = hf_config_json(model)
     if config is None:
         return {"error": "not a Gemma 3 text model"}
     (ckpt / "config.json").write_text(json.dumps(config))
-    code = ("import runpy, sys; sys.argv = ['builder'] + sys.argv[1:]; "
-            "\ntry:\n    runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')"
-            "\nfinally:\n    print('PEAK', next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
-            "if l.startswith('VmHWM:')))")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, "-i", str(ckpt), "-o", str(out), "-p", "int4", "-e", "cpu",
+    proc = subprocess.run([sys.executable, "-c", BUILDER_CHILD, "-i", str(ckpt), "-o", str(out), "-p", "int4", "-e", "cpu",
                            "-c", str(out / "cache")], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (ckpt / "config.json").unlink()
