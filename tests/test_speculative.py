@@ -232,3 +232,20 @@ def test_streamed_gate_checks_the_verify_rows(tmp_path):
     assert report["passed"]
     rows = [s for s in report["steps"] if s["signature"] == f"verify_{K + 1}"]
     assert len(rows) == 2 * (K + 1) and max(s["rel_rms"] for s in rows) < 1e-4
+
+
+def test_verify_has_context_bucket_variants(tmp_path):
+    """With context buckets, ctx{L}_verify_{K} runs below L; its rows are the full-length one's."""
+    model = TINY["gemma3"]
+    path = _export(tmp_path, model, 0, "--context-buckets", "48", "--no-verify")
+    session = load(path)
+    assert f"ctx48_verify_{K + 1}" in session.signatures
+    prompt = _prompt(30)
+    assert session.signature_for(f"verify_{K + 1}", len(prompt) + K + 1) == f"ctx48_verify_{K + 1}"
+    rows = {}
+    for buckets in (True, False):
+        session.use_buckets = buckets
+        session.reset()
+        session.prefill(prompt)
+        rows[buckets] = session.verify([5, 6, 7, 8])
+    assert np.abs(rows[True] - rows[False]).max() <= 1e-5 * np.abs(rows[False]).max()
