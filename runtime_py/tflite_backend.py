@@ -213,6 +213,47 @@ def weight_cache_path(path: Path) -> Path | None:
     return target
 
 
+DEFAULT_CACHE_MAX_GB = 16.0
+
+
+def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
+    """Keep the weight cache folder under `max_bytes` ($GEMMA_EDGE_CACHE_MAX_GB, default 16 GB):
+    mark `keep` (the cache a session is about to map) as just used, then remove the least recently
+    used other caches while the folder holds more. A cache is otherwise removed only when its own
+    artifact is re-exported, so caches of deleted or moved artifacts would pile up (one per
+    artifact, about its size). Removing a file another process has mapped is safe (POSIX keeps
+    it until unmapped); one that cannot be removed is skipped. Returns the removed files."""
+    if max_bytes is None:
+        try:
+            max_bytes = int(float(os.environ.get("GEMMA_EDGE_CACHE_MAX_GB", DEFAULT_CACHE_MAX_GB)) * 1e9)
+        except ValueError:
+            max_bytes = int(DEFAULT_CACHE_MAX_GB * 1e9)
+    keep = Path(keep)
+    if keep.exists():
+        os.utime(keep)
+    files = []
+    for f in keep.parent.glob("*.xnnpack_cache"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, f in sorted(files):  # oldest first
+        if total <= max_bytes:
+            break
+        if f == keep:
+            continue
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(f)
+    return removed
+
+
 def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, weight_cache: bool):
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.cpu_options import CpuOptions
@@ -224,6 +265,7 @@ def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, wei
         cpu["num_threads"] = int(num_threads)
     cache = weight_cache_path(path) if weight_cache else None
     if cache is not None:
+        prune_weight_caches(cache)
         cpu["xnnpack_weight_cache_path"] = str(cache)
     options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(**cpu))
     if data is not None:

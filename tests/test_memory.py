@@ -88,3 +88,28 @@ def test_skip_memory_check_and_small_models_pass(machine_of, tmp_path, monkeypat
     args = build_parser().parse_args(["--model", "gemma3-tiny", "--random-init", "0", "--target", "tflite",
                                       "--out", str(tmp_path)])
     parse_request(args).validate()
+
+
+def test_weight_cache_folder_is_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    """runtime_py's XNNPACK weight caches (one per artifact) stay under the cap: the least
+    recently used go first, the one being loaded never; GEMMA_EDGE_CACHE_MAX_GB sets the cap."""
+    import os
+
+    from runtime_py.tflite_backend import WEIGHT_CACHE_MIN_BYTES, prune_weight_caches, weight_cache_path
+
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    artifact = tmp_path / "model.tflite"
+    with open(artifact, "wb") as f:
+        f.truncate(WEIGHT_CACHE_MIN_BYTES + 1)  # sparse: big enough to get a cache
+    keep = weight_cache_path(artifact)
+    others = [keep.parent / f"other{i}-0.xnnpack_cache" for i in range(4)]
+    for i, f in enumerate(others):
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # other0 is the least recently used
+    keep.write_bytes(b"x" * 1000)
+    os.utime(keep, (1, 1))  # the oldest of all, but it is the one in use
+    monkeypatch.setenv("GEMMA_EDGE_CACHE_MAX_GB", str(3500 / 1e9))
+    removed = prune_weight_caches(keep)
+    assert removed == others[:2] and keep.exists() and all(f.exists() for f in others[2:])
+    assert prune_weight_caches(keep) == []  # under the cap now
+    assert keep.stat().st_mtime > others[3].stat().st_mtime  # marked as just used
