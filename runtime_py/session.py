@@ -94,6 +94,10 @@ class Session:
         self.prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.PREFILL)
         self.image_prefill_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.IMAGE_PREFILL)
         self.verify_lengths = sorted(n for k, n in kinds.values() if k is SignatureKind.VERIFY)
+        # how many positions `rewind` may go back: what every local ring holds past its window
+        # (an export with --speculative K: K), unbounded for rings as long as the context (they
+        # never wrap) and models with global layers only, 0 with a recurrent state
+        self.max_rewind = self._rewindable()
         self.vision = None
         if any(k is SignatureKind.VISION_ENCODER for k, _ in kinds.values()):
             if metadata.image is None:
@@ -132,6 +136,15 @@ class Session:
                 f"context full: position {self.position} + {n} tokens exceeds the context of "
                 f"{self.max_len}; reset() or export with a larger --max-seq-len"
             )
+
+    def _padded(self, tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [1, length], input_pos [length]) for a call of `length` tokens whose real ones
+        start at the current position: right-padded, pad positions -1 (the end of the real run)."""
+        chunk = np.zeros((1, length), np.int32)
+        chunk[0, :len(tokens)] = tokens
+        pos = np.full((length,), -1, np.int32)
+        pos[:len(tokens)] = self.position + np.arange(len(tokens))
+        return chunk, pos
 
     def signature_for(self, name: str, end: int) -> str:
         """The signature that runs `name` (prefill_{T} or decode) for a call whose real tokens end
@@ -194,10 +207,7 @@ class Session:
         logits, done = None, 0
         for name, take in plan:
             length = self.signatures[name].length
-            chunk = np.zeros((1, length), np.int32)
-            chunk[0, :take] = tokens[done:done + take]
-            pos = np.full((length,), -1, np.int32)
-            pos[:take] = self.position + np.arange(take)
+            chunk, pos = self._padded(tokens[done:done + take], length)
             embeds = None
             if parse_signature(name)[0] is SignatureKind.IMAGE_PREFILL:
                 embeds = np.zeros((1, length, embeddings.shape[-1]), np.float32)
@@ -241,11 +251,8 @@ class Session:
         self.position += 1
         return logits
 
-    @property
-    def max_rewind(self) -> int:
-        """How many positions `rewind` may go back: what every local ring holds past its window
-        (an export with --speculative K: K), unbounded for rings as long as the context (they
-        never wrap) and models with global layers only, 0 with a recurrent state."""
+    def _rewindable(self) -> int:
+        """`max_rewind`, from the state layout (computed once)."""
         from contract.layout import LayerKind
 
         limit = self.max_len
@@ -280,10 +287,7 @@ class Session:
             raise ValueError(f"verify takes 1 to {self.verify_lengths[-1]} tokens, not {tokens.size}")
         self._check_room(tokens.size)
         k = fits[0]
-        chunk = np.zeros((1, k), np.int32)
-        chunk[0, :tokens.size] = tokens
-        pos = np.full((k,), -1, np.int32)
-        pos[:tokens.size] = self.position + np.arange(tokens.size)
+        chunk, pos = self._padded(tokens, k)
         name = self.signature_for(signature_name(SignatureKind.VERIFY, k), self.position + tokens.size)
         logits = self._call(name, chunk, pos, rows=True)[:tokens.size]
         self.position += tokens.size

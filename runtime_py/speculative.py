@@ -131,23 +131,25 @@ def generate_stream(target: Session, draft: Session, prompt: Sequence[int], max_
     target.reset()
     draft.reset()
     stop = set(int(t) for t in stop_tokens)
-    x = pick(target.prefill(prompt, progress=progress))
+    # emitted but not yet read by the target: all but the last are in its caches already
+    pending = [pick(target.prefill(prompt, progress=progress))]
     seq = list(prompt)
     emitted = 0
     while True:
-        if x in stop:
-            return
-        yield x
-        seq.append(x)
-        emitted += 1
-        stats.emitted += 1
-        if emitted == max_new_tokens:
-            return
-        # target: holds seq[:-1]; x = seq[-1] is next. Draft as many as can still be emitted.
+        for token in pending:
+            if token in stop:
+                return
+            yield token
+            seq.append(token)
+            emitted += 1
+            stats.emitted += 1
+            if emitted == max_new_tokens:
+                return
+        x = seq[-1]  # the target holds seq[:-1]; draft as many as can still be emitted
         g = min(g_max, max_new_tokens - emitted - 1, target.max_len - target.position - 1)
+        stats.steps += 1
         if g < 1:
-            stats.steps += 1
-            x = pick(target.decode(x))
+            pending = [pick(target.decode(x))]
             continue
         base = target.position  # x goes here
         q_logits = _catch_up(draft, seq[draft.position:])
@@ -158,33 +160,23 @@ def generate_stream(target: Session, draft: Session, prompt: Sequence[int], max_
             qs.append(None if greedy else dist(q_logits))
             drafted.append(pick(q_logits) if greedy else int(rng.choice(qs[-1].size, p=qs[-1])))
         rows = target.verify([x, *drafted])
-        stats.steps += 1
         stats.drafted += g
         accepted, nxt = 0, None
         for i, d in enumerate(drafted):
             if greedy:
                 best = pick(rows[i])
-                if best != d:
-                    nxt = best
-                    break
+                nxt = None if best == d else best
             else:
                 nxt = accept_or_replace(dist(rows[i]), qs[i], d, rng)
-                if nxt is not None:
-                    break
+            if nxt is not None:
+                break
             accepted += 1
         if nxt is None:  # every draft token kept: the target's token after the last is free
             nxt = pick(rows[g])
         stats.accepted += accepted
         target.rewind(base + accepted + 1)  # x and the kept draft tokens stay
         draft.rewind(min(draft.position, base + accepted + 1))
-        for d in drafted[:accepted]:
-            if d in stop:
-                return
-            yield d
-            seq.append(d)
-            emitted += 1
-            stats.emitted += 1
-        x = nxt
+        pending = [*drafted[:accepted], nxt]
 
 
 def generate(target: Session, draft: Session, prompt: Sequence[int], max_new_tokens: int, **kw) -> list[int]:
