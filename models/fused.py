@@ -12,6 +12,10 @@ operand orders and attributes follow what LiteRT knows (litert-torch's conventio
   odml.scaled_dot_product_attention(q[B, T, H, D], k[B, S, K, D], v[B, S, K, D],
                                     mask[B, 1, T, S] additive f32) -> [B, T, H, D]
       scale: f32, logit_cap: f32 (absent when there is no soft-cap); soft-cap before the mask
+  gemma_edge.bidirectional_attention(q[B, T, H, D], k[B, T, H, D], v[B, T, H, D]) -> [B, T, H, D]
+      scale: f32. Unmasked multi-head attention (the vision tower's): ONNX lowers it to the
+      standard Attention op (opset 23), which never keeps more than one head's [T, T] logits in
+      flight where the op-by-op form materialised [H, T, T] several times (docs/vision.md)
   gemma_edge.linear_recurrence(a[B, T, C], x[B, T, C], h0[B, C]) -> h[B, T, C]
       h_t = a_t * h_{t-1} + x_t in f32: the RG-LRU scan (prefill) and step (decode). One output:
       the final state h[:, -1] is sliced outside, because LiteRT-LM 0.18 cannot run a composite
@@ -155,6 +159,17 @@ def scaled_dot_product_attention(q, k, v, mask, *, scale: float, logit_cap: floa
     cap = None if logit_cap is None else np.float32(logit_cap)
     return _composite(impl, "odml.scaled_dot_product_attention")(
         q, k, v, mask, scale=np.float32(scale), logit_cap=cap)
+
+
+def bidirectional_attention(q, k, v, *, scale: float):
+    """Unmasked multi-head attention: q, k, v [B, T, H, D] -> [B, T, H, D] (f32 logits)."""
+
+    def impl(q, k, v, *, scale):
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) * scale
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=F32).astype(v.dtype)
+
+    return _composite(impl, "gemma_edge.bidirectional_attention")(q, k, v, scale=np.float32(scale))
 
 
 def attention_mask(q_pos, k_pos, window_span: int | None = None, q_blocks=None, k_blocks=None):

@@ -20,9 +20,10 @@ Hugging Face `Gemma3ForConditionalGeneration.get_image_features(...).pooler_outp
   s = s @ mm.proj.w.T                                             # [B, I, E]
 
 Everything runs in float32 (the official implementation keeps the vision and projector weights in
-f32), whatever the dtype of the stored parameters. Attention is written as plain einsums: the
-unmasked bidirectional attention needs no mask operand, and the patch embedding and pooling are
-reshapes, so the tower lowers to matmuls, reductions and elementwise ops.
+f32), whatever the dtype of the stored parameters. Attention is the fused op
+`gemma_edge.bidirectional_attention` (models/fused.py: unmasked, so no mask operand; ONNX runs it
+as the standard Attention op, other runtimes its einsum decomposition), and the patch embedding
+and pooling are reshapes, so the tower lowers to matmuls, reductions and elementwise ops.
 
 Parameters are a flat dict (`vision_param_shapes` is the table). Matmul weights are stored
 [out, in], like the text model's (models/params.py), so they lower to FULLY_CONNECTED without a
@@ -87,6 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import VisionConfig
+from models.fused import bidirectional_attention
 from models.layers import Params, dense, gelu_tanh, rms_norm
 
 F32 = jnp.float32
@@ -202,9 +204,7 @@ def _attention(p: Params, x, num_heads: int):
     b, n, w = x.shape
     d = w // num_heads
     q, k, v = (dense(x, p[f"{t}.w"], p[f"{t}.b"]).reshape(b, n, num_heads, d) for t in "qkv")
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) * (d ** -0.5)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=F32).reshape(b, n, w)
+    out = bidirectional_attention(q, k, v, scale=d ** -0.5).reshape(b, n, w)
     return dense(out, p["o.w"], p["o.b"])
 
 

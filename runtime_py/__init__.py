@@ -43,17 +43,27 @@ def load(path, num_threads: int | None = None, tflite_api: str = "compiled") -> 
 
 
 def generate(artifact, prompt: str, *, images=(), tokenizer=None, max_new_tokens: int = 64, sampling=None,
-             raw: bool = False) -> str:
+             raw: bool = False, pan_and_scan=False) -> str:
     """Text in, text out: load `artifact` (a path, or a Session already loaded), encode the prompt
     (the chat template for instruction-tuned models unless raw; one `<start_of_image>` per image,
     or the images first), generate, decode. images: paths, PIL images, uint8 arrays or
     preprocessed float32 [1, S, S, 3] arrays (Gemma 3 with vision). tokenizer: a path; default the
-    one a .litertlm bundle or an ONNX folder carries."""
+    one a .litertlm bundle or an ONNX folder carries. pan_and_scan: True (HF's default settings)
+    or a runtime_py.image.PanAndScan: wide and tall pictures are also shown as crops, as HF's
+    `do_pan_and_scan` does (runtime_py/image.py)."""
     from runtime_py.text import prompt_ids, stream_text, tokenizer_for
 
     session = artifact if isinstance(artifact, Session) else load(artifact)
     tok = tokenizer_for(session, getattr(session, "path", artifact), tokenizer)
-    ids = prompt_ids(session, tok, prompt, len(images), raw)
+    crops = None
+    if pan_and_scan and images:
+        from runtime_py.image import PanAndScan, with_crops
+
+        n_pictures = len(images)
+        images, crops = with_crops(images, PanAndScan() if pan_and_scan is True else pan_and_scan)
+        ids = prompt_ids(session, tok, prompt, n_pictures, raw, crops=crops)
+    else:
+        ids = prompt_ids(session, tok, prompt, len(images), raw)
     return "".join(stream_text(session, tok, ids, max_new_tokens, images=images, sampling=sampling))
 
 

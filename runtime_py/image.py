@@ -17,12 +17,24 @@
    std 0.5, in float32. It maps 0 -> -1.0 and 255 -> 1.0 exactly, so the result lies in [-1, 1]
    (the reference's `(x - 127.5) / 127.5` clipped to [-1, 1] agrees to float32 rounding).
 
-Pan-and-scan (HF's `do_pan_and_scan`, extra crops of wide or tall pictures) is off by default for
-Gemma 3 and is not implemented: one image is one S x S view, as in the reference implementation.
+Pan-and-scan (HF's `do_pan_and_scan`, off by default as there): a picture much wider or taller than
+square is also shown as 2-4 crops side by side along its long axis, each resized to S x S like a
+picture of its own, so the model sees detail the squashed view loses. `pan_and_scan` computes the
+crops with HF's rule (`PanAndScan` holds its three settings, HF's defaults); `with_crops` turns a
+list of pictures into the views the vision tower encodes (each picture, then its crops) and
+`crops_prompt` rewrites the prompt as HF's processor does: the picture's marker becomes
+
+    "Here is the original image <start_of_image> and here are some crops to help you see better "
+    + " ".join(["<start_of_image>"] * n_crops)
+
+(a picture that gets no crops keeps its single marker). Each marker then expands to its 260
+positions as usual, so one picture with 3 crops takes 4 x 260 positions plus the phrase.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,6 +128,74 @@ def preprocess(source: str | os.PathLike | Image.Image | np.ndarray, image_size:
     resized = np.asarray(Image.fromarray(rgb).resize((s, s), resample=Image.Resampling.BILINEAR))
     x = (resized.astype(np.float32) * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
     return x[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PanAndScan:
+    """Pan-and-scan settings, named and defaulted as Hugging Face's Gemma3ImageProcessor's
+    `pan_and_scan_*` arguments: crops are at least `min_crop_size` pixels on their short side, at
+    most `max_crops` of them, and only for pictures whose long side is `min_ratio` times the short."""
+
+    min_crop_size: int = 256
+    max_crops: int = 4
+    min_ratio: float = 1.2
+
+
+def pan_and_scan(source, settings: PanAndScan = PanAndScan()) -> list[np.ndarray]:
+    """The crops of one picture (uint8 RGB [h, w, 3] each, in reading order), or [] when it is
+    too close to square or too small. HF's rule: n = round(long / short) crops along the long side
+    (half up), at most long // min_crop_size, then clamped to [2, max_crops]; crops of
+    ceil(long / n) pixels (the last one may be shorter); none if a crop's short side would be
+    under min_crop_size."""
+    if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 4:
+        raise ValueError("pan-and-scan needs the original picture, not a preprocessed [1, S, S, 3] array: pass a "
+                         "file path, a PIL image or a uint8 array")
+    rgb = load_image(source)
+    h, w = rgb.shape[:2]
+    long, short = max(h, w), min(h, w)
+    if long / short < settings.min_ratio:
+        return []
+    n = min(int(math.floor(long / short + 0.5)), long // settings.min_crop_size)
+    n = min(settings.max_crops, max(2, n))
+    size = int(math.ceil(long / n))
+    if min(size, short) < settings.min_crop_size:
+        return []
+    if w >= h:
+        return [np.ascontiguousarray(rgb[:, i * size:(i + 1) * size]) for i in range(n)]
+    return [np.ascontiguousarray(rgb[i * size:(i + 1) * size]) for i in range(n)]
+
+
+def with_crops(sources, settings: PanAndScan = PanAndScan()) -> tuple[list, list[int]]:
+    """The views the vision tower encodes for pictures with pan-and-scan: each picture (as given)
+    followed by its crops; and each picture's crop count (for `crops_prompt`)."""
+    views, counts = [], []
+    for src in sources:
+        crops = pan_and_scan(src, settings)
+        views += [src, *crops]
+        counts.append(len(crops))
+    return views, counts
+
+
+def crops_prompt(text: str, counts, marker: str = "<start_of_image>") -> str:
+    """`text` with the marker of each picture that has crops replaced by HF's pan-and-scan phrase
+    (module docstring); `counts` from `with_crops`. A text without markers gets one per picture
+    first, as `contract.prompt.encode_with_images` would place them."""
+    counts = list(counts)
+    if marker not in text:
+        text = marker * len(counts) + text
+    pieces = text.split(marker)
+    if len(pieces) - 1 != len(counts):
+        raise ValueError(f"the prompt has {len(pieces) - 1} {marker} markers for {len(counts)} images; "
+                         f"put one {marker} where each image goes")
+    out = pieces[0]
+    for n, piece in zip(counts, pieces[1:]):
+        if n:
+            out += (f"Here is the original image {marker} and here are some crops to help you see better "
+                    + " ".join([marker] * n))
+        else:
+            out += marker
+        out += piece
+    return out
 
 
 def preprocess_many(sources: Iterable[str | os.PathLike | Image.Image | np.ndarray], image_size: int) -> list[np.ndarray]:

@@ -42,10 +42,11 @@ def check_tokenizer(tok, meta, name: str = "the tokenizer"):
                          "tokenizer the model was trained with (--tokenizer PATH)")
 
 
-def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) -> list[int]:
+def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False, crops=None) -> list[int]:
     """Token ids of a user prompt: the chat template for instruction-tuned artifacts (unless raw),
     one BOS; with vision, `<start_of_image>` markers become the image token (images without
-    markers go first)."""
+    markers go first). `crops`: each picture's pan-and-scan crop count (runtime_py.image.with_crops),
+    whose markers become HF's phrase with one marker per view; n_images counts the pictures."""
     meta = session.metadata
     if n_images and session.vision is None:
         raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 4B+ model "
@@ -58,6 +59,11 @@ def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False) 
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], family=meta.family) if chat else prompt
     if not n_images and BOI_TEXT in text:
         raise ValueError(f"the prompt has {BOI_TEXT} but no image was given; pass one image (--image PATH) for each")
+    if crops is not None and n_images:
+        from runtime_py.image import crops_prompt
+
+        text = crops_prompt(text, crops)
+        n_images += sum(crops)
     return encode_with_images(tok, text, session.vision, n_images)
 
 

@@ -149,3 +149,55 @@ def test_bad_inputs(tmp_path):
         preprocess(_pixels(8, 8), 0)
     with pytest.raises(TypeError, match="file path"):
         preprocess([[1, 2, 3]], 28)
+
+
+@pytest.mark.parametrize(("h", "w", "n"), [(300, 1000, 3), (1000, 300, 3), (500, 560, 0), (300, 700, 2),
+                                           (260, 2000, 4), (200, 600, 0)])
+def test_pan_and_scan_matches_hf(h, w, n):
+    """Crops (count, pixels after preprocessing) equal Hugging Face's Gemma3ImageProcessor with
+    do_pan_and_scan on wide, tall, near-square, small and very wide pictures (HF's defaults)."""
+    from runtime_py.image import PanAndScan, pan_and_scan, with_crops
+
+    transformers = pytest.importorskip("transformers")
+    proc_cls = getattr(transformers, "Gemma3ImageProcessorPil", None)
+    if proc_cls is None:
+        pytest.skip("transformers has no Gemma3ImageProcessorPil")
+    rgb = _pixels(h, w, seed=h + w)
+    s = 56
+    defaults = transformers.Gemma3Processor.images_kwargs
+    settings = PanAndScan()
+    assert (settings.min_crop_size, settings.max_crops, settings.min_ratio) == (
+        defaults["pan_and_scan_min_crop_size"], defaults["pan_and_scan_max_num_crops"],
+        defaults["pan_and_scan_min_ratio_to_activate"])
+    hf = proc_cls(do_pan_and_scan=True, size={"height": s, "width": s}, **{
+        k: v for k, v in defaults.items() if k.startswith("pan_and_scan_")})(images=Image.fromarray(rgb), return_tensors="np")
+    views, counts = with_crops([rgb])
+    assert counts == [int(hf["num_crops"][0])] == [len(pan_and_scan(rgb))]
+    assert len(views) == 1 + counts[0] == hf["pixel_values"].shape[0]
+    ours = np.concatenate(preprocess_many(views, s))
+    assert np.abs(ours - hf["pixel_values"].transpose(0, 2, 3, 1)).max() <= 1e-6
+    assert counts == [n]  # none for near-square pictures, nor where a crop would be under 256 pixels
+
+
+def test_pan_and_scan_prompt_matches_hf_phrase():
+    """The marker of a cropped picture becomes HF's phrase (Gemma3Processor.replace_image_token,
+    with the marker standing for HF's expanded image sequence); uncropped pictures keep theirs;
+    a prompt without markers gets them first; a count mismatch is one line."""
+    from runtime_py.image import crops_prompt
+
+    transformers = pytest.importorskip("transformers")
+    proc = transformers.Gemma3Processor.__new__(transformers.Gemma3Processor)
+    proc.full_image_sequence = "<start_of_image>"
+    phrase = proc.replace_image_token({"num_crops": [3, 0]}, 0)
+    assert crops_prompt("A <start_of_image> B <start_of_image> C", [3, 0]) == f"A {phrase} B <start_of_image> C"
+    assert crops_prompt("What is it?", [2]) == proc.replace_image_token({"num_crops": [2]}, 0) + "What is it?"
+    assert crops_prompt("x <start_of_image>", [0]) == "x <start_of_image>"
+    with pytest.raises(ValueError, match="1 <start_of_image> markers for 2 images"):
+        crops_prompt("x <start_of_image>", [0, 2])
+
+
+def test_pan_and_scan_refuses_preprocessed_arrays():
+    from runtime_py.image import pan_and_scan
+
+    with pytest.raises(ValueError, match="original picture"):
+        pan_and_scan(preprocess(_pixels(30, 90), 28))
