@@ -170,6 +170,26 @@ def tokenizer_256(tmp_path_factory):
     return out / "tiny256.model"
 
 
+@pytest.fixture(scope="session")
+def tokenizer_vision(tokenizer_256, tmp_path_factory):
+    """tokenizer_256 with the pieces Gemma 3's image prompts need at gemma3-vision-tiny's ids, as
+    LiteRT-LM's and onnxruntime-genai's Gemma 3 processors write them in text: 108 "\n\n",
+    253 <start_of_image>, 254 <end_of_image>, 255 <image_soft_token> (user-defined pieces, matched
+    whole in text). They replace four rare pieces (O, R, E, lo), so test prompts avoid those."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(Path(tokenizer_256).read_bytes())
+    while len(proto.pieces) < 256:
+        extra = proto.pieces.add()
+        extra.piece, extra.type, extra.score = f"<unused{len(proto.pieces)}>", spm_pb.ModelProto.SentencePiece.USER_DEFINED, 0
+    for i, piece in {108: "\n\n", 253: "<start_of_image>", 254: "<end_of_image>", 255: "<image_soft_token>"}.items():
+        proto.pieces[i].piece, proto.pieces[i].type, proto.pieces[i].score = piece, spm_pb.ModelProto.SentencePiece.USER_DEFINED, 0
+    out = tmp_path_factory.mktemp("spm_vision") / "tokenizer.model"
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
 def randomize_vlm(model):
     """Give a Gemma3ForConditionalGeneration non-trivial random weights in place: SigLIP LayerNorm
     gains around 1, their biases and Gemma RMSNorm (1 + w) scales around 0, matrices ~ N(0, 1/fan_in),
