@@ -3,8 +3,10 @@ genai_config.json and the tokenizer files) without the `onnx` package: our metad
 ModelProto's `metadata_props`, which a short protobuf walk finds without parsing the graph.
 
 Folder layout (docs/onnx.md): model.onnx (+ model.onnx.data), genai_config.json, tokenizer.json,
-tokenizer_config.json, tokenizer.model; with vision also vision_encoder.onnx and
-image_prefill.onnx (whose text weights are references into model.onnx.data).
+tokenizer_config.json, tokenizer.model; with vision also vision.onnx (the tower over N images),
+embedding.onnx, image_prefill.onnx (whose text weights are references into model.onnx.data) and
+processor_config.json: onnxruntime-genai's Gemma 3 vision-language layout
+(export/lowering/onnx/multimodal.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from contract.metadata import METADATA_KEY, ArtifactMetadata
 
-MODEL, VISION_ENCODER, IMAGE_PREFILL = "model.onnx", "vision_encoder.onnx", "image_prefill.onnx"
+MODEL, VISION_ENCODER, IMAGE_PREFILL = "model.onnx", "vision.onnx", "image_prefill.onnx"
 # ModelProto.metadata_props = 14; StringStringEntryProto.key = 1, .value = 2 (onnx.proto)
 _METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
 
@@ -91,7 +93,7 @@ def genai_config(path) -> dict | None:
 
 
 def vision_files(path) -> tuple[Path, Path] | None:
-    """(vision_encoder.onnx, image_prefill.onnx) beside the decoder, when both are there."""
+    """(vision.onnx, image_prefill.onnx) beside the decoder, when both are there."""
     folder = model_file(path).parent
     enc, pre = folder / VISION_ENCODER, folder / IMAGE_PREFILL
     return (enc, pre) if enc.exists() and pre.exists() else None

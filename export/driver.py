@@ -300,7 +300,8 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
                          "already); drop --context-buckets")
     plan = Plan(cfg, tgt, options, max_len, tuple(lens), Path(options.out_dir) / "pending", buckets=buckets)
     plan = tgt.preflight(plan)
-    recipe = None if options.quant is None else check(tgt.quant_table, options.quant, plan.op_set, cfg, options.dtype)
+    recipe = None if options.quant is None else check(tgt.quant_table, options.quant, tgt.quant_column(plan), cfg,
+                                                        options.dtype)
     plan = dataclasses.replace(plan, recipe=recipe)
     if options.int4_method == "gptq":
         calibration_tokenizer(plan)  # a missing or unreadable tokenizer fails here, before any work

@@ -140,7 +140,7 @@ def _onnx_vision_graphs(folder: Path) -> dict:
         return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
 
     out = {}
-    for name in ("vision_encoder.onnx", "image_prefill.onnx"):
+    for name in ("vision.onnx", "embedding.onnx", "image_prefill.onnx"):
         path = folder / name
         if path.exists():
             graph = onnx.load(str(path), load_external_data=False).graph

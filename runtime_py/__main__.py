@@ -26,6 +26,8 @@ def cmd_generate(args) -> int:
     from runtime_py import load
     from runtime_py.text import prompt_ids, stream_text, tokenizer_for
 
+    if args.engine != "runtime_py":
+        return cmd_generate_engine(args)
     session = load(args.artifact, args.threads)
     tok = tokenizer_for(session, args.artifact, args.tokenizer)
     draft = stats = None
@@ -66,6 +68,67 @@ def cmd_generate(args) -> int:
           f"{seconds:.2f} s]", file=sys.stderr)
     if stats is not None:
         print(f"[{stats}]", file=sys.stderr)
+    return 0
+
+
+def cmd_generate_engine(args) -> int:
+    """generate --engine litertlm|genai: the same prompt and images through LiteRT-LM or
+    onnxruntime-genai (greedy; their own tokenizer, image processing and generation loop)."""
+    from contract.tokenizer import Tokenizer
+    from runtime_py.text import check_tokenizer, prompt_text
+
+    path, engine = Path(args.artifact), args.engine
+    if args.draft is not None or args.temperature or args.pan_and_scan:
+        what = "--draft" if args.draft is not None else "--temperature" if args.temperature else "--pan-and-scan"
+        raise ValueError(f"--engine {engine} runs greedy generation of the prompt and images as given; drop {what} "
+                         "(or use the default --engine runtime_py)")
+    if engine == "litertlm":
+        if path.suffix != ".litertlm":
+            raise ValueError(f"--engine litertlm runs .litertlm bundles; {path} is not one (python -m export "
+                             "--target litertlm writes them)")
+        from contract.bundle import read_bundle
+        from contract.tflite import read_tflite
+
+        meta, bundled = read_tflite(path)[1], read_bundle(path).tokenizer_bytes()
+    else:
+        if not (path / "genai_config.json").exists():
+            raise ValueError(f"--engine genai runs onnxruntime-genai folders; {path} has no genai_config.json "
+                             "(python -m export --target onnx writes them)")
+        from contract.onnx import read_metadata
+
+        meta, bundled = read_metadata(path), (path / "tokenizer.model").read_bytes() \
+            if (path / "tokenizer.model").exists() else None
+    if meta is None:
+        raise ValueError(f"{path} holds no gemma-edge metadata: re-export it with python -m export")
+    if args.tokenizer is not None:
+        tok = Tokenizer(args.tokenizer)
+    elif bundled is not None:
+        tok = Tokenizer.from_bytes(bundled)
+    else:
+        raise ValueError(f"{path} holds no tokenizer.model: pass a tokenizer (--tokenizer PATH)")
+    check_tokenizer(tok, meta)
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("pass the prompt as --prompt TEXT or --prompt-file PATH (one of them)")
+    images = [Path(p) for p in args.image or []]
+    text = prompt_text(meta, tok, args.prompt if args.prompt is not None else _read_prompt(args.prompt_file),
+                       len(images), args.raw)
+    if images and "<start_of_image>" not in text:
+        text = "<start_of_image>" * len(images) + text  # images first, as runtime_py places them
+    t0 = time.perf_counter()
+    if engine == "litertlm":
+        from runtime_py.litertlm_engine import Engine
+
+        runner = Engine(path, args.threads, max_num_images=len(images))
+        try:
+            out = runner.generate(text, images, args.max_new_tokens)
+        finally:
+            runner.close()
+    else:
+        from runtime_py.genai_engine import Engine
+
+        out = tok.decode(Engine(path, args.threads).generate(text, images, args.max_new_tokens))
+    print(out)
+    print(f"[{engine}: {len(images)} images, generated in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
     return 0
 
 
@@ -135,6 +198,10 @@ def main(argv=None) -> int:
     gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    gen.add_argument("--engine", choices=["runtime_py", "litertlm", "genai"], default="runtime_py",
+                     help="who runs the artifact: runtime_py (default), LiteRT-LM (a .litertlm bundle) or "
+                          "onnxruntime-genai (an ONNX folder), each with its own tokenizer, image processing and "
+                          "generation loop (greedy), to see the same answer from the runtimes you ship")
     gen.add_argument("--draft", type=Path,
                      help="speculative decoding: a smaller artifact of the same tokenizer (e.g. Gemma 3 270M for "
                           "Gemma 3) proposes tokens that the --artifact checks in one call; both exported with "

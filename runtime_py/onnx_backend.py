@@ -25,6 +25,7 @@ from contract.signatures import (
 from runtime_py.session import Session
 
 INPUT_IDS, ATTENTION_MASK, INPUTS_EMBEDS = "input_ids", "attention_mask", "inputs_embeds"
+PIXEL_VALUES, IMAGE_FEATURES = "pixel_values", "image_features"  # vision.onnx (export/lowering/onnx/multimodal.py)
 
 
 class OnnxBackend:
@@ -75,7 +76,10 @@ class OnnxBackend:
         return np.array(logits[0, -1])
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
-        return self._vision.run([SOFT_TOKENS], {IMAGE: np.ascontiguousarray(image, np.float32)})[0]
+        """image [1, S, S, 3] channels last -> soft tokens [1, I, E], through vision.onnx (which
+        takes onnxruntime-genai's channels-first pixel_values [N, 3, S, S])."""
+        pixels = np.ascontiguousarray(np.asarray(image, np.float32).transpose(0, 3, 1, 2))
+        return self._vision.run([IMAGE_FEATURES], {PIXEL_VALUES: pixels})[0]
 
 
 def load_onnx(path, num_threads: int | None = None) -> Session:
@@ -114,10 +118,10 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
                                          (TensorSpec(LOGITS, (1, 1, meta.vocab_size), np.dtype(np.float32)),),
                                          tuple(t.name for t in states))
     if vision_session is not None:
-        image, soft = vision_session.get_inputs()[0], vision_session.get_outputs()[0]
+        (_, _, s, _), (_, n, e) = vision_session.get_inputs()[0].shape, vision_session.get_outputs()[0].shape
         name = signature_name(SignatureKind.VISION_ENCODER)
-        signatures[name] = SignatureSpec(name, 0, (TensorSpec(IMAGE, tuple(image.shape), np.dtype(np.float32)),),
-                                         (TensorSpec(SOFT_TOKENS, tuple(soft.shape), np.dtype(np.float32)),))
+        signatures[name] = SignatureSpec(name, 0, (TensorSpec(IMAGE, (1, s, s, 3), np.dtype(np.float32)),),
+                                         (TensorSpec(SOFT_TOKENS, (1, n, e), np.dtype(np.float32)),))
         base = signatures[signature_name(SignatureKind.PREFILL, max_len)]
         image_name = signature_name(SignatureKind.IMAGE_PREFILL, max_len)
         signatures[image_name] = dataclasses.replace(base, name=image_name)

@@ -48,23 +48,31 @@ def prompt_ids(session, tok, prompt: str, n_images: int = 0, raw: bool = False, 
     markers go first). `crops`: each picture's pan-and-scan crop count (runtime_py.image.with_crops),
     whose markers become HF's phrase with one marker per view; n_images counts the pictures."""
     meta = session.metadata
-    if n_images and session.vision is None:
+    if session.vision is None:
+        prompt_text(meta, tok, prompt, n_images, raw)  # the checks
+        if meta.instruction_tuned and not raw:
+            return tok.encode_chat([{"role": "user", "content": prompt}], family=meta.family)
+        return tok.encode(prompt)
+    text = prompt_text(meta, tok, prompt, n_images, raw, crops)
+    return encode_with_images(tok, text, session.vision, n_images + (sum(crops) if crops and n_images else 0))
+
+
+def prompt_text(meta, tok, prompt: str, n_images: int = 0, raw: bool = False, crops=None) -> str:
+    """The text `prompt_ids` encodes (no BOS): the chat template for instruction-tuned artifacts
+    (unless raw), pan-and-scan phrases for `crops`; what the runtimes that take text
+    (LiteRT-LM, onnxruntime-genai: runtime_py/litertlm_engine.py, genai_engine.py) are given."""
+    if n_images and meta.image is None:
         raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 4B+ model "
                          "without --no-vision)")
     chat = meta.instruction_tuned and not raw
-    if session.vision is None:
-        if chat:
-            return tok.encode_chat([{"role": "user", "content": prompt}], family=meta.family)
-        return tok.encode(prompt)
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], family=meta.family) if chat else prompt
-    if not n_images and BOI_TEXT in text:
+    if meta.image is not None and not n_images and BOI_TEXT in text:
         raise ValueError(f"the prompt has {BOI_TEXT} but no image was given; pass one image (--image PATH) for each")
     if crops is not None and n_images:
         from runtime_py.image import crops_prompt
 
         text = crops_prompt(text, crops)
-        n_images += sum(crops)
-    return encode_with_images(tok, text, session.vision, n_images)
+    return text
 
 
 def stop_ids(session, tok) -> list[int]:

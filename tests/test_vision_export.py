@@ -136,12 +136,13 @@ def test_cli_exports_both_targets_with_images(tmp_path, capsys):
     assert any(s["signature"].startswith("image_prefill_") for s in report["steps"])
     assert export_main([*common, "--target", "onnx"]) == 0
     out = capsys.readouterr().out
-    assert "--onnx-ops standard" in out and "vision_encoder.onnx" in out
+    assert "--onnx-ops standard" in out and "vision.onnx" in out and "embedding.onnx" in out
     folder = tmp_path / "gemma3-vision-tiny_f32_ctx64_standard_onnx"
     assert json.loads((folder / "parity.json").read_text())["passed"]
     assert export_main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "vision_encoder.onnx" in out and "inputs_embeds[1, 'sequence_length', 64]" in out
+    assert "vision.onnx" in out and "pixel_values['num_images', 3, 28, 28]" in out
+    assert "inputs_embeds[1, 'sequence_length', 64]" in out
     assert export_main(["inspect", str(tmp_path / "gemma3-vision-tiny_f32_ctx64.tflite")]) == 0
     out = capsys.readouterr().out
     assert "signature vision_encoder: image[1, 28, 28, 3] -> soft_tokens[1, 4, 64]" in out
@@ -227,8 +228,9 @@ def test_pad_for_blocks_is_exact(model):
 
 def test_quantized_exports_with_vision(tmp_path, capsys):
     """int4-b32 on TFLite quantizes the padded tower too and keeps the image signatures (the gate
-    runs; on random weights it only warns); ONNX's standard op set (needed for images) runs fp16,
-    and a contrib-op recipe is refused with the fix."""
+    runs; on random weights it only warns); ONNX with images runs fp16 and the integer recipes
+    (contrib quantized matmuls beside standard attention: tests/test_genai_vision.py runs int4-b32),
+    but an explicit --onnx-ops standard (no contrib op) refuses them with the fix."""
     common = ["--model", "gemma3-vision-tiny", "--random-init", "0", "--max-seq-len", "64", "--verify-steps", "8",
               "--prefill-lens", "8,16", "--out", str(tmp_path)]
     assert export_main([*common, "--target", "tflite", "--quant", "int4-b32"]) == 0
@@ -239,8 +241,9 @@ def test_quantized_exports_with_vision(tmp_path, capsys):
     assert export_main([*common, "--target", "onnx", "--quant", "fp16"]) == 0
     assert json.loads((tmp_path / "gemma3-vision-tiny_fp16_ctx64_standard_onnx" / "parity.json").read_text())["passed"]
     capsys.readouterr()
-    assert export_main([*common, "--target", "onnx", "--quant", "int4-b32"]) == 2
-    assert "--no-vision" in capsys.readouterr().err
+    # an explicit --onnx-ops standard promises no contrib op: integer recipes are refused there
+    assert export_main([*common, "--target", "onnx", "--onnx-ops", "standard", "--quant", "int4-b32"]) == 2
+    assert "contrib ops" in capsys.readouterr().err
 
 
 def test_onnx_image_prefill_shares_the_decoder_weight_file(model, tmp_path, monkeypatch):
@@ -291,7 +294,28 @@ def test_onnx_vision_encoder_uses_the_attention_op(artifacts):
     ops stay un-expanded (ONNX broadcasting does it)."""
     import onnx
 
-    graph = onnx.load(str(artifacts["onnx"] / "vision_encoder.onnx"), load_external_data=False).graph
-    ops = [n.op_type for n in graph.node]
+    graph = onnx.load(str(artifacts["onnx"] / "vision.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node] == ["Scan"]  # over the images; the tower is its body
+    ops = [n.op_type for n in graph.node[0].attribute[0].g.node]
     assert ops.count("Attention") == get_config("gemma3-vision-tiny").vision.depth
     assert "Expand" not in ops and "Softmax" not in ops
+
+
+def test_onnx_tower_attention_in_head_groups(model, tmp_path, monkeypatch):
+    """Attention logits above SCORE_BYTES go in head groups (one Attention op per group, the
+    outputs concatenated): the soft tokens are the JAX tower's."""
+    import jax
+    import onnx
+
+    import export.lowering.onnx.fused as fused
+    from models.vision import encode_images
+
+    cfg, params = model
+    monkeypatch.setattr(fused, "SCORE_BYTES", 1)  # one head per op
+    folder = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path, max_len=MAX_LEN, prefill_lens=tuple(LENS),
+                                                       verify=False, onnx_ops="standard")).path
+    body = onnx.load(str(folder / "vision.onnx"), load_external_data=False).graph.node[0].attribute[0].g
+    assert [n.op_type for n in body.node].count("Attention") == cfg.vision.depth * cfg.vision.num_heads
+    image = _images(1, 3)[0]
+    want = np.asarray(jax.jit(encode_images, static_argnums=(1, 2))(params, cfg.vision, cfg.embed_dim, image))
+    np.testing.assert_allclose(load(folder).encode_image(image), want[0], rtol=1e-5, atol=1e-5)

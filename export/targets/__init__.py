@@ -42,6 +42,10 @@ class Target:
     def preflight(self, plan):
         return plan
 
+    def quant_column(self, plan) -> str | None:
+        """The column of the quantization support table the plan's recipe is checked against."""
+        return plan.op_set
+
     def artifact_name(self, plan) -> str:
         raise NotImplementedError
 

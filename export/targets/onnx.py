@@ -1,6 +1,7 @@
 """--target onnx: an onnxruntime-genai folder: model.onnx (+ model.onnx.data for large models),
-genai_config.json, the tokenizer files; with vision also vision_encoder.onnx and
-image_prefill.onnx (docs/onnx.md, docs/vision.md).
+genai_config.json, the tokenizer files; with vision also vision.onnx, embedding.onnx,
+image_prefill.onnx and processor_config.json, onnxruntime-genai's Gemma 3 vision-language layout
+(export/lowering/onnx/multimodal.py, docs/onnx.md, docs/vision.md).
 
 The decoder is one graph for every chunk length, traced in the cache-owning attention form
 (ONNX Runtime's GroupQueryAttention owns RoPE and the KV cache) and lowered by our own rules
@@ -53,20 +54,27 @@ class OnnxTarget(Target):
                              "text-only export with GroupQueryAttention")
         if options.onnx_ops is None and cfg.vision is not None:
             if options.verbose:
-                print("note: a model with vision exports with --onnx-ops standard (GroupQueryAttention cannot "
-                      "express the bidirectional attention inside an image; --no-vision keeps it for text)")
-            if options.quant is not None:
+                print("note: a model with vision exports its attention in standard ops (--onnx-ops standard: "
+                      "GroupQueryAttention cannot express the bidirectional attention inside an image; "
+                      "--no-vision keeps it for text)")
+            if options.quant is not None:  # contrib quantized matmuls, as the default op set has them
                 try:
-                    check("onnx", options.quant, op_set, dtype=options.dtype)
-                except QuantizationError:
-                    raise QuantizationError(
-                        f"--quant {options.quant} is not available with --onnx-ops standard, which a model with "
-                        "vision exports with (GroupQueryAttention cannot express the attention inside an image): "
-                        "use --quant fp16 (see python -m export --list-quant), or --no-vision") from None
+                    check("onnx", options.quant, OP_SET_DEFAULT, dtype=options.dtype)
+                except QuantizationError as e:
+                    raise QuantizationError(f"{e} (a model with vision)") from None
         tokenizer = options.tokenizer
         if tokenizer is not None and not Path(tokenizer).exists():
             raise ValueError(f"tokenizer not found: {tokenizer}")
         return dataclasses.replace(plan, op_set=op_set, tokenizer=tokenizer)
+
+    def quant_column(self, plan) -> str:
+        """A model with vision gets the standard op set's attention by itself (preflight); unless the
+        user asked for `--onnx-ops standard` (no contrib op anywhere), its recipes are the default
+        op set's: quantized matmuls and embedding as ONNX Runtime's contrib ops (MatMulNBits,
+        GatherBlockQuantized), which onnxruntime-genai runs. The attention stays standard."""
+        if plan.cfg.vision is not None and plan.options.onnx_ops is None:
+            return OP_SET_DEFAULT
+        return plan.op_set
 
     def artifact_name(self, plan) -> str:
         suffix = "" if plan.op_set == OP_SET_DEFAULT else f"_{plan.op_set}"
@@ -119,6 +127,11 @@ class OnnxTarget(Target):
                 timer.seconds["vision graphs"] = time.perf_counter() - t0
             del tensors
             config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
+            if cfg.vision is not None:
+                from export.lowering.onnx.multimodal import PROCESSOR, processor_config, vision_sections
+
+                config["model"].update(type="gemma3", **vision_sections(config["model"]["decoder"]))
+                (tmp / PROCESSOR).write_text(json.dumps(processor_config(cfg.vision), indent=2))
             (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
             if plan.tokenizer is not None:
                 from export.tokenizer_files import write_tokenizer_files
@@ -136,17 +149,20 @@ class OnnxTarget(Target):
         return None if plan.recipe is None or plan.recipe.bits == 16 else plan.recipe
 
     def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict, memo: dict):
-        """vision_encoder.onnx (image [1, S, S, 3] -> soft_tokens [1, N, E]) and image_prefill.onnx
-        (the decoder with an `inputs_embeds` input; its weights are referenced in model.onnx.data
-        when the decoder's are external)."""
+        """vision.onnx (pixel_values [N, 3, S, S] -> image_features [N, I, E]), embedding.onnx
+        and image_prefill.onnx (the decoder with an `inputs_embeds` input; its weights are
+        referenced in model.onnx.data when the decoder's are external): the graphs of
+        onnxruntime-genai's Gemma 3 pipeline (export/lowering/onnx/multimodal.py)."""
         from onnx import helper
 
-        from export.lowering.onnx.convert import assemble, lower_to_graph, save
+        from contract.onnx import IMAGE_PREFILL, VISION_ENCODER
+        from export.lowering.onnx.convert import IR_VERSION, assemble, lower_to_graph, save
+        from export.lowering.onnx.multimodal import EMBEDDING, embedding_model, scan_over_images
 
-        recipe = self._integer_recipe(plan)
-        for sig, file, share in ((build_vision_signature(plan.cfg), "vision_encoder.onnx", None),
-                                 (decoder_signature(plan.cfg, plan.max_len, image=True, attention=self.attention),
-                                  "image_prefill.onnx", reuse)):
+        cfg, recipe = plan.cfg, self._integer_recipe(plan)
+        for sig, file, share in ((build_vision_signature(cfg), VISION_ENCODER, None),
+                                 (decoder_signature(cfg, plan.max_len, image=True, attention=self.attention),
+                                  IMAGE_PREFILL, reuse)):
             lw = lower_to_graph(sig, weights.stored, op_set=plan.op_set, max_len=plan.max_len, compute=weights.compute)
             model, tensors = assemble(sig, lw, {})
             del lw
@@ -154,8 +170,11 @@ class OnnxTarget(Target):
                 from export.quantize.onnx import quantize_model
 
                 tensors = quantize_model(model, tensors, recipe, weights.blocks, memo)
+            if file == VISION_ENCODER:
+                scan_over_images(model, cfg.vision, cfg.embed_dim)
             helper.set_model_props(model, props)
             save(model, tensors, folder / file, reuse=share)
+        save(embedding_model(cfg.vision, cfg.embed_dim, IR_VERSION), {}, folder / EMBEDDING)
 
     def describe(self, result) -> list[str]:
         from export.lowering.onnx.inspect import read
@@ -174,10 +193,11 @@ class OnnxTarget(Target):
         if report.function_ops:
             lines.append("  functions: " + ", ".join(sorted(report.function_ops)))
         extra = [f"{f.name} {f.stat().st_size / 2**20:.2f} MiB" for f in sorted(result.path.glob("*.onnx*"))
-                 if f.name.startswith(("vision_encoder.", "image_prefill."))]
+                 if f.name.startswith(("vision.", "embedding.", "image_prefill."))]
         if extra:
-            lines.append("  vision: " + ", ".join(extra) + " (image [1, S, S, 3] -> soft_tokens; the decoder with "
-                         "inputs_embeds)")
+            lines.append("  vision: " + ", ".join(extra) + " (onnxruntime-genai's gemma3 pipeline: pixel_values "
+                         "[N, 3, S, S] -> image_features; input_ids + image_features -> inputs_embeds; the decoder "
+                         "with inputs_embeds; processor_config.json)")
         files = result.info.get("tokenizer_files")
         lines.append("  tokenizer: " + (", ".join(files) if files else "none"))
         return lines

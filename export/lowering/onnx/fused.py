@@ -90,16 +90,28 @@ def lower_rms_norm(lw: Lowering, op):
 @composite("gemma_edge.bidirectional_attention", DEFAULT, STANDARD)
 def lower_bidirectional_attention(lw: Lowering, op):
     """gemma_edge.bidirectional_attention(q, k, v [B, T, H, D]) {scale} -> the standard Attention
-    op (opset 23) on [B, T, H*D] views, heads split by the op. ONNX Runtime's CPU kernel computes
-    it head by head: on Gemma 3's tower (16 heads, 4096 patches) 0.3 s a layer on 2 threads where
-    MatMul-Softmax-MatMul took 2.4 s with [16, 4096, 4096] intermediates (docs/vision.md)."""
+    op (opset 23) on [B, T, H*D] views. On Gemma 3's tower (16 heads, 4096 patches) it takes
+    0.3-0.4 s a layer on 2 threads where MatMul-Softmax-MatMul took 2.4 s (docs/vision.md).
+    ONNX Runtime's kernel holds all heads' [T, T] logits at once (1 GiB there), so the heads go
+    in groups whose logits fit SCORE_BYTES (4 Attention ops of 4 heads: 0.5 GiB less peak
+    memory, the same time)."""
     q, k, v = lw.composite_operands(op)
     b, t, h, d = tensor_type(lw.composite_operand_values(op)[0])[0]
     scale = float(lw.composite_attributes(op)["scale"])
+    groups = next(g for g in range(1, h + 1) if h % g == 0 and (h // g) * t * t * 4 <= SCORE_BYTES or g == h)
     flat = lw.const(np.array([b, t, h * d], np.int64))
     q, k, v = (lw.node1("Reshape", [x, flat]) for x in (q, k, v))
-    out = lw.node1("Attention", [q, k, v], q_num_heads=h, kv_num_heads=h, scale=scale)
+    if groups == 1:
+        out = lw.node1("Attention", [q, k, v], q_num_heads=h, kv_num_heads=h, scale=scale)
+    else:
+        parts = [lw.node("Split", [x], n_out=groups, axis=2, num_outputs=groups) for x in (q, k, v)]
+        outs = [lw.node1("Attention", [qi, ki, vi], q_num_heads=h // groups, kv_num_heads=h // groups, scale=scale)
+                for qi, ki, vi in zip(*parts)]
+        out = lw.node1("Concat", outs, axis=2)
     return [lw.node1("Reshape", [out, lw.const(np.array([b, t, h, d], np.int64))])]
+
+
+SCORE_BYTES = 256 * 2**20  # f32 attention logits one Attention op of the vision tower may hold
 
 
 def _linear_recurrence_function() -> onnx.FunctionProto:
