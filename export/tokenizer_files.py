@@ -68,7 +68,7 @@ from typing import Any
 
 from contract.files import write_atomic
 
-__all__ = ["SPECIAL_USER_DEFINED", "sentencepiece_to_tokenizer", "write_tokenizer_files"]
+__all__ = ["SPECIAL_USER_DEFINED", "add_image_tokens", "sentencepiece_to_tokenizer", "write_tokenizer_files"]
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -362,3 +362,43 @@ def _dump(data: dict) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def add_image_tokens(out_dir: Path, vision) -> bool:
+    """Make the tokenizer.json in `out_dir` hold Gemma 3's image markers at the model's ids, as
+    onnxruntime-genai's Gemma 3 processor needs: it writes `<start_of_image>`, 256 x
+    `<image_soft_token>` and `<end_of_image>` in the prompt text and tokenizes it, so each must be
+    one token with the id the model expects (`vision`: the VisionConfig's boi / eoi / soft ids).
+    Gemma 3's SentencePiece model has the first two but not `<image_soft_token>` (Hugging Face
+    adds it as token 262144 in tokenizer.json): a marker the file lacks, at an id no other token
+    has, is added as a special token. Returns whether the file changed; raises ValueError naming
+    the marker when the tokenizer maps it to another id, or gives its id to another token."""
+    path = Path(out_dir) / TOKENIZER_JSON
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    taken = {**{i: p for p, i in vocab.items()}, **{i: p for p, i in added.items()}}
+    changed = False
+    for marker, want in (("<start_of_image>", vision.boi_token), ("<end_of_image>", vision.eoi_token),
+                         ("<image_soft_token>", vision.soft_token)):
+        have = added.get(marker, vocab.get(marker))
+        if have == want:
+            continue
+        if have is not None or want in taken:
+            what = f"maps {marker} to {have}" if have is not None else f"gives id {want} to {taken[want]!r}"
+            raise ValueError(f"the tokenizer {what}, but the model's {marker} is {want}: pass the model's own "
+                             "tokenizer (--tokenizer PATH)")
+        if want != max(taken) + 1:  # tokenizers numbers a new token after the last id, whatever the file says
+            raise ValueError(f"the tokenizer lacks {marker} and cannot take it at the model's id {want} (its next id "
+                             f"is {max(taken) + 1}): pass the model's own tokenizer.json (--tokenizer PATH)")
+        data.setdefault("added_tokens", []).append({"id": want, "content": marker, "single_word": False,
+                                                    "lstrip": False, "rstrip": False, "normalized": False,
+                                                    "special": True})
+        taken[want] = marker
+        changed = True
+    if changed:
+        data["added_tokens"].sort(key=lambda t: t["id"])
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(_dump(data))
+        tmp.replace(path)
+    return changed

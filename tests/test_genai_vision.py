@@ -168,3 +168,43 @@ def test_runtime_cli_engine_genai(folders, pictures, tokenizer_vision, capsys):
     ours = capsys.readouterr().out
     assert runtime_main([*args, "--engine", "genai"]) == 0
     assert capsys.readouterr().out == ours
+
+
+def test_genai_processor_pixels_equal_ours(folders, model, pictures):
+    """onnxruntime-genai's processor (our processor_config.json) gives runtime_py's pixels, to the
+    bit, on upscaled PNGs (downscaling and JPEG decoding differ slightly: tools/bench_preprocess.py,
+    docs/vision.md)."""
+    cfg, _ = model
+    processor = og.Model(str(folders[None])).create_multimodal_processor()
+    for path in pictures:
+        got = processor("<start_of_image>", images=og.Images.open(str(path)))["pixel_values"].as_numpy()
+        np.testing.assert_array_equal(got, preprocess(path, cfg.vision.image_size).transpose(0, 3, 1, 2))
+
+
+def test_image_markers_in_tokenizer_json(tokenizer_256, tokenizer_vision, model, tmp_path):
+    """The exported tokenizer.json gets `<image_soft_token>` at the model's id when the
+    SentencePiece model lacks it (Gemma 3's does: Hugging Face adds it as 262144); a tokenizer
+    that gives the markers' ids to other pieces is refused in one line."""
+    from export.tokenizer_files import add_image_tokens, write_tokenizer_files
+
+    cfg, _ = model
+    write_tokenizer_files(tokenizer_vision, tmp_path / "ok")
+    assert not add_image_tokens(tmp_path / "ok", cfg.vision)  # all three there already
+    # a tokenizer without the soft token, whose id is the next after its pieces (as 262144 in Gemma 3)
+    path = tmp_path / "ok" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image_soft_token>"]
+    data["model"]["vocab"].pop("<image_soft_token>", None)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="cannot take it at the model's id 300 .its next id is 255"):
+        add_image_tokens(tmp_path / "ok", dataclasses.replace(cfg.vision, soft_token=300))
+    assert add_image_tokens(tmp_path / "ok", cfg.vision)  # 255: the next id
+    added = {t["content"]: t["id"] for t in json.loads(path.read_text())["added_tokens"]}
+    assert added["<image_soft_token>"] == 255 and added["<start_of_image>"] == 253
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(path))
+    assert hf.encode("<start_of_image><image_soft_token><end_of_image>", add_special_tokens=False).ids == [253, 255, 254]
+    write_tokenizer_files(tokenizer_256, tmp_path / "bad")
+    with pytest.raises(ValueError, match="gives id 253 to .* but the model's <start_of_image> is 253"):
+        add_image_tokens(tmp_path / "bad", cfg.vision)

@@ -137,6 +137,10 @@ class OnnxTarget(Target):
                 from export.tokenizer_files import write_tokenizer_files
 
                 info["tokenizer_files"] = write_tokenizer_files(Path(plan.tokenizer), tmp)
+                if cfg.vision is not None and info["tokenizer_files"]:
+                    from export.tokenizer_files import add_image_tokens
+
+                    add_image_tokens(tmp, cfg.vision)  # onnxruntime-genai's processor writes them as text
         if not info["tokenizer_files"] and plan.options.verbose:
             where = f" in {plan.tokenizer}" if plan.tokenizer else ""
             print(f"warning: no tokenizer found{where}: {plan.path} has the model and genai_config.json but "
