@@ -77,10 +77,11 @@ class Engine:
         return self._processor(prompt, images=og.Images.open(*[str(p) for p in images])), prompt
 
     def generate(self, prompt: str, images: Sequence = (), max_new_tokens: int = 64,
-                 logits: list | None = None) -> list[int]:
+                 logits: list | None = None, on_token=None) -> list[int]:
         """Greedy tokens after `prompt` (text with one `<start_of_image>` per image, the chat
         template already applied if wanted) and the image files, until a stop token or
-        max_new_tokens; each step's logits are appended to `logits` when given."""
+        max_new_tokens; each step's logits are appended to `logits` when given, and `on_token()`
+        is called as each token comes (benchmarks time them)."""
         og = self._og
         inputs, prompt = self._inputs(prompt, images)
         params = og.GeneratorParams(self.model)
@@ -99,6 +100,8 @@ class Engine:
             if logits is not None:
                 logits.append(np.array(generator.get_output("logits"), np.float32).reshape(-1).copy())
             out.append(int(generator.get_next_tokens()[0]))
+            if on_token is not None:
+                on_token()
         return out
 
     def prompt_tokens(self, prompt: str, images: Sequence = ()) -> list[int]:

