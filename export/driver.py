@@ -369,10 +369,11 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         stored = stored_params(params, "f16", embed_16bit=True)
     elif recipe is not None:
         padded = params
-        if recipe.block and plan.cfg.vision is not None and "vision.patch_embed.w" in params:
+        multiple = recipe.block or plan.target.integer_block
+        if multiple and plan.cfg.vision is not None and "vision.patch_embed.w" in params:
             from models.vision import pad_for_blocks  # the tower's odd widths (588, 4304), exactly
 
-            padded = pad_for_blocks(params, plan.cfg.vision, recipe.block)
+            padded = pad_for_blocks(params, plan.cfg.vision, multiple)
         stored = stored_params(padded, "f32")
     else:
         stored = stored_params(params, plan.storage, embed_16bit=plan.target.embed_16bit)

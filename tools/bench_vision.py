@@ -182,10 +182,13 @@ def export_child(a) -> dict:
     cfg = _config(a.model)
     params = init_vision_params(cfg.vision, cfg.embed_dim, a.seed)
     recipe = None if a.recipe == FLOAT else RECIPES[a.recipe]
-    if recipe is not None and recipe.block:
+    from export.targets import TARGETS
+
+    multiple = None if recipe is None or recipe.bits == 16 else recipe.block or TARGETS[a.target].integer_block
+    if multiple:  # as export/driver.py's storage() pads the tower's odd widths
         from models.vision import pad_for_blocks
 
-        params = pad_for_blocks(params, cfg.vision, recipe.block)
+        params = pad_for_blocks(params, cfg.vision, multiple)
     fp16 = recipe is not None and recipe.bits == 16
     stored = stored_params(params, "f16") if fp16 else params
     compute = (lambda p: {k: v.astype(jnp.float32) for k, v in p.items()}) if fp16 else None

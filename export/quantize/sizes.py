@@ -45,6 +45,8 @@ def ideal_bytes(params: dict, quant: str, target: str) -> int:
             continue
         rows, width = shape  # [N, K]: one scale per output row and block of inputs
         if target == "onnx":
+            if not table and recipe.block is None and width % 16:  # the vision tower's, padded to 128
+                width = -(-width // 128) * 128
             block = table_block(width, recipe.block) if table else block_for(recipe, width)
             total += 4 * rows * (width // block)
         elif recipe.block and not table:

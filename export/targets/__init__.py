@@ -25,6 +25,9 @@ class Target:
     name = ""
     help = ""
     quant_table = ""
+    # contraction widths a per-channel integer recipe needs a multiple of (None: any); the vision
+    # tower's odd ones are zero-padded to it (models.vision.pad_for_blocks)
+    integer_block: int | None = None
     attention = AttentionForm.SDPA
     writes_folder = False
     embed_16bit = False

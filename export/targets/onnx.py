@@ -32,6 +32,7 @@ OP_SET_DEFAULT, OP_SET_STANDARD = "default", "standard"
 class OnnxTarget(Target):
     name = "onnx"
     help = "an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)"
+    integer_block = 128  # int8 MatMulNBits quantizes in blocks (export/quantize/onnx.py: INT8_BLOCK)
     quant_table = "onnx"
     attention = AttentionForm.CACHE_OWNING
     writes_folder = True
