@@ -322,3 +322,32 @@ def test_onnx_tower_attention_in_head_groups(model, tmp_path, monkeypatch):
     image = _images(1, 3)[0]
     want = np.asarray(jax.jit(encode_images, static_argnums=(1, 2))(params, cfg.vision, cfg.embed_dim, image))
     np.testing.assert_allclose(load(folder).encode_image(image), want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_generate_with_pan_and_scan(model, tokenizer_256, tmp_path):
+    """runtime_py.generate(..., pan_and_scan=True): a wide picture goes in as itself and its crops,
+    the prompt gets HF's phrase, and the text equals the JAX model's on those views and ids."""
+    from PIL import Image
+
+    import runtime_py
+    from contract.prompt import encode_with_images
+    from contract.tokenizer import Tokenizer
+    from runtime_py.image import crops_prompt, preprocess, with_crops
+
+    cfg, params = model
+    folder = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path, max_len=128, prefill_lens=(16, 64),
+                                                       verify=False, onnx_ops="standard")).path
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 700, 3), dtype=np.uint8)).save(wide)
+    text = "the <start_of_image> one"
+    views, counts = with_crops([wide])
+    assert counts == [2]
+    tok = Tokenizer(tokenizer_256)
+    ids = encode_with_images(tok, crops_prompt(text, counts), cfg.vision)
+    assert ids.count(cfg.vision.boi_token) == 3
+    images = [preprocess(v, cfg.vision.image_size) for v in views]
+    want = generate(params, cfg, [ids], 10, images=[images], stop_tokens=(1,), max_len=128).tokens[0]
+    got = runtime_py.generate(folder, text, images=[wide], tokenizer=tokenizer_256, max_new_tokens=10,
+                              pan_and_scan=True)
+    assert got == tok.decode(want)
+    assert got != runtime_py.generate(folder, text, images=[wide], tokenizer=tokenizer_256, max_new_tokens=10)
