@@ -389,6 +389,8 @@ def runtimes_main(a, recipes: list[str]) -> int:
     try:
         for recipe in recipes or [FLOAT]:
             for target, runtimes in RUNTIMES.items():
+                if target not in a.targets.split(",") and not (target == "litertlm" and "tflite" in a.targets):
+                    continue
                 folder = out / f"{target}_{recipe}"
                 made = _child("full_export", [*common, "--target", target, "--recipe", recipe, "--path", str(folder),
                                               "--reference", str(tokenizer)])
@@ -458,7 +460,9 @@ def _line(cells: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-4b")
-    ap.add_argument("--targets", default="tflite,onnx", help="comma list of tflite, onnx (JAX always runs)")
+    ap.add_argument("--targets", default="tflite,onnx",
+                    help="comma list of tflite, onnx (JAX always runs); with --runtimes tflite means the .litertlm "
+                         "bundle")
     ap.add_argument("--quant", default="fp16,dynamic-int8",
                     help="recipes besides the f32 rows, comma list (export.quantize.RECIPES); none for none")
     ap.add_argument("--repeats", type=int, default=3, help="timed images after the warm-up")
