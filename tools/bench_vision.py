@@ -298,19 +298,22 @@ def gemma_tokenizer(out: Path, rows: int) -> Path:
 
 
 def full_export_child(a) -> dict:
-    """Export the whole model (random init, vision included) to a.target (litertlm or onnx) under a.path."""
-    from export.driver import export
-    from export.options import ExportOptions
-    from models import init_model
+    """Export the whole model (random init, vision included) to a.target (litertlm or onnx) under
+    a.path, through the CLI (its random weights are made tensor by tensor: memory stays bounded)."""
+    from export.cli import main as export_main
 
-    cfg, params = init_model(_config(a.model), a.seed, vision=True)
+    out = Path(a.path)
+    args = ["--model", a.model, "--random-init", str(a.seed), "--target", a.target, "--max-seq-len", str(a.context),
+            "--tokenizer", a.reference, "--out", str(out), "--no-verify"]
+    if a.recipe != FLOAT:
+        args += ["--quant", a.recipe]
     t0 = time.perf_counter()
-    result = export(cfg, params, a.target, ExportOptions(
-        out_dir=Path(a.path), max_len=a.context, verify=False, verbose=False, tokenizer=Path(a.reference),
-        quant=None if a.recipe == FLOAT else a.recipe))
-    path = result.path
+    if export_main(args) != 0:
+        raise SystemExit(f"python -m export {' '.join(args)} failed")
+    seconds = time.perf_counter() - t0
+    (path,) = [p for p in out.iterdir() if p.suffix == ".litertlm" or p.name.endswith("_onnx")]
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
-    return {"artifact": str(path), "export_s": time.perf_counter() - t0, "export_rss": _peak(), "file_bytes": size}
+    return {"artifact": str(path), "export_s": seconds, "export_rss": _peak(), "file_bytes": size}
 
 
 def full_run_child(a) -> dict:
