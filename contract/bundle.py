@@ -3,6 +3,20 @@ the SentencePiece tokenizer, LlmMetadata, ExecutorMetadata) and their bytes, mem
 
 The header is a flatbuffer whose schema ships with the `litert-lm-builder` package (a small
 pure-Python package: flatbuffers and protobuf), imported only here.
+
+A Gemma 3 bundle with images (docs/litertlm.md, "Gemma 3 with images") holds four TFLite models,
+each a section with LiteRT-LM's model type, with these signatures and tensors:
+
+  tf_lite_prefill_decode  prefill_{T}, decode (and any verify_{K}, ctx{L}_*): embeddings
+                          f32[1, T, E + 1] + input_pos int32[T] + states -> logits + states;
+                          no token ids (channel E is the image flag: models/multimodal.with_flag)
+  tf_lite_embedder        embedder: token_ids int32[1, 1] -> embeddings f32[1, 1, E + 1]
+                          (the sqrt(E)-scaled row, flag 0)
+  tf_lite_vision_encoder  vision_encoder: image f32[1, S, S, 3] in [0, 1] (LiteRT-LM's
+                          preprocessing) -> features f32[1, P, Ev]
+  tf_lite_vision_adapter  vision_adapter: features -> mm_embeddings f32[1, N + 1, E + 1]: the N
+                          soft tokens (flag 1), then <end_of_image>'s own row (flag 0), which
+                          LiteRT-LM's Gemma 3 processor does not add itself
 """
 
 from __future__ import annotations
@@ -11,6 +25,27 @@ import dataclasses
 import mmap
 import struct
 from pathlib import Path
+
+
+# LiteRT-LM's model types of a bundle's TFLite sections
+PREFILL_DECODE = "tf_lite_prefill_decode"
+EMBEDDER = "tf_lite_embedder"
+VISION_ENCODER = "tf_lite_vision_encoder"
+VISION_ADAPTER = "tf_lite_vision_adapter"
+# the signatures and tensors of a vision bundle's other sections (the module docstring)
+EMBEDDER_SIGNATURE, ADAPTER_SIGNATURE = "embedder", "vision_adapter"
+TOKEN_IDS, FEATURES, MM_EMBEDDINGS = "token_ids", "features", "mm_embeddings"
+
+# A chat template that renders a conversation as its raw text: the start token, then every
+# message's content in order, an image item as the marker LiteRT-LM's Gemma 3 processor splits
+# at. Vision bundles of base models carry it; runtime_py's LiteRT-LM engine passes it to
+# conversations whose prompt text is already final (runtime_py/litertlm_engine.py).
+RAW_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}{%- if message['content'] is string -%}"
+    "{{ message['content'] }}{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endfor -%}")
 
 
 class BundleError(ValueError):
@@ -47,11 +82,17 @@ class Bundle:
             f.seek(section.begin)
             return f.read(section.size)
 
-    def tflite(self) -> Section:
-        s = self.section("TFLiteModel", "tf_lite_prefill_decode")
+    def tflite(self, model_type: str = PREFILL_DECODE) -> Section:
+        """The TFLite model of `model_type` (default: the decoder, prefill_decode)."""
+        s = self.section("TFLiteModel", model_type)
         if s is None:
-            raise BundleError(f"{self.path} holds no prefill_decode TFLite model")
+            raise BundleError(f"{self.path} holds no {model_type.removeprefix('tf_lite_')} TFLite model")
         return s
+
+    @property
+    def embedded(self) -> bool:
+        """A vision bundle: its decoder takes embeddings from an embedder section, not token ids."""
+        return self.section("TFLiteModel", EMBEDDER) is not None
 
     def tokenizer_bytes(self) -> bytes | None:
         s = self.section("SP_Tokenizer")

@@ -27,6 +27,15 @@ data").
 
 The prefill lengths a bundle may use are checked too (`check_prefill_lengths`): LiteRT-LM reads
 a prime dimension above 10 as a placeholder.
+
+Gemma 3 with images (docs/litertlm.md, "Gemma 3 with images"): the bundle holds four TFLite
+models (contract/bundle.py: the decoder taking flagged embeddings, the embedder, the vision
+encoder and adapter), LlmMetadata's gemma3 type names the image markers and the encoder's input
+size, and the chat templates render image items as `<start_of_image>`. LiteRT-LM on CPU chunks a
+prompt greedily over the prefill lengths (largest first, the rest cascading to smaller ones), and
+an image split across two chunks loses its bidirectional attention; such a bundle therefore gets
+one prefill length by default (`vision_prefill_length`), so a prompt up to that length is never
+split.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from contract.bundle import BundleError
+from contract.bundle import EMBEDDER, RAW_TEMPLATE, VISION_ADAPTER, VISION_ENCODER, BundleError
 from contract.layout import LayerKind, Naming, StateKind
 from models.cache import state_layout
 from models.config import Family, ModelConfig
@@ -87,24 +96,57 @@ def check_prefill_lengths(lens: list[int]):
     """LiteRT-LM reads a prime dimension above 10 in `input_pos` as a placeholder to be filled in
     at load time (its "magic number" handling), and then cannot run that prefill signature: the
     prefill fails. Refuse such lengths up front."""
-    primes = [t for t in lens if t > 10 and all(t % d for d in range(2, int(t ** 0.5) + 1))]
+    primes = [t for t in lens if t > 10 and is_prime(t)]
     if primes:
         raise BundleError(f"prefill length{'s' if len(primes) > 1 else ''} {', '.join(map(str, primes))}: LiteRT-LM "
                           "treats a prime dimension above 10 as a placeholder and cannot run it; pick other "
                           "--prefill-lens (e.g. 32,128)")
 
 
+def is_prime(n: int) -> bool:
+    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+VISION_PREFILL = 1024  # a vision bundle's default prefill length (one image of Gemma 3 is 260 tokens)
+
+
+def vision_prefill_length(max_len: int, image_tokens: int) -> int:
+    """A vision bundle's one default prefill length: VISION_PREFILL, or the context if smaller (the
+    largest length LiteRT-LM can run, at least an image's `image_tokens` positions). One length,
+    because LiteRT-LM's CPU executor chunks greedily: with lengths {32, 1024} a 300-token prompt
+    runs as 9 x 32 + 12, and an image is split. BundleError when the context holds no image."""
+    for t in range(min(VISION_PREFILL, max_len), image_tokens - 1, -1):
+        if not (t > 10 and is_prime(t)):
+            return t
+    raise BundleError(f"a context of {max_len} cannot hold an image's {image_tokens} positions in one prefill; "
+                      "raise --max-seq-len or pass --no-vision")
+
+
 def preflight(cfg: ModelConfig, prefill_lens: list[int], tokenizer_source: Path | None) -> Path:
     """Every check a bundle needs before any export work; returns the tokenizer to bundle."""
     check_prefill_lengths(prefill_lens)
     path = find_tokenizer(tokenizer_source)
-    check_tokenizer(path, cfg)
+    tok = check_tokenizer(path, cfg)
+    if cfg.vision is not None:
+        check_image_pieces(tok, path, cfg)
     return path
+
+
+def check_image_pieces(tok, path: Path, cfg: ModelConfig):
+    """LiteRT-LM writes an image's markers as text ("\n\n<start_of_image>", then "\n\n") and
+    tokenizes them with the bundled tokenizer: each must be one piece, the model's id."""
+    v = cfg.vision
+    for text, want in (("<start_of_image>", v.boi_token), ("<end_of_image>", v.eoi_token), ("\n\n", v.newline_token)):
+        got = tok.encode(text, add_bos=False)
+        if got != [want]:
+            raise BundleError(f"{path} tokenizes {text!r} as {got}, but {cfg.name}'s image layout needs [{want}]: it "
+                              "is not this model's tokenizer; pass --tokenizer PATH, or --no-vision for a text bundle")
 
 
 # ---- metadata --------------------------------------------------------------------------------------
 # The Gemma turn format (MODEL_SPEC section 7), as LiteRT-LM's Jinja renderer sees it: messages
-# with role user/assistant/model/system and content a string or a list of {"type": "text"} items.
+# with role user/assistant/model/system and content a string or a list of {"type": "text"} items
+# (and {"type": "image"} items, rendered as `<start_of_image>` as Hugging Face's Gemma 3 template does).
 # Gemma 3 folds a leading system message into the first user turn; Gemma 2 and RecurrentGemma
 # have no system role and refuse one, as contract/tokenizer.apply_chat_template does.
 _JINJA = r"""{{ bos_token }}
@@ -124,7 +166,8 @@ _JINJA = r"""{{ bos_token }}
 {{ '<start_of_turn>' + role + '\n' }}
 {%- if loop.first -%}{{ ns.prefix }}{%- endif -%}
 {%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}
-{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}
+{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}
+{%- elif item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- endif -%}{%- endfor -%}
 {%- endif -%}
 {{ '<end_of_turn>\n' }}
 {%- endfor -%}
@@ -147,7 +190,14 @@ def llm_metadata(cfg: ModelConfig, max_len: int):
     m.max_num_tokens = max_len
     m.pad_token.token_ids.ids.append(cfg.tokens.pad)  # what LiteRT-LM pads prefill chunks with
     if cfg.family is Family.GEMMA3:
-        m.llm_model_type.gemma3.SetInParent()
+        g = m.llm_model_type.gemma3
+        g.SetInParent()
+        if cfg.vision is not None:  # LiteRT-LM's Gemma 3 processor: the markers, the encoder's input size
+            g.start_of_image_token.token_str = "<start_of_image>"
+            g.end_of_image_token.token_str = "<end_of_image>"
+            g.image_tensor_height = g.image_tensor_width = cfg.vision.image_size
+            if not cfg.instruction_tuned:  # conversations with image items need a template that has them
+                m.jinja_prompt_template = RAW_TEMPLATE
     else:
         m.llm_model_type.generic_model.SetInParent()
     if cfg.instruction_tuned:
@@ -192,8 +242,13 @@ def executor_metadata(cfg: ModelConfig, max_len: int, kv: str = "f32"):
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path, kv: str = "f32"):
-    """Write `out` (.litertlm) atomically: built under a temporary name, then renamed."""
+_SECTION_TYPES = (EMBEDDER, VISION_ENCODER, VISION_ADAPTER)
+
+
+def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_len: int, out: Path, kv: str = "f32",
+                 sections: dict[str, Path] | None = None):
+    """Write `out` (.litertlm) atomically: built under a temporary name, then renamed. `sections`:
+    a vision bundle's other TFLite models by LiteRT-LM model type (contract/bundle.py)."""
     from litert_lm_builder import litertlm_builder as B
 
     out = Path(out)
@@ -206,6 +261,10 @@ def write_bundle(tflite_path: Path, tokenizer_path: Path, cfg: ModelConfig, max_
         b.add_system_metadata(B.Metadata(key="Authors", value="gemma-edge", dtype=B.DType.STRING))
         with contextlib.redirect_stdout(io.StringIO()):  # the builder prints this option
             b.add_tflite_model(str(tflite_path), B.TfLiteModelType.PREFILL_DECODE, prefer_activation_type="fp32")
+            for model_type, path in (sections or {}).items():
+                if model_type not in _SECTION_TYPES:
+                    raise BundleError(f"internal error: no bundle section of type {model_type}")
+                b.add_tflite_model(str(path), B.TfLiteModelType(model_type))
         b.add_sentencepiece_tokenizer(str(tokenizer_path))
         b.add_llm_metadata(str(llm))
         b.add_executor_metadata(str(executor))

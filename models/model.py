@@ -16,7 +16,7 @@ from models.fused import AttentionForm, embedding_lookup
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
 from models.layers import F32, Params, rms_norm
-from models.multimodal import image_blocks
+from models.multimodal import image_blocks, split_flag
 
 _LAYER_FNS = {
     Family.GEMMA2: gemma_layer,
@@ -40,7 +40,7 @@ def embed_tokens(params: dict, cfg: ModelConfig, tokens):
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
             last_only: bool = False, embeddings=None, attention: AttentionForm = AttentionForm.SDPA,
-            span: int | None = None):
+            span: int | None = None, flagged=None):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
@@ -59,8 +59,13 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
 
     span: global layers attend over the first `span` rows of their caches only (a context bucket,
     models/signatures.py); the chunk's real tokens must lie below it. None: every row.
+
+    flagged: [B, T, E + 1] input embeddings with the image flag (models/multimodal.with_flag), in
+    place of tokens (pass tokens=None): a vision bundle's decoder, which LiteRT-LM feeds the
+    embedder's and the vision adapter's rows. The rows are used as they are (text rows already
+    scaled), and each run of flagged rows attends bidirectionally, as soft tokens do.
     """
-    b, t = tokens.shape
+    b, t = (tokens if flagged is None else flagged).shape[:2]
     start = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32), (b,))
     nv = jnp.broadcast_to(jnp.asarray(t if num_valid is None else num_valid, jnp.int32), (b,))
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -71,7 +76,13 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     extra = {"attention": AttentionForm(attention)}
     if span is not None and cfg.family is not Family.RECURRENTGEMMA:  # Griffin has no global layers
         extra["span"] = int(span)
-    if embeddings is None:
+    if flagged is not None:
+        if cfg.vision is None or cfg.family is not Family.GEMMA3:
+            raise ValueError(f"{cfg.name} has no vision tower: its decoder takes tokens, not flagged embeddings")
+        x, is_soft = split_flag(flagged, cfg.embed_dim)
+        x = x.astype(activation_dtype(params))
+        extra["blocks"] = image_blocks(is_soft)
+    elif embeddings is None:
         x = embed_tokens(params, cfg, tokens)
     else:
         if cfg.vision is None or cfg.family is not Family.GEMMA3:

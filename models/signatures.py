@@ -21,6 +21,17 @@ The image prefill's soft-token positions (tokens == the soft token) read `embedd
 splices each image's soft tokens there) and attend bidirectionally within each image; one per
 prefill length T >= I.
 
+A `.litertlm` bundle of a model with vision (LiteRT-LM runs it with images; contract/bundle.py,
+docs/litertlm.md) exports the text signatures in their *embedded* form, and three more models:
+
+  prefill_{T}/decode(embeddings f32[1, T, E + 1], input_pos, *states) -> (logits, *states)
+  embedder(token_ids int32[1, 1]) -> embeddings f32[1, 1, E + 1]
+  vision_encoder(image f32[1, S, S, 3] in [0, 1]) -> features f32[1, P, Ev]
+  vision_adapter(features) -> mm_embeddings f32[1, N + 1, E + 1]
+
+Channel E is the image flag (models/multimodal.with_flag); the adapter's last row is
+<end_of_image>'s embedding (`eoi_embedding`), since LiteRT-LM does not add that token itself.
+
 The ONNX decoder (`decoder_signature`) is one function for every chunk length, with
 onnxruntime-genai's names. Every signature carries the attention form it is traced with
 (models/fused.AttentionForm): the exporters lower it, and the JAX reference runs it, in that form.
@@ -34,6 +45,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from contract.bundle import ADAPTER_SIGNATURE, EMBEDDER_SIGNATURE, FEATURES, MM_EMBEDDINGS, TOKEN_IDS
 from contract.layout import Naming, StateLayout
 from contract.metadata import ArtifactMetadata, ImageLayout
 from contract.signatures import (
@@ -81,9 +93,11 @@ def _states_of(layout: StateLayout, cache) -> tuple:
 
 def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float32, *, image: bool = False,
                     attention: AttentionForm = AttentionForm.SDPA, span: int | None = None, kv: str = "f32",
-                    verify: bool = False) -> Signature:
+                    verify: bool = False, embedded: bool = False) -> Signature:
     """The prefill (length > 1) or decode (length == 1) signature for a context of max_len; with
     `image`, the image_prefill_{length} signature (an `embeddings` input after input_pos); with
+    `embedded`, its form in a vision bundle (`embeddings` [1, length, E + 1] with the image flag in
+    place of tokens: the module docstring); with
     `verify`, verify_{length} (logits at every position); with
     `span`, its context bucket ctx{span}_* (global layers attend over the first span rows); `kv`
     "int8": int8 KV caches with their scales as extra states (models.cache.quantize_kv)."""
@@ -94,6 +108,9 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
                          f"larger context (here {max_len})")
     if image and cfg.vision is None:
         raise ValueError(f"{cfg.name} has no vision tower")
+    if embedded and (image or cfg.vision is None):
+        raise ValueError(f"the embedded decoder is a vision bundle's ({cfg.name}: "
+                         f"{'no vision tower' if cfg.vision is None else 'not with image'})")
     if verify and (image or length < 2):
         raise ValueError(f"a verify signature checks at least 2 text tokens (here {length})")
     kind = (SignatureKind.IMAGE_PREFILL if image else SignatureKind.VERIFY if verify
@@ -103,8 +120,16 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
     embeddings = (TensorSpec(EMBEDDINGS, (1, length, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
     inputs = (TensorSpec(TOKENS, (1, length), np.dtype(np.int32)),
               TensorSpec(INPUT_POS, (length,), np.dtype(np.int32)), *embeddings, *states)
+    if embedded:
+        inputs = (TensorSpec(EMBEDDINGS, (1, length, cfg.embed_dim + 1), np.dtype(np.float32)), *inputs[1:])
     rows = length if verify else 1
     outputs = (TensorSpec(LOGITS, (1, rows, cfg.vocab_size), np.dtype(np.float32)), *states)
+
+    def embedded_fn(params, flagged, input_pos, *state_values):
+        nv = valid_length(input_pos)
+        logits, new_cache = forward(params, cfg, None, input_pos[:1], _cache_of(cfg, layout, state_values), nv[None],
+                                    last_only=not verify, attention=attention, span=span, flagged=flagged)
+        return (logits, *_states_of(layout, new_cache))
 
     def fn(params, tokens, input_pos, *rest):
         embeds, state_values = (rest[0], rest[1:]) if image else (None, rest)
@@ -115,7 +140,62 @@ def build_signature(cfg: ModelConfig, length: int, max_len: int, dtype=jnp.float
         return (logits, *_states_of(layout, new_cache))
 
     return Signature(bucket_name(signature_name(kind, length), span), length, inputs, outputs,
-                     tuple(t.name for t in states), fn=fn, attention=attention)
+                     tuple(t.name for t in states), fn=embedded_fn if embedded else fn, attention=attention)
+
+
+# ---- a vision bundle's other models (the module docstring; contract/bundle.py) ------------------------
+EOI_EMBEDDING = "eoi_embedding"  # the adapter's one derived weight: <end_of_image>'s scaled row [E]
+
+
+def eoi_embedding(table, cfg: ModelConfig) -> np.ndarray:
+    """<end_of_image>'s input row [E] f32, scaled by sqrt(E) exactly as `embed_tokens` scales it
+    (`table`: the embedding table as stored, f32 or 16-bit). The vision adapter takes it as the
+    weight EOI_EMBEDDING."""
+    scale = np.float32(cfg.embed_scale(jnp.float32))
+    return np.asarray(table[cfg.vision.eoi_token], np.float32) * scale
+
+
+def build_embedder_signature(cfg: ModelConfig) -> Signature:
+    """embedder(token_ids int32[1, 1]) -> embeddings f32[1, 1, E + 1]: the token's sqrt(E)-scaled
+    row, flag 0. LiteRT-LM runs it once per text token."""
+    from models.model import embed_tokens
+    from models.multimodal import with_flag
+
+    inputs = (TensorSpec(TOKEN_IDS, (1, 1), np.dtype(np.int32)),)
+    outputs = (TensorSpec(EMBEDDINGS, (1, 1, cfg.embed_dim + 1), np.dtype(np.float32)),)
+
+    def fn(params, token_ids):
+        x = embed_tokens(params, cfg, token_ids).astype(jnp.float32)
+        return (with_flag(x, jnp.zeros(token_ids.shape, bool)),)
+
+    return Signature(EMBEDDER_SIGNATURE, 1, inputs, outputs, fn=fn)
+
+
+def build_bundle_vision_signatures(cfg: ModelConfig) -> tuple[Signature, Signature]:
+    """(vision_encoder, vision_adapter) of a vision bundle. The encoder takes the pixels LiteRT-LM
+    hands it, RGB in [0, 1] (decoded, resized, divided by 255: no normalisation), and maps them to
+    the tower's [-1, 1] itself; it returns the tower's features. The adapter pools and projects
+    them to the N soft tokens (flag 1) and appends <end_of_image>'s row (flag 0), so that the
+    sequence LiteRT-LM builds is contract/prompt.py's layout."""
+    from models.multimodal import with_flag
+    from models.vision import encode_patches, project
+
+    v = cfg.vision
+    if v is None:
+        raise ValueError(f"{cfg.name} has no vision tower")
+    f32 = np.dtype(np.float32)
+    features = TensorSpec(FEATURES, (1, v.num_patches, v.width), f32)
+    encoder = Signature(signature_name(SignatureKind.VISION_ENCODER), 0,
+                        (TensorSpec(IMAGE, (1, v.image_size, v.image_size, 3), f32),), (features,),
+                        fn=lambda params, image: (encode_patches(params, v, image * 2.0 - 1.0),))
+
+    def adapter(params, feats):
+        soft = with_flag(project(params, v, feats), jnp.ones(feats.shape[:1] + (v.tokens_per_image,), bool))
+        eoi = with_flag(jnp.asarray(params[EOI_EMBEDDING], jnp.float32)[None, None], jnp.zeros((1, 1), bool))
+        return (jnp.concatenate([soft, jnp.broadcast_to(eoi, (feats.shape[0], 1, cfg.embed_dim + 1))], axis=1),)
+
+    out = TensorSpec(MM_EMBEDDINGS, (1, v.tokens_per_image + 1, cfg.embed_dim + 1), f32)
+    return encoder, Signature(ADAPTER_SIGNATURE, 0, (features,), (out,), fn=adapter)
 
 
 def build_vision_signature(cfg: ModelConfig) -> Signature:
@@ -182,21 +262,28 @@ def verify_length(cfg: ModelConfig) -> int | None:
 
 
 def all_signatures(cfg: ModelConfig, prefill_lens, max_len: int, dtype=jnp.float32,
-                   attention: AttentionForm = AttentionForm.SDPA, buckets=(), kv: str = "f32") -> list[Signature]:
+                   attention: AttentionForm = AttentionForm.SDPA, buckets=(), kv: str = "f32",
+                   embedded: bool = False) -> list[Signature]:
     """Every signature an artifact of this model holds: prefill_{T} and decode, plus verify_{K}
     for a config exported for speculative decoding (cfg.rewind = K - 1), plus, with a vision
     tower, vision_encoder and image_prefill_{T}, plus for each context bucket L its
-    ctx{L}_prefill_{T} (T <= L), ctx{L}_verify_{K} and ctx{L}_decode."""
+    ctx{L}_prefill_{T} (T <= L), ctx{L}_verify_{K} and ctx{L}_decode. With `embedded` (a vision
+    bundle: the module docstring) the text signatures take flagged embeddings, and embedder,
+    vision_encoder (pixels in [0, 1]) and vision_adapter replace vision_encoder and
+    image_prefill_{T}."""
     k = verify_length(cfg)
-    sigs = [build_signature(cfg, t, max_len, dtype, attention=attention, kv=kv) for t in prefill_lens if t > 1]
-    sigs.append(build_signature(cfg, 1, max_len, dtype, attention=attention, kv=kv))
+    kw = dict(attention=attention, kv=kv, embedded=embedded)
+    sigs = [build_signature(cfg, t, max_len, dtype, **kw) for t in prefill_lens if t > 1]
+    sigs.append(build_signature(cfg, 1, max_len, dtype, **kw))
     if k is not None:
-        sigs.append(build_signature(cfg, k, max_len, dtype, attention=attention, kv=kv, verify=True))
+        sigs.append(build_signature(cfg, k, max_len, dtype, verify=True, **kw))
     for span in buckets:
-        sigs += [build_signature(cfg, t, max_len, dtype, attention=attention, span=span, kv=kv)
+        sigs += [build_signature(cfg, t, max_len, dtype, span=span, **kw)
                  for t in [*(t for t in prefill_lens if t > 1), 1] if t <= span]
         if k is not None and k <= span:
-            sigs.append(build_signature(cfg, k, max_len, dtype, attention=attention, span=span, kv=kv, verify=True))
+            sigs.append(build_signature(cfg, k, max_len, dtype, span=span, verify=True, **kw))
+    if embedded:
+        return [*sigs, build_embedder_signature(cfg), *build_bundle_vision_signatures(cfg)]
     if cfg.vision is not None:
         sigs.append(build_vision_signature(cfg))
         sigs += [build_signature(cfg, t, max_len, dtype, image=True, attention=attention, kv=kv)

@@ -30,8 +30,9 @@ from contract.layout import Naming
 from contract.metadata import ArtifactMetadata, MetadataError
 from contract.signatures import (
     EMBEDDINGS, IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec,
-    parse_signature,
+    parse_signature, signature_name,
 )
+from contract.bundle import FEATURES, MM_EMBEDDINGS, TOKEN_IDS
 from contract.tflite import in_place_states, numpy_dtype, read_tflite
 from runtime_py.session import Session
 
@@ -66,7 +67,8 @@ class TFLiteBackend:
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
              rows: bool = False) -> np.ndarray:
         subgraph, inputs, outputs = self._io[name]
-        np.copyto(self._view(subgraph, inputs[TOKENS]), tokens)
+        if tokens is not None:  # None: a vision bundle's decoder (embeddings only)
+            np.copyto(self._view(subgraph, inputs[TOKENS]), tokens)
         np.copyto(self._view(subgraph, inputs[INPUT_POS]), input_pos)
         if embeddings is not None:
             np.copyto(self._view(subgraph, inputs[EMBEDDINGS]), embeddings)
@@ -160,7 +162,8 @@ class CompiledBackend:
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
              rows: bool = False) -> np.ndarray:
         own_in = self._io[name][3]
-        own_in[TOKENS].write(np.ascontiguousarray(tokens, np.int32))
+        if tokens is not None:  # None: a vision bundle's decoder (embeddings only)
+            own_in[TOKENS].write(np.ascontiguousarray(tokens, np.int32))
         own_in[INPUT_POS].write(np.ascontiguousarray(input_pos, np.int32))
         if embeddings is not None:
             own_in[EMBEDDINGS].write(np.ascontiguousarray(embeddings, np.float32))
@@ -173,6 +176,120 @@ class CompiledBackend:
         self._io[name][3][IMAGE].write(np.ascontiguousarray(image, np.float32))
         self._run(name)
         return self._read(name, SOFT_TOKENS)
+
+
+class EmbeddedBackend:
+    """A vision bundle's decoder (contract/bundle.py: prefill_{T}/decode over flagged embeddings,
+    no token ids) with its embedder, vision encoder and adapter, presented as the token-form
+    signatures the Session drives: prefill_{T}, decode (and any verify_{K}, ctx{L}_*),
+    image_prefill_{T} for every prefill length that holds an image, and vision_encoder
+    (preprocessed image in [-1, 1] -> soft tokens [1, N, E]). So runtime_py runs the same file,
+    the same graphs, that LiteRT-LM runs.
+
+    A call builds the decoder's input row by row as LiteRT-LM does: the embedder's row for a text
+    token, the adapter's soft-token rows (flag 1) at image positions, and the adapter's last row
+    for `<end_of_image>` (LiteRT-LM feeds that row after every image; runtime_py uses it for every
+    `<end_of_image>` token, so the two runtimes agree on quantized bundles too, whose embedder row
+    is the quantized table's)."""
+
+    def __init__(self, decoder, embedder, encoder, adapter, layout):
+        self._decoder, self._embedder, self._encoder, self._adapter = decoder, embedder, encoder, adapter
+        self._layout = layout
+        self._eoi = None
+        self._dim = None
+        self.signatures = {}
+        for name, spec in decoder.signatures.items():
+            flagged = spec.input(EMBEDDINGS)
+            self._dim = flagged.shape[-1] - 1
+            t = flagged.shape[1]
+            rest = tuple(x for x in spec.inputs if x.name != EMBEDDINGS)
+            self.signatures[name] = SignatureSpec(name, spec.length, (TensorSpec(TOKENS, (1, t), np.dtype(np.int32)),
+                                                                       *rest), spec.outputs, spec.states)
+            if spec.kind is SignatureKind.PREFILL and spec.span is None and t >= layout.tokens_per_image:
+                image = signature_name(SignatureKind.IMAGE_PREFILL, t)
+                embeds = TensorSpec(EMBEDDINGS, (1, t, self._dim), np.dtype(np.float32))
+                self.signatures[image] = SignatureSpec(image, t, (self.signatures[name].inputs[0], rest[0], embeds,
+                                                                  *rest[1:]), spec.outputs, spec.states)
+        s = layout.image_size
+        self.signatures["vision_encoder"] = SignatureSpec(
+            "vision_encoder", 0, (TensorSpec(IMAGE, (1, s, s, 3), np.dtype(np.float32)),),
+            (TensorSpec(SOFT_TOKENS, (1, layout.tokens_per_image, self._dim), np.dtype(np.float32)),))
+
+    def reset(self):
+        self._decoder.reset()
+
+    def states(self) -> dict[str, np.ndarray]:
+        return self._decoder.states()
+
+    def _adapt(self, unit_pixels: np.ndarray) -> np.ndarray:
+        """The adapter's rows [N + 1, E + 1] of an image in [0, 1]."""
+        features = self._encoder.run({IMAGE: unit_pixels})[FEATURES]
+        return self._adapter.run({FEATURES: features})[MM_EMBEDDINGS][0]
+
+    def _eoi_row(self) -> np.ndarray:
+        if self._eoi is None:  # the adapter's last row is a constant: run it once
+            features = self._encoder.output_spec(FEATURES)
+            self._eoi = self._adapter.run({FEATURES: np.zeros(*features)})[MM_EMBEDDINGS][0, -1].copy()
+        return self._eoi
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """image [1, S, S, 3] preprocessed to [-1, 1] (runtime_py/image.py) -> soft tokens [1, N, E]
+        (the encoder takes LiteRT-LM's [0, 1] pixels)."""
+        unit = (np.asarray(image, np.float32) + np.float32(1.0)) * np.float32(0.5)
+        return self._adapt(unit)[None, :self._layout.tokens_per_image, :self._dim]
+
+    def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
+             rows: bool = False) -> np.ndarray:
+        tokens = np.asarray(tokens).reshape(-1)
+        flagged = np.zeros((1, tokens.size, self._dim + 1), np.float32)
+        cache = {}
+        for i, t in enumerate(tokens.tolist()):
+            if embeddings is not None and t == self._layout.soft_token:
+                flagged[0, i, :self._dim] = embeddings[0, i]
+                flagged[0, i, self._dim] = 1.0
+            elif t == self._layout.eoi_token:
+                flagged[0, i] = self._eoi_row()
+            else:
+                if t not in cache:
+                    cache[t] = self._embedder.run({TOKEN_IDS: np.array([[t]], np.int32)})[EMBEDDINGS][0, 0].copy()
+                flagged[0, i] = cache[t]
+        kind, length = parse_signature(name)
+        if kind is SignatureKind.IMAGE_PREFILL:
+            name = signature_name(SignatureKind.PREFILL, length)
+        return self._decoder.call(name, None, input_pos, flagged, rows)
+
+
+class SectionModel:
+    """One TFLite model of a bundle section with one signature (embedder, encoder, adapter), run by
+    LiteRT's CompiledModel: `run({input: array}) -> {output: array}`."""
+
+    def __init__(self, data: bytes, num_threads: int | None):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        cpu = {} if num_threads is None else {"num_threads": int(num_threads)}
+        options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(**cpu))
+        self._data = data  # the buffer must outlive the model
+        self._model = CompiledModel.from_buffer(data, options=options)
+        listed = self._model.get_signature_list()
+        self.name = next(iter(listed))
+        self._inputs, self._outputs = listed[self.name]["inputs"], listed[self.name]["outputs"]
+        self._in = dict(zip(self._inputs, self._model.create_input_buffers(0)))
+        self._out = dict(zip(self._outputs, self._model.create_output_buffers(0)))
+        self._shapes = {n: (tuple(d["shape"]), np.dtype(d["dtype"]))
+                        for n, d in self._model.get_output_tensor_details(self.name).items()}
+
+    def output_spec(self, name: str) -> tuple[tuple, np.dtype]:
+        return self._shapes[name]
+
+    def run(self, feeds: dict) -> dict:
+        for n, value in feeds.items():
+            self._in[n].write(np.ascontiguousarray(value))
+        self._model.run_by_index(0, [self._in[n] for n in self._inputs], [self._out[n] for n in self._outputs])
+        return {n: self._out[n].read(int(np.prod(shape)), dtype).reshape(shape)
+                for n, (shape, dtype) in self._shapes.items()}
 
 
 # Artifacts from this size up get an XNNPACK weight cache file (smaller ones pack in milliseconds,
@@ -311,24 +428,42 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
     if metadata is None:
         raise MetadataError(f"{path} holds no gemma-edge metadata: runtime_py runs artifacts written by "
                             "python -m export")
-    tokenizer_model, data = None, None
+    tokenizer_model, data, bundle = None, None, None
     if path.suffix == ".litertlm":
         from contract.bundle import read_bundle
 
         bundle = read_bundle(path)
         data = bundle.read(bundle.tflite())
         tokenizer_model = bundle.tokenizer_bytes()
+        if not bundle.embedded:
+            bundle = None
     specs = signature_specs(flat, metadata)
     if api == "compiled":
         model, cache = _compiled_model(path, data, num_threads, weight_cache)
-        session = Session(CompiledBackend(model, specs, in_place_states(path) if in_place else None), metadata)
+        backend = CompiledBackend(model, specs, in_place_states(path) if in_place else None)
+        session = Session(_embedded(backend, bundle, metadata, num_threads), metadata)
         session.compiled_model, session.weight_cache = model, cache
     else:
         from ai_edge_litert.interpreter import Interpreter
 
         interpreter = (Interpreter(model_content=data, num_threads=num_threads) if data is not None
                        else Interpreter(model_path=str(path), num_threads=num_threads))
-        session = Session(TFLiteBackend(interpreter, specs), metadata)
+        session = Session(_embedded(TFLiteBackend(interpreter, specs), bundle, metadata, num_threads), metadata)
         session.interpreter = interpreter
     session.tokenizer_model = tokenizer_model
     return session
+
+
+def _embedded(decoder, bundle, metadata: ArtifactMetadata, num_threads: int | None):
+    """`decoder` itself, or for a vision bundle (`bundle` not None) the EmbeddedBackend over it and
+    the bundle's embedder, vision encoder and adapter sections."""
+    if bundle is None:
+        return decoder
+    from contract.bundle import EMBEDDER, VISION_ADAPTER, VISION_ENCODER
+
+    if metadata.image is None:
+        raise MetadataError(f"{bundle.path} has an embedder section but its metadata has no image layout; "
+                            "re-export the bundle")
+    embedder, encoder, adapter = (SectionModel(bundle.read(bundle.tflite(t)), num_threads)
+                                  for t in (EMBEDDER, VISION_ENCODER, VISION_ADAPTER))
+    return EmbeddedBackend(decoder, embedder, encoder, adapter, metadata.image)

@@ -42,36 +42,45 @@ class TFLiteTarget(Target):
                               kv=plan.options.kv_cache)
 
     def write(self, plan, weights, signatures, tmp: Path, timer):
-        from export.lowering.tflite.convert import convert
-        from export.lowering.tflite.streamed import fill, stray_holes
-        from export.quantize.sizes import is_quantized_weight
-        from export.quantize.tflite import encoder, layout
-
         metadata = plan.metadata(state_layout(plan.cfg, plan.max_len, kv=plan.options.kv_cache))
-        holes = [n for n, v in weights.stored.items() if is_quantized_weight(n, tuple(v.shape))]
-        skeleton = tmp.with_name(tmp.name + ".skeleton.tmp")
-        from models.fused import inlined
-
-        trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
-        try:
-            with timer.stage("convert"), trace:
-                convert(signatures, weights.stored, skeleton, compute=weights.compute, progress=timer.progress,
-                        metadata=metadata.to_json(), holes=holes)
-                stray = stray_holes(skeleton)
-                if stray:  # weights the converter folds (vision position table): give them to it
-                    holes = [n for n in holes if n not in set(stray)]
-                    convert(signatures, weights.stored, skeleton, compute=weights.compute, progress=timer.progress,
-                            metadata=metadata.to_json(), holes=holes)
-            with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
-                fill(skeleton, tmp, layout(plan.recipe, weights.blocks), encoder(weights.stored, weights.blocks),
-                     progress=timer.progress)
-        finally:
-            if skeleton.exists():
-                skeleton.unlink()
+        write_model(plan, weights, signatures, tmp, timer, metadata=metadata.to_json())
         return metadata, {}
 
     def describe(self, result) -> list[str]:
         return describe_tflite(result.path, result)
+
+
+def write_model(plan, weights, signatures, path: Path, timer, params: dict | None = None,
+                metadata: str | None = None) -> Path:
+    """Convert `signatures` into one .tflite at `path` over `params` (default: every stored weight;
+    a vision bundle's sections each pass their own), the matmul weights and the table stored as
+    the plan's recipe says; `metadata`: our metadata JSON, for the file runtime_py loads."""
+    from export.lowering.tflite.convert import convert
+    from export.lowering.tflite.streamed import fill, stray_holes
+    from export.quantize.sizes import is_quantized_weight
+    from export.quantize.tflite import encoder, layout
+    from models.fused import inlined
+
+    params = weights.stored if params is None else params
+    holes = [n for n, v in params.items() if is_quantized_weight(n, tuple(v.shape))]
+    skeleton = path.with_name(path.name + ".skeleton.tmp")
+    trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
+    try:
+        with timer.stage("convert"), trace:
+            convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
+                    metadata=metadata, holes=holes)
+            stray = stray_holes(skeleton)
+            if stray:  # weights the converter folds (vision position table): give them to it
+                holes = [n for n in holes if n not in set(stray)]
+                convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
+                        metadata=metadata, holes=holes)
+        with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
+            fill(skeleton, path, layout(plan.recipe, weights.blocks), encoder(weights.stored, weights.blocks),
+                 progress=timer.progress)
+    finally:
+        if skeleton.exists():
+            skeleton.unlink()
+    return path
 
 
 def describe_tflite(path: Path, result) -> list[str]:
@@ -83,12 +92,13 @@ def describe_tflite(path: Path, result) -> list[str]:
     for name, sig in report.signatures.items():
         ins = {n: list(s) for n, s, _ in sig["inputs"]}
         outs = {n: list(s) for n, s, _ in sig["outputs"]}
-        if TOKENS not in ins:  # the vision encoder
+        if INPUT_POS not in ins:  # the vision encoder
             lines.append(f"  signature {name}: " + ", ".join(f"{k}{v}" for k, v in ins.items()) + " -> "
                          + ", ".join(f"{k}{v}" for k, v in outs.items()))
             continue
+        tokens = f"tokens{ins.pop(TOKENS)} " if TOKENS in ins else ""  # none in a vision bundle's decoder
         embeds = f" embeddings{ins.pop(EMBEDDINGS)}" if EMBEDDINGS in ins else ""
-        lines.append(f"  signature {name}: tokens{ins.pop(TOKENS)} input_pos{ins.pop(INPUT_POS)}{embeds} "
+        lines.append(f"  signature {name}: {tokens}input_pos{ins.pop(INPUT_POS)}{embeds} "
                      f"+ {len(ins)} states -> logits{outs.pop(LOGITS)} + {len(outs)} states")
     decode = report.op_histogram.get("decode", {})
     top = ", ".join(f"{op} {n}" for op, n in decode.most_common(12))
