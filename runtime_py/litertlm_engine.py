@@ -5,6 +5,13 @@ bundled tokenizer (adding the start token from LlmMetadata), prefills in chunks 
 prefill_{T} signatures (right-padding the last one), decodes and detokenizes. verify/engine.py
 compares its greedy text with a reference's.
 
+Images (a vision bundle: contract/bundle.py): `generate(prompt, images, n)` runs LiteRT-LM's
+Conversation API, the only one of its Python APIs that takes images, with a template that renders
+the prompt text as it is (contract/bundle.RAW_TEMPLATE): each `<start_of_image>` of the text
+becomes an image item, in order. LiteRT-LM then decodes each file, resizes it to the encoder's size
+(stb's Catmull-Rom filter, not Pillow's bilinear: docs/litertlm.md), scales it to [0, 1] and
+splices the adapter's rows after "\n\n<start_of_image>".
+
 litert-lm-api is an optional dependency (the `litertlm` and `test` extras); `available()` says
 whether it is here.
 """
@@ -12,6 +19,9 @@ whether it is here.
 from __future__ import annotations
 
 from pathlib import Path
+
+from contract.bundle import RAW_TEMPLATE
+from contract.prompt import BOI_TEXT
 
 
 def available() -> bool:
@@ -27,7 +37,9 @@ class Engine:
     the model unless told otherwise; a check must not leave files in the user's output folder,
     so the cache goes to a temporary folder removed by close()."""
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, max_num_images: int = 0):
+        """`max_num_images`: images one conversation may hold (0: text only; a vision bundle then
+        runs without its vision models)."""
         import tempfile
 
         import litert_lm
@@ -35,8 +47,10 @@ class Engine:
         litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
         backend = litert_lm.Backend.CPU(thread_count=threads) if threads else litert_lm.Backend.CPU()
         self._lm = litert_lm
+        self.max_num_images = int(max_num_images)
         self._cache = tempfile.TemporaryDirectory(prefix="litertlm-cache-")
-        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=self._cache.name)
+        vision = dict(vision_backend=backend, max_num_images=self.max_num_images) if self.max_num_images else {}
+        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=self._cache.name, **vision)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
@@ -52,6 +66,48 @@ class Engine:
         finally:
             session.close()
 
+    def generate(self, prompt: str, images=(), max_new_tokens: int = 64) -> str:
+        """Greedy continuation of `prompt` (raw text, its template already applied, with one
+        `<start_of_image>` where each image goes; none: the images go first) with `images` (paths
+        of image files), as LiteRT-LM runs it; returns the generated text."""
+        content = image_content(prompt, images)
+        n = sum(item["type"] == "image" for item in content)
+        if n > self.max_num_images:
+            raise ValueError(f"{n} image(s) but this engine was loaded for {self.max_num_images}; "
+                             f"create it with Engine(path, max_num_images={n})")
+        lm = self._lm
+        conversation = self.engine.create_conversation(
+            sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0), max_output_tokens=max_new_tokens,
+            chat_template=RAW_TEMPLATE)
+        try:
+            reply = conversation.send_message({"role": "user", "content": content})
+        finally:
+            conversation.close()
+        return "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
+
     def close(self):
         self.engine.close()
         self._cache.cleanup()
+
+
+def image_content(prompt: str, images=()) -> list[dict]:
+    """LiteRT-LM message content for prompt text with `<start_of_image>` markers: text and image
+    items in order (an image item per marker; without markers the images lead). One-line
+    ValueError when the markers and the images disagree."""
+    images = [str(Path(p).resolve()) for p in images]
+    if images and BOI_TEXT not in prompt:
+        prompt = BOI_TEXT * len(images) + prompt
+    pieces = prompt.split(BOI_TEXT)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"the prompt has {len(pieces) - 1} {BOI_TEXT} marker(s) but {len(images)} image(s) were "
+                         f"given; put one {BOI_TEXT} where each image goes")
+    for p in images:
+        if not Path(p).is_file():
+            raise ValueError(f"image not found: {p}")
+    content = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image", "path": images[i - 1]})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content

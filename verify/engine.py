@@ -7,12 +7,20 @@ to exactly our ids, (2) generates greedily from those ids with the reference and
 LiteRT-LM's text with the detokenized reference tokens. Equal token streams give equal text; a
 different token changes it (SentencePiece decoding is deterministic; only control tokens decode
 to nothing, and the stop tokens end both streams).
+
+A vision bundle is also run with an image (`check_image`): a prompt whose image LiteRT-LM prefills
+in one chunk (`litert_lm_chunks`), an image file at the encoder's size (so no resize filter
+differs), LiteRT-LM's id sequence (text pieces as its Gemma 3 processor splits them, the
+adapter's rows) asserted equal to our expanded prompt, and its greedy text compared with the
+reference's on the same pixels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+from contract.prompt import BOI_TEXT, encode_with_images, expand_image_tokens, soft_runs
 from runtime_py.litertlm_engine import Engine
 
 
@@ -25,20 +33,35 @@ class EngineCheck:
     engine_text: str
     reference: str = "the JAX model"
     error: str | None = None  # LiteRT-LM refused to load or run the bundle
+    images: int = 0  # images in the prompt
+    image: EngineCheck | None = None  # a vision bundle's run with an image (`check_image`)
+    note: str | None = None  # why a vision bundle's image run was skipped
 
     @property
     def match(self) -> bool:
-        return self.error is None and self.tokenize_match and self.engine_text == self.reference_text
+        own = self.error is None and self.tokenize_match and self.engine_text == self.reference_text
+        return own and (self.image is None or self.image.match)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "match": self.match}
+        out = {**dataclasses.asdict(self), "match": self.match}
+        if self.image is not None:
+            out["image"] = self.image.as_dict()
+        return out
 
     def line(self) -> str:
+        text = self._own_line()
+        if self.image is not None:
+            text += f"; with {self.image.images} image: " + self.image._own_line().removeprefix("LiteRT-LM: ")
+        elif self.note:
+            text += f"; {self.note}"
+        return text
+
+    def _own_line(self) -> str:
         if self.error is not None:
             return f"LiteRT-LM could not run the bundle: {self.error} (its log above says why)"
         if not self.tokenize_match:
             return "LiteRT-LM tokenizes the prompt differently from the bundled tokenizer's ids"
-        verdict = "identical" if self.match else "DIFFERENT"
+        verdict = "identical" if self.engine_text == self.reference_text else "DIFFERENT"
         return (f"LiteRT-LM: greedy text {verdict} to {self.reference}'s ({self.prompt_tokens} prompt tokens, "
                 f"{self.reference_tokens} generated)")
 
@@ -60,6 +83,82 @@ def check_greedy(bundle, reference, tokenizer, prompt: str, steps: int, stop_tok
     generated = reference.generate(ids, steps, stop_tokens=stop_tokens)
     return EngineCheck(len(ids), tokenize_match, len(generated), tokenizer.decode(generated), engine_text,
                        reference_name)
+
+
+def litert_lm_chunks(lens: Sequence[int], n: int) -> list[int]:
+    """The chunk sizes LiteRT-LM 0.18.1's CPU executor prefills `n` tokens in over prefill lengths
+    `lens` (its greedy chunking: as many chunks of the longest length as fit, the rest cascading
+    to the shorter ones; the shortest takes what is left, padded)."""
+    out = []
+    lens = sorted(set(lens), reverse=True)
+    for i, length in enumerate(lens):
+        full = n // length
+        out += [length] * full
+        n -= full * length
+        if n and i == len(lens) - 1:
+            out.append(n)
+            n = 0
+    return out
+
+
+def litert_lm_ids(tokenizer, layout, prompt: str) -> list[int]:
+    """The ids LiteRT-LM's Gemma 3 processor prefills for prompt text with `<start_of_image>`
+    markers: the start token, the text up to each marker with "\n\n<start_of_image>" appended,
+    tokenized, then the image's rows (its soft tokens and the adapter's <end_of_image> row, shown
+    as those ids), then "\n\n" and the text that follows, tokenized."""
+    pieces = prompt.split(BOI_TEXT)
+    ids = [tokenizer.bos_id]
+    for i, piece in enumerate(pieces):
+        text = ("\n\n" if i else "") + piece + ("\n\n" + BOI_TEXT if i < len(pieces) - 1 else "")
+        ids += tokenizer.encode(text, add_bos=False) if text else []
+        if i < len(pieces) - 1:
+            ids += [layout.soft_token] * layout.tokens_per_image + [layout.eoi_token]
+    return ids
+
+
+def image_prompt(tokenizer, layout, lens: Sequence[int], max_tokens: int) -> str | None:
+    """Prompt text with one image whose expanded ids (at most `max_tokens`) LiteRT-LM prefills
+    without splitting the image across chunks (`litert_lm_chunks`); the longest such prompt of a
+    plain sentence, None when there is none (prefill lengths too short for an image and text)."""
+    words = "There once was a brave horse who liked to run over the hill to see the river.".split()
+    for k in range(len(words), -1, -1):
+        text = f"the {BOI_TEXT}" + "".join(" " + w for w in words[:k])
+        ids = expand_image_tokens(layout, encode_with_images(tokenizer, text, layout))
+        if len(ids) > max_tokens:
+            continue
+        bounds, at = [], 0
+        for size in litert_lm_chunks(lens, len(ids)):
+            at += size
+            bounds.append(at)
+        if not any(s < b < e for s, e in soft_runs(layout, ids) for b in bounds):
+            return text
+    return None
+
+
+def check_image(engine: Engine, reference, tokenizer, layout, prompt: str, image_path, pixels, steps: int,
+                stop_tokens, reference_name: str = "the JAX model") -> EngineCheck:
+    """Greedy `steps` tokens after `prompt` (one `<start_of_image>`) with the image at
+    `image_path` in LiteRT-LM, and with `pixels` (the same image, preprocessed) in `reference`.
+    `engine` must have been created with max_num_images >= 1."""
+    ids = encode_with_images(tokenizer, prompt, layout)
+    tokenize_match = litert_lm_ids(tokenizer, layout, prompt) == expand_image_tokens(layout, ids) and all(
+        engine.tokenize(piece) == tokenizer.encode(piece, add_bos=False) for piece in prompt.split(BOI_TEXT) if piece)
+    engine_text = engine.generate(prompt, [image_path], steps)
+    generated = reference.generate(ids, steps, stop_tokens=stop_tokens, images=[pixels])
+    return EngineCheck(len(expand_image_tokens(layout, ids)), tokenize_match, len(generated), tokenizer.decode(generated),
+                       engine_text, reference_name, images=1)
+
+
+def gate_image(size: int, seed: int = 0):
+    """A deterministic RGB image of `size` x `size` (uint8 [S, S, 3]): smooth colour ramps and a
+    disc, with a little noise, so the image matters to the model and needs no resizing."""
+    import numpy as np
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.08).astype(np.float32)
+    noise = np.random.default_rng(seed).normal(0, 0.05, (size, size, 3)).astype(np.float32)
+    rgb = np.stack([x, y * (1 - disc) + disc, 0.5 * (1 - x) + 0.5 * disc], axis=-1) + noise
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
 def window_crossing_prompt(tokenizer, min_tokens: int, max_tokens: int) -> str:

@@ -198,8 +198,44 @@ def litert_lm_check(bundle: Path, reference, cfg: ModelConfig, tokenizer: Path, 
     target = min(cfg.sliding_window + lens[0] // 2 + 1, max_len - n - 1)
     prompt = window_crossing_prompt(tok, target, max_len - n - 1)
     stops = cfg.tokens.stop_ids() if cfg.instruction_tuned else (cfg.tokens.eos,)
+    from contract.bundle import read_bundle
+
+    vision = cfg.vision is not None and read_bundle(bundle).embedded
     with stage("LiteRT-LM"):
+        engine = None
         try:
-            return check_greedy(bundle, reference, tok, prompt, n, stops, reference_name=reference_name)
+            engine = litertlm_engine.Engine(bundle, max_num_images=1 if vision else 0)
+            check = check_greedy(bundle, reference, tok, prompt, n, stops, reference_name=reference_name,
+                                 engine=engine)
+            if vision:
+                _image_check(check, engine, reference, tok, cfg, lens, max_len, n, stops, reference_name)
+            return check
         except RuntimeError as e:  # the engine's own log above says why
             return EngineCheck(len(tok.encode(prompt)), False, 0, "", "", reference_name, error=str(e))
+        finally:
+            if engine is not None:
+                engine.close()
+
+
+def _image_check(check: EngineCheck, engine, reference, tok, cfg: ModelConfig, lens, max_len: int, n: int, stops,
+                 reference_name: str):
+    """A vision bundle's run with an image (verify/engine.check_image), attached to `check`."""
+    import tempfile
+
+    from PIL import Image
+
+    from contract.metadata import ImageLayout
+    from runtime_py.image import preprocess
+    from verify.engine import check_image, gate_image, image_prompt
+
+    layout = ImageLayout.of(cfg.vision)
+    prompt = image_prompt(tok, layout, lens, max_len - n - 1)
+    if prompt is None:
+        check.note = (f"no image run: no prompt with an image fits one LiteRT-LM prefill chunk (prefill lengths "
+                      f"{list(lens)}, an image takes {layout.image_length} positions)")
+        return
+    with tempfile.TemporaryDirectory(prefix="gate-image-") as folder:
+        path = f"{folder}/image.png"
+        Image.fromarray(gate_image(layout.image_size)).save(path)
+        check.image = check_image(engine, reference, tok, layout, prompt, path, preprocess(path, layout.image_size),
+                                  n, stops, reference_name)
