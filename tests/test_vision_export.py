@@ -194,16 +194,22 @@ def test_runtime_cli_generates_from_an_image_file(artifacts, model, tokenizer_25
     assert "not an image" in capsys.readouterr().err
 
 
-def test_litertlm_bundle_of_a_vision_model_runs_text_in_litert_lm(tmp_path, tokenizer_256):
-    """The bundle holds the image signatures too; LiteRT-LM (which claims `prefill*` signatures)
-    still runs its text, and the export's engine check passes."""
-    rc = export_main(["--model", "gemma3-vision-tiny", "--random-init", "0", "--target", "litertlm",
-                      "--tokenizer", str(tokenizer_256), "--out", str(tmp_path), "--max-seq-len", "64",
-                      "--prefill-lens", "8,16", "--verify-steps", "8"])
+def test_litertlm_bundle_of_a_vision_model_runs_in_litert_lm(tmp_path, tokenizer_vision, tokenizer_256, capsys):
+    """The bundle of a model with vision runs in LiteRT-LM with images (tests/test_litertlm_vision.py):
+    the export's engine check runs text and an image prompt that LiteRT-LM prefills without
+    splitting the image (prefill lengths 8 and 16 here), and runtime_py runs the same file with
+    the image signatures. A tokenizer without the image pieces is refused."""
+    common = ["--model", "gemma3-vision-tiny", "--random-init", "0", "--target", "litertlm", "--out", str(tmp_path),
+              "--max-seq-len", "64", "--prefill-lens", "8,16", "--verify-steps", "8"]
+    rc = export_main([*common, "--tokenizer", str(tokenizer_vision)])
     assert rc == 0
     report = json.loads((tmp_path / "gemma3-vision-tiny_f32_ctx64.parity.json").read_text())
     assert report["passed"] and report["litert_lm"]["match"] and len(report["encoder"]) == 2
+    assert report["litert_lm"]["image"]["match"] and report["litert_lm"]["image"]["images"] == 1
     assert "vision_encoder" in load(tmp_path / "gemma3-vision-tiny_f32_ctx64.litertlm").signatures
+    capsys.readouterr()
+    assert export_main([*common, "--tokenizer", str(tokenizer_256)]) == 2
+    assert "image layout needs" in capsys.readouterr().err
 
 
 def test_pad_for_blocks_is_exact(model):
