@@ -92,10 +92,10 @@ class LitertlmTarget(TFLiteTarget):
     def describe(self, result) -> list[str]:
         lines = self._describe(result)
         bundle_models = [s for s in result.signatures if s.name in _SECTION_OF]
-        for sig in bundle_models:  # a vision bundle's other models
+        for i, sig in enumerate(bundle_models):  # a vision bundle's other models
             ins = ", ".join(f"{t.name}{list(t.shape)}" for t in sig.inputs)
             outs = ", ".join(f"{t.name}{list(t.shape)}" for t in sig.outputs)
-            lines.insert(3, f"  section {_SECTION_OF[sig.name]}: {sig.name}({ins}) -> {outs}")
+            lines.insert(3 + i, f"  section {_SECTION_OF[sig.name]}: {sig.name}({ins}) -> {outs}")
         return lines
 
     def _describe(self, result) -> list[str]:
