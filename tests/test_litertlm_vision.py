@@ -169,3 +169,18 @@ def test_gate_image_prompt_keeps_the_image_in_one_chunk(model, tokenizer_vision)
         text = image_prompt(tok, layout, lens, 50)
         assert text is not None and "<start_of_image>" in text
     assert image_prompt(tok, layout, [4], 50) is None  # every chunk is shorter than the image
+
+
+def test_runtime_cli_engine_litertlm(bundles, images, capsys):
+    """python -m runtime_py generate --engine litertlm prints what runtime_py prints for the same
+    bundle, prompt and image; --pan-and-scan is refused there (LiteRT-LM takes one view per image)."""
+    from runtime_py.__main__ import main as runtime_main
+
+    args = ["generate", "--artifact", str(bundles["f32"]), "--prompt", "the <start_of_image> what is the",
+            "--image", str(images[0]), "--max-new-tokens", str(STEPS), "--raw"]
+    assert runtime_main(args) == 0
+    ours = capsys.readouterr().out
+    assert runtime_main([*args, "--engine", "litertlm"]) == 0
+    assert capsys.readouterr().out == ours
+    assert runtime_main([*args, "--engine", "litertlm", "--pan-and-scan"]) == 2
+    assert "drop --pan-and-scan" in capsys.readouterr().err
