@@ -37,9 +37,10 @@ class Engine:
     the model unless told otherwise; a check must not leave files in the user's output folder,
     so the cache goes to a temporary folder removed by close()."""
 
-    def __init__(self, path, threads: int | None = None, max_num_images: int = 0):
+    def __init__(self, path, threads: int | None = None, max_num_images: int = 0, benchmark: bool = False):
         """`max_num_images`: images one conversation may hold (0: text only; a vision bundle then
-        runs without its vision models)."""
+        runs without its vision models). `benchmark`: LiteRT-LM times its prefill and decode
+        (`generate(..., timings=)` returns them)."""
         import tempfile
 
         import litert_lm
@@ -50,7 +51,9 @@ class Engine:
         self.max_num_images = int(max_num_images)
         self._cache = tempfile.TemporaryDirectory(prefix="litertlm-cache-")
         vision = dict(vision_backend=backend, max_num_images=self.max_num_images) if self.max_num_images else {}
-        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=self._cache.name, **vision)
+        extra = dict(enable_benchmark=True) if benchmark else {}
+        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=self._cache.name, **vision,
+                                       **extra)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
@@ -66,10 +69,11 @@ class Engine:
         finally:
             session.close()
 
-    def generate(self, prompt: str, images=(), max_new_tokens: int = 64) -> str:
+    def generate(self, prompt: str, images=(), max_new_tokens: int = 64, timings: dict | None = None) -> str:
         """Greedy continuation of `prompt` (raw text, its template already applied, with one
         `<start_of_image>` where each image goes; none: the images go first) with `images` (paths
-        of image files), as LiteRT-LM runs it; returns the generated text."""
+        of image files), as LiteRT-LM runs it; returns the generated text. `timings` (an engine
+        made with benchmark=True) gets LiteRT-LM's own BenchmarkInfo fields."""
         content = image_content(prompt, images)
         n = sum(item["type"] == "image" for item in content)
         if n > self.max_num_images:
@@ -81,6 +85,8 @@ class Engine:
             chat_template=RAW_TEMPLATE)
         try:
             reply = conversation.send_message({"role": "user", "content": content})
+            if timings is not None:
+                timings.update(vars(conversation.get_benchmark_info()))
         finally:
             conversation.close()
         return "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
