@@ -4,24 +4,16 @@ decoding, resizing and the expansion of each `<start_of_image>` into the image's
 generator. `python -m runtime_py generate --engine genai` and the tests use it to show the same
 answer from onnxruntime-genai as from runtime_py.
 
-onnxruntime-genai is an optional dependency (the `test` extra has it); `available()` says whether
-it is here. Its tokenizer adds no BOS: prompts get `<bos>` in front unless they start with it.
+onnxruntime-genai is an optional dependency (the `genai` and `test` extras). Its tokenizer adds no BOS: prompts get `<bos>` in front unless they start with it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-
-def available() -> bool:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Engine:
@@ -35,27 +27,20 @@ class Engine:
             raise ValueError(f"{folder} is not an onnxruntime-genai folder (no genai_config.json): pass the folder "
                              "python -m export --target onnx wrote")
         self._og = og
+        self._config = json.loads((folder / "genai_config.json").read_text())
         config = og.Config(str(folder))
         if threads:  # every graph's session options (decoder, embedding, vision)
-            import json
-
             options = {"session_options": {"intra_op_num_threads": int(threads)}}
             config.overlay(json.dumps({"model": {k: options for k in ("decoder", "embedding", "vision")
-                                                 if k in self._sections(folder)}}))
+                                                 if k in self._config["model"]}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.folder = folder
         self._processor = None
 
-    @staticmethod
-    def _sections(folder: Path) -> dict:
-        import json
-
-        return json.loads((folder / "genai_config.json").read_text())["model"]
-
     @property
     def multimodal(self) -> bool:
-        return "vision" in self._sections(self.folder)
+        return "vision" in self._config["model"]
 
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -85,10 +70,7 @@ class Engine:
         og = self._og
         inputs, prompt = self._inputs(prompt, images)
         params = og.GeneratorParams(self.model)
-        import json
-
-        max_len = json.loads((self.folder / "genai_config.json").read_text())["search"]["max_length"]
-        params.set_search_options(do_sample=False, max_length=max_len)
+        params.set_search_options(do_sample=False, max_length=self._config["search"]["max_length"])
         generator = og.Generator(self.model, params)
         if inputs is not None:
             generator.set_inputs(inputs)

@@ -190,6 +190,20 @@ def tokenizer_vision(tokenizer_256, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def vision_tiny():
+    """gemma3-vision-tiny with random weights, seed 40: its greedy text after the tests' prompts
+    varies and depends on the images (most random tiny models repeat one or two tokens whatever
+    they see; seeds 0-39 do). (cfg, params)."""
+    from models import get_config, init_params
+    from models.vision import init_vision_params
+
+    cfg = get_config("gemma3-vision-tiny")
+    params = init_params(cfg, 40)
+    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 40))
+    return cfg, params
+
+
 def randomize_vlm(model):
     """Give a Gemma3ForConditionalGeneration non-trivial random weights in place: SigLIP LayerNorm
     gains around 1, their biases and Gemma RMSNorm (1 + w) scales around 0, matrices ~ N(0, 1/fan_in),

@@ -18,9 +18,7 @@ from contract.prompt import encode_with_images, expand_image_tokens  # noqa: E40
 from contract.tokenizer import Tokenizer  # noqa: E402
 from export.driver import export  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
-from models import get_config, init_params  # noqa: E402
 from models.generate import generate  # noqa: E402
-from models.vision import init_vision_params  # noqa: E402
 from runtime_py import load  # noqa: E402
 from runtime_py.image import preprocess  # noqa: E402
 from runtime_py.litertlm_engine import Engine, image_content  # noqa: E402
@@ -30,11 +28,8 @@ MAX_LEN, STEPS = 64, 12
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = get_config("gemma3-vision-tiny")
-    params = init_params(cfg, 40)
-    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 40))
-    return cfg, params
+def model(vision_tiny):
+    return vision_tiny
 
 
 @pytest.fixture(scope="module")

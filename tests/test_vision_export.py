@@ -18,7 +18,6 @@ from export.driver import export
 from export.options import ExportOptions
 from models import get_config, init_params
 from models.generate import generate
-from models.vision import init_vision_params
 from runtime_py import load
 from runtime_py.__main__ import main as runtime_main
 from verify import gate_for, parity, reference_session
@@ -27,13 +26,8 @@ MAX_LEN, LENS = 64, [8, 16]
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = get_config("gemma3-vision-tiny")
-    # seed 40: greedy text after the test prompt varies and depends on the images (most random tiny
-    # models repeat one or two tokens whatever they see; seeds 0-39 do)
-    params = init_params(cfg, 40)
-    params.update(init_vision_params(cfg.vision, cfg.embed_dim, 40))
-    return cfg, params
+def model(vision_tiny):
+    return vision_tiny
 
 
 @pytest.fixture(scope="module")
