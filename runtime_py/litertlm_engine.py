@@ -35,9 +35,13 @@ def available() -> bool:
 class Engine:
     """A loaded bundle in LiteRT-LM (CPU backend). LiteRT-LM writes an XNNPACK weight cache beside
     the model unless told otherwise; a check must not leave files in the user's output folder,
-    so the cache goes to a temporary folder removed by close()."""
+    so by default the cache goes to a temporary folder removed by close(). `cache_dir` keeps it
+    in a folder of the caller's choosing instead, as an app does: a later Engine on the same
+    file then skips repacking the weights (the first image prompt of a fresh cache pays for
+    packing the vision encoder's)."""
 
-    def __init__(self, path, threads: int | None = None, max_num_images: int = 0, benchmark: bool = False):
+    def __init__(self, path, threads: int | None = None, max_num_images: int = 0, benchmark: bool = False,
+                 cache_dir=None):
         """`max_num_images`: images one conversation may hold (0: text only; a vision bundle then
         runs without its vision models). `benchmark`: LiteRT-LM times its prefill and decode
         (`generate(..., timings=)` returns them)."""
@@ -49,10 +53,12 @@ class Engine:
         backend = litert_lm.Backend.CPU(thread_count=threads) if threads else litert_lm.Backend.CPU()
         self._lm = litert_lm
         self.max_num_images = int(max_num_images)
-        self._cache = tempfile.TemporaryDirectory(prefix="litertlm-cache-")
+        self._cache = None if cache_dir else tempfile.TemporaryDirectory(prefix="litertlm-cache-")
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
         vision = dict(vision_backend=backend, max_num_images=self.max_num_images) if self.max_num_images else {}
         extra = dict(enable_benchmark=True) if benchmark else {}
-        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=self._cache.name, **vision,
+        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=str(cache_dir or self._cache.name), **vision,
                                        **extra)
 
     def tokenize(self, text: str) -> list[int]:
@@ -69,11 +75,14 @@ class Engine:
         finally:
             session.close()
 
-    def generate(self, prompt: str, images=(), max_new_tokens: int = 64, timings: dict | None = None) -> str:
+    def generate(self, prompt: str, images=(), max_new_tokens: int = 64, timings: dict | None = None,
+                 on_token=None) -> str:
         """Greedy continuation of `prompt` (raw text, its template already applied, with one
         `<start_of_image>` where each image goes; none: the images go first) with `images` (paths
         of image files), as LiteRT-LM runs it; returns the generated text. `timings` (an engine
-        made with benchmark=True) gets LiteRT-LM's own BenchmarkInfo fields."""
+        made with benchmark=True) gets LiteRT-LM's own BenchmarkInfo fields. `on_token()` is
+        called as each streamed piece of text arrives (the reply is then streamed, so the first
+        call marks the time to the first token; benchmarks time it)."""
         content = image_content(prompt, images)
         n = sum(item["type"] == "image" for item in content)
         if n > self.max_num_images:
@@ -83,17 +92,26 @@ class Engine:
         conversation = self.engine.create_conversation(
             sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0), max_output_tokens=max_new_tokens,
             chat_template=RAW_TEMPLATE)
+        message = {"role": "user", "content": content}
         try:
-            reply = conversation.send_message({"role": "user", "content": content})
+            if on_token is None:
+                replies = [conversation.send_message(message)]
+            else:
+                replies = []
+                for reply in conversation.send_message_async(message):
+                    on_token()
+                    replies.append(reply)
             if timings is not None:
                 timings.update(vars(conversation.get_benchmark_info()))
         finally:
             conversation.close()
-        return "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
+        return "".join(item.get("text", "") for reply in replies for item in reply["content"]
+                       if item.get("type", "text") == "text")
 
     def close(self):
         self.engine.close()
-        self._cache.cleanup()
+        if self._cache is not None:
+            self._cache.cleanup()
 
 
 def image_content(prompt: str, images=()) -> list[dict]:

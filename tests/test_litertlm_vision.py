@@ -144,6 +144,28 @@ def test_quantized_bundle_matches_runtime_py(bundles, model, tokenizer_vision, i
         e.close()
 
 
+def test_streamed_reply_and_kept_weight_cache(bundles, tokenizer_vision, images, tmp_path):
+    """generate(on_token=) streams the same text piece by piece; cache_dir keeps LiteRT-LM's XNNPACK
+    weight caches (decoder, encoder, adapter) after close(), and a second engine on them agrees."""
+    text = "the <start_of_image> what is the"
+    cache = tmp_path / "cache"
+    e = Engine(bundles["int8"], max_num_images=1, cache_dir=cache)
+    try:
+        want = e.generate(text, images[:1], STEPS)
+        pieces = []
+        assert e.generate(text, images[:1], STEPS, on_token=lambda: pieces.append(1)) == want
+        assert 1 < len(pieces) <= STEPS
+    finally:
+        e.close()
+    kept = {p.name.rsplit(".", 2)[-2] for p in cache.iterdir() if p.name.endswith(".xnnpack_cache")}
+    assert {"vision_encoder", "vision_adapter"} <= kept and len(kept) >= 3, kept
+    e = Engine(bundles["int8"], max_num_images=1, cache_dir=cache)
+    try:
+        assert e.generate(text, images[:1], STEPS) == want
+    finally:
+        e.close()
+
+
 def test_image_content_and_chunks(images):
     a, b = (str(p) for p in images[:2])
     assert image_content("x <start_of_image> y", [a]) == [
