@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow a --max-seq-len beyond the model's trained context (Gemma 2: 8192; Gemma 3: 32768 "
                          "for 1B, 131072 for 4B and up); RecurrentGemma takes any length without it")
     ap.add_argument("--kv-cache", choices=["f32", "int8"], default="f32",
-                    help="KV cache storage (TFLite, .litertlm): int8 stores each cached row with one float32 scale "
-                         "per row and head (4x smaller caches, quantized on write inside the graph); the parity gate "
-                         "then measures it against the f32-cache model (docs/long_context.md)")
+                    help="KV cache storage: int8 stores each cached row with one float32 scale per row and head "
+                         "(4x smaller caches, quantized on write inside the graph); the parity gate then measures it "
+                         "against the f32-cache model (docs/long_context.md). TFLite, .litertlm, and ONNX with "
+                         "--onnx-ops standard (a folder runtime_py runs; onnxruntime-genai cannot)")
     ap.add_argument("--context-buckets", default=None, metavar="L1,L2|none",
                     help="TFLite: extra ctx{L}_prefill_T / ctx{L}_decode signatures whose global layers attend over "
                          "the first L cache rows only, so decode and prefill cost follows the context in use; "

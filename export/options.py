@@ -69,10 +69,6 @@ class ExportOptions:
 
         if self.kv_cache not in KV_DTYPES:
             raise ValueError(f"unknown --kv-cache '{self.kv_cache}'; choose {', '.join(KV_DTYPES)}")
-        if self.kv_cache != "f32" and target == "onnx":
-            raise ValueError("--kv-cache int8 is TFLite's: ONNX Runtime's GroupQueryAttention keeps its CPU cache in the "
-                             "activation type (its quantized-cache options are CUDA's, with fixed scales); export "
-                             "--target tflite or litertlm, or drop --kv-cache")
         if self.verify_long:
             if self.verify_long < 2:
                 raise ValueError(f"--verify-long {self.verify_long} is too short; pass a prompt length past the "

@@ -51,8 +51,6 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     int8 = "k_scale" in cache  # int8 KV caches (models.cache.quantize_kv): codes and scales travel together
     cache_k = (cache["k"], cache["k_scale"]) if int8 else cache["k"]
     cache_v = (cache["v"], cache["v_scale"]) if int8 else cache["v"]
-    if int8 and AttentionForm(attention) is not AttentionForm.SDPA:
-        raise ValueError("int8 KV caches are traced in the SDPA form (the TFLite export) only")
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
                                        cache_k, cache_v, start, num_valid, blocks=blocks, form=attention,
@@ -137,11 +135,20 @@ def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale
     k_blocks = None if blocks is None else jnp.concatenate(
         [jnp.zeros((blocks.shape[0], old_k.shape[2]), blocks.dtype), blocks], axis=1)
     mask = attention_mask(positions, k_pos, int(window), blocks, k_blocks)
-    if int8:
-        if not is_static(t):
-            raise NotImplementedError("int8 KV caches need static chunk lengths (the TFLite export)")
+    if int8 and is_static(t):
         ring = lambda cache, chunk, s: write_ring(cache, chunk, s, num_valid)  # noqa: E731
         ck, cv = _write_int8(ring, ring_k, k, start), _write_int8(ring, ring_v, v, start)
+    elif int8:
+        # one graph for every length (ONNX): as below, the new ring is read out of the old one and
+        # the chunk (codes and scales alike: old rows keep their codes, only the chunk is quantized)
+        rows = ring_k[0].shape[2]
+
+        def new_ring(old: tuple, chunk):
+            window = [jnp.concatenate([o.transpose(0, 2, 1, 3), c], axis=1)  # [B, R + T, K, X]
+                      for o, c in zip(old, quantize_kv(chunk))]  # per row and head: any axis order
+            return tuple(ring_from_window(w, start, num_valid, rows).transpose(0, 2, 1, 3) for w in window)
+
+        ck, cv = new_ring(ring_k, k), new_ring(ring_v, v)
     elif is_static(t):
         ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
         cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)

@@ -297,7 +297,7 @@ INPUT_IDS, ATTENTION_MASK, INPUTS_EMBEDS = "input_ids", "attention_mask", "input
 
 
 def decoder_signature(cfg: ModelConfig, max_len: int, dtype=jnp.float32, image: bool = False,
-                      attention: AttentionForm = AttentionForm.CACHE_OWNING) -> Signature:
+                      attention: AttentionForm = AttentionForm.CACHE_OWNING, kv: str = "f32") -> Signature:
     """One function for every chunk length (ONNX graphs have symbolic dimensions):
 
       (input_ids int32[1, T], attention_mask int32[1, start + T], *past) -> (logits f32[1, 1, V], *present)
@@ -308,8 +308,9 @@ def decoder_signature(cfg: ModelConfig, max_len: int, dtype=jnp.float32, image: 
     attention_mask covers the past and the chunk (all ones: batch 1, no padding), so the chunk
     starts at position sum(attention_mask) - T. States are the layout's (window-sized rings for
     local layers), named past_* in and present_* out. Logits are those of the chunk's last token.
+    `kv` "int8": int8 KV caches, each with its scales as a state of its own (models.cache.quantize_kv).
     """
-    layout = state_layout(cfg, max_len, dtype)
+    layout = state_layout(cfg, max_len, dtype, kv=kv)
     past, present = _specs(layout, Naming.ONNX_PAST), _specs(layout, Naming.ONNX_PRESENT)
     embeds = (TensorSpec(INPUTS_EMBEDS, (1, SEQ, cfg.embed_dim), np.dtype(np.float32)),) if image else ()
     inputs = (TensorSpec(INPUT_IDS, (1, SEQ), np.dtype(np.int32)), *embeds,

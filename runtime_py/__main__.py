@@ -93,7 +93,8 @@ def cmd_generate_engine(args) -> int:
     else:
         if not (path / "genai_config.json").exists():
             raise ValueError(f"--engine genai runs onnxruntime-genai folders; {path} has no genai_config.json "
-                             "(python -m export --target onnx writes them)")
+                             "(python -m export --target onnx writes them, except with --kv-cache int8, which "
+                             "onnxruntime-genai cannot run: drop --engine)")
         from contract.onnx import read_metadata
 
         meta, bundled = read_metadata(path), (path / "tokenizer.model").read_bytes() \

@@ -25,7 +25,8 @@ class Engine:
         folder = Path(folder)
         if not (folder / "genai_config.json").exists():
             raise ValueError(f"{folder} is not an onnxruntime-genai folder (no genai_config.json): pass the folder "
-                             "python -m export --target onnx wrote")
+                             "python -m export --target onnx wrote (an export with --kv-cache int8 has none: "
+                             "onnxruntime-genai cannot feed its int8 caches; run it with runtime_py)")
         self._og = og
         self._config = json.loads((folder / "genai_config.json").read_text())
         config = og.Config(str(folder))

@@ -301,9 +301,65 @@ def test_int8_kv_cache_is_4x_smaller_and_updated_in_place(tmp_path):
 
 
 def test_int8_kv_cache_bad_input_is_one_line(tmp_path, capsys):
+    """GroupQueryAttention (the ONNX default op set) has no int8 CPU cache: refused, naming the fix."""
     model = TINY["gemma3"]
     assert export_main(_args(model, tmp_path, "onnx", "--kv-cache", "int8")) == 2
-    assert "--kv-cache int8 is TFLite's" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-cache int8 needs --onnx-ops standard" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fixture", ["gemma3-tiny-trained", "recurrentgemma-tiny-trained"])
+def test_int8_kv_cache_on_onnx_standard_ops(tmp_path, fixture, capsys):
+    """--onnx-ops standard --kv-cache int8: codes and scales are states of the ONNX graph's own
+    attention; the folder meets the int8 KV gate against the f32-cache model, runs in runtime_py,
+    and has no genai_config.json (onnxruntime-genai cannot feed int8 caches: refused in one line).
+    Without recurrent layers (whose f32 rounding differs from JAX's in the last bits and can flip
+    a code), runtime_py's logits equal the JAX model's with int8 caches, chunked prefill past the
+    window and decode included."""
+    from pathlib import Path
+
+    import jax
+
+    from models import load_checkpoint
+    from models.cache import init_cache
+    from models.model import forward
+    from runtime_py.genai_engine import Engine as GenaiEngine
+    from verify.gates import KV_INT8
+
+    trained = Path(__file__).parent / "fixtures" / fixture
+    assert export_main(["--checkpoint", str(trained), "--target", "onnx", "--onnx-ops", "standard", "--out",
+                        str(tmp_path), "--kv-cache", "int8", "--verify-steps", "40"]) == 0
+    (folder,) = tmp_path.glob("*_kv8_*_standard_onnx")
+    report = json.loads((folder / "parity.json").read_text())
+    assert report["passed"] and report["gate"]["kv_cache"] == "int8"
+    assert 0 < report["mean_rel_rms"] <= KV_INT8.mean_rel_rms
+    assert not (folder / "genai_config.json").exists()
+    assert "no genai_config.json: onnxruntime-genai cannot run an int8 KV cache" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--kv-cache int8 has none"):
+        GenaiEngine(folder)
+    session = load(folder)
+    attention = [s for s in session.metadata.states if s.kind.value in ("k", "v")]
+    assert attention and all(s.dtype == np.int8 for s in attention)
+    if fixture.startswith("recurrentgemma"):
+        return
+    cfg, params = load_checkpoint(trained)
+    step = jax.jit(forward, static_argnums=(1,))
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, 3 * cfg.window_span + 5).astype(np.int32)
+    cache, done = init_cache(cfg, 1, session.max_len, kv="int8"), 0
+    for take in (40, 1, len(tokens) - 41):  # chunks of several lengths, the last one wrapping the rings
+        got = session.prefill(tokens[done:done + take])
+        logits, cache = step(params, cfg, jnp.asarray(tokens[None, done:done + take]), jnp.array([done], jnp.int32),
+                             cache, jnp.array([take], jnp.int32))
+        np.testing.assert_allclose(got, np.asarray(logits[0, -1]), rtol=0, atol=1e-4 * np.abs(got).max())
+        done += take
+    for _ in range(24):
+        token = int(np.argmax(got))
+        got = session.decode(token)
+        logits, cache = step(params, cfg, jnp.array([[token]], jnp.int32), jnp.array([done], jnp.int32), cache,
+                             jnp.array([1], jnp.int32))
+        np.testing.assert_allclose(got, np.asarray(logits[0, -1]), rtol=0, atol=1e-4 * np.abs(got).max())
+        done += 1
 
 
 def test_streamed_gate_checks_buckets_and_full_length(bucketed, tmp_path):
@@ -342,3 +398,17 @@ def test_rope_angles_agree_with_jax_far_into_the_context(tmp_path):
         a, r = artifact.decode(token), reference.decode(token)
         worst = max(worst, float(np.sqrt(np.mean((a - r) ** 2) / np.mean(r ** 2))))
     assert worst < 1e-5
+
+
+def test_int8_kv_cache_on_onnx_with_images(tmp_path):
+    """A Gemma 3 model with vision on ONNX (standard op set by itself) with int8 KV caches: the
+    image prefill graph writes the same int8 states, and the gate's image prompt passes."""
+    from verify.gates import KV_INT8
+
+    assert export_main(["--model", "gemma3-vision-tiny", "--random-init", "0", "--target", "onnx", "--kv-cache", "int8",
+                        "--out", str(tmp_path), "--max-seq-len", "128", "--verify-steps", "16"]) == 0
+    (folder,) = tmp_path.glob("*_kv8_*_onnx")
+    report = json.loads((folder / "parity.json").read_text())
+    assert report["passed"] and report["mean_rel_rms"] <= KV_INT8.mean_rel_rms
+    assert any(s["signature"].startswith("image_prefill") for s in report["steps"]) and report["encoder"]
+    assert (folder / "image_prefill.onnx").exists() and not (folder / "genai_config.json").exists()

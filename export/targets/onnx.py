@@ -29,6 +29,17 @@ from models.signatures import build_vision_signature, decoder_signature
 OP_SET_DEFAULT, OP_SET_STANDARD = "default", "standard"
 
 
+GENAI_NO_INT8_KV = ("onnxruntime-genai cannot run an int8 KV cache: it allocates past_key_values in the "
+                    "activation type and feeds no scale inputs")
+
+
+def genai_runs(plan) -> bool:
+    """Whether onnxruntime-genai can run the folder: not with int8 KV caches (their codes and
+    scales are states of our own attention; GENAI_NO_INT8_KV), so such a folder gets no
+    genai_config.json and runs in runtime_py."""
+    return plan.options.kv_cache == "f32"
+
+
 class OnnxTarget(Target):
     name = "onnx"
     help = "an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)"
@@ -53,6 +64,11 @@ class OnnxTarget(Target):
             raise ValueError("images need the bidirectional attention inside each image, which ONNX Runtime's "
                              "GroupQueryAttention cannot express: pass --onnx-ops standard, or --no-vision for a "
                              "text-only export with GroupQueryAttention")
+        if options.kv_cache != "f32" and op_set != OP_SET_STANDARD:
+            raise ValueError(f"--kv-cache {options.kv_cache} needs --onnx-ops standard on ONNX: ONNX Runtime's "
+                             "GroupQueryAttention keeps its CPU cache in the activation type (its quantized-cache "
+                             "options are CUDA's, with fixed scales), so the int8 cache is our own attention's "
+                             "(which onnxruntime-genai cannot feed); add --onnx-ops standard, or export --target tflite")
         if options.onnx_ops is None and cfg.vision is not None:
             if options.verbose:
                 print("note: a model with vision exports its attention in standard ops (--onnx-ops standard: "
@@ -79,7 +95,8 @@ class OnnxTarget(Target):
 
     def artifact_name(self, plan) -> str:
         suffix = "" if plan.op_set == OP_SET_DEFAULT else f"_{plan.op_set}"
-        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}_ctx{plan.max_len}{suffix}_onnx"
+        kv = "_kv8" if plan.options.kv_cache == "int8" else ""
+        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}_ctx{plan.max_len}{suffix}_onnx"
 
     def layout(self, plan):
         """The states as the folder's runtimes allocate them: GroupQueryAttention (op set default)
@@ -87,10 +104,10 @@ class OnnxTarget(Target):
         from export.lowering.onnx.fused import gqa_local_rows
 
         local_rows = gqa_local_rows(plan.cfg.window_span, plan.max_len) if plan.op_set == OP_SET_DEFAULT else None
-        return state_layout(plan.cfg, plan.max_len, local_rows=local_rows)
+        return state_layout(plan.cfg, plan.max_len, local_rows=local_rows, kv=plan.options.kv_cache)
 
     def signatures(self, plan):
-        return [decoder_signature(plan.cfg, plan.max_len, attention=self.attention)]
+        return [decoder_signature(plan.cfg, plan.max_len, attention=self.attention, kv=plan.options.kv_cache)]
 
     def write(self, plan, weights, signatures, tmp: Path, timer):
         from onnx import helper
@@ -127,13 +144,14 @@ class OnnxTarget(Target):
                 self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors), memo=memo)
                 timer.seconds["vision graphs"] = time.perf_counter() - t0
             del tensors
-            config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
-            if cfg.vision is not None:
-                from export.lowering.onnx.multimodal import PROCESSOR, processor_config, vision_sections
+            if genai_runs(plan):
+                config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
+                if cfg.vision is not None:
+                    from export.lowering.onnx.multimodal import PROCESSOR, processor_config, vision_sections
 
-                config["model"].update(type="gemma3", **vision_sections(config["model"]["decoder"]))
-                (tmp / PROCESSOR).write_text(json.dumps(processor_config(cfg.vision), indent=2))
-            (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
+                    config["model"].update(type="gemma3", **vision_sections(config["model"]["decoder"]))
+                    (tmp / PROCESSOR).write_text(json.dumps(processor_config(cfg.vision), indent=2))
+                (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
             if plan.tokenizer is not None:
                 from export.tokenizer_files import write_tokenizer_files
 
@@ -142,7 +160,7 @@ class OnnxTarget(Target):
                     from export.tokenizer_files import add_image_tokens
 
                     add_image_tokens(tmp, cfg.vision)  # onnxruntime-genai's processor writes them as text
-        if not info["tokenizer_files"] and plan.options.verbose:
+        if not info["tokenizer_files"] and plan.options.verbose and genai_runs(plan):
             where = f" in {plan.tokenizer}" if plan.tokenizer else ""
             print(f"warning: no tokenizer found{where}: {plan.path} has the model and genai_config.json but "
                   "onnxruntime-genai also needs tokenizer.json and tokenizer_config.json; pass --tokenizer PATH "
@@ -166,7 +184,8 @@ class OnnxTarget(Target):
 
         cfg, recipe = plan.cfg, self._integer_recipe(plan)
         for sig, file, share in ((build_vision_signature(cfg), VISION_ENCODER, None),
-                                 (decoder_signature(cfg, plan.max_len, image=True, attention=self.attention),
+                                 (decoder_signature(cfg, plan.max_len, image=True, attention=self.attention,
+                                                    kv=plan.options.kv_cache),
                                   IMAGE_PREFILL, reuse)):
             lw = lower_to_graph(sig, weights.stored, op_set=plan.op_set, max_len=plan.max_len, compute=weights.compute)
             model, tensors = assemble(sig, lw, {})
@@ -185,8 +204,11 @@ class OnnxTarget(Target):
         from export.lowering.onnx.inspect import read
 
         report = read(result.path)
-        lines = [f"artifact: {result.path}/ (onnxruntime-genai folder, op set '{result.plan.op_set}')",
+        kind = "onnxruntime-genai folder" if genai_runs(result.plan) else "ONNX folder"
+        lines = [f"artifact: {result.path}/ ({kind}, op set '{result.plan.op_set}')",
                  result.size_line(report.file_bytes)]
+        if not genai_runs(result.plan):
+            lines.append(f"  no genai_config.json: {GENAI_NO_INT8_KV}; runtime_py runs this folder")
         n = len(result.metadata.states)
         lines.append(f"  inputs: input_ids, attention_mask + {n} states -> logits + {n} states")
         ops = result.info.get("stablehlo_ops", {})
@@ -200,9 +222,10 @@ class OnnxTarget(Target):
         extra = [f"{f.name} {f.stat().st_size / 2**20:.2f} MiB" for f in sorted(result.path.glob("*.onnx*"))
                  if f.name.startswith(("vision.", "embedding.", "image_prefill."))]
         if extra:
+            config = "; processor_config.json" if genai_runs(result.plan) else ""
             lines.append("  vision: " + ", ".join(extra) + " (onnxruntime-genai's gemma3 pipeline: pixel_values "
                          "[N, 3, S, S] -> image_features; input_ids + image_features -> inputs_embeds; the decoder "
-                         "with inputs_embeds; processor_config.json)")
+                         f"with inputs_embeds{config})")
         files = result.info.get("tokenizer_files")
         lines.append("  tokenizer: " + (", ".join(files) if files else "none"))
         return lines
