@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--onnx-ops", choices=["default", "standard"], default=None,
                     help="onnx: 'default' uses ONNX Runtime's GroupQueryAttention; 'standard' only standard "
                          "ONNX ops (attention as model-local functions), for runtimes without contrib ops. "
-                         "Default: 'default', or 'standard' for a model with vision (GroupQueryAttention "
-                         "cannot express the bidirectional attention inside an image)")
+                         "Default: 'default', or standard attention for a model with vision or --kv-cache int8 "
+                         "(GroupQueryAttention cannot express the bidirectional attention inside an image, nor "
+                         "hold an int8 cache on CPU), with a recipe's contrib matmuls")
     ap.add_argument("--tokenizer", type=Path,
                     help="tokenizer folder or tokenizer.model/.json (default: the --checkpoint folder); "
                          "litertlm needs a SentencePiece tokenizer.model")
@@ -204,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache", choices=["f32", "int8"], default="f32",
                     help="KV cache storage: int8 stores each cached row with one float32 scale per row and head "
                          "(4x smaller caches, quantized on write inside the graph); the parity gate then measures it "
-                         "against the f32-cache model (docs/long_context.md). TFLite, .litertlm, and ONNX with "
-                         "--onnx-ops standard (a folder runtime_py runs; onnxruntime-genai cannot)")
+                         "against the f32-cache model (docs/long_context.md). On ONNX the attention is then the standard "
+                         "op set's (a folder runtime_py runs; onnxruntime-genai cannot)")
     ap.add_argument("--context-buckets", default=None, metavar="L1,L2|none",
                     help="TFLite: extra ctx{L}_prefill_T / ctx{L}_decode signatures whose global layers attend over "
                          "the first L cache rows only, so decode and prefill cost follows the context in use; "

@@ -11,7 +11,6 @@ copied between calls.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,14 @@ PIXEL_VALUES, IMAGE_FEATURES = "pixel_values", "image_features"  # vision.onnx (
 
 
 class OnnxBackend:
-    """image_session / vision_session: the image prefill graph (bound to the same state buffers as
-    the decoder) and the vision encoder, for a model exported with vision."""
+    """`session` runs every prefill and decode call. For a model exported with vision it is the
+    image prefill graph (image_prefill.onnx: the decoder with an `inputs_embeds` input read at the
+    image soft-token positions, the graph onnxruntime-genai also runs as its only decoder); text
+    calls feed it zeros there, which it never reads, so the folder's weights are held once (the
+    text-only model.onnx is not loaded: it is the same decoder without that input).
+    vision_session: the vision encoder."""
 
-    def __init__(self, session, signatures: dict[str, SignatureSpec], layout, image_session=None,
-                 vision_session=None):
+    def __init__(self, session, signatures: dict[str, SignatureSpec], layout, vision_session=None):
         import onnxruntime as ort
 
         self.signatures = signatures
@@ -41,18 +43,14 @@ class OnnxBackend:
         self._values = {s.name(Naming.ONNX_PAST): ort.OrtValue.ortvalue_from_numpy(np.zeros(s.shape, s.dtype))
                         for s in layout}
         self._vision = vision_session
-        self._sessions = {"text": session}
-        if image_session is not None:
-            self._sessions["image"] = image_session
-        self._bindings = {}
-        for key, sess in self._sessions.items():
-            binding = sess.io_binding()
-            binding.bind_output(LOGITS)  # first: get_outputs() lists outputs in binding order
-            for s in layout:
-                value = self._values[s.name(Naming.ONNX_PAST)]
-                binding.bind_ortvalue_input(s.name(Naming.ONNX_PAST), value)
-                binding.bind_ortvalue_output(s.name(Naming.ONNX_PRESENT), value)
-            self._bindings[key] = binding
+        self._session = session
+        self._embeds = next((i for i in session.get_inputs() if i.name == INPUTS_EMBEDS), None)
+        self._binding = binding = session.io_binding()
+        binding.bind_output(LOGITS)  # first: get_outputs() lists outputs in binding order
+        for s in layout:
+            value = self._values[s.name(Naming.ONNX_PAST)]
+            binding.bind_ortvalue_input(s.name(Naming.ONNX_PAST), value)
+            binding.bind_ortvalue_output(s.name(Naming.ONNX_PRESENT), value)
 
     def reset(self):
         for s in self._layout:
@@ -65,13 +63,13 @@ class OnnxBackend:
         run = input_pos == input_pos[0] + np.arange(input_pos.size)
         n = int(np.cumprod(run).sum())  # the leading run of real tokens (pads end it)
         start = int(input_pos[0])
-        key = "image" if embeddings is not None else "text"
-        binding = self._bindings[key]
+        binding = self._binding
         binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(tokens[:, :n], np.int64))
-        if key == "image":
-            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeddings[:, :n], np.float32))
+        if self._embeds is not None:
+            embeds = np.zeros((1, n, self._embeds.shape[-1]), np.float32) if embeddings is None else embeddings[:, :n]
+            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeds, np.float32))
         binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, start + n), np.int64))
-        self._sessions[key].run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return np.array(logits[0, -1])
 
@@ -80,6 +78,23 @@ class OnnxBackend:
         takes onnxruntime-genai's channels-first pixel_values [N, 3, S, S])."""
         pixels = np.ascontiguousarray(np.asarray(image, np.float32).transpose(0, 3, 1, 2))
         return self._vision.run([IMAGE_FEATURES], {PIXEL_VALUES: pixels})[0]
+
+
+SCORE_BYTES = 256 * 2**20  # the standard op set's attention scores per prefill call, at most
+
+
+def prefill_length(meta) -> int:
+    """The longest chunk runtime_py feeds one prefill call (the graph takes any length).
+    GroupQueryAttention (op set default) takes the whole prompt at once. The standard op set's
+    attention materialises its scores, [H, T, R] floats for a chunk of T tokens over R cache rows
+    (the context, in a global layer), several temporaries of that size: chunks are the largest
+    power of two (at least 16) that keeps the scores within SCORE_BYTES, e.g. 512 tokens for
+    gemma3-1b at 32K, 128 at 128K (an 8K prompt in one call there needs 4 GiB per layer)."""
+    if meta.onnx_op_set != "standard":
+        return meta.max_seq_len
+    heads = int(meta.config.get("num_heads") or 8)
+    fits = max(16, SCORE_BYTES // (4 * heads * meta.max_seq_len))
+    return min(meta.max_seq_len, 1 << (fits.bit_length() - 1))
 
 
 def load_onnx(path, num_threads: int | None = None) -> Session:
@@ -99,9 +114,8 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
     def open_graph(f):
         return ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
 
-    session = open_graph(file)
     vision = vision_files(file)
-    image_session, vision_session = (open_graph(vision[1]), open_graph(vision[0])) if vision else (None, None)
+    session, vision_session = (open_graph(vision[1]), open_graph(vision[0])) if vision else (open_graph(file), None)
     layout = meta.states
     declared = {i.name for i in session.get_inputs()}
     missing = [n for n in layout.names(Naming.ONNX_PAST) if n not in declared]
@@ -110,21 +124,19 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
     max_len = meta.max_seq_len
     states = tuple(TensorSpec(s.name(Naming.ONNX_PAST), s.shape, s.dtype) for s in layout)
     ids = np.dtype(np.int32)
-    signatures = {}
-    for kind, length in ((SignatureKind.DECODE, 1), (SignatureKind.PREFILL, max_len)):
+
+    def signature(kind, length):
         name = signature_name(kind, length)
-        signatures[name] = SignatureSpec(name, length, (TensorSpec(TOKENS, (1, length), ids),
-                                                        TensorSpec(INPUT_POS, (length,), ids), *states),
-                                         (TensorSpec(LOGITS, (1, 1, meta.vocab_size), np.dtype(np.float32)),),
-                                         tuple(t.name for t in states))
+        return name, SignatureSpec(name, length, (TensorSpec(TOKENS, (1, length), ids),
+                                                  TensorSpec(INPUT_POS, (length,), ids), *states),
+                                   (TensorSpec(LOGITS, (1, 1, meta.vocab_size), np.dtype(np.float32)),),
+                                   tuple(t.name for t in states))
+
+    signatures = dict([signature(SignatureKind.DECODE, 1), signature(SignatureKind.PREFILL, prefill_length(meta))])
     if vision_session is not None:
         (_, _, s, _), (_, n, e) = vision_session.get_inputs()[0].shape, vision_session.get_outputs()[0].shape
         name = signature_name(SignatureKind.VISION_ENCODER)
         signatures[name] = SignatureSpec(name, 0, (TensorSpec(IMAGE, (1, s, s, 3), np.dtype(np.float32)),),
                                          (TensorSpec(SOFT_TOKENS, (1, n, e), np.dtype(np.float32)),))
-        base = signatures[signature_name(SignatureKind.PREFILL, max_len)]
-        image_name = signature_name(SignatureKind.IMAGE_PREFILL, max_len)
-        signatures[image_name] = dataclasses.replace(base, name=image_name)
-    result = Session(OnnxBackend(session, signatures, layout, image_session, vision_session), meta)
-    result.ort_session = session
-    return result
+        signatures.update([signature(SignatureKind.IMAGE_PREFILL, max_len)])  # an image is never split
+    return Session(OnnxBackend(session, signatures, layout, vision_session), meta)

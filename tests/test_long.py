@@ -301,11 +301,12 @@ def test_int8_kv_cache_is_4x_smaller_and_updated_in_place(tmp_path):
 
 
 def test_int8_kv_cache_bad_input_is_one_line(tmp_path, capsys):
-    """GroupQueryAttention (the ONNX default op set) has no int8 CPU cache: refused, naming the fix."""
+    """GroupQueryAttention (the ONNX default op set) has no int8 CPU cache: asking for both is
+    refused, naming the fix."""
     model = TINY["gemma3"]
-    assert export_main(_args(model, tmp_path, "onnx", "--kv-cache", "int8")) == 2
+    assert export_main(_args(model, tmp_path, "onnx", "--kv-cache", "int8", "--onnx-ops", "default")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--kv-cache int8 needs --onnx-ops standard" in err[0]
+    assert len(err) == 1 and "--kv-cache int8 needs the standard op set's attention" in err[0]
     assert not list(tmp_path.iterdir())
 
 
@@ -400,6 +401,21 @@ def test_rope_angles_agree_with_jax_far_into_the_context(tmp_path):
     assert worst < 1e-5
 
 
+def test_int8_kv_cache_on_onnx_with_an_int4_recipe(tmp_path):
+    """Without --onnx-ops, --kv-cache int8 on ONNX takes the standard op set's attention by itself
+    and the recipe's contrib matmuls (MatMulNBits), as a model with vision does, and the gate
+    measures it (random weights: the recipe's gate only warns)."""
+    import onnx
+
+    model = TINY["gemma3"]
+    assert export_main(_args(model, tmp_path, "onnx", "--kv-cache", "int8", "--quant", "int4-b32")) == 0
+    (folder,) = tmp_path.glob("*_int4-b32_kv8_*_standard_onnx")
+    ops = {n.op_type for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "GroupQueryAttention" not in ops
+    report = json.loads((folder / "parity.json").read_text())
+    assert report["gate"]["kv_cache"] == "int8" and report["mean_rel_rms"] > 0
+
+
 def test_int8_kv_cache_on_onnx_with_images(tmp_path):
     """A Gemma 3 model with vision on ONNX (standard op set by itself) with int8 KV caches: the
     image prefill graph writes the same int8 states, and the gate's image prompt passes."""
@@ -412,3 +428,21 @@ def test_int8_kv_cache_on_onnx_with_images(tmp_path):
     assert report["passed"] and report["mean_rel_rms"] <= KV_INT8.mean_rel_rms
     assert any(s["signature"].startswith("image_prefill") for s in report["steps"]) and report["encoder"]
     assert (folder / "image_prefill.onnx").exists() and not (folder / "genai_config.json").exists()
+
+
+def test_standard_op_set_prefills_in_bounded_chunks():
+    """runtime_py feeds the standard op set's attention (which materialises its scores) chunks
+    whose scores stay within SCORE_BYTES; GroupQueryAttention takes the whole prompt."""
+    from types import SimpleNamespace
+
+    from runtime_py.onnx_backend import SCORE_BYTES, prefill_length
+
+    def meta(ops, ctx, heads):
+        return SimpleNamespace(onnx_op_set=ops, max_seq_len=ctx, config={"num_heads": heads})
+
+    assert prefill_length(meta("default", 131072, 4)) == 131072
+    assert (prefill_length(meta("standard", 32768, 4)), prefill_length(meta("standard", 131072, 4))) == (512, 128)
+    assert prefill_length(meta("standard", 512, 4)) == 512
+    for ctx in (4096, 32768, 131072, 1 << 20):
+        t = prefill_length(meta("standard", ctx, 8))
+        assert t >= 16 and (4 * 8 * t * ctx <= SCORE_BYTES or t == 16)

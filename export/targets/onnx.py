@@ -33,6 +33,13 @@ GENAI_NO_INT8_KV = ("onnxruntime-genai cannot run an int8 KV cache: it allocates
                     "activation type and feeds no scale inputs")
 
 
+def own_attention(plan) -> bool:
+    """Whether the export needs the standard op set's attention (model-local functions) rather
+    than GroupQueryAttention: images (their bidirectional blocks) or int8 KV caches (codes and
+    per-row scales written by the graph)."""
+    return plan.cfg.vision is not None or plan.options.kv_cache != "f32"
+
+
 def genai_runs(plan) -> bool:
     """Whether onnxruntime-genai can run the folder: not with int8 KV caches (their codes and
     scales are states of our own attention; GENAI_NO_INT8_KV), so such a folder gets no
@@ -59,37 +66,40 @@ class OnnxTarget(Target):
         from export.quantize import QuantizationError, check
 
         cfg, options = plan.cfg, plan.options
-        op_set = options.onnx_ops or (OP_SET_STANDARD if cfg.vision is not None else OP_SET_DEFAULT)
+        needs_standard = own_attention(plan)
+        op_set = options.onnx_ops or (OP_SET_STANDARD if needs_standard else OP_SET_DEFAULT)
         if cfg.vision is not None and op_set != OP_SET_STANDARD:
             raise ValueError("images need the bidirectional attention inside each image, which ONNX Runtime's "
                              "GroupQueryAttention cannot express: pass --onnx-ops standard, or --no-vision for a "
                              "text-only export with GroupQueryAttention")
         if options.kv_cache != "f32" and op_set != OP_SET_STANDARD:
-            raise ValueError(f"--kv-cache {options.kv_cache} needs --onnx-ops standard on ONNX: ONNX Runtime's "
-                             "GroupQueryAttention keeps its CPU cache in the activation type (its quantized-cache "
-                             "options are CUDA's, with fixed scales), so the int8 cache is our own attention's "
-                             "(which onnxruntime-genai cannot feed); add --onnx-ops standard, or export --target tflite")
-        if options.onnx_ops is None and cfg.vision is not None:
+            raise ValueError(f"--kv-cache {options.kv_cache} needs the standard op set's attention on ONNX: ONNX "
+                             "Runtime's GroupQueryAttention keeps its CPU cache in the activation type (its "
+                             "quantized-cache options are CUDA's, with fixed scales); drop --onnx-ops default, or "
+                             "drop --kv-cache")
+        if options.onnx_ops is None and needs_standard:
+            why = ("GroupQueryAttention cannot express the bidirectional attention inside an image; --no-vision "
+                   "keeps it for text" if cfg.vision is not None else
+                   "GroupQueryAttention has no int8 CPU cache; onnxruntime-genai cannot run the folder")
             if options.verbose:
-                print("note: a model with vision exports its attention in standard ops (--onnx-ops standard: "
-                      "GroupQueryAttention cannot express the bidirectional attention inside an image; "
-                      "--no-vision keeps it for text)")
+                print(f"note: this export's attention is in standard ops (--onnx-ops standard: {why})")
             if options.quant is not None:  # contrib quantized matmuls, as the default op set has them
                 try:
                     check("onnx", options.quant, OP_SET_DEFAULT, dtype=options.dtype)
                 except QuantizationError as e:
-                    raise QuantizationError(f"{e} (a model with vision)") from None
+                    what = "a model with vision" if cfg.vision is not None else f"--kv-cache {options.kv_cache}"
+                    raise QuantizationError(f"{e} ({what})") from None
         tokenizer = options.tokenizer
         if tokenizer is not None and not Path(tokenizer).exists():
             raise ValueError(f"tokenizer not found: {tokenizer}")
         return dataclasses.replace(plan, op_set=op_set, tokenizer=tokenizer)
 
     def quant_column(self, plan) -> str:
-        """A model with vision gets the standard op set's attention by itself (preflight); unless the
-        user asked for `--onnx-ops standard` (no contrib op anywhere), its recipes are the default
-        op set's: quantized matmuls and embedding as ONNX Runtime's contrib ops (MatMulNBits,
-        GatherBlockQuantized), which onnxruntime-genai runs. The attention stays standard."""
-        if plan.cfg.vision is not None and plan.options.onnx_ops is None:
+        """A model with vision, or int8 KV caches, gets the standard op set's attention by itself
+        (preflight: `own_attention`); unless the user asked for `--onnx-ops standard` (no contrib op
+        anywhere), its recipes are the default op set's: quantized matmuls and embedding as ONNX
+        Runtime's contrib ops (MatMulNBits, GatherBlockQuantized). The attention stays standard."""
+        if own_attention(plan) and plan.options.onnx_ops is None:
             return OP_SET_DEFAULT
         return plan.op_set
 
