@@ -18,6 +18,7 @@ reshape when K == 1). Cache handling by layer kind:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from models.cache import (
@@ -29,7 +30,7 @@ from models.layers import Params, apply_rope, dense, rms_norm
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
-                    blocks=None, attention: AttentionForm = AttentionForm.SDPA, span: int | None = None):
+                    blocks=None, attention: AttentionForm = AttentionForm.SDPA, span: int | None = None, total=None):
     """h: [B, T, E]; start, num_valid: [B] (the chunk is at positions start + t); blocks: None, or
     [B, T] int32 image-block ids (models/multimodal.image_blocks), whose tokens attend each other
     bidirectionally; attention: how the core is traced (models/fused.AttentionForm); span: a
@@ -53,7 +54,7 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     cache_v = (cache["v"], cache["v_scale"]) if int8 else cache["v"]
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
-                                       cache_k, cache_v, start, num_valid, blocks=blocks, form=attention,
+                                       cache_k, cache_v, start, num_valid, blocks=blocks, form=attention, total=total,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope,
                                        **({} if span is None else {"span": span}))
     else:
@@ -88,9 +89,10 @@ def _chunk_key_blocks(blocks, start, rows: int):
 
 
 def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, scale, rope_base, rope_scale,
-                 rope_dim, logit_cap=None, span=None, exact_rope=False):
+                 rope_dim, logit_cap=None, span=None, exact_rope=False, total=None):
     """RoPE, write the chunk into the full-length cache, then attend over all of it (over its
-    first `span` rows for a context bucket: the chunk's real tokens must lie below it)."""
+    first `span` rows for a context bucket: the chunk's real tokens must lie below it; over its
+    first total.shape[0] rows, the positions in use, when `total` is given: models.model.forward)."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
     q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact_rope)
@@ -98,19 +100,34 @@ def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, sc
     if isinstance(cache_k, tuple):  # int8 KV: (codes, scales), quantized on write
         ck = _write_int8(write_global, cache_k, k, start)
         cv = _write_int8(write_global, cache_v, v, start)
-        rows = ck[0].shape[2] if span is None else min(int(span), ck[0].shape[2])
-        keys = dequantize_kv(ck[0][:, :, :rows], ck[1][:, :, :rows], q.dtype).transpose(0, 2, 1, 3)
-        values = dequantize_kv(cv[0][:, :, :rows], cv[1][:, :, :rows], q.dtype).transpose(0, 2, 1, 3)
+        rows = _attended_rows(ck[0], span, total)
+        keys = dequantize_kv(*(_first_rows(x, rows) for x in ck), q.dtype).transpose(0, 2, 1, 3)
+        values = dequantize_kv(*(_first_rows(x, rows) for x in cv), q.dtype).transpose(0, 2, 1, 3)
     else:
         ck = write_global(cache_k, k.transpose(0, 2, 1, 3), start)
         cv = write_global(cache_v, v.transpose(0, 2, 1, 3), start)
-        rows = ck.shape[2] if span is None else min(int(span), ck.shape[2])  # a context bucket: the first rows
-        keys, values = ck[:, :, :rows].transpose(0, 2, 1, 3), cv[:, :, :rows].transpose(0, 2, 1, 3)
+        rows = _attended_rows(ck, span, total)
+        keys, values = _first_rows(ck, rows).transpose(0, 2, 1, 3), _first_rows(cv, rows).transpose(0, 2, 1, 3)
     k_pos = jnp.broadcast_to(jnp.arange(rows, dtype=positions.dtype), (b, rows))
     k_blocks = None if blocks is None else _chunk_key_blocks(blocks, start, rows)
     mask = attention_mask(positions, k_pos, None, blocks, k_blocks)
     out = scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap)
     return out, ck, cv
+
+
+def _attended_rows(cache, span, total):
+    """Rows of a global cache [B, K, R, D] that attention reads: all, a context bucket's first
+    `span`, or the positions in use (total.shape[0], a symbolic dimension in an ONNX graph)."""
+    if total is not None:
+        return total.shape[0]
+    return cache.shape[2] if span is None else min(int(span), cache.shape[2])
+
+
+def _first_rows(cache, rows):
+    """cache[:, :, :rows]; a slice (not a gather) when rows is symbolic."""
+    if is_static(rows):
+        return cache[:, :, :rows]
+    return jax.lax.slice_in_dim(cache, 0, rows, axis=2)
 
 
 def _write_int8(write, cache: tuple, rows, start) -> tuple:

@@ -103,11 +103,19 @@ class AttentionForm(str, enum.Enum):
 
 
 def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *,
-                     form: AttentionForm = AttentionForm.SDPA, **attributes):
+                     form: AttentionForm = AttentionForm.SDPA, total=None, **attributes):
     """Run `impl(q, k, v, cache_k, cache_v, start, num_valid[, blocks], **attributes) -> (out, ck, cv)`,
-    as the composite `name` for AttentionForm.CACHE_OWNING, inline for SDPA. `blocks` (image-block
-    ids [B, T], multimodal prefill only) becomes an eighth operand."""
-    operands = (q, k, v, cache_k, cache_v, start, num_valid) + (() if blocks is None else (blocks,))
+    as the composite `name` for AttentionForm.CACHE_OWNING, inline for SDPA. `total` (an array
+    whose dimension is the positions in use: models.model.forward) becomes the eighth operand,
+    and `blocks` (image-block ids [B, T], multimodal prefill only) the last."""
+    if total is not None:
+        base = impl
+
+        def impl(q, k, v, cache_k, cache_v, start, num_valid, total, *blocks, **attrs):
+            return base(q, k, v, cache_k, cache_v, start, num_valid, *blocks, total=total, **attrs)
+
+    operands = ((q, k, v, cache_k, cache_v, start, num_valid) + (() if total is None else (total,))
+                + (() if blocks is None else (blocks,)))
     if AttentionForm(form) is AttentionForm.SDPA:
         return impl(*operands, **attributes)
     attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)

@@ -17,10 +17,11 @@ def geglu_mlp(p: Params, x):
 
 
 def gemma_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, start, num_valid,
-                cache: dict, blocks=None, attention: AttentionForm = AttentionForm.SDPA, span: int | None = None):
+                cache: dict, blocks=None, attention: AttentionForm = AttentionForm.SDPA, span: int | None = None,
+                total=None):
     eps = cfg.norm_eps
     h = rms_norm(x, p["pre_attn_norm"], eps)
-    a, cache = attention_block(p, cfg, kind, h, start, num_valid, cache, blocks, attention, span)
+    a, cache = attention_block(p, cfg, kind, h, start, num_valid, cache, blocks, attention, span, total)
     x = x + rms_norm(a, p["post_attn_norm"], eps)
     h = rms_norm(x, p["pre_ffw_norm"], eps)
     x = x + rms_norm(geglu_mlp(p, h), p["post_ffw_norm"], eps)

@@ -40,7 +40,7 @@ def embed_tokens(params: dict, cfg: ModelConfig, tokens):
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
             last_only: bool = False, embeddings=None, attention: AttentionForm = AttentionForm.SDPA,
-            span: int | None = None, flagged=None):
+            span: int | None = None, flagged=None, total=None):
     """Run T tokens through the model, reading and writing the caches.
 
     params: flat dict (models.params); tokens: [B, T] int; start_pos: [B] or scalar int, the
@@ -59,6 +59,10 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
 
     span: global layers attend over the first `span` rows of their caches only (a context bucket,
     models/signatures.py); the chunk's real tokens must lie below it. None: every row.
+    total: an array whose only dimension is the number of positions in use after this chunk
+    (start + T; a symbolic dimension in the ONNX graph, models/signatures.decoder_signature):
+    global layers then attend over that many cache rows only, so a graph with one shape for
+    every length pays for the context in use (AttentionForm.CACHE_OWNING; its values are unused).
 
     flagged: [B, T, E + 1] input embeddings with the image flag (models/multimodal.with_flag), in
     place of tokens (pass tokens=None): a vision bundle's decoder, which LiteRT-LM feeds the
@@ -76,6 +80,8 @@ def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num
     extra = {"attention": AttentionForm(attention)}
     if span is not None and cfg.family is not Family.RECURRENTGEMMA:  # Griffin has no global layers
         extra["span"] = int(span)
+    if total is not None and cfg.family is not Family.RECURRENTGEMMA:
+        extra["total"] = total
     if flagged is not None:
         if cfg.vision is None or cfg.family is not Family.GEMMA3:
             raise ValueError(f"{cfg.name} has no vision tower: its decoder takes tokens, not flagged embeddings")

@@ -321,13 +321,15 @@ def decoder_signature(cfg: ModelConfig, max_len: int, dtype=jnp.float32, image: 
         embeddings, (attention_mask, *state_values) = (rest[0], rest[1:]) if image else (None, rest)
         t = input_ids.shape[1]
         start = jnp.sum(attention_mask, axis=1, dtype=jnp.int32) - t
+        # attention_mask's length, start + T, is the positions in use: global layers attend over that many rows
         logits, new_cache = forward(params, cfg, input_ids, start, _cache_of(cfg, layout, state_values), None,
-                                    last_only=True, embeddings=embeddings, attention=attention)
+                                    last_only=True, embeddings=embeddings, attention=attention,
+                                    total=attention_mask[0])
         return (logits, *_states_of(layout, new_cache))
 
     name = "image_prefill" if image else "decoder"
     return Signature(name, 0, inputs, outputs, tuple(t.name for t in past), fn=fn,
-                     constraints=(f"{SEQ} <= {max_len}",), attention=attention)
+                     constraints=(f"{SEQ} <= {max_len}", f"{TOTAL} <= {max_len}"), attention=attention)
 
 
 def artifact_metadata(cfg: ModelConfig, max_len: int, layout: StateLayout, **fields) -> ArtifactMetadata:

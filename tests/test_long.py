@@ -446,3 +446,37 @@ def test_standard_op_set_prefills_in_bounded_chunks():
     for ctx in (4096, 32768, 131072, 1 << 20):
         t = prefill_length(meta("standard", ctx, 8))
         assert t >= 16 and (4 * 8 * t * ctx <= SCORE_BYTES or t == 16)
+
+
+@pytest.mark.parametrize("ops", ["standard", "default"])
+def test_onnx_attention_reads_only_the_positions_in_use(tmp_path, ops):
+    """Both op sets' global attention read only the positions in use (the standard op set slices its
+    cache to the attention mask's length; GroupQueryAttention reads seqlens_k): NaN planted in the
+    global caches' rows past the current position changes nothing (a graph that read every row, even
+    masked, would return NaN: 0 x NaN)."""
+    from pathlib import Path
+
+    from contract.layout import Naming
+
+    trained = Path(__file__).parent / "fixtures" / "gemma3-tiny-trained"
+    assert export_main(["--checkpoint", str(trained), "--target", "onnx", "--onnx-ops", ops, "--out",
+                        str(tmp_path), "--no-verify"]) == 0
+    session = load(next(tmp_path.glob("*_onnx")))
+    tokens = np.arange(3, 43, dtype=np.int32)
+    session.prefill(tokens)
+    want = session.decode(7)
+    session.reset()
+    session.prefill(tokens)
+    values = session.backend._values
+    poisoned = 0
+    for spec in session.metadata.states:
+        if spec.layer_kind is LayerKind.GLOBAL:
+            value = values[spec.name(Naming.ONNX_PAST)]
+            rows = value.numpy().copy()
+            rows[:, :, len(tokens) + 1:] = np.nan
+            value.update_inplace(rows)
+            poisoned += 1
+    assert poisoned
+    got = session.decode(7)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
