@@ -83,7 +83,9 @@ def rope_frequencies(base: float, scale: float, rope_dim: int) -> np.ndarray:
     at each position, by up to an ulp of the angle, which grows with the position and at 32K
     tokens moves the logits by ~1e-4). Inside a StableHLO composite (the ONNX form) a constant
     array would become an extra operand, so there the angles keep the in-graph form (`exact`
-    False), and the ONNX cos/sin tables are computed by that same JAX code."""
+    False), which XLA compiles to this same product (it turns the division by a constant into a
+    multiply; equal bit for bit up to 128K positions); GroupQueryAttention's cos/sin tables are
+    built from these frequencies (export/lowering/onnx/fused._rope_tables)."""
     i = np.arange(int(rope_dim) // 2, dtype=np.float64)
     return (1.0 / (float(scale) * float(base) ** (2.0 * i / int(rope_dim)))).astype(np.float32)
 
