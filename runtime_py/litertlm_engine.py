@@ -56,10 +56,10 @@ class Engine:
         self._cache = None if cache_dir else tempfile.TemporaryDirectory(prefix="litertlm-cache-")
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache = str(cache_dir) if cache_dir else self._cache.name
         vision = dict(vision_backend=backend, max_num_images=self.max_num_images) if self.max_num_images else {}
         extra = dict(enable_benchmark=True) if benchmark else {}
-        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=str(cache_dir or self._cache.name), **vision,
-                                       **extra)
+        self.engine = litert_lm.Engine(str(Path(path)), backend=backend, cache_dir=cache, **vision, **extra)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)

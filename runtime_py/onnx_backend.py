@@ -44,7 +44,10 @@ class OnnxBackend:
                         for s in layout}
         self._vision = vision_session
         self._session = session
-        self._embeds = next((i for i in session.get_inputs() if i.name == INPUTS_EMBEDS), None)
+        embeds = next((i for i in session.get_inputs() if i.name == INPUTS_EMBEDS), None)
+        # what text calls feed the image prefill graph's inputs_embeds (never read there): one
+        # zero buffer, grown to the longest call, sliced per call
+        self._zeros = None if embeds is None else np.zeros((1, 1, embeds.shape[-1]), np.float32)
         self._binding = binding = session.io_binding()
         binding.bind_output(LOGITS)  # first: get_outputs() lists outputs in binding order
         for s in layout:
@@ -65,9 +68,12 @@ class OnnxBackend:
         start = int(input_pos[0])
         binding = self._binding
         binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(tokens[:, :n], np.int64))
-        if self._embeds is not None:
-            embeds = np.zeros((1, n, self._embeds.shape[-1]), np.float32) if embeddings is None else embeddings[:, :n]
-            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeds, np.float32))
+        if self._zeros is not None:
+            if embeddings is None:
+                if self._zeros.shape[1] < n:
+                    self._zeros = np.zeros((1, n, self._zeros.shape[-1]), np.float32)
+                embeddings = self._zeros
+            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeddings[:, :n], np.float32))
         binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, start + n), np.int64))
         self._session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()

@@ -149,16 +149,15 @@ def gqa_local_rows(window_span: int, max_len: int) -> int:
 
 
 def _gqa(lw: Lowering, op, local: bool):
-    operands = lw.composite_operands(op)
+    operands, values = lw.composite_operands(op), lw.composite_operand_values(op)
     # past the seventh operand: the positions in use (rank 1, models.fused.cached_attention's `total`;
     # GQA reads the valid length itself, from seqlens_k) and the image prefill's block ids (rank 2:
     # GQA masks causally, images need more)
-    if any(len(tensor_type(v)[0]) == 2 for v in lw.composite_operand_values(op)[7:]):
+    if any(len(tensor_type(v)[0]) == 2 for v in values[7:]):
         raise UnsupportedOpError(
             "com.microsoft::GroupQueryAttention cannot express the bidirectional attention inside an image's "
             "soft tokens: export a model with vision with --onnx-ops standard (or --no-vision)")
     q, k, v, cache_k, cache_v, start, num_valid = operands[:7]
-    values = lw.composite_operand_values(op)
     attrs = lw.composite_attributes(op)
     _, n, h = tensor_type(values[0])[0][1:]
     kv = tensor_type(values[1])[0][2]
