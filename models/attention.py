@@ -26,7 +26,7 @@ from models.cache import (
 )
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm, attention_mask, cached_attention, scaled_dot_product_attention
-from models.layers import Params, apply_rope, dense, rms_norm
+from models.layers import Params, apply_rope, dense, rms_norm, rope_frequencies
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
@@ -45,22 +45,24 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
         q = rms_norm(q, p["attn.q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["attn.k_norm"], cfg.norm_eps)
     base, scale = cfg.rope_params(kind)
-    # RoPE happens inside the core (so that ONNX Runtime's attention can apply it: do_rotary)
+    # RoPE happens inside the core (so that ONNX Runtime's attention can apply it: do_rotary); its
+    # frequency table travels as an operand (a constant captured inside a composite would be hoisted
+    # into one anyway, ahead of the others)
     rope = dict(rope_base=base, rope_scale=scale, rope_dim=cfg.rope_dim)
-    if AttentionForm(attention) is AttentionForm.SDPA:  # inline: angles from a float32 constant (layers.rope_frequencies)
-        rope["exact_rope"] = True
+    freqs = jnp.asarray(rope_frequencies(base, scale, cfg.rope_dim))
     int8 = "k_scale" in cache  # int8 KV caches (models.cache.quantize_kv): codes and scales travel together
     cache_k = (cache["k"], cache["k_scale"]) if int8 else cache["k"]
     cache_v = (cache["v"], cache["v_scale"]) if int8 else cache["v"]
     if kind is LayerKind.GLOBAL:
         out, ck, cv = cached_attention(_global_core, "gemma_edge.global_attention", q, k, v,
                                        cache_k, cache_v, start, num_valid, blocks=blocks, form=attention, total=total,
+                                       rope_freqs=freqs,
                                        scale=cfg.query_scale, logit_cap=cfg.attn_softcap, **rope,
                                        **({} if span is None else {"span": span}))
     else:
         out, ck, cv = cached_attention(_local_core, "gemma_edge.local_attention", q, k, v,
                                        cache_k, cache_v, start, num_valid, blocks=blocks, form=attention,
-                                       scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
+                                       rope_freqs=freqs, scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
     out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
@@ -74,8 +76,8 @@ def _positions(start, t):
     return start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]
 
 
-def _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact=False):
-    kw = dict(base=rope_base, scale=rope_scale, rope_dim=int(rope_dim), exact=exact)
+def _rope(q, k, positions, rope_base, rope_scale, rope_dim, freqs=None):
+    kw = dict(base=rope_base, scale=rope_scale, rope_dim=int(rope_dim), freqs=freqs)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
 
 
@@ -89,13 +91,13 @@ def _chunk_key_blocks(blocks, start, rows: int):
 
 
 def _global_core(q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *, scale, rope_base, rope_scale,
-                 rope_dim, logit_cap=None, span=None, exact_rope=False, total=None):
+                 rope_dim, logit_cap=None, span=None, total=None, rope_freqs=None):
     """RoPE, write the chunk into the full-length cache, then attend over all of it (over its
     first `span` rows for a context bucket: the chunk's real tokens must lie below it; over its
     first total.shape[0] rows, the positions in use, when `total` is given: models.model.forward)."""
     b, t = q.shape[:2]
     positions = _positions(start, t)
-    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact_rope)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, rope_freqs)
     # [B, T, K, D] -> [B, K, T, D], the cache layout
     if isinstance(cache_k, tuple):  # int8 KV: (codes, scales), quantized on write
         ck = _write_int8(write_global, cache_k, k, start)
@@ -138,11 +140,11 @@ def _write_int8(write, cache: tuple, rows, start) -> tuple:
 
 
 def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale, window, rope_base, rope_scale,
-                rope_dim, logit_cap=None, exact_rope=False):
+                rope_dim, logit_cap=None, rope_freqs=None):
     """RoPE, attend over the ring as it was plus the chunk, then write the chunk into the ring."""
     t = q.shape[1]
     positions = _positions(start, t)
-    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, exact_rope)
+    q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, rope_freqs)
     int8 = isinstance(ring_k, tuple)  # int8 KV: (codes, scales); the chunk attends its own rows unrounded
     old_k = dequantize_kv(*ring_k, k.dtype) if int8 else ring_k
     old_v = dequantize_kv(*ring_v, v.dtype) if int8 else ring_v

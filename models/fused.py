@@ -103,19 +103,23 @@ class AttentionForm(str, enum.Enum):
 
 
 def cached_attention(impl, name: str, q, k, v, cache_k, cache_v, start, num_valid, blocks=None, *,
-                     form: AttentionForm = AttentionForm.SDPA, total=None, **attributes):
+                     form: AttentionForm = AttentionForm.SDPA, total=None, rope_freqs=None, **attributes):
     """Run `impl(q, k, v, cache_k, cache_v, start, num_valid[, blocks], **attributes) -> (out, ck, cv)`,
-    as the composite `name` for AttentionForm.CACHE_OWNING, inline for SDPA. `total` (an array
-    whose dimension is the positions in use: models.model.forward) becomes the eighth operand,
-    and `blocks` (image-block ids [B, T], multimodal prefill only) the last."""
-    if total is not None:
-        base = impl
+    as the composite `name` for AttentionForm.CACHE_OWNING, inline for SDPA. Operands past the
+    seventh, in this order: `total` (an array whose dimension is the positions in use:
+    models.model.forward), `rope_freqs` (RoPE's frequency table [rope_dim / 2] f32:
+    models.layers.rope_frequencies), `blocks` (image-block ids [B, T], multimodal prefill only).
+    `total` and `rope_freqs` reach `impl` as keywords."""
+    extras = {k_: x for k_, x in (("total", total), ("rope_freqs", rope_freqs)) if x is not None}
+    if extras:
+        base, keys = impl, tuple(extras)
 
-        def impl(q, k, v, cache_k, cache_v, start, num_valid, total, *blocks, **attrs):
-            return base(q, k, v, cache_k, cache_v, start, num_valid, *blocks, total=total, **attrs)
+        def impl(q, k, v, cache_k, cache_v, start, num_valid, *rest, **attrs):
+            named = dict(zip(keys, rest[:len(keys)]))
+            return base(q, k, v, cache_k, cache_v, start, num_valid, *rest[len(keys):], **named, **attrs)
 
-    operands = ((q, k, v, cache_k, cache_v, start, num_valid) + (() if total is None else (total,))
-                + (() if blocks is None else (blocks,)))
+    operands = (q, k, v, cache_k, cache_v, start, num_valid) + tuple(extras.values()) + (
+        () if blocks is None else (blocks,))
     if AttentionForm(form) is AttentionForm.SDPA:
         return impl(*operands, **attributes)
     attrs = {k_: None if v_ is None else np.float32(v_) if isinstance(v_, float) else np.int32(v_)

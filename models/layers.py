@@ -78,34 +78,33 @@ def gelu_tanh(x):
 def rope_frequencies(base: float, scale: float, rope_dim: int) -> np.ndarray:
     """RoPE's angular frequencies 1 / (scale * base^(2i / rope_dim)), i < rope_dim / 2, computed in
     float64 and rounded once to a float32 constant. A rotation angle is then one float32 product,
-    position * frequency, which every runtime computes bit for bit alike (the TFLite converter
-    folds any chain of divisions into one multiply by a constant: a chain would round differently
-    at each position, by up to an ulp of the angle, which grows with the position and at 32K
-    tokens moves the logits by ~1e-4). Inside a StableHLO composite (the ONNX form) a constant
-    array would become an extra operand, so there the angles keep the in-graph form (`exact`
-    False), which XLA compiles to this same product (it turns the division by a constant into a
-    multiply; equal bit for bit up to 128K positions); GroupQueryAttention's cos/sin tables are
-    built from these frequencies (export/lowering/onnx/fused._rope_tables)."""
+    position * frequency, which every runtime computes bit for bit alike. A chain of divisions
+    (`position / scale / timescale`) would not: XLA and the TFLite converter fold it into one
+    multiply, ONNX Runtime evaluates it literally, and the two round differently by up to an ulp
+    of the angle, which grows with the position (2e-3 rad at 32K, ~1e-4 on the logits). Inside a
+    StableHLO composite (the ONNX attention cores) the table is an explicit operand
+    (models.fused.cached_attention's `rope_freqs`); GroupQueryAttention's cos/sin tables are built
+    from the same frequencies (export/lowering/onnx/fused._rope_tables)."""
     i = np.arange(int(rope_dim) // 2, dtype=np.float64)
     return (1.0 / (float(scale) * float(base) ** (2.0 * i / int(rope_dim)))).astype(np.float32)
 
 
-def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None, exact: bool = False):
+def apply_rope(x, positions, *, base: float, scale: float = 1.0, rope_dim: int | None = None, freqs=None):
     """Half-split ("rotate_half") RoPE on the first `rope_dim` features of each head.
 
     x: [B, T, H, D] (keys: [B, T, K, D]); positions: [B, T] int. Angles and the rotation are
     computed in f32 and rounded once. Linear scaling divides positions by `scale`. With
     rope_dim < D the rest passes through (RecurrentGemma rotates half of each head; its
-    frequencies use rope_dim as the denominator).
+    frequencies use rope_dim as the denominator). freqs: the [rope_dim / 2] frequency table
+    (`rope_frequencies`, also the default), passed as an array where a constant must not be
+    captured (inside a composite's decomposition).
     """
     d = x.shape[-1]
     rope_dim = d if rope_dim is None else rope_dim
     half = rope_dim // 2
-    if exact:  # one product with a float32 constant (`rope_frequencies`)
-        angle = positions.astype(F32)[..., None] * rope_frequencies(base, scale, rope_dim)  # [B, T, half]
-    else:
-        timescale = base ** ((2.0 / rope_dim) * jnp.arange(half, dtype=F32))  # [half]
-        angle = positions.astype(F32)[..., None] / scale / timescale  # [B, T, half]
+    if freqs is None:
+        freqs = rope_frequencies(base, scale, rope_dim)
+    angle = positions.astype(F32)[..., None] * freqs  # [B, T, half]: one float32 product per angle
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, half]
     xf = x.astype(F32)
     a, b, rest = xf[..., :half], xf[..., half:rope_dim], xf[..., rope_dim:]

@@ -12,6 +12,7 @@ import pytest
 from conftest import FAMILIES, TINY
 from export.cli import main as export_main
 from models import LayerKind, get_config, init_params
+from models.fused import AttentionForm
 from runtime_py import load
 from verify.gates import gate_for
 from verify.long import long_parity, long_prompt, probe_positions
@@ -366,7 +367,6 @@ def test_int8_kv_cache_on_onnx_standard_ops(tmp_path, fixture, capsys):
 def test_streamed_gate_checks_buckets_and_full_length(bucketed, tmp_path):
     import shutil
 
-    from models.fused import AttentionForm
     from verify.gate import run_gate
 
     cfg = get_config(TINY["gemma3"])
@@ -379,18 +379,24 @@ def test_streamed_gate_checks_buckets_and_full_length(bucketed, tmp_path):
     assert any(n.startswith("full-length") for n in names) and "decode" in names
 
 
-def test_rope_angles_agree_with_jax_far_into_the_context(tmp_path):
-    """Decode at position ~30000 of a 32K export equals the JAX model's: the rotation angle is one
-    float32 product with a float32 frequency constant (models.layers.rope_frequencies), which the
-    converter keeps as it is (a chain of divisions it folds into one multiply rounds differently:
-    the error grew with the position, ~1e-4 of the logits at 27K on Gemma 3 270M)."""
+@pytest.mark.parametrize("target,ops", [("tflite", None), ("onnx", "default"), ("onnx", "standard")])
+def test_rope_angles_agree_with_jax_far_into_the_context(tmp_path, target, ops):
+    """Decode at position ~30000 of a 32K export equals the JAX model's on every target and op set:
+    the rotation angle is one float32 product with a float32 frequency table
+    (models.layers.rope_frequencies), in the graph as the JAX model has it (TFLite: a constant the
+    converter keeps; the ONNX standard op set: an operand of the attention composite;
+    GroupQueryAttention: cos/sin tables from the same frequencies). A chain of divisions rounds
+    differently on each runtime (the TFLite converter folds it into one multiply, ONNX Runtime
+    evaluates it as written): the error grew with the position, ~1e-4 of the logits at 27K on
+    Gemma 3 270M, 2e-5 here."""
     model = TINY["gemma3"]
     cfg = get_config(model)
-    assert export_main(["--model", model, "--random-init", "0", "--out", str(tmp_path), "--max-seq-len", "32768",
-                        "--untrained-context", "--prefill-lens", "16", "--context-buckets", "none",
-                        "--no-verify"]) == 0
-    artifact = load(tmp_path / f"{model}_f32_ctx32768.tflite")
-    reference = reference_session(cfg, init_params(cfg, 0), [16], 32768)
+    argv = ["--model", model, "--random-init", "0", "--out", str(tmp_path), "--max-seq-len", "32768",
+            "--untrained-context", "--prefill-lens", "16", "--no-verify", "--target", target]
+    argv += ["--context-buckets", "none"] if target == "tflite" else ["--onnx-ops", ops]
+    assert export_main(argv) == 0
+    artifact = load(next(tmp_path.glob("*.tflite" if target == "tflite" else "*_onnx")))
+    reference = reference_session(cfg, init_params(cfg, 0), [16], 32768, AttentionForm(artifact.metadata.attention))
     worst = 0.0
     for session in (artifact, reference):
         session.reset()

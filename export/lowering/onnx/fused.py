@@ -150,8 +150,9 @@ def gqa_local_rows(window_span: int, max_len: int) -> int:
 
 def _gqa(lw: Lowering, op, local: bool):
     operands, values = lw.composite_operands(op), lw.composite_operand_values(op)
-    # past the seventh operand: the positions in use (rank 1, models.fused.cached_attention's `total`;
-    # GQA reads the valid length itself, from seqlens_k) and the image prefill's block ids (rank 2:
+    # past the seventh operand (models.fused.cached_attention): the positions in use (rank 1, `total`;
+    # GQA reads the valid length itself, from seqlens_k), RoPE's frequency table (rank 1: GQA's cos/sin
+    # tables are built from the same frequencies, below) and the image prefill's block ids (rank 2:
     # GQA masks causally, images need more)
     if any(len(tensor_type(v)[0]) == 2 for v in values[7:]):
         raise UnsupportedOpError(
