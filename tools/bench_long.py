@@ -48,10 +48,11 @@ def export_child(a) -> dict:
     from bench_litertlm import TOKENIZER, padded_tokenizer
     from export.driver import export
     from export.options import ExportOptions
-    from models import get_config, init_params
+    from models import get_config, init_model
 
-    cfg = get_config(a.model)
-    params = init_params(cfg, 0)
+    # text only (long context is the text model's), weights drawn lazily one tensor at a time as the
+    # CLI's --random-init does: a 4B model is never held whole in f32
+    cfg, params = init_model(get_config(a.model), 0, vision=False, lazy=True)
     tok = None
     if a.target == "litertlm":
         tok = padded_tokenizer(TOKENIZER, cfg.vocab_size, Path(a.dir) / "tokenizer.model")
