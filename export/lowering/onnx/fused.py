@@ -208,11 +208,11 @@ def _gqa(lw: Lowering, op, local: bool):
 def _rope_tables(lw: Lowering, max_len: int, base: float, scale: float, rope_dim: int) -> tuple[str, str]:
     """GQA's cos/sin caches [max_len, rope_dim / 2] (initializers). Each angle is one float32
     product, position x frequency (models.layers.rope_frequencies: the frequency computed in
-    float64 and rounded once), which is what the JAX model's compiled `position / scale /
-    timescale` computes (XLA turns the division by a constant into that product; measured equal
-    bit for bit at every position of a 32K context). Evaluating the divisions one by one instead
-    rounds differently by an ulp of the angle, which grows with the position: 2e-3 rad at 32K,
-    enough to fail the gate's 32K long check (rel RMS 1.7e-4 at position 27647)."""
+    float64 and rounded once), as the JAX model computes it (the composite's `rope_freqs`
+    operand, which GQA does not read: these tables carry it). Evaluating `position / scale /
+    timescale` division by division instead rounds differently by an ulp of the angle, which
+    grows with the position: 2e-3 rad at 32K, enough to fail the gate's 32K long check (rel RMS
+    1.7e-4 at position 27647)."""
     import jax.numpy as jnp
 
     from models.layers import rope_frequencies
