@@ -88,3 +88,99 @@ def test_positive_scales_exact_but_the_plus_eight_code():
                                * -1.0)
     same, none = BlockQuantized(codes, np.abs(scales), 4, "t").positive()
     assert none == 0
+
+
+def _plain_search(w, bits, block, grid, asymmetric=False, positive=False):
+    """The search written the obvious way, [rows, blocks, block] with numpy's own sums: the
+    oracle for the column layout mse_search runs in."""
+    from export.quantize.algorithms import _asym_scale_zero, _qrange
+
+    qmin, qmax = _qrange(bits, asymmetric)
+    b = w.reshape(w.shape[0], -1, block)
+    grid = np.asarray(grid, np.float32)
+
+    def f16(x):
+        s = x.astype(np.float16).astype(np.float32)
+        tiny = np.float32(np.finfo(np.float16).tiny)
+        return np.clip(np.where(np.abs(s) < tiny, np.where(s < 0, -tiny, tiny), s), -65504, 65504)
+
+    if asymmetric:
+        cands = [_asym_scale_zero(f * b.min(-1), f * b.max(-1), qmax) for f in grid]
+    else:
+        amax = np.abs(b).max(-1)
+        ext = -amax if positive else np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
+        cands = [(f16(f * amax / qmax), 0 * amax) for f in grid] + [(f16(f * ext / qmin), 0 * amax) for f in grid]
+    best = (np.full(b.shape[:2], np.inf, np.float32), None, None)
+    for s, z in cands:
+        q = np.clip(np.rint(b / s[..., None]) + z[..., None], qmin, qmax) - z[..., None]
+        err = np.square(q * s[..., None] - b).sum(-1)
+        better = err < best[0]
+        best = (np.where(better, err, best[0]), np.where(better, s, 0 if best[1] is None else best[1]),
+                np.where(better, z, 0 if best[2] is None else best[2]))
+    return best[1].astype(np.float16), best[2]
+
+
+@pytest.mark.parametrize("bits,block,asymmetric,positive", [(4, 32, False, True), (4, 32, False, False),
+                                                            (4, 32, True, False), (4, 128, False, True),
+                                                            (4, 128, True, False), (8, 64, True, False)])
+def test_search_equals_the_plain_formula(bits, block, asymmetric, positive):
+    """mse_search (blocks as columns, numpy's summation order reproduced) picks the same scales
+    and zero points as the search written over rows, block for block; zero blocks included."""
+    rng = np.random.default_rng(bits + block)
+    w = (rng.standard_t(3, size=(96, 512)) * rng.uniform(0.001, 2.0, (96, 1))).astype(np.float32)
+    w[5, :block] = 0.0
+    w[7, 3] = 50.0
+    grid = np.linspace(0.7, 1.0, 16)
+    got = mse_search(w, bits, block, grid=grid, asymmetric=asymmetric, positive=positive, signed=not asymmetric)
+    want_s, want_z = _plain_search(w, bits, block, grid, asymmetric, positive)
+    assert np.array_equal(got[1], want_s)
+    if asymmetric:
+        assert np.array_equal(got[2], want_z.astype(np.uint8))
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 32, 40, 64, 128, 136, 256])
+def test_column_sums_add_in_numpys_order(n):
+    """_column_sums over the block axis gives numpy's row sums bit for bit (pairwise summation:
+    8 running sums under 128 values, halves past it), so the search's errors do not depend on
+    the layout."""
+    from export.quantize.algorithms import _column_sums
+
+    rng = np.random.default_rng(n)
+    q = (rng.standard_normal((300, n)) ** 2 * 10.0 ** rng.uniform(-6, 6, (300, 1))).astype(np.float32)
+    assert np.array_equal(_column_sums(np.ascontiguousarray(q.T)), q.sum(-1))
+
+
+def test_f16_rounding_equals_the_cast():
+    """_f16 (float16's rounding done in float32 bits) equals float16 cast and back, then never
+    zero nor infinite, across float32's range, signs, float16 subnormals and the overflow edge."""
+    from export.quantize.algorithms import _f16
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(400_000) * 10.0 ** rng.uniform(-30, 10, 400_000)).astype(np.float32)
+    edges = np.array([0.0, -0.0, 65504, 65519.9, 65520, 65536, 1e30, -1e30, 2**-14, -(2**-14),
+                      2**-14 * (1 - 2**-12), 2**-24, 2**-25, -(2**-26), 1e-40, 0.1, 1 / 3], np.float32)
+    x = np.concatenate([x, edges, -edges])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).tiny)
+    want = np.clip(np.where(np.abs(want) < tiny, np.where(want < 0, -tiny, tiny), want), -65504, 65504)
+    assert np.array_equal(_f16(x).view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32)])
+def test_packing_equals_the_plain_layouts(bits, block):
+    """MatMulNBits' and TFLite's INT4 bytes (packed as uint16 pairs, in row chunks) equal the
+    layouts written out element by element."""
+    from export.quantize.blocks import BlockQuantized
+
+    rng = np.random.default_rng(bits)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = rng.integers(lo, hi, (40, 256)).astype(np.int8)
+    b = BlockQuantized(codes, rng.uniform(0.01, 1, (40, 256 // block)).astype(np.float16), bits, "test")
+    packed, scales = b.nbits()
+    u = (codes.astype(np.int16) - lo).astype(np.uint8).reshape(40, -1, block)
+    want = u if bits == 8 else u[..., 0::2] | (u[..., 1::2] << 4)
+    assert packed.dtype == np.uint8 and np.array_equal(packed, want) and scales.dtype == np.float32
+    if bits == 4:
+        flat = codes.reshape(-1).view(np.uint8) & 0x0F
+        assert np.array_equal(b.tflite_int4(), flat[0::2] | (flat[1::2] << 4))

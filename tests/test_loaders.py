@@ -126,8 +126,32 @@ def test_missing_and_empty_folders(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_reading_drops_mapped_pages(gemma2_folder):
-    """Each read returns an owned copy (the mapping can be released tensor by tensor)."""
+def test_reads_convert_exactly_in_row_slices(tmp_path):
+    """read / read_rows (positional reads, no mapping) return owned arrays equal to the stored
+    ones, bfloat16 widened to float32 bit for bit as ml_dtypes casts it (NaN, inf, -0, subnormal
+    included), any row slice."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((37, 24)) * 10.0 ** rng.uniform(-40, 30, (37, 1))).astype(np.float32)
+    w[0, :5] = [np.nan, np.inf, -np.inf, -0.0, 1e-39]
+    tensors = {"a.bf16": w.astype(ml_dtypes.bfloat16), "b.f16": w.astype(np.float16), "c.f32": w}
+    save_file(tensors, tmp_path / "x.safetensors")
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        for name, stored in tensors.items():
+            whole = f.read(name)
+            assert whole.dtype == stored.dtype and np.array_equal(whole.view(np.uint8), stored.view(np.uint8))
+            want = stored.astype(np.float32)
+            got = f.read(name, np.float32)
+            assert got.flags.owndata and got.dtype == np.float32
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+            for a, b in ((0, 37), (5, 6), (30, 99), (37, 40)):
+                rows = f.read_rows(name, a, b, np.float32)
+                assert np.array_equal(rows.view(np.uint32), want[a:b].view(np.uint32))
+
+
+def test_reads_are_owned_copies(gemma2_folder):
+    """Each read returns an owned, writable array (nothing of the file stays mapped)."""
     with SafetensorsFile(gemma2_folder / "model.safetensors") as f:
         name = f.names()[0]
         x = f.read(name, np.float32)

@@ -30,6 +30,7 @@ times the matrix (the search's candidates are looped over, not broadcast).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -45,8 +46,19 @@ def _qrange(bits: int, asymmetric: bool) -> tuple[int, int]:
 
 def _f16(x: np.ndarray) -> np.ndarray:
     """Round to float16 and back (the stored scale), never to zero or infinity."""
-    s = x.astype(np.float16).astype(np.float32)
+    x = np.asarray(x, np.float32)
     tiny = np.float32(np.finfo(np.float16).tiny)
+    # float16's 10 mantissa bits, round half to even, in float32 bits (numpy's float16 cast is
+    # element by element and cost a pass over the whole weight per candidate scale); equal to
+    # the cast wherever float16 is normal, and above it the clip below gives 65504 either way
+    bits = x.view(np.uint32)
+    r = bits + np.uint32(0x0FFF)
+    r += (bits >> np.uint32(13)) & np.uint32(1)
+    r &= np.uint32(0xFFFFE000)
+    s = r.view(np.float32)
+    small = np.abs(x) < tiny  # float16 subnormals, zero: the cast's rounding, then tiny
+    if small.any():
+        s[small] = x[small].astype(np.float16).astype(np.float32)
     s = np.where(np.abs(s) < tiny, np.where(s < 0, -tiny, tiny), s)
     return np.clip(s, -65504.0, 65504.0).astype(np.float32)
 
@@ -63,18 +75,52 @@ def _chunks(n: int, chunk: int):
         yield slice(r0, min(n, r0 + chunk))
 
 
+_POOL = None
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def _pool():
+    """One thread per core for the whole process: a pool per call (hundreds per export) cost
+    thread start-ups and, worse, fresh pages for every task's buffers."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="quantize")
+        return _POOL
+
+
+def _scratch(key: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """A per-thread buffer of `shape`, reused by the next task of this thread (its contents
+    are not kept). malloc returns freed blocks of a few MiB to the kernel, so a fresh
+    buffer per task meant zeroing fresh pages over and over (8% of an export's time)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_LOCAL, key, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, np.uint8)
+        setattr(_LOCAL, key, buf)
+    return buf[:size].view(dtype).reshape(shape)
+
+
 def _parallel(fn, items: list):
     """fn over items on every core (numpy releases the GIL in its array loops); each call writes
     its own rows, so the result does not depend on the order."""
     workers = min(len(items), os.cpu_count() or 1)
-    if workers <= 1:
+    if workers <= 1 or getattr(_LOCAL, "in_pool", False):  # one item, or called from a task: inline
         for it in items:
             fn(it)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    list(_pool().map(_in_pool(fn), items))
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, items))
+
+def _in_pool(fn):
+    def task(item):
+        _LOCAL.in_pool = True
+        return fn(item)
+
+    return task
 
 
 def _quant_sym(b: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -131,6 +177,31 @@ def rtn(w: np.ndarray, bits: int = 4, block: int = 32, mode: str = "absmax",
     return (codes, scales, zps) if asymmetric else (codes, scales)
 
 
+def _column_sums(q: np.ndarray, lo: int = 0, n: int | None = None) -> np.ndarray:
+    """q[lo:lo+n].sum(0), adding in the order numpy's pairwise summation adds a contiguous row of
+    n values (8 running sums, combined pairwise; halves past 128), so a block's error is the same
+    float32 number as ``block.sum(-1)`` in the [rows, block] layout: the search picks the same
+    scales in either layout (tests/test_algorithms.py)."""
+    n = q.shape[0] - lo if n is None else n
+    if n < 8:
+        res = q[lo].copy()
+        for i in range(1, n):
+            res += q[lo + i]
+        return res
+    if n <= 128:
+        r = q[lo:lo + 8].copy()
+        tail = n - n % 8
+        for i in range(8, tail, 8):
+            r += q[lo + i:lo + i + 8]
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for i in range(tail, n):
+            res += q[lo + i]
+        return res
+    half = n // 2
+    half -= half % 8
+    return _column_sums(q, lo, half) + _column_sums(q, lo + half, n - half)
+
+
 def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
                asymmetric: bool = False, signed: bool = True, chunk: int | None = None,
                positive: bool = False):
@@ -156,51 +227,61 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
 
     def search(rs):
         b = wb[rs]
-        best_err = np.full(b.shape[:2], np.inf, np.float32)
-        best_s = np.zeros(b.shape[:2], np.float32)
-        best_z = np.zeros(b.shape[:2], np.float32)
+        # The blocks as columns, [block, m]: every step below runs over long contiguous rows
+        # (a block's 32 values along the last axis make numpy's loops 3-10x slower)
+        m = b.shape[0] * b.shape[1]
+        bt = _scratch("blocks", (block, m))
+        bt[...] = b.reshape(m, block).T
+        best_err = np.full(m, np.inf, np.float32)
+        best_s = np.zeros(m, np.float32)
+        best_z = np.zeros(m, np.float32)
         if asymmetric:
-            lo, hi = b.min(-1), b.max(-1)
+            lo, hi = bt.min(0), bt.max(0)
             cands = [(f * lo, f * hi) for f in grid]
         else:
-            amax = np.abs(b).max(-1)
+            amax = np.maximum(bt.max(0), -bt.min(0))
             cands = [f * amax / qmax for f in grid]
             if signed:
-                idx = np.abs(b).argmax(-1)
-                ext = np.take_along_axis(b, idx[..., None], -1)[..., 0]
-                if positive:
-                    ext = -np.abs(ext)
+                if positive:  # -|the extreme| is -amax: no need to find where it is
+                    ext = -amax
+                else:
+                    idx = np.abs(bt).argmax(0)
+                    ext = np.take_along_axis(bt, idx[None], 0)[0]
                 cands += [f * ext / qmin for f in grid]
-        q = np.empty_like(b)  # one buffer, every step in place: the same numbers as the plain expressions
+        q = _scratch("work", bt.shape)  # one buffer, every step in place: the same numbers as the plain expressions
         for c in cands:
-            if asymmetric:
+            if asymmetric:  # clip(rint(b / s) + z, 0, qmax) - z, as one clip to [-z, qmax - z]
                 s, z = _asym_scale_zero(c[0], c[1], qmax)
-                np.divide(b, s[..., None], out=q)
+                np.divide(bt, s, out=q)
                 np.rint(q, out=q)
-                q += z[..., None]
-                np.clip(q, 0, qmax, out=q)
-                q -= z[..., None]
+                np.maximum(q, -z, out=q)
+                np.minimum(q, qmax - z, out=q)
             else:
                 s = _f16(c)
                 z = best_z
-                np.divide(b, s[..., None], out=q)
+                np.divide(bt, s, out=q)
                 np.rint(q, out=q)
                 np.clip(q, qmin, qmax, out=q)
-            q *= s[..., None]
-            q -= b
+            q *= s
+            q -= bt
             np.square(q, out=q)
-            err = q.sum(-1)
+            err = _column_sums(q)
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_s = np.where(better, s, best_s)
+            np.putmask(best_err, better, err)
+            np.putmask(best_s, better, s)
             if asymmetric:
-                best_z = np.where(better, z, best_z)
+                np.putmask(best_z, better, z)
+        # the codes of the chosen scales, in the columns' layout, back to rows as int8
+        np.divide(bt, best_s, out=q)
+        np.rint(q, out=q)
         if asymmetric:
-            codes[rs] = _quant_asym(b, best_s, best_z, qmax)
-            zps[rs] = best_z
+            q += best_z
+            np.clip(q, 0, qmax, out=q)
+            zps[rs] = best_z.reshape(b.shape[:2])
         else:
-            codes[rs] = _quant_sym(b, best_s, qmin, qmax)
-        scales[rs] = best_s
+            np.clip(q, qmin, qmax, out=q)
+        codes[rs] = q.astype(np.int8).T.reshape(b.shape)
+        scales[rs] = best_s.reshape(b.shape[:2])
 
     if chunk is None:  # rows per task: ~2 MiB of blocks (cache-sized), and work for every core
         cores = os.cpu_count() or 1

@@ -105,12 +105,12 @@ class BlockQuantized:
             raise ValueError("only symmetric 4-bit blocks go into a TFLite INT4 tensor")
         flat = self.codes.reshape(-1)
         out = np.empty((flat.size + 1) // 2, np.uint8)
-        step = 1 << 24  # codes per chunk (even)
+        step = 1 << 23  # codes per chunk (even)
         for i in range(0, flat.size, step):
-            c = flat[i:i + step].view(np.uint8) & 0x0F
+            c = flat[i:i + step].view(np.uint8)
             if c.size % 2:
                 c = np.append(c, np.uint8(0))
-            out[i // 2:i // 2 + c.size // 2] = c[0::2] | (c[1::2] << 4)
+            out[i // 2:i // 2 + c.size // 2] = _pack_nibbles(c)
         return out
 
     def nbits(self) -> tuple[np.ndarray, np.ndarray]:
@@ -118,14 +118,17 @@ class BlockQuantized:
         default zero point (8 for 4 bits, 128 for 8): the same values as the codes."""
         n, k = self.codes.shape
         kb = k // self.block
-        if self.bits == 4:
-            u = (self.codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, kb, self.block)
-            packed = u[..., 0::2] | (u[..., 1::2] << 4)
-        elif self.bits == 8:
-            packed = (self.codes.astype(np.int16) + 128).astype(np.uint8).reshape(n, kb, self.block)
-        else:
+        if self.bits not in (4, 8):
             raise ValueError(f"MatMulNBits takes 4 or 8 bits, not {self.bits}")
-        return np.ascontiguousarray(packed), self.scales.astype(np.float32)
+        packed = np.empty((n, kb, self.block * self.bits // 8), np.uint8)
+        step = max(1, (8 << 20) // k)  # rows per chunk: small temporaries (models.lazy.CHUNK_BYTES)
+        for r in range(0, n, step):
+            u = self.codes[r:r + step].view(np.uint8)
+            if self.bits == 4:  # code + 8 in [0, 15]: a wrapping uint8 add of 8
+                packed[r:r + step] = _pack_nibbles(u + np.uint8(8)).reshape(-1, kb, self.block // 2)
+            else:  # code + 128: the sign bit flipped
+                packed[r:r + step] = (u ^ np.uint8(0x80)).reshape(-1, kb, self.block)
+        return packed, self.scales.astype(np.float32)
 
     def nbits_zero_points(self) -> np.ndarray | None:
         """MatMulNBits' packed uint8 zero points ([N, ceil(K/block * bits / 8)]: 4-bit zero + 8,
@@ -140,6 +143,15 @@ class BlockQuantized:
         if u.shape[1] % 2:
             u = np.concatenate([u, np.full((u.shape[0], 1), offset, np.uint8)], axis=1)
         return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def _pack_nibbles(c: np.ndarray) -> np.ndarray:
+    """Bytes of an even-sized uint8 array, the low nibble of element 2i low, of 2i+1 high: read
+    as little-endian uint16 pairs (a | b << 8), two contiguous passes instead of strided ones."""
+    pairs = np.ascontiguousarray(c).reshape(-1).view("<u2")
+    low = (pairs & 0x000F).astype(np.uint8)
+    low |= ((pairs >> 4) & 0x00F0).astype(np.uint8)
+    return low
 
 
 def rtn(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
@@ -174,8 +186,10 @@ def mse_asymmetric(w: np.ndarray, bits: int, block: int) -> BlockQuantized:
 
     codes, scales, zeros = mse_search(np.asarray(w, np.float32), bits, block, grid=MSE_GRID, asymmetric=True)
     offset = 2 ** (bits - 1)
-    return BlockQuantized((codes.astype(np.int16) - offset).astype(np.int8), scales.astype(np.float16), bits,
-                          "mse asymmetric", (zeros.astype(np.int16) - offset).astype(np.int8))
+    u = codes.view(np.uint8)  # code - offset in place, as a wrapping uint8 subtraction read as int8
+    u -= np.uint8(offset)
+    return BlockQuantized(u.view(np.int8), scales.astype(np.float16), bits, "mse asymmetric",
+                          (zeros.astype(np.int16) - offset).astype(np.int8))
 
 
 def quantizable(name: str, value) -> bool:
@@ -240,7 +254,7 @@ def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None
     return out
 
 
-def by_rows(fn, value, bits: int, block: int, max_bytes: int = 256 << 20) -> BlockQuantized:
+def by_rows(fn, value, bits: int, block: int, max_bytes: int | None = None) -> BlockQuantized:
     """`fn(w, bits, block)` of a weight computed over row chunks (models.lazy.row_chunks: a lazy
     weight whose source reads row slices is never held whole in f32). Every block is one row's,
     so the result is the whole weight's, value for value."""
@@ -248,7 +262,7 @@ def by_rows(fn, value, bits: int, block: int, max_bytes: int = 256 << 20) -> Blo
 
     codes = np.empty(tuple(value.shape), np.int8)
     scales, zeros, origin = [], [], ""
-    for r, rows in row_chunks(value, max_bytes):
+    for r, rows in row_chunks(value, *([max_bytes] if max_bytes else [])):
         b = fn(np.asarray(rows, np.float32), bits, block)
         codes[r:r + len(rows)] = b.codes
         scales.append(b.scales)

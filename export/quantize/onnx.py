@@ -24,6 +24,7 @@ included) and cast to f32 in the graph.
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 import onnx
@@ -114,7 +115,7 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     and dropped in turn, so only the packed result (the artifact's size) is held. `memo`
     (name -> packed, scales, zero points), shared by the graphs of one folder, quantizes a weight
     that two graphs read once, and gives both the same arrays (`save(reuse=)` then writes them once)."""
-    from export.quantize.blocks import resolved
+    from export.quantize.ahead import Ahead
     from models.lazy import load
 
     blocks = blocks or {}
@@ -127,55 +128,60 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     new_nodes = {}  # id(old node) -> replacement list
     # matmuls of one input: (x, K, block, bits, has zero points) -> [(node, B, scales, N, zero points)]
     siblings = collections.defaultdict(list)
-    for done, (name, users) in enumerate(uses.items()):
-        if progress:
-            progress(done, len(uses), f"quantize {name}")
-        array = weights[name]
-        if array.ndim != 2 or array.dtype != np.float32:
-            continue
-        roles = {_role(node, i) for node, i in users}
-        if None in roles or ("kn" in roles and roles != {"kn"}):
-            continue
-        rows = array.T if roles == {"kn"} else array  # [N, K]
-        n, k = rows.shape
-        given = blocks.get(name)
-        if given is not None and given.shape != (n, k):
-            raise ValueError(f"internal error: blocks for {name} have shape {given.shape}, the weight {(n, k)}")
-        if given is not None:
-            bits, block = given.bits, given.block
-        else:
-            bits, block = recipe.bits, block_for(recipe, k)
-            if k % block:
+    # the blocks (ours or the checkpoint's) resolved and packed in the background, in this
+    # loop's order (export/quantize/ahead.py)
+    ahead = Ahead([n for n in uses if n in blocks and not (memo is not None and n in memo)],
+                  lambda n: _nbits(blocks[n]), cost=lambda n: math.prod(blocks[n].shape))
+    try:
+        for done, (name, users) in enumerate(uses.items()):
+            if progress:
+                progress(done, len(uses), f"quantize {name}")
+            array = weights[name]
+            if array.ndim != 2 or array.dtype != np.float32:
                 continue
-        if memo is not None and name in memo:
-            packed, scales, zero_points = memo[name]
-        else:
+            roles = {_role(node, i) for node, i in users}
+            if None in roles or ("kn" in roles and roles != {"kn"}):
+                continue
+            rows = array.T if roles == {"kn"} else array  # [N, K]
+            n, k = rows.shape
+            given = blocks.get(name)
+            if given is not None and given.shape != (n, k):
+                raise ValueError(f"internal error: blocks for {name} have shape {given.shape}, the weight {(n, k)}")
             if given is not None:
-                b = resolved(given)
-                packed, scales, zero_points = (*b.nbits(), b.nbits_zero_points())
-                del b
+                bits, block = given.bits, given.block
             else:
-                packed, scales, zero_points = (*quantize_rows(load(rows), bits, block), None)
-            if memo is not None:
-                memo[name] = packed, scales, zero_points
-        del out[name]
-        qname, sname = f"{name}.q{bits}", f"{name}.scales"
-        out[qname], out[sname] = packed, scales
-        zname = None
-        if zero_points is not None:
-            if "gather" in roles:
-                raise ValueError(f"internal error: {name} is gathered, and GatherBlockQuantized gets no zero "
-                                 "points here")
-            zname = f"{name}.zero_points"
-            out[zname] = zero_points
-        for node, _ in users:
-            if node.op_type == "Gather":
-                new_nodes[id(node)] = _gather(node, qname, sname, out, bits, block, k)
-            elif len(users) == 1 and roles == {"kn"}:
-                siblings[(node.input[0], k, block, bits, zname is not None)].append((node, qname, sname, n, zname))
+                bits, block = recipe.bits, block_for(recipe, k)
+                if k % block:
+                    continue
+            if memo is not None and name in memo:
+                packed, scales, zero_points = memo[name]
             else:
-                new_nodes[id(node)] = [_matmul_nbits(node.input[0], qname, sname, list(node.output), k, n,
-                                                     bits, block, zname)]
+                if given is not None:
+                    packed, scales, zero_points = ahead.take(name)
+                else:
+                    packed, scales, zero_points = (*quantize_rows(load(rows), bits, block), None)
+                if memo is not None:
+                    memo[name] = packed, scales, zero_points
+            del out[name]
+            qname, sname = f"{name}.q{bits}", f"{name}.scales"
+            out[qname], out[sname] = packed, scales
+            zname = None
+            if zero_points is not None:
+                if "gather" in roles:
+                    raise ValueError(f"internal error: {name} is gathered, and GatherBlockQuantized gets no zero "
+                                     "points here")
+                zname = f"{name}.zero_points"
+                out[zname] = zero_points
+            for node, _ in users:
+                if node.op_type == "Gather":
+                    new_nodes[id(node)] = _gather(node, qname, sname, out, bits, block, k)
+                elif len(users) == 1 and roles == {"kn"}:
+                    siblings[(node.input[0], k, block, bits, zname is not None)].append((node, qname, sname, n, zname))
+                else:
+                    new_nodes[id(node)] = [_matmul_nbits(node.input[0], qname, sname, list(node.output), k, n,
+                                                         bits, block, zname)]
+    finally:
+        ahead.close()
     if progress:
         progress(len(uses), len(uses), "quantized")
     for (x, k, block, bits, _zp), group in siblings.items():
@@ -188,6 +194,14 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return out
+
+
+def _nbits(given) -> tuple:
+    """MatMulNBits' (B, scales, zero points or None) of a BlockQuantized / PendingBlocks."""
+    from export.quantize.blocks import resolved
+
+    b = resolved(given)
+    return (*b.nbits(), b.nbits_zero_points())
 
 
 def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: int, bits: int, block: int,

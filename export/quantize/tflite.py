@@ -78,17 +78,33 @@ def layout(recipe: Recipe | None, blocks: dict | None):
     return fn
 
 
-def encoder(weights: dict, blocks: dict | None):
-    """(name, layout) -> export.lowering.tflite.streamed.Encoded, reading `weights` (arrays or
-    lazy tensors) one at a time."""
+def int4_encoded(block_quantized):
+    """The INT4 hole's Encoded of a BlockQuantized / PendingBlocks (computed if pending)."""
     from export.lowering.tflite.streamed import Encoded
     from export.quantize.blocks import resolved
+
+    b, _moved = resolved(block_quantized).positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
+    return Encoded(b.tflite_int4(), b.scales)
+
+
+def int4_holes(recipe: Recipe | None, blocks: dict | None, holes) -> list[str]:
+    """The names among `holes` that `layout` stores as INT4 (the ones `int4_encoded` fills), in
+    the writer's order (sorted): what export.quantize.ahead can compute ahead of the writer."""
+    if recipe is None or recipe.bits != 4 or not blocks:
+        return []
+    return sorted(n for n in holes if n in blocks and blocks[n].bits == 4)
+
+
+def encoder(weights: dict, blocks: dict | None, ahead=None):
+    """(name, layout) -> export.lowering.tflite.streamed.Encoded, reading `weights` (arrays or
+    lazy tensors) one at a time; INT4 weights from `ahead` (export.quantize.ahead.Ahead over
+    `int4_encoded`) when given."""
+    from export.lowering.tflite.streamed import Encoded
     from models.lazy import load, row_chunks
 
     def fn(name: str, lay) -> Encoded:
         if lay.type == "INT4":
-            b, _moved = resolved(blocks[name]).positive()  # XNNPACK refuses negative scales (GGUF Q4_0 has them)
-            return Encoded(b.tflite_int4(), b.scales)
+            return ahead.take(name) if ahead is not None else int4_encoded(blocks[name])
         if lay.type == "INT8":  # per row: computed over row chunks (models.lazy.row_chunks)
             value = weights[name]
             codes, scales = np.empty(tuple(value.shape), np.int8), np.empty(value.shape[0], np.float32)

@@ -15,6 +15,7 @@ skeleton shows them (`stray_holes`), and the graph is converted once more with t
 from __future__ import annotations
 
 import contextlib
+import math
 
 from pathlib import Path
 
@@ -56,28 +57,39 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
     a vision bundle's sections each pass their own), the matmul weights and the table stored as
     the plan's recipe says; `metadata`: our metadata JSON, for the file runtime_py loads."""
     from export.lowering.tflite.convert import convert
-    from export.lowering.tflite.streamed import fill, stray_holes
+    from export.lowering.tflite.streamed import fill, read_skeleton, stray_holes
     from export.quantize.sizes import is_quantized_weight
-    from export.quantize.tflite import encoder, layout
+    from export.quantize.ahead import Ahead
+    from export.quantize.tflite import encoder, int4_encoded, int4_holes, layout
     from models.fused import inlined
 
     params = weights.stored if params is None else params
     holes = [n for n, v in params.items() if is_quantized_weight(n, tuple(v.shape))]
     skeleton = path.with_name(path.name + ".skeleton.tmp")
     trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
+    blocks = weights.blocks
+    # the int4 weights are quantized in the background from here on (export/quantize/ahead.py);
+    # the lowering and the converter hold the GIL most of their time, so it pays mostly while
+    # each weight is packed and written
+    ahead = Ahead(int4_holes(plan.recipe, blocks, holes), lambda name: int4_encoded(blocks[name]),
+                  cost=lambda name: math.prod(blocks[name].shape))
     try:
         with timer.stage("convert"), trace:
             convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
                     metadata=metadata, holes=holes)
-            stray = stray_holes(skeleton)
+            model = read_skeleton(skeleton)
+            stray = stray_holes(skeleton, model)
             if stray:  # weights the converter folds (vision position table): give them to it
                 holes = [n for n in holes if n not in set(stray)]
                 convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
                         metadata=metadata, holes=holes)
+                model = read_skeleton(skeleton)
         with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
-            fill(skeleton, path, layout(plan.recipe, weights.blocks), encoder(weights.stored, weights.blocks),
-                 progress=timer.progress)
+            fill(skeleton, path, layout(plan.recipe, blocks), encoder(weights.stored, blocks, ahead),
+                 progress=timer.progress, model=model)
+            del model
     finally:
+        ahead.close()
         if skeleton.exists():
             skeleton.unlink()
     return path

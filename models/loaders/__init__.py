@@ -59,7 +59,7 @@ def load_checkpoint(path, model: str | ModelConfig | None = None, dtype=np.float
                     vision: bool = True, lazy: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Load a checkpoint folder (or a .gguf file) as (config, flat params of `dtype`).
 
-    `lazy`: the text model's params are models.lazy.LazyTensor, read from the (memory-mapped)
+    `lazy`: the text model's params are models.lazy.LazyTensor, read from the
     checkpoint one tensor at a time when loaded; the reader stays open as long as they live.
     Orbax checkpoints restore as one tree, so they load eagerly. The vision tower (Gemma 3 4B+, about 0.4B parameters) is read whole either way.
 

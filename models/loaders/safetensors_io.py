@@ -2,15 +2,16 @@
 
 The format: 8 bytes little-endian header length N, N bytes of JSON ({name: {dtype, shape,
 data_offsets: [begin, end]}} plus optional "__metadata__"), then the raw tensor bytes. Reading
-memory-maps the file and converts one tensor at a time; after a tensor is converted its pages are
-dropped from the process (madvise DONTNEED), so peak memory is the converted parameters plus about
-one tensor, never a second copy of the checkpoint.
+takes one tensor (or a slice of its rows) at a time with positional reads (os.preadv) into a fresh
+array, converted there: nothing of the file is mapped into the process, so peak memory is the
+converted parameters plus about one tensor, never a second copy of the checkpoint. (A memory map
+read the same bytes ~5x slower, page fault by page fault: 3.2 s vs 0.7 s for gemma3-1b's 2 GB of
+bf16 matmul weights.)
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -34,7 +35,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 class SafetensorsFile:
-    """One memory-mapped .safetensors file: `names()`, `shape(name)`, `read(name, dtype)`."""
+    """One .safetensors file: `names()`, `shape(name)`, `read(name, dtype)`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -63,7 +64,6 @@ class SafetensorsFile:
             if entry["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
         self._file = open(self.path, "rb")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -78,13 +78,7 @@ class SafetensorsFile:
         """The tensor as a fresh (writable, owned) array, converted to `dtype` if given."""
         entry = self._entries[name]
         begin, end = (self._base + o for o in entry["data_offsets"])
-        dtype_in = self.dtype(name)
-        src = np.frombuffer(self._map, dtype=dtype_in, count=(end - begin) // dtype_in.itemsize,
-                            offset=begin).reshape(entry["shape"])
-        out = src.astype(dtype or src.dtype, copy=True)
-        del src
-        self._drop_pages(begin, end)
-        return out
+        return self._read(begin, end - begin, tuple(entry["shape"]), self.dtype(name), dtype)
 
     def read_rows(self, name: str, start: int, stop: int, dtype=None) -> np.ndarray:
         """Rows start..stop of a tensor (a contiguous byte range of the file), as a fresh array."""
@@ -92,24 +86,24 @@ class SafetensorsFile:
         shape = entry["shape"]
         dtype_in = self.dtype(name)
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype_in.itemsize
-        begin = self._base + entry["data_offsets"][0] + start * row
         n = max(0, min(stop, shape[0]) - start)
-        src = np.frombuffer(self._map, dtype=dtype_in, count=n * row // dtype_in.itemsize,
-                            offset=begin).reshape(n, *shape[1:])
-        out = src.astype(dtype or src.dtype, copy=True)
-        del src
-        self._drop_pages(begin, begin + n * row)
-        return out
+        begin = self._base + entry["data_offsets"][0] + start * row
+        return self._read(begin, n * row, (n, *shape[1:]), dtype_in, dtype)
 
-    def _drop_pages(self, begin: int, end: int):
-        page = mmap.PAGESIZE
-        start = begin - begin % page
-        if hasattr(self._map, "madvise") and end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+    def _read(self, begin: int, nbytes: int, shape: tuple, dtype_in: np.dtype, dtype) -> np.ndarray:
+        from models.lazy import astype
+
+        raw = np.empty(shape, dtype_in)
+        view = memoryview(raw.reshape(-1).view(np.uint8))
+        done = 0
+        while done < nbytes:  # preadv may return less than asked (signals, very large reads)
+            got = os.preadv(self._file.fileno(), [view[done:]], begin + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: truncated safetensors file: short read at byte {begin + done}")
+            done += got
+        return raw if dtype is None else astype(raw, dtype)
 
     def close(self):
-        if self._map is not None:
-            self._map.close()
         self._file.close()
 
     def __enter__(self):

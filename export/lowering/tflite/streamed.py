@@ -132,14 +132,21 @@ def find_holes(model) -> dict[str, Hole]:
     return holes
 
 
-def stray_holes(skeleton: Path) -> list[str]:
-    """The holes of a skeleton that something other than a matmul or lookup reads (a position
-    table added to activations): the converter folds such a weight into its neighbours when it
-    is a constant, so the export gives it to the converter instead (convert once more)."""
+def read_skeleton(skeleton: Path):
+    """The skeleton's flatbuffer as objects (ai_edge_litert's object API: ~1 s for gemma3-1b's,
+    so it is read once for `stray_holes` and `fill`)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    return sorted(h.name for h in find_holes(flatbuffer_utils.read_model(str(skeleton))).values()
-                  if not h.quantizable)
+    return flatbuffer_utils.read_model(str(skeleton))
+
+
+def stray_holes(skeleton: Path, model=None) -> list[str]:
+    """The holes of a skeleton that something other than a matmul or lookup reads (a position
+    table added to activations): the converter folds such a weight into its neighbours when it
+    is a constant, so the export gives it to the converter instead (convert once more).
+    `model`: the skeleton already read (`read_skeleton`)."""
+    model = read_skeleton(skeleton) if model is None else model
+    return sorted(h.name for h in find_holes(model).values() if not h.quantizable)
 
 
 def _opcode(model, name: str, version: int) -> int:
@@ -246,13 +253,11 @@ def _align(n: int) -> int:
 
 
 def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
-         progress: Callable | None = None) -> Path:
+         progress: Callable | None = None, model=None) -> Path:
     """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
     stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
-    it is written)."""
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model(str(skeleton))
+    it is written). `model`: the skeleton already read (`read_skeleton`; changed in place)."""
+    model = read_skeleton(skeleton) if model is None else model
     holes = find_holes(model)
     for hole in holes.values():
         hole.layout = layout(hole)
