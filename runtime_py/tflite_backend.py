@@ -324,9 +324,56 @@ def weight_cache_path(path: Path) -> Path | None:
     if not os.access(folder, os.W_OK):
         return None
     target = folder / f"{where}-{version}.xnnpack_cache"
-    for old in folder.glob(f"{where}-*.xnnpack_cache"):
-        if old != target:
-            old.unlink(missing_ok=True)
+    for pattern in ("*.xnnpack_cache", "*" + SECTION_SUFFIX):  # this artifact's older caches
+        for old in folder.glob(f"{where}-{pattern}"):
+            if old.name.split(".")[0] != target.name.split(".")[0]:
+                old.unlink(missing_ok=True)
+    return target
+
+
+SECTION_SUFFIX = ".section.tflite"
+
+
+def section_file(path: Path, begin: int, size: int) -> Path | None:
+    """The TFLite section of the bundle at `path` (bytes begin..begin+size) as a file of its own,
+    beside the bundle's weight cache (named by the same key, removed with it): CompiledModel maps
+    a file, where `from_buffer` takes only `bytes`, which held a second, resident copy of the
+    model (a .litertlm measured 2.1-2.6x its size in runtime_py against 1.25-1.66x as a .tflite;
+    docs/memory.md). Copied once, by the kernel (os.copy_file_range), through a temporary name.
+    None where there is no weight cache (small artifacts, a read-only cache folder): then the
+    caller reads the bytes."""
+    cache = weight_cache_path(path)
+    if cache is None:
+        return None
+    target = cache.with_name(cache.name.split(".")[0] + SECTION_SUFFIX)
+    if target.exists() and target.stat().st_size == size:
+        os.utime(target)  # used now (prune_weight_caches removes the least recently used)
+        return target
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            try:
+                done = 0
+                while done < size:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, begin + done)
+                    if n <= 0:
+                        raise OSError(f"short copy of {path}'s TFLite section")
+                    done += n
+            except OSError:  # no copy_file_range here (file system, kernel): through user space
+                src.seek(begin)
+                dst.seek(0)
+                dst.truncate()
+                left = size
+                while left:
+                    chunk = src.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise OSError(f"short read of {path}'s TFLite section")
+                    dst.write(chunk)
+                    left -= len(chunk)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return None
     return target
 
 
@@ -349,7 +396,7 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     if keep.exists():
         os.utime(keep)
     files = []
-    for f in keep.parent.glob("*.xnnpack_cache"):
+    for f in (*keep.parent.glob("*.xnnpack_cache"), *keep.parent.glob("*" + SECTION_SUFFIX)):
         try:
             st = f.stat()
         except OSError:
@@ -371,7 +418,8 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     return removed
 
 
-def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, weight_cache: bool):
+def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, weight_cache: bool,
+                    model_file: Path | None = None):
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.cpu_options import CpuOptions
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
@@ -389,7 +437,7 @@ def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, wei
         model = CompiledModel.from_buffer(data, options=options)
         model._gemma_edge_data = data  # the buffer must outlive the model
         return model, cache
-    return CompiledModel.from_file(str(path), options=options), cache
+    return CompiledModel.from_file(str(model_file or path), options=options), cache
 
 
 def signature_specs(flat: dict, metadata: ArtifactMetadata) -> dict[str, SignatureSpec]:
@@ -428,18 +476,20 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
     if metadata is None:
         raise MetadataError(f"{path} holds no gemma-edge metadata: runtime_py runs artifacts written by "
                             "python -m export")
-    tokenizer_model, data, bundle = None, None, None
+    tokenizer_model, data, bundle, model_file = None, None, None, None
     if path.suffix == ".litertlm":
         from contract.bundle import read_bundle
 
         bundle = read_bundle(path)
-        data = bundle.read(bundle.tflite())
+        section = bundle.tflite()
+        model_file = section_file(path, section.begin, section.size) if weight_cache else None
+        data = bundle.read(section) if model_file is None else None
         tokenizer_model = bundle.tokenizer_bytes()
         if not bundle.embedded:
             bundle = None
     specs = signature_specs(flat, metadata)
     if api == "compiled":
-        model, cache = _compiled_model(path, data, num_threads, weight_cache)
+        model, cache = _compiled_model(path, data, num_threads, weight_cache, model_file)
         backend = CompiledBackend(model, specs, in_place_states(path) if in_place else None)
         session = Session(_embedded(backend, bundle, metadata, num_threads), metadata)
         session.compiled_model, session.weight_cache = model, cache
@@ -447,7 +497,7 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
         from ai_edge_litert.interpreter import Interpreter
 
         interpreter = (Interpreter(model_content=data, num_threads=num_threads) if data is not None
-                       else Interpreter(model_path=str(path), num_threads=num_threads))
+                       else Interpreter(model_path=str(model_file or path), num_threads=num_threads))
         session = Session(_embedded(TFLiteBackend(interpreter, specs), bundle, metadata, num_threads), metadata)
         session.interpreter = interpreter
     session.tokenizer_model = tokenizer_model

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,37 @@ def test_engine_disagreement_fails_the_export(tmp_path, capsys, monkeypatch):
     parity = json.loads((tmp_path / "gemma3-tiny-trained_f32_ctx256.FAILED.parity.json").read_text())
     assert not (tmp_path / "gemma3-tiny-trained_f32_ctx256.litertlm").exists()
     assert parity["passed"] and not parity["litert_lm"]["match"]
+
+
+def test_runtime_maps_the_bundles_model_from_a_section_file(bundles, tmp_path, monkeypatch):
+    """runtime_py loads a bundle's TFLite model from a copy of its section beside the weight
+    cache (mapped, not read into a second resident copy): the file holds the section's bytes,
+    the logits equal the in-memory load's, a second load reuses the file, a re-exported bundle
+    replaces it."""
+    from runtime_py import tflite_backend
+
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tflite_backend, "WEIGHT_CACHE_MIN_BYTES", 0)  # the tiny bundles get caches too
+    path, _, _, _, _ = bundles["trained"]
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    prompt = [2, 17, 99, 5, 42, 7, 63]
+    mapped = tflite_backend.load_tflite(copy, num_threads=1)
+    files = sorted((tmp_path / "cache" / "xnnpack").glob("*" + tflite_backend.SECTION_SUFFIX))
+    assert len(files) == 1
+    bundle = read_bundle(copy)
+    assert files[0].read_bytes() == bundle.read(bundle.tflite())
+    in_memory = tflite_backend.load_tflite(copy, num_threads=1, weight_cache=False)
+    a, b = mapped.prefill(prompt), in_memory.prefill(prompt)
+    assert np.array_equal(a, b)
+    assert np.array_equal(mapped.decode(11), in_memory.decode(11))
+    before = files[0].stat().st_ino
+    tflite_backend.load_tflite(copy, num_threads=1)
+    assert files[0].stat().st_ino == before  # reused, not copied again
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))  # as a re-export
+    tflite_backend.load_tflite(copy, num_threads=1)
+    again = sorted((tmp_path / "cache" / "xnnpack").glob("*" + tflite_backend.SECTION_SUFFIX))
+    assert len(again) == 1 and again[0] != files[0]
 
 
 def test_recurrentgemma_bundle_declares_its_states(bundles):

@@ -14,7 +14,9 @@ and from its `[stage] done in N s, peak RSS X GiB` lines: export wall time and p
 stage before the gate), gate time, mode and peak RSS, artifact size, gate result; then, in
 another process, runtime_py's resident memory after loading the artifact and decoding, and its
 decode tokens/s. An export that the up-front memory check refuses is a row with the memory it
-needs. `--ort-genai`: onnxruntime-genai's own model builder on the same checkpoint at int4 (its
+needs. A `.litertlm` bundle must carry a tokenizer and random weights have none: the bundles
+take the tiny test fixture's (tests/fixtures/gemma3-tiny-trained), which changes nothing measured
+here. `--ort-genai`: onnxruntime-genai's own model builder on the same checkpoint at int4 (its
 time and peak RSS beside ours), for Gemma 3 text models.
 
 Not run in CI (minutes to an hour per size); numbers go to docs/memory.md. Prints a table and
@@ -78,6 +80,8 @@ def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate
            "--no-engine-check"]
     if not gate:
         cmd.append("--no-verify")
+    if target == "litertlm":  # a bundle carries a tokenizer; random weights have none: the tiny fixture's
+        cmd += ["--tokenizer", str(ROOT / "tests" / "fixtures" / "gemma3-tiny-trained" / "tokenizer.model")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wall = time.perf_counter() - t0
@@ -100,7 +104,8 @@ def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate
     row.update(export_s=export_s, export_peak_gib=export_peak, gate_s=gate_s, gate_peak_gib=gate_peak, gate_mode=mode)
     verdict = re.search(r"-> (PASS|FAIL)", text)
     row["gate"] = verdict.group(1) if verdict else None
-    arts = [p for p in out.iterdir() if not p.name.startswith(".") and not p.name.endswith(".json")]
+    arts = [p for p in out.iterdir() if not p.name.startswith(".")  # the artifact, not its parity report / plot
+            and (p.suffix in (".tflite", ".litertlm") or (p.is_dir() and (p / "model.onnx").exists()))]
     if arts:
         art = max(arts, key=lambda p: p.stat().st_mtime)
         row["artifact"] = str(art)

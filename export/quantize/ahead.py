@@ -1,20 +1,22 @@
-"""Quantize the next weights while the current one is written (or while the graph converts).
+"""Quantize the next weights while the current one is packed and written.
 
 A streamed export quantizes one weight at a time and writes it (export/quantize/blocks.py:
 PendingBlocks). The block search runs on every core, but the rest of a weight's turn (reading
-the checkpoint, packing codes into the target's layout, writing the file) runs on one, and on
-TFLite the converter runs for seconds before the first weight is wanted. `Ahead` computes the
-weights' encoded forms in a background thread, in the order the writer takes them, holding at
-most `budget` bytes of results, so those single-core stretches overlap the next search.
+the checkpoint, packing codes into the target's layout, writing the file) runs on one. `Ahead`
+computes the weights' encoded forms in two background threads, in the order the writer takes
+them, so those single-core stretches overlap the next weight's search. Memory is bounded: a
+thread starts a weight only while the results waiting plus the working memory of the weights in
+progress stay within a budget (512 MiB by default).
 
-The writer calls `take(name)`: the result if the thread has it (or waits for the one in
-progress), else computes it itself (a name the thread has not reached, e.g. while the budget
-is full): the writer never waits on the budget, so nothing can deadlock, and the results are
-the same as computing each weight in turn (the same function per name; tests/test_streamed.py).
-An error in the thread is raised by `take` for that weight. `close()` (or leaving the `with`)
-stops the thread after its current weight and drops what was not taken.
+The writer calls `take(name)`: the result if a thread has it (or waits for the one in
+progress), else computes it itself (a name no thread has reached); it waits only for weights in
+progress to make room, never for the budget to drain (which only it can do), so nothing
+deadlocks, and the results are the same as computing each weight in turn (the same function per
+name; the artifacts are byte-identical, tests/test_streamed.py). An error in a thread is raised by
+`take` for that weight. `close()` (or leaving the `with`) stops the threads after their current
+weight and drops what was not taken.
 
-gemma3-1b int4-b32 from a bf16 checkpoint, 2 cores: TFLite export 37 s -> see docs/memory.md.
+gemma3-1b int4-b32 from a bf16 checkpoint, 2 cores: docs/memory.md "Export time".
 """
 
 from __future__ import annotations
