@@ -91,8 +91,11 @@ class Request:
         if cfg is None:
             return
         o = self.options
+        from export.targets import TARGETS
+
+        smooth = o.smoothing and o.quant == "dynamic-int8" and TARGETS[self.target].quant_table == "tflite"
         check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate,
-                   gptq=o.int4_method == "gptq")
+                   gptq=o.int4_method == "gptq", smooth=smooth)
 
     def check_disk(self, cfg, free: int | None = None):
         """Refuse an export whose artifact (estimated from the config) would not fit the free space
@@ -236,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "or gptq (error-compensating rounding from the model's own activations on a calibration "
                          "text shipped with the project; more accurate, minutes longer; same file and speed)")
     ap.add_argument("--calibration-text", type=Path, metavar="FILE",
-                    help="GPTQ's calibration text (UTF-8; a few thousand tokens or more, like what the model will "
-                         "read); default: export/quantize/calibration.txt, English prose and Python code")
+                    help="the calibration text of GPTQ and of TFLite's dynamic-int8 smoothing (UTF-8; a few thousand "
+                         "tokens or more, like what the model will read); default: export/quantize/calibration.txt, "
+                         "English prose and Python code")
+    ap.add_argument("--no-smoothing", action="store_true",
+                    help="TFLite dynamic-int8: skip the activation smoothing folded into the weights (on by default "
+                         "where a tokenizer is found; halves the recipe's KL to f32 on real weights)")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--skip-memory-check", action="store_true",
@@ -271,6 +278,7 @@ def parse_request(args) -> Request:
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
         context_buckets=parse_buckets(args.context_buckets), kv_cache=args.kv_cache,
         dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
+        smoothing=not args.no_smoothing,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         verify_long=args.verify_long, speculative=args.speculative, inline_composites=args.inline_composites,
         gate=args.gate,

@@ -234,6 +234,7 @@ class Plan:
     op_set: str | None = None  # onnx
     tokenizer: Path | None = None  # the tokenizer source the target writes or bundles
     buckets: tuple[int, ...] = ()  # TFLite context buckets (models/signatures.context_buckets)
+    smoothing: bool = False  # activation smoothing folded into the weights (export/quantize/smooth.py)
 
     @property
     def quant(self) -> str | None:
@@ -248,6 +249,8 @@ class Plan:
 
     def metadata(self, layout: StateLayout, **fields) -> ArtifactMetadata:
         method = self.options.int4_method if self.recipe is not None and self.recipe.block else None
+        if self.smoothing:
+            method = "smoothed"
         return artifact_metadata(self.cfg, self.max_len, layout, prefill_lengths=self.lens,
                                  context_buckets=self.buckets,
                                  weight_dtype=self.storage, quantization=self.quant, quant_method=method,
@@ -305,13 +308,23 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
     plan = dataclasses.replace(plan, recipe=recipe)
     if options.int4_method == "gptq":
         calibration_tokenizer(plan)  # a missing or unreadable tokenizer fails here, before any work
+    from export.quantize.smooth import applies
+
+    if applies(plan):
+        try:
+            calibration_tokenizer(plan)
+            plan = dataclasses.replace(plan, smoothing=True)
+        except ValueError:
+            if options.verbose:
+                print("note: no tokenizer for the calibration text: dynamic-int8 without activation smoothing "
+                      "(less accurate; pass --tokenizer PATH)", flush=True)
     return dataclasses.replace(plan, path=Path(options.out_dir) / (options.name or tgt.artifact_name(plan)))
 
 
 def calibration_tokenizer(plan: Plan):
-    """The tokenizer GPTQ's calibration text is read with (export/quantize/gptq.py): the target's
-    or --tokenizer's. None for a random-weight dry run without one (seeded random ids); otherwise
-    a missing tokenizer is a one-line ValueError."""
+    """The tokenizer the calibration text is read with (GPTQ, export/quantize/gptq.py; smoothing,
+    export/quantize/smooth.py): the target's or --tokenizer's. None for a random-weight dry run
+    without one (seeded random ids); otherwise a missing tokenizer is a one-line ValueError."""
     from contract.tokenizer import Tokenizer
 
     source = plan.tokenizer or plan.options.tokenizer
@@ -341,6 +354,7 @@ class Weights:
     # (int4 recipes: every matmul weight; 8-bit: the checkpoint's Q8_0 blocks where ONNX holds them)
     blocks: dict | None = None
     scratch: object = None  # a TemporaryDirectory the blocks are read from (GPTQ), removed once written
+    folds: int = 0  # matmul inputs smoothed (export/quantize/smooth.py)
 
     def written(self):
         """The artifact holds the blocks now: drop them and their scratch files."""
@@ -388,10 +402,29 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         except BaseException:
             scratch.cleanup()
             raise
+    folds = 0
+    if plan.smoothing:
+        with (timer or Timer()).stage("calibrate (smoothing)", record="calibrate") as t:
+            stored, folds = smoothed(plan, stored, t.progress)
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 
-    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch)
+    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch, folds)
+
+
+def smoothed(plan: Plan, stored: dict, progress=None) -> tuple[dict, int]:
+    """(the stored weights with TFLite dynamic-int8's activation smoothing folded in, how many
+    matmul inputs were folded) (export/quantize/smooth.py); the parity reference keeps the
+    checkpoint's weights."""
+    from export.quantize import smooth
+
+    stats = smooth.calibrate(stored, plan.cfg, calibration_tokenizer(plan),
+                             text=plan.options.calibration_text, progress=progress)
+    folds = smooth.factors(stored, plan.cfg, stats)
+    if plan.options.verbose:
+        print(f"smoothing: {len(folds)} of {len(smooth.groups(stored, plan.cfg))} matmul inputs folded "
+              "(the others gain too little)", flush=True)
+    return smooth.fold(stored, folds), len(folds)
 
 
 def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress) -> dict:
@@ -468,7 +501,8 @@ class ExportResult:
 
         ideal = ideal_bytes(stored, self.quant, self.plan.target.quant_table)
         f32 = sum(v.size for v in stored.values()) * 4
-        method = "" if self.metadata.quant_method in (None, "mse") else f", {self.metadata.quant_method} codes"
+        method = {None: "", "mse": "", "smoothed": ", smoothed"}.get(self.metadata.quant_method,
+                                                                      f", {self.metadata.quant_method} codes")
         return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}{method}; {f32 / file_bytes:.2f}x smaller than f32, "
                 f"{file_bytes / ideal:.3f}x the ideal {ideal / 2**20:.1f} MiB of parameters x bits + scales)")
 
@@ -506,6 +540,8 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     once the stored weights hold what they need, so that the gate can free the host copies
     (the CLI, which has no further use for them, passes it)."""
     weights = storage(plan, params, carried, timer)
+    if plan.smoothing and not weights.folds:  # nothing was worth folding: the plain recipe's weights
+        plan = dataclasses.replace(plan, smoothing=False)
     if consume:
         params.clear()
     params = None

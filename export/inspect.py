@@ -174,7 +174,8 @@ def format_text(d: dict) -> str:
         lines.append(f"  model {meta.get('model')} ({meta.get('family')}), context {meta.get('max_seq_len')}, "
                      f"sliding window {meta.get('sliding_window')}, weights {meta.get('weight_dtype')}, "
                      f"quantization {meta.get('quantization') or 'none'}"
-                     + (f" ({meta['quant_method']} codes)" if meta.get("quant_method") else "")
+                     + (f" ({meta['quant_method']}{'' if meta['quant_method'] == 'smoothed' else ' codes'})"
+                        if meta.get("quant_method") else "")
                      + f", vocab {meta.get('vocab_size')}, "
                      f"instruction-tuned {meta.get('instruction_tuned')}")
     else:

@@ -97,10 +97,24 @@ def gptq_bytes(shapes: dict) -> int:
     return int(2 * max(layers.values(), default=0) + 4 * square + table + GiB)
 
 
+def smooth_bytes(shapes: dict) -> int:
+    """TFLite dynamic-int8's smoothing calibration (export/quantize/smooth.py): a layer's f32
+    weights twice (as read and on the device), the f32 table (read whole for the calibration
+    tokens' embeddings where the source cannot read rows) and a GiB for the activations and the
+    runtime (gemma3-1b from a bf16 safetensors: 1.17 GiB measured, 2.5 estimated)."""
+    layers: dict[str, int] = {}
+    for k, s in shapes.items():
+        if k.startswith("layers."):
+            layers[k.split(".")[1]] = layers.get(k.split(".")[1], 0) + 4 * math.prod(s)
+    return int(2 * max(layers.values(), default=0) + 4 * math.prod(shapes["embed"]) + GiB)
+
+
 def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-             vision: bool = True, gate: str = "auto", available: int | None = None, gptq: bool = False) -> Estimate:
+             vision: bool = True, gate: str = "auto", available: int | None = None, gptq: bool = False,
+             smooth: bool = False) -> Estimate:
     """The pipeline's peak resident memory for this export, from the config's parameter shapes
-    (`gptq`: --int4-method gptq's calibration, which runs before the weights are written)."""
+    (`gptq`: --int4-method gptq's calibration, `smooth`: TFLite dynamic-int8's smoothing
+    calibration; both run before the weights are written)."""
     shapes = param_shapes_with_vision(cfg, vision)
     n = sum(math.prod(s) for s in shapes.values())
     f32 = 4 * n
@@ -127,6 +141,8 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
         export = int(inlined + 1.3 * largest + GiB)
     if gptq:
         export = max(export, gptq_bytes(shapes))
+    if smooth:
+        export = max(export, smooth_bytes(shapes))
     runtime = _runtime_factor(target, quant if quant else (None if dtype == "f32" else "fp16")) * artifact
     in_memory = int(1.5 * f32 + runtime + GATE_OVERHEAD)
     table = 4 * math.prod(shapes["embed"])
@@ -159,11 +175,12 @@ def total_memory() -> int:
 
 
 def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
-               vision: bool = True, available: int | None = None, gate: str = "auto", gptq: bool = False) -> Estimate:
+               vision: bool = True, available: int | None = None, gate: str = "auto", gptq: bool = False,
+               smooth: bool = False) -> Estimate:
     """ValueError (one line: the memory needed, the machine's, and what would fit) when the export
     cannot fit; the estimate otherwise."""
     available = total_memory() if available is None else available
-    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq)
+    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq, smooth)
     if est.peak <= available:
         return est
     stage = f"its parity gate ({est.gate})" if est.gate_bytes > est.export_bytes else "the export"
@@ -172,6 +189,8 @@ def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: 
         hints.append("--gate streamed")
     if verify and est.export_bytes <= available:
         hints.append("--no-verify (no parity gate)")
+    if smooth and estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq).peak <= available:
+        hints.append("--no-smoothing")
     if target != "onnx":
         other = estimate(cfg, "onnx", quant, dtype, verify, vision, gate, available, gptq)
         if other.peak <= available:

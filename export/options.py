@@ -28,7 +28,8 @@ class ExportOptions:
     dtype: str = "f32"  # stored float weights, without a recipe
     quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
     int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
-    calibration_text: Path | None = None  # GPTQ's text; default export/quantize/calibration.txt
+    calibration_text: Path | None = None  # GPTQ's / smoothing's text; default export/quantize/calibration.txt
+    smoothing: bool = True  # TFLite dynamic-int8: activation smoothing folded into the weights (export/quantize/smooth.py)
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
     tokenizer: Path | None = None  # default: the checkpoint folder
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
@@ -92,8 +93,10 @@ class ExportOptions:
             raise ValueError(f"--int4-method {self.int4_method} chooses int4 codes: pass an int4 recipe "
                              "(--quant int4-b32, int4-b128 or int4-b32-e8), or drop --int4-method")
         if self.calibration_text is not None:
-            if self.int4_method != "gptq":
-                raise ValueError("--calibration-text is GPTQ's: add --int4-method gptq, or drop --calibration-text")
+            smooths = self.quant == "dynamic-int8" and TARGETS[target].quant_table == "tflite" and self.smoothing
+            if self.int4_method != "gptq" and not smooths:
+                raise ValueError("--calibration-text is read by --int4-method gptq and by TFLite's dynamic-int8 "
+                                 "smoothing: add one of them, or drop --calibration-text")
             if not Path(self.calibration_text).is_file():
                 raise ValueError(f"--calibration-text {self.calibration_text} is not a file; pass a UTF-8 text file")
         if self.quant is not None:

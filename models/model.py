@@ -31,11 +31,20 @@ def activation_dtype(params: dict):
     return jnp.bfloat16 if params["embed"].dtype == jnp.bfloat16 else F32
 
 
+# Optional [E] per-channel multiplier of the looked-up rows: an export that scales the tied table's
+# columns (export/quantize/smooth.py folds activation smoothing into the LM head) undoes it here, so
+# the lookup reads the same embeddings. Checkpoints never hold it.
+EMBED_CHANNEL_SCALE = "embed_channel_scale"
+
+
 def embed_tokens(params: dict, cfg: ModelConfig, tokens):
     """tokens [B, T] -> [B, T, E], scaled by sqrt(E) rounded as the reference does."""
     dtype = activation_dtype(params)
     x = embedding_lookup(params["embed"], tokens).astype(dtype)
-    return x * jnp.asarray(cfg.embed_scale(dtype), dtype)
+    x = x * jnp.asarray(cfg.embed_scale(dtype), dtype)
+    if EMBED_CHANNEL_SCALE in params:
+        x = x * params[EMBED_CHANNEL_SCALE].astype(dtype)
+    return x
 
 
 def forward(params: dict, cfg: ModelConfig, tokens, start_pos, cache: Cache, num_valid=None,
@@ -115,6 +124,12 @@ def apply_layer(params: dict, cfg: ModelConfig, i: int, x, positions, start, num
                     layer_cache, **extra)
 
 
+def head_input(params: dict, cfg: ModelConfig, x):
+    """What the tied output projection reads: the final norm, with the soft-cap's 1/cap (below)."""
+    cap = cfg.final_softcap
+    return rms_norm(x, params["final_norm"], cfg.norm_eps, multiplier=1.0 if cap is None else 1.0 / cap)
+
+
 def unembed(params: dict, cfg: ModelConfig, x):
     """Final norm, tied output projection, final soft-cap. x [B, T, E] -> logits [B, T, V] f32.
 
@@ -123,7 +138,7 @@ def unembed(params: dict, cfg: ModelConfig, x):
     the matmul's weight, which for the tied table means a [V, E] multiply every step and, once
     quantized, a second float copy of the table."""
     cap = cfg.final_softcap
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps, multiplier=1.0 if cap is None else 1.0 / cap)
+    x = head_input(params, cfg, x)
     table = params["embed"].astype(x.dtype)
     logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=F32)
     return logits if cap is None else cap * jnp.tanh(logits)

@@ -113,3 +113,14 @@ def test_weight_cache_folder_is_pruned_least_recently_used_first(tmp_path, monke
     assert removed == others[:2] and keep.exists() and all(f.exists() for f in others[2:])
     assert prune_weight_caches(keep) == []  # under the cap now
     assert keep.stat().st_mtime > others[3].stat().st_mtime  # marked as just used
+
+
+def test_smoothing_calibration_is_counted():
+    """TFLite dynamic-int8's smoothing calibration (a layer's f32 weights, the table) enters the
+    export's estimate where it is larger than the writer's."""
+    cfg = get_config("gemma3-1b")
+    plain = memory.estimate(cfg, "tflite", "dynamic-int8", verify=False, vision=False)
+    smooth = memory.estimate(cfg, "tflite", "dynamic-int8", verify=False, vision=False, smooth=True)
+    need = memory.smooth_bytes(memory.param_shapes_with_vision(cfg, False))
+    assert smooth.export_bytes == max(plain.export_bytes, need) and need > 2 * memory.GiB
+    assert smooth.peak >= plain.peak

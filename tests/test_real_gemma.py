@@ -13,6 +13,8 @@ below load it once per test session.
   exports    f32 .litertlm (a TFLite model inside) and ONNX exports pass the parity gate, continue
              a prompt exactly as transformers' greedy generate does for 32 tokens in runtime_py,
              and the bundle does the same in LiteRT-LM itself
+  smoothing  TFLite dynamic-int8's activation smoothing lowers the artifact's KL to f32 on real
+             prose (export/quantize/smooth.py)
 """
 
 from __future__ import annotations
@@ -221,3 +223,44 @@ def test_f32_onnx_export_passes_the_gate_and_continues_like_transformers(real_gg
     tokenizer = og.Tokenizer(og.Model(str(made[0])))
     for s in TEXTS:  # genai's encode adds no BOS (export/tokenizer_files.py)
         assert list(tokenizer.encode(s)) == our_tokenizer.encode(s, add_bos=False), s[:60]
+
+
+def test_smoothing_lowers_tflite_dynamic_int8_error_on_real_weights(real_gguf, real_model, tmp_path):
+    """TFLite dynamic-int8's activation smoothing (export/quantize/smooth.py) on the real model:
+    it folds inputs (the tiny fixtures have none worth folding), and the artifact's mean KL to the
+    f32 model on real prose, teacher-forced through runtime_py, is lower than the plain recipe's
+    (measured on 3,069 tokens: 0.0238 -> 0.0109, docs/quantization.md#smoothing-tflite-dynamic-int8)."""
+    from contract.tokenizer import Tokenizer
+    from export.driver import export
+    from export.options import ExportOptions
+    from models.loaders.gguf_tokenizer import write_tokenizer
+    from runtime_py import load
+
+    cfg, params = real_model
+    tok_path = tmp_path / "tokenizer.model"
+    write_tokenizer(real_gguf, tok_path)
+    ids = Tokenizer(tok_path).encode(_prose(256, Tokenizer(tok_path)))[:256]
+    ref = full_logits(params, cfg, [ids], max_len=320)[0]
+    ref = ref - ref.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+
+    def kl(smoothing: bool) -> float:
+        out = tmp_path / str(smoothing)
+        result = export(cfg, params, "tflite", ExportOptions(out_dir=out, max_len=320, prefill_lens=(32,),
+                                                             quant="dynamic-int8", verify=False, tokenizer=tok_path,
+                                                             smoothing=smoothing))
+        assert result.metadata.quant_method == ("smoothed" if smoothing else None)
+        session = load(result.path, 2)
+        total = 0.0
+        for i, t in enumerate(ids):
+            q = session.decode(t).reshape(-1).astype(np.float64)
+            q -= q.max()
+            q -= np.log(np.exp(q).sum())
+            total += float((np.exp(ref[i]) * (ref[i] - q)).sum())
+        del session
+        result.path.unlink()
+        return total / len(ids)
+
+    plain, smoothed = kl(False), kl(True)
+    print(f"dynamic-int8 mean KL to f32 on {len(ids)} prose tokens: plain {plain:.4f}, smoothed {smoothed:.4f}")
+    assert smoothed < 0.8 * plain

@@ -98,6 +98,13 @@ class Scores:
     nll: dict  # kind -> [sum of NLL, tokens]
     kl: list
     top1: list
+    delta: list = dataclasses.field(default_factory=list)  # per token: NLL here - NLL of the reference
+
+    def ratio_error(self) -> float:
+        """Standard error of log(ratio to the reference) from the per-token NLL differences: how
+        far the ratio would move on another text of this length (~ratio * this)."""
+        d = np.asarray(self.delta, np.float64)
+        return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
     def ppl(self, kind: str) -> float:
         s, n = self.nll[kind]
@@ -141,6 +148,7 @@ def score(logprob_rows, wins, refs) -> Scores:
     for (kind, ids), lp, ref in zip(wins, logprob_rows, refs):
         targets = np.asarray(ids[1:])
         nll = -lp[np.arange(len(targets)), targets]
+        s.delta += list(nll + np.asarray(ref[np.arange(len(targets)), targets], np.float64))
         s.nll[kind][0] += float(nll.sum())
         s.nll[kind][1] += len(targets)
         for a in range(0, len(ids) - 1, 128):
@@ -375,6 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-only", action="store_true",
                     help="only the int4 recipes' weights in the f32 JAX model (f32 activations), both targets' "
                          "blocks: no export")
+    ap.add_argument("--no-smoothing", action="store_true",
+                    help="TFLite dynamic-int8 without its activation smoothing (export/quantize/smooth.py)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="where the artifacts go (default: a temp folder)")
     args = ap.parse_args(argv)
@@ -443,10 +453,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         gptq = args.int4 == "gptq" and recipe.startswith("int4")
         opts = ExportOptions(out_dir=out_dir, max_len=args.tokens, prefill_lens=(min(128, args.tokens // 2),), quant=quant, verify=False,
-                             tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse")
+                             tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse",
+                             smoothing=not args.no_smoothing)
         result = export(cfg, params, target, opts, carried=carried)
         export_s = time.perf_counter() - t0
         row = {"target": target, "recipe": recipe, "MiB": file_mib(result.path), "export_s": export_s}
+        if result.metadata.quant_method == "smoothed":
+            row["smoothed"] = True
         if recipe.startswith("int4") and args.int4 != "default":
             row["int4"] = args.int4
         if target == "litertlm":  # the TFLite model inside is the tflite row's: only LiteRT-LM's own score here
@@ -469,6 +482,7 @@ def main(argv=None) -> int:
         row.update(ppl_prose=s.ppl("prose"), ppl_code=s.ppl("code"), ratio=s.pooled() / ref.pooled(),
                    ratio_prose=s.ppl("prose") / ref.ppl("prose"), ratio_code=s.ppl("code") / ref.ppl("code"),
                    kl=float(np.mean(s.kl)), top1=float(np.mean(s.top1)), score_s=time.perf_counter() - t0,
+                   ratio_se=s.pooled() / ref.pooled() * s.ratio_error(),
                    tok_s=decode_speed(result.path, args.threads))
         if args.gate:
             from verify.gate import run_gate
@@ -512,7 +526,8 @@ def main(argv=None) -> int:
                   f"({r['litertlm_ratio']:.4f}) |" + (" - | - | - | - |" if args.gate else ""))
             continue
         extra = " - |" if args.litertlm else ""
-        print(f"| {r['target']} | {recipe} | {r['ppl_prose']:.3f} | {r['ppl_code']:.3f} | {r['ratio']:.4f} | "
+        print(f"| {r['target']} | {recipe} | {r['ppl_prose']:.3f} | {r['ppl_code']:.3f} | {r['ratio']:.4f} "
+              f"+- {r['ratio_se']:.4f} | "
               f"{r['kl']:.4f} | {r['top1']:.3f} | {r['MiB']:.0f} | {r['tok_s']:.1f} |{extra}"
               + (f" {r['gate_rel_rms']:.3g} | {r['gate_top1']:.3f} | {r['gate_kl']:.3g} | "
                  f"{'PASS' if r['gate_passed'] else 'FAIL'} |" if "gate_kl" in r else ""))

@@ -104,15 +104,23 @@ def _embed(params: dict, cfg, ids: np.ndarray):
 class _LayerRunner:
     """One layer's forward at the calibration shape, traced once per layer kind (the layer's
     weights renamed to the first layer of its kind), returning the layer's output and, for each
-    distinct matmul input, H = x^T x (f32) under the name of the first weight that reads it."""
+    distinct matmul input, a statistic under the name of the first weight that reads it:
+    `stat` "hessian", H = x^T x (f32, GPTQ); "absmax", max |x_j| over the tokens followed by
+    SAMPLE_ROWS of the tokens' inputs, evenly spaced (f32 [1 + SAMPLE_ROWS, K],
+    export/quantize/smooth.py)."""
 
-    def __init__(self, cfg, batch: int, length: int):
+    SAMPLE_ROWS = 64
+
+    def __init__(self, cfg, batch: int, length: int, stat: str = "hessian"):
         import jax
         import jax.numpy as jnp
 
         from models.cache import init_cache
 
+        if stat not in ("hessian", "absmax"):
+            raise ValueError(f"internal error: unknown calibration statistic {stat!r}")
         self.cfg = cfg
+        self.stat = stat
         self.first = {}
         for i, kind in enumerate(cfg.layer_kinds):
             self.first.setdefault(kind, i)
@@ -145,7 +153,11 @@ class _LayerRunner:
         hs = {}
         for xin, readers in inputs.values():
             flat = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)
-            hs[readers[0]] = jnp.einsum("ti,tj->ij", flat, flat, preferred_element_type=jnp.float32)
+            if self.stat == "absmax":
+                rows = np.linspace(0, flat.shape[0] - 1, min(self.SAMPLE_ROWS, flat.shape[0])).astype(np.int32)
+                hs[readers[0]] = jnp.concatenate([jnp.abs(flat).max(0)[None], flat[rows]], 0)
+            else:
+                hs[readers[0]] = jnp.einsum("ti,tj->ij", flat, flat, preferred_element_type=jnp.float32)
         return y, hs
 
     def __call__(self, i: int, weights: dict, x, stats: bool):

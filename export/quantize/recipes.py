@@ -11,7 +11,8 @@ What each recipe means on each target (docs/quantization.md has the measurements
   fp16          weights stored float16, computed in f32 (size only).
   int8          int8 weights, one scale per output channel, dequantized for f32 compute.
   dynamic-int8  int8 weights (symmetric); activations quantized to int8 per row at run time by the
-                matmul kernel (TFLite: per-channel weights; ONNX: MatMulNBits, a scale per 128
+                matmul kernel (TFLite: per-channel weights, with activation smoothing folded in
+                where it pays, export/quantize/smooth.py; ONNX: MatMulNBits, a scale per 128
                 inputs of each output channel).
   int4-b32      int4 weights, a scale per block of 32 (128) inputs of each output channel,
   int4-b128     scales chosen by a per-block error search, with zero points on ONNX
