@@ -91,11 +91,11 @@ class Request:
         if cfg is None:
             return
         o = self.options
+        from export.quantize.smooth import wanted
         from export.targets import TARGETS
 
-        smooth = o.smoothing and o.quant == "dynamic-int8" and TARGETS[self.target].quant_table == "tflite"
         check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate,
-                   gptq=o.int4_method == "gptq", smooth=smooth)
+                   gptq=o.int4_method == "gptq", smooth=wanted(o.quant, TARGETS[self.target].quant_table, o.smoothing))
 
     def check_disk(self, cfg, free: int | None = None):
         """Refuse an export whose artifact (estimated from the config) would not fit the free space

@@ -79,19 +79,24 @@ def param_shapes_with_vision(cfg, vision: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _layer_bytes(shapes: dict) -> dict[str, int]:
+    """f32 bytes of each layer's weights ("layers.{i}." entries), by layer index."""
+    layers: dict[str, int] = {}
+    for k, s in shapes.items():
+        if k.startswith("layers."):
+            i = k.split(".")[1]
+            layers[i] = layers.get(i, 0) + 4 * math.prod(s)
+    return layers
+
+
 def gptq_bytes(shapes: dict) -> int:
     """GPTQ's calibration (export/quantize/gptq.py): a layer's f32 weights twice (as read and
     dequantized), the widest matmul input's K x K statistic four times (H, its damped copy, the
     inverse, the factor), the f32 table (a random init's or a GGUF's is read whole for the
     calibration tokens' embeddings) and a GiB for the activations and the runtime (gemma3-1b:
     2.8 GiB measured, 3.0 estimated)."""
-    layers: dict[str, int] = {}
-    widest = 0
-    for k, s in shapes.items():
-        if k.startswith("layers."):
-            layers[k.split(".")[1]] = layers.get(k.split(".")[1], 0) + 4 * math.prod(s)
-            if len(s) == 2:
-                widest = max(widest, s[1])
+    layers = _layer_bytes(shapes)
+    widest = max((s[1] for k, s in shapes.items() if k.startswith("layers.") and len(s) == 2), default=0)
     square = (8 if widest <= 4096 else 4) * widest ** 2  # algorithms.gptq: f64 algebra up to K = 4096, then f32
     table = 4 * math.prod(shapes["embed"])  # the lookup of the calibration tokens may read it whole
     return int(2 * max(layers.values(), default=0) + 4 * square + table + GiB)
@@ -102,11 +107,7 @@ def smooth_bytes(shapes: dict) -> int:
     weights twice (as read and on the device), the f32 table (read whole for the calibration
     tokens' embeddings where the source cannot read rows) and a GiB for the activations and the
     runtime (gemma3-1b from a bf16 safetensors: 1.17 GiB measured, 2.5 estimated)."""
-    layers: dict[str, int] = {}
-    for k, s in shapes.items():
-        if k.startswith("layers."):
-            layers[k.split(".")[1]] = layers.get(k.split(".")[1], 0) + 4 * math.prod(s)
-    return int(2 * max(layers.values(), default=0) + 4 * math.prod(shapes["embed"]) + GiB)
+    return int(2 * max(_layer_bytes(shapes).values(), default=0) + 4 * math.prod(shapes["embed"]) + GiB)
 
 
 def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
@@ -126,11 +127,7 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
     else:
         artifact = n * (4 if dtype == "f32" else 2)
     largest = 4 * max(math.prod(s) for s in shapes.values())
-    layers: dict[str, int] = {}
-    for k, s in shapes.items():
-        if k.startswith("layers."):
-            layer = k.split(".")[1]
-            layers[layer] = layers.get(layer, 0) + 4 * math.prod(s)
+    layers = _layer_bytes(shapes)
     tower = 4 * sum(math.prod(s) for k, s in shapes.items() if k.startswith(("vision.", "mm.")))
     if target == "onnx":
         export = int(artifact + 1.2 * largest + 0.5 * GiB)

@@ -93,8 +93,9 @@ class ExportOptions:
             raise ValueError(f"--int4-method {self.int4_method} chooses int4 codes: pass an int4 recipe "
                              "(--quant int4-b32, int4-b128 or int4-b32-e8), or drop --int4-method")
         if self.calibration_text is not None:
-            smooths = self.quant == "dynamic-int8" and TARGETS[target].quant_table == "tflite" and self.smoothing
-            if self.int4_method != "gptq" and not smooths:
+            from export.quantize.smooth import wanted
+
+            if self.int4_method != "gptq" and not wanted(self.quant, TARGETS[target].quant_table, self.smoothing):
                 raise ValueError("--calibration-text is read by --int4-method gptq and by TFLite's dynamic-int8 "
                                  "smoothing: add one of them, or drop --calibration-text")
             if not Path(self.calibration_text).is_file():

@@ -40,7 +40,6 @@ import dataclasses
 import numpy as np
 
 from export.quantize.sizes import TABLE
-from models.model import EMBED_CHANNEL_SCALE
 
 ALPHAS = (0.5, 0.7)  # the migration strengths tried per fold (docs/quantization.md#smoothing-tflite-dynamic-int8)
 # a fold is made only where it leaves at most this share of the readers' output error (measured: the
@@ -132,9 +131,11 @@ def _rows_int8(x: np.ndarray) -> np.ndarray:
 
 
 def _channels_int8(w: np.ndarray) -> np.ndarray:
-    """w [N, K] with each row quantized to int8 symmetric, scale max|row| / 127."""
-    scale = np.maximum(np.abs(w).max(-1, keepdims=True), 1e-30) / 127
-    return (np.round(w / scale) * scale).astype(np.float32)
+    """w [N, K] as the TFLite writer stores it: int8 per row, symmetric (quantize/tflite.py)."""
+    from export.quantize.tflite import channel_int8
+
+    codes, scale = channel_int8(w)
+    return codes.astype(np.float32) * scale[:, None]
 
 
 def choose(readers: list, absmax: np.ndarray, sample: np.ndarray, alphas=ALPHAS) -> tuple[float | None, np.ndarray | None]:
@@ -199,6 +200,8 @@ def _scaled(value, cols: np.ndarray | None = None, rows: np.ndarray | None = Non
 
 def fold(params: dict, folds: dict[Group, np.ndarray]) -> dict:
     """params with every fold applied (a new dict; the values not folded are the same objects)."""
+    from models.model import EMBED_CHANNEL_SCALE
+
     cols: dict[str, np.ndarray] = {}
     rows: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
@@ -224,9 +227,16 @@ def fold(params: dict, folds: dict[Group, np.ndarray]) -> dict:
     return out
 
 
+def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
+    """Whether an export smooths: TFLite's dynamic-int8 (run-time int8 activations per row, int8
+    weights per channel), unless --no-smoothing (`enabled`). The one rule the options' check,
+    the memory check and the plan use."""
+    from export.quantize.recipes import RECIPES
+
+    r = RECIPES.get(quant) if quant else None
+    return bool(enabled and r is not None and r.dynamic and r.bits == 8 and r.block is None
+                and quant_table == "tflite")
+
+
 def applies(plan) -> bool:
-    """Whether `plan`'s export smooths: TFLite's dynamic-int8 (run-time int8 activations per row,
-    int8 weights per channel), unless --no-smoothing."""
-    r = plan.recipe
-    return (r is not None and r.dynamic and r.bits == 8 and r.block is None
-            and plan.target.quant_table == "tflite" and plan.options.smoothing)
+    return wanted(plan.quant, plan.target.quant_table, plan.options.smoothing)
