@@ -60,8 +60,9 @@ NORM_READERS = {
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """One fold: `producer` is a norm's scale (kind "norm") or the weight whose output rows feed
-    `readers` (kind "down"); `tap` is the reader the calibration statistic is recorded under."""
+    """One fold: `producer` is a norm's scale (kind "norm"; "head": the final norm, read by the
+    tied table) or the weight whose output rows feed `readers` (kind "down"); `tap` is the reader
+    the calibration statistic is recorded under."""
     kind: str  # "norm", "down" or "head"
     producer: str
     readers: tuple[str, ...]
@@ -89,7 +90,7 @@ def groups(names, cfg) -> list[Group]:
 
 
 def calibrate(params: dict, cfg, tokenizer=None, seed: int = 0, max_len: int | None = None, text=None,
-              windows: int = SMOOTH_WINDOWS, progress=None) -> dict[str, np.ndarray]:
+              windows: int = SMOOTH_WINDOWS, progress=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per matmul input (keyed by the first weight that reads it): (max |x_j| over the calibration
     tokens [K], a sample of those tokens' inputs [R, K]) f32, from the f32 model run one layer at a
     time. params: arrays or LazyTensors."""
@@ -100,7 +101,7 @@ def calibrate(params: dict, cfg, tokenizer=None, seed: int = 0, max_len: int | N
     ids = calibration_ids(cfg, tokenizer, seed, max_len, text)[:windows]
     x = _embed(params, cfg, ids)
     runner = _LayerRunner(cfg, *ids.shape, stat="absmax")
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     n = len(cfg.layer_kinds)
     for i in range(n):
         prefix = f"layers.{i}."
