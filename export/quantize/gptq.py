@@ -111,6 +111,11 @@ class _LayerRunner:
 
     SAMPLE_ROWS = 64
 
+    @classmethod
+    def sample_rows(cls, n: int) -> np.ndarray:
+        """The indices of the SAMPLE_ROWS (or all n) evenly spaced rows "absmax" keeps of n."""
+        return np.linspace(0, n - 1, min(cls.SAMPLE_ROWS, n)).astype(np.int32)
+
     def __init__(self, cfg, batch: int, length: int, stat: str = "hessian"):
         import jax
         import jax.numpy as jnp
@@ -154,7 +159,7 @@ class _LayerRunner:
         for xin, readers in inputs.values():
             flat = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)
             if self.stat == "absmax":
-                rows = np.linspace(0, flat.shape[0] - 1, min(self.SAMPLE_ROWS, flat.shape[0])).astype(np.int32)
+                rows = self.sample_rows(flat.shape[0])
                 hs[readers[0]] = jnp.concatenate([jnp.abs(flat).max(0)[None], flat[rows]], 0)
             else:
                 hs[readers[0]] = jnp.einsum("ti,tj->ij", flat, flat, preferred_element_type=jnp.float32)

@@ -116,8 +116,7 @@ def calibrate(params: dict, cfg, tokenizer=None, seed: int = 0, max_len: int | N
 
         h = head_input({"final_norm": jnp.asarray(np.asarray(params["final_norm"], np.float32))}, cfg, x)
         h = np.asarray(h, np.float32).reshape(-1, h.shape[-1])
-        rows = np.linspace(0, len(h) - 1, min(_LayerRunner.SAMPLE_ROWS, len(h))).astype(np.int64)
-        out[TABLE] = (np.abs(h).max(0), h[rows])
+        out[TABLE] = (np.abs(h).max(0), h[_LayerRunner.sample_rows(len(h))])
     return out
 
 
