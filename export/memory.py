@@ -3,9 +3,11 @@
 The CLI streams the weights (models/lazy.py): each tensor is read from the checkpoint (or drawn
 from its own seed) when the export writes it. What stays in memory depends on the target:
 
-  ONNX      our own writer quantizes and writes tensor by tensor: the packed artifact (A) plus
-            the largest f32 tensor (the embedding table) being quantized:
-            A + 1.2 T_max + 0.5 GiB  (gemma3-1b int4-b32: 2.0 GiB measured)
+  ONNX      our own writer quantizes and writes tensor by tensor; the packed weights wait in a
+            scratch file (export/quantize/onnx.Spill) until model.onnx.data is written, so
+            an integer recipe holds the largest f32 tensor (the embedding table) being
+            quantized and the graph: 1.2 T_max + 0.5 GiB; float weights are written from the
+            checkpoint (A + 1.2 T_max + 0.5 GiB, not re-measured since the spill)
   TFLite    the converter lowers the graph without the matmul weights (a skeleton), then the
             streamed writer reads, quantizes and writes one weight at a time to disk:
             the small inlined weights + 1.3 T_max + 1 GiB of converter (gemma3-1b int4-b32:
@@ -130,7 +132,8 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
     layers = _layer_bytes(shapes)
     tower = 4 * sum(math.prod(s) for k, s in shapes.items() if k.startswith(("vision.", "mm.")))
     if target == "onnx":
-        export = int(artifact + 1.2 * largest + 0.5 * GiB)
+        integer = quant is not None and quant != "fp16"
+        export = int((0 if integer else artifact) + 1.2 * largest + 0.5 * GiB)
     else:
         from export.quantize.sizes import is_quantized_weight
 

@@ -621,3 +621,31 @@ def test_cli_unknown_architecture_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unsupported GGUF architecture 'llama'" in err[0], err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("model", ["gemma3-tiny", "gemma2-tiny"])
+def test_random_q4_0_gguf_round_trips_the_config(tmp_path, model):
+    """tools/bench_scale.py's GGUF checkpoints (models/loaders/gguf_random.py): the metadata gives
+    back the registry's config, every matmul and the table are Q4_0 blocks (carried by int4-b32),
+    the norms load as the w of llama.cpp's w + 1, and the file is deterministic for a seed."""
+    import dataclasses
+
+    from models import get_config
+    from models.loaders.gguf import config_from_gguf, load_gguf, source_blocks
+    from models.loaders.gguf_random import save_random_gguf
+    from models.params import param_shapes
+
+    cfg = dataclasses.replace(get_config(model), vision=None)
+    path = save_random_gguf(cfg, tmp_path / "a.gguf", seed=1)
+    assert dataclasses.replace(config_from_gguf(path), name=cfg.name) == cfg
+    assert not list(tmp_path.glob("*.tmp"))
+    blocks = source_blocks(path, cfg)
+    matmuls = [n for n, s in param_shapes(cfg).items() if len(s) == 2]
+    assert sorted(blocks) == sorted(matmuls) and {b.kind for b in blocks.values()} == {"q4_0"}
+    _, params = load_gguf(path, cfg)
+    q = params["layers.0.attn.q"]
+    assert 0.5 < q.std() * np.sqrt(q.shape[1]) < 2.0  # a trained layer's spread, not zeros or huge
+    norm = params["layers.0.pre_attn_norm"]
+    assert np.abs(norm).max() < 1.0 and np.abs(norm).std() > 0.01  # w, not w + 1
+    again = save_random_gguf(cfg, tmp_path / "b.gguf", seed=1)
+    assert path.read_bytes() == again.read_bytes()

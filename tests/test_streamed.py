@@ -162,6 +162,46 @@ def test_streamed_export_equals_in_memory_export(tmp_path, target, quant):
         assert gate.report.decode_steps == 8 and len(gate.report.steps) >= 16
 
 
+@pytest.mark.parametrize("model", ["gemma3-tiny", "gemma3-vision-tiny"])
+def test_spilled_packed_weights_give_the_same_folder(tmp_path, monkeypatch, model):
+    """ONNX int4: the packed weights spilled to the scratch file (every one, here) and read back
+    by row when model.onnx.data is written give the same folder as packed weights kept in memory;
+    with vision, the image prefill graph still references the decoder's spilled weights instead of
+    writing them again; the scratch file is gone."""
+    import export.quantize.onnx as qonnx
+    from export.driver import export
+    from export.lowering.onnx import convert
+    from export.options import ExportOptions
+
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_BYTES", 0)  # model.onnx.data, as a real model has
+    cfg, params = init_model(get_config(model), seed=3)
+    common = dict(max_len=64, prefill_lens=(8,), quant="int4-b32", verify=False)
+    seen = []
+    real_put = qonnx.Spill.put
+
+    def put(self, name, array):
+        value = real_put(self, name, array)
+        seen.append(value is not array)
+        return value
+
+    monkeypatch.setattr(qonnx.Spill, "put", put)
+    monkeypatch.setattr(qonnx, "SPILL_MIN_BYTES", 0)
+    spilled = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path / "spilled", **common))
+    assert seen and sum(seen) >= 0.6 * len(seen)  # the zero points of symmetric blocks are None
+    monkeypatch.setattr(qonnx, "SPILL_MIN_BYTES", 1 << 62)
+    kept = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path / "kept", **common))
+    files = _files(spilled.path)
+    assert files == _files(kept.path)
+    assert not any(".spill" in name for name in files)
+    if cfg.vision is not None:
+        import onnx
+
+        prefill = onnx.load(str(spilled.path / "image_prefill.onnx"), load_external_data=False)
+        shared = [t for t in prefill.graph.initializer
+                  if any(e.key == "location" and e.value == "model.onnx.data" for e in t.external_data)]
+        assert len(shared) > 10  # the decoder's packed matmuls, fused ones included
+
+
 def test_streamed_gate_catches_a_wrong_artifact():
     """Scored against other weights, the streamed gate must see the difference."""
     cfg, params = init_model(get_config("gemma3-tiny"), seed=1)

@@ -2,18 +2,22 @@
 
   python tools/bench_scale.py [--models gemma3-1b,gemma3-4b] [--targets onnx,tflite,litertlm]
                               [--recipes int4-b32,dynamic-int8] [--no-gate] [--work DIR] [--keep]
-                              [--context 1024] [--ort-genai]
+                              [--context 1024] [--ort-genai] [--checkpoint-format bf16|gguf-q4_0]
 
 Per model: a bf16 safetensors checkpoint of random weights is written to disk first, tensor by
 tensor (models/loaders/hf.save_checkpoint), so the path measured is the one a user's checkpoint
-takes (memory-mapped, read lazily). Then per target x recipe, in its own process:
+takes (memory-mapped, read lazily). `--checkpoint-format gguf-q4_0` writes a GGUF of random Q4_0
+blocks instead (models/loaders/gguf_random.py; Gemma 2/3 only): the form of Google's QAT
+releases, whose blocks an int4-b32 export carries as they are, and a quarter of bf16's disk (the
+27B sizes: 15 GB instead of 54). Then per target x recipe, in its own process:
 
   python -m export --model M --checkpoint CKPT --target T --quant R --stage-memory [--no-verify]
 
 and from its `[stage] done in N s, peak RSS X GiB` lines: export wall time and peak RSS (every
 stage before the gate), gate time, mode and peak RSS, artifact size, gate result; then, in
 another process, runtime_py's resident memory after loading the artifact and decoding, and its
-decode tokens/s. An export that the up-front memory check refuses is a row with the memory it
+decode tokens/s (not run where runtime_py's expected footprint would pass 90% of the machine's
+memory). An export that the up-front memory check refuses is a row with the memory it
 needs. A `.litertlm` bundle must carry a tokenizer and random weights have none: the bundles
 take the tiny test fixture's (tests/fixtures/gemma3-tiny-trained), which changes nothing measured
 here. `--ort-genai`: onnxruntime-genai's own model builder on the same checkpoint at int4 (its
@@ -60,18 +64,29 @@ print(json.dumps({"rss": peak, "tok_s": rate}))
 """
 
 
-def write_checkpoint(model: str, folder: Path) -> tuple[float, int]:
-    """(seconds, bytes) to write the bf16 checkpoint (in a subprocess: its memory is not ours)."""
-    if (folder / "model.safetensors").exists():
-        return 0.0, (folder / "model.safetensors").stat().st_size
-    code = ("import sys, ml_dtypes; from models import get_config, init_model; "
-            "from models.loaders.hf import save_checkpoint; "
-            "cfg, p = init_model(get_config(sys.argv[1]), 0, vision=False, lazy=True); "
-            "save_checkpoint(cfg, p, sys.argv[2], ml_dtypes.bfloat16)")
+def write_checkpoint(model: str, folder: Path, fmt: str = "bf16") -> tuple[float, int, Path]:
+    """(seconds, bytes, what --checkpoint takes) to write the checkpoint, in a subprocess (its
+    memory is not ours): bf16 safetensors, or a GGUF of Q4_0 blocks (`gguf-q4_0`,
+    models/loaders/gguf_random.py; a quarter of the disk, what a user of Google's QAT Q4_0 GGUFs
+    exports from, and its int4 blocks are carried into the artifact as they are)."""
+    if fmt == "gguf-q4_0":
+        file = folder / "model.gguf"
+        code = ("import sys; from models import get_config; from models.loaders.gguf_random import save_random_gguf; "
+                "save_random_gguf(get_config(sys.argv[1]), sys.argv[2], 0)")
+    else:
+        file = folder / "model.safetensors"
+        code = ("import sys, ml_dtypes; from models import get_config, init_model; "
+                "from models.loaders.hf import save_checkpoint; "
+                "cfg, p = init_model(get_config(sys.argv[1]), 0, vision=False, lazy=True); "
+                "save_checkpoint(cfg, p, sys.argv[2], ml_dtypes.bfloat16)")
+    where = file.parent if fmt == "bf16" else file
+    if file.exists():
+        return 0.0, file.stat().st_size, where
+    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, model, str(folder)], check=True, cwd=ROOT,
+    subprocess.run([sys.executable, "-c", code, model, str(folder if fmt == "bf16" else file)], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return time.perf_counter() - t0, (folder / "model.safetensors").stat().st_size
+    return time.perf_counter() - t0, file.stat().st_size, where
 
 
 def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate: bool, context: int) -> dict:
@@ -116,7 +131,12 @@ def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate
     return row
 
 
-def run_runtime(artifact: str) -> dict:
+def run_runtime(artifact: str, target: str, recipe: str, size: int) -> dict:
+    from export.memory import _runtime_factor, total_memory
+
+    need = _runtime_factor("onnx" if target == "onnx" else "tflite", recipe) * size + GiB
+    if need > 0.9 * total_memory():  # would only meet the OOM killer
+        return {"runtime_error": f"not run: needs ~{need / GiB:.0f} GiB, the machine has {total_memory() / GiB:.0f}"}
     proc = subprocess.run([sys.executable, "-c", _RUNTIME, artifact], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if proc.returncode:
@@ -208,6 +228,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
     ap.add_argument("--ort-genai", action="store_true")
+    ap.add_argument("--checkpoint-format", choices=["bf16", "gguf-q4_0"], default="bf16",
+                    help="bf16 safetensors (default), or a GGUF of Q4_0 blocks (Gemma 2/3: the 27B sizes fit the "
+                         "disk)")
     args = ap.parse_args()
 
     from export.memory import check_fits
@@ -229,21 +252,22 @@ def main() -> int:
                     print(f"{model} {target} {recipe}: refused: {e}", flush=True)
         if not fits:
             continue
-        secs, size = write_checkpoint(model, ckpt)
-        print(f"{model}: bf16 checkpoint {size / GiB:.2f} GiB written in {secs:.0f} s", flush=True)
+        secs, size, ckpt_path = write_checkpoint(model, ckpt, args.checkpoint_format)
+        print(f"{model}: {args.checkpoint_format} checkpoint {size / GiB:.2f} GiB written in {secs:.0f} s", flush=True)
         for target, recipe, est in fits:
             out = args.work / f"out-{model}-{target}-{recipe}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-            row = {"model": model, "target": target, "recipe": recipe, "estimate_gib": est.peak / GiB}
-            row.update(run_export(model, ckpt, target, recipe, out, not args.no_gate, args.context))
+            row = {"model": model, "target": target, "recipe": recipe, "estimate_gib": est.peak / GiB,
+                   "checkpoint": args.checkpoint_format}
+            row.update(run_export(model, ckpt_path, target, recipe, out, not args.no_gate, args.context))
             if row.get("artifact"):
-                row.update(run_runtime(row["artifact"]))
+                row.update(run_runtime(row["artifact"], target, recipe, row["artifact_bytes"]))
             rows.append(row)
             print(json.dumps(row), flush=True)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-        if args.ort_genai and hf_config_json(model) is not None:
+        if args.ort_genai and args.checkpoint_format == "bf16" and hf_config_json(model) is not None:
             out = args.work / f"ortgenai-{model}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()

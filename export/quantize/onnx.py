@@ -19,23 +19,96 @@ per-channel form for widths that are not a power of two.
 
 fp16 does not come through here: the weights are stored float16 by the exporter (embedding
 included) and cast to f32 in the graph.
+
+Packed weights past a few MiB can be spilled (`Spill`): written to a scratch file as each is made
+and read back by row when `save` copies it into model.onnx.data, so a quantized export never
+holds the packed model in memory (a 12B int4 folder is 7 GiB; its export peaked at the artifact's
+size plus the converter before, docs/memory.md). The bytes written are the same either way.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from export.quantize.recipes import Recipe
+from models.lazy import LazyTensor, is_lazy, load
 
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits (ORT CPU's fast path)
 INT8_BLOCK = 128
 CHUNK_COLUMNS = 8192  # output channels quantized at a time (bounds the transient f32 copy)
+SPILL_MIN_BYTES = 1 << 20  # packed arrays below this stay in memory (scales of small layers, splits)
+
+
+class Spill:
+    """A scratch file the packed weights are appended to as they are made; each comes back as a
+    LazyTensor that reads its rows from the file (np.fromfile into a fresh buffer, not a
+    mapping, so the pages read count against the page cache and not the process). The writes go
+    through the page cache too: the packed model is never resident in the exporter. `close()`
+    removes the file; the tensors handed out must not be read after it."""
+
+    def __init__(self, path: Path, min_bytes: int | None = None):
+        self.path = Path(path)
+        self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+        self._f = open(self.path, "wb")
+        self._dirty = False
+        self.nbytes = 0
+
+    def put(self, name: str, array):
+        """`array`, spilled when it is at least `min_bytes`, else returned as is."""
+        if array is None or is_lazy(array) or array.nbytes < self.min_bytes:
+            return array
+        array = np.ascontiguousarray(array)
+        pad = (-self._f.tell()) % 64
+        self._f.write(b"\0" * pad)
+        offset = self._f.tell()
+        self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self._dirty = True
+        self.nbytes += array.nbytes
+        shape, dtype = array.shape, array.dtype
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+
+        def rows(a: int, b: int) -> np.ndarray:
+            b = min(b, shape[0])
+            if self._dirty:
+                self._f.flush()
+                self._dirty = False
+            out = np.fromfile(self.path, dtype, count=(b - a) * row_items,
+                              offset=offset + a * row_items * dtype.itemsize)
+            return out.reshape((b - a, *shape[1:]))
+
+        return LazyTensor(shape, dtype, lambda: rows(0, shape[0]), name=name, rows=rows)
+
+    def close(self):
+        if not self._f.closed:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def concat_rows(parts: list, name: str):
+    """np.concatenate(parts) along rows; lazy (read part by part, row range by row range) when
+    any part is a spilled LazyTensor."""
+    if not any(is_lazy(p) for p in parts):
+        return np.concatenate(parts)
+    starts = np.cumsum([0] + [p.shape[0] for p in parts])
+    shape = (int(starts[-1]), *parts[0].shape[1:])
+
+    def rows(a: int, b: int) -> np.ndarray:
+        b = min(b, shape[0])
+        pieces = []
+        for p, s0, s1 in zip(parts, starts[:-1], starts[1:]):
+            lo, hi = max(a, s0), min(b, s1)
+            if lo < hi:
+                pieces.append(p.read_rows(lo - s0, hi - s0) if is_lazy(p) else np.asarray(p[lo - s0:hi - s0]))
+        return np.concatenate(pieces)
+
+    return LazyTensor(shape, parts[0].dtype, lambda: rows(0, shape[0]), name=name, rows=rows)
 
 
 def block_for(recipe: Recipe, k: int) -> int:
@@ -104,7 +177,8 @@ def _role(node, index: int) -> str | None:
 
 
 def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recipe: Recipe,
-                   blocks: dict | None = None, memo: dict | None = None, progress=None) -> dict:
+                   blocks: dict | None = None, memo: dict | None = None, progress=None,
+                   spill: Spill | None = None) -> dict:
     """Rewrite `model` in place and return its new weights. Returns weights untouched where a
     tensor is not a 2-D float weight read only by MatMul / Gemm(transB) / Gather.
 
@@ -114,9 +188,10 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     then set the node's. Weights may be lazy (models.lazy.LazyTensor): each is read, quantized
     and dropped in turn, so only the packed result (the artifact's size) is held. `memo`
     (name -> packed, scales, zero points), shared by the graphs of one folder, quantizes a weight
-    that two graphs read once, and gives both the same arrays (`save(reuse=)` then writes them once)."""
+    that two graphs read once, and gives both the same arrays (`save(reuse=)` then writes them once).
+    `spill`: where the packed arrays go as they are made (see `Spill`); the returned weights then
+    hold LazyTensors reading them back."""
     from export.quantize.ahead import Ahead
-    from models.lazy import load
 
     blocks = blocks or {}
     uses = collections.defaultdict(list)
@@ -160,6 +235,10 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
                     packed, scales, zero_points = ahead.take(name)
                 else:
                     packed, scales, zero_points = (*quantize_rows(load(rows), bits, block), None)
+                if spill is not None:
+                    packed, scales, zero_points = (spill.put(f"{name}.q{bits}", packed),
+                                                   spill.put(f"{name}.scales", scales),
+                                                   spill.put(f"{name}.zero_points", zero_points))
                 if memo is not None:
                     memo[name] = packed, scales, zero_points
             del out[name]
@@ -185,7 +264,7 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     if progress:
         progress(len(uses), len(uses), "quantized")
     for (x, k, block, bits, _zp), group in siblings.items():
-        _fuse_siblings(x, k, block, group, bits, out, new_nodes)
+        _fuse_siblings(x, k, block, group, bits, out, new_nodes, memo)
     nodes = []
     for node in model.graph.node:
         nodes.extend(new_nodes.get(id(node), [node]))
@@ -211,22 +290,34 @@ def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: in
                             block_size=block, accuracy_level=ACCURACY_LEVEL)
 
 
-def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: dict, new_nodes: dict):
+def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: dict, new_nodes: dict,
+                   memo: dict | None = None):
     """Matmuls reading the same input (q/k/v, MLP gate/up) become one MatMulNBits over their
     concatenated weights and a Split: a decode step is a few hundred small ops, and one wider
-    matmul keeps both cores busy where three narrow ones each pay the launch and sync cost."""
+    matmul keeps both cores busy where three narrow ones each pay the launch and sync cost.
+    With `memo`, the graphs of one folder get the same concatenated objects (spilled ones are
+    matched by identity when `save(reuse=)` looks for shared weights)."""
     if len(group) == 1:
         node, b, s, n, z = group[0]
         new_nodes[id(node)] = [_matmul_nbits(x, b, s, list(node.output), k, n, bits, block, z)]
         return
     first = group[0][0]
     b_name, s_name = f"{group[0][1]}.fused{len(group)}", f"{group[0][2]}.fused{len(group)}"
-    weights[b_name] = np.concatenate([weights.pop(b) for _, b, _, _, _ in group])
-    weights[s_name] = np.concatenate([weights.pop(s) for _, _, s, _, _ in group])
+    def fused(name: str, parts: list):
+        key = ("fused", name)
+        if memo is not None and key in memo:
+            return memo[key]
+        value = concat_rows(parts, name)
+        if memo is not None:
+            memo[key] = value
+        return value
+
+    weights[b_name] = fused(b_name, [weights.pop(b) for _, b, _, _, _ in group])
+    weights[s_name] = fused(s_name, [weights.pop(s) for _, _, s, _, _ in group])
     z_name = None
     if group[0][4] is not None:  # zero points are per row too: rows concatenate
         z_name = f"{group[0][4]}.fused{len(group)}"
-        weights[z_name] = np.concatenate([weights.pop(z) for *_, z in group])
+        weights[z_name] = fused(z_name, [weights.pop(z) for *_, z in group])
     sizes = [n for _, _, _, n, _ in group]
     split = f"{b_name}.split"
     weights[split] = np.array(sizes, np.int64)

@@ -27,6 +27,7 @@ from models.fused import AttentionForm
 from models.signatures import build_vision_signature, decoder_signature
 
 OP_SET_DEFAULT, OP_SET_STANDARD = "default", "standard"
+SPILL_FILE = ".packed.spill"  # quantized weights waiting for model.onnx.data; removed before the rename
 
 
 GENAI_NO_INT8_KV = ("onnxruntime-genai cannot run an int8 KV cache: it allocates past_key_values in the "
@@ -143,16 +144,25 @@ class OnnxTarget(Target):
             del lw
             recipe = self._integer_recipe(plan)
             memo = {} if cfg.vision is not None else None  # packed weights, shared with the image prefill graph
-            if recipe is not None:
-                from export.quantize.onnx import quantize_model
+            spill = None
+            try:
+                if recipe is not None:
+                    from export.quantize.onnx import Spill, quantize_model
 
-                tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, progress=timer.progress)
-            helper.set_model_props(model, props)
-            save(model, tensors, tmp / "model.onnx", progress=timer.progress)
-            if cfg.vision is not None:
-                t0 = time.perf_counter()
-                self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors), memo=memo)
-                timer.seconds["vision graphs"] = time.perf_counter() - t0
+                    # the packed weights wait on disk, not in memory, until save copies them in
+                    spill = Spill(tmp / SPILL_FILE)
+                    tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, progress=timer.progress,
+                                             spill=spill)
+                helper.set_model_props(model, props)
+                save(model, tensors, tmp / "model.onnx", progress=timer.progress)
+                if cfg.vision is not None:
+                    t0 = time.perf_counter()
+                    self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors), memo=memo,
+                                        spill=spill)
+                    timer.seconds["vision graphs"] = time.perf_counter() - t0
+            finally:
+                if spill is not None:
+                    spill.close()
             del tensors
             if genai_runs(plan):
                 config = genai_config(cfg, plan.max_len, layout, symbolic_local=plan.op_set == OP_SET_DEFAULT)
@@ -181,7 +191,7 @@ class OnnxTarget(Target):
     def _integer_recipe(plan):
         return None if plan.recipe is None or plan.recipe.bits == 16 else plan.recipe
 
-    def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict, memo: dict):
+    def _vision_graphs(self, plan, weights, folder: Path, props: dict, reuse: dict, memo: dict, spill=None):
         """vision.onnx (pixel_values [N, 3, S, S] -> image_features [N, I, E]), embedding.onnx
         and image_prefill.onnx (the decoder with an `inputs_embeds` input; its weights are
         referenced in model.onnx.data when the decoder's are external): the graphs of
@@ -203,7 +213,7 @@ class OnnxTarget(Target):
             if recipe is not None:
                 from export.quantize.onnx import quantize_model
 
-                tensors = quantize_model(model, tensors, recipe, weights.blocks, memo)
+                tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, spill=spill)
             if file == VISION_ENCODER:
                 scan_over_images(model, cfg.vision, cfg.embed_dim)
             helper.set_model_props(model, props)

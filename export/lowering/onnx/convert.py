@@ -123,8 +123,16 @@ def live_nodes(nodes: list, outputs: list[str]) -> list:
 
 def _write_rows(f, array: np.ndarray):
     """Write an array's bytes in C order, a block of rows at a time (views, e.g. a transposed
-    weight, are never copied whole)."""
-    array = load(array)  # a lazy weight is read here, and dropped once written
+    weight, are never copied whole). A lazy weight whose source reads rows alone (a spilled
+    packed weight) is read a block of rows at a time; any other is read here whole and dropped
+    once written."""
+    if is_lazy(array) and array.reads_rows and array.ndim >= 1:
+        row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
+        rows = max(1, BLOCK_BYTES // row_bytes)
+        for i in range(0, array.shape[0], rows):
+            f.write(memoryview(np.ascontiguousarray(array.read_rows(i, i + rows)).reshape(-1).view(np.uint8)))
+        return
+    array = load(array)
     if array.flags.c_contiguous:
         f.write(memoryview(array.reshape(-1).view(np.uint8)))
         return
