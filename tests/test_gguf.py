@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import shutil
 import tempfile
 from pathlib import Path
@@ -414,7 +415,14 @@ def test_source_blocks_identity(tiny_ggufs):
             value = b.codes.astype(np.float32) * np.repeat(b.scales.astype(np.float32), 32, axis=1)
             np.testing.assert_array_equal(value, f.read(_gguf(name)), err_msg=name)
         assert kinds == {"q4_0", "q8_0"}
+        # bytes come from positioned reads into fresh arrays, not views of a mapping (whose
+        # touched pages would stay in the process's resident set through a whole export)
+        for name in f.names():
+            raw = f.raw(name)
+            assert not isinstance(raw.base, (np.memmap, mmap.mmap)) and raw.flags.writeable, name
         f.close()
+        with pytest.raises(ValueError, match="after close"):
+            f.raw("token_embd.weight")
 
 
 def _gguf(ours: str) -> str:

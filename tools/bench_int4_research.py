@@ -7,6 +7,7 @@ linear layer (and on the LM head's input). Prints one markdown row per variant a
 line per variant to --out. Results and conclusions: docs/notes/int4.md.
 
     OMP_NUM_THREADS=1 python tools/bench_int4_research.py --out build/int4_research.jsonl
+    # --steps sources: the loss split by the GGUF storage type each linear layer came from
 """
 
 from __future__ import annotations
@@ -313,6 +314,26 @@ def main():
         W.set_linears(lins["int4 asym GPTQ + MSE (zp)"])
         rows2["int4 asym GPTQ + MSE (zp)"] = record(2, "f32", "int4 asym GPTQ + MSE (zp)", None,
                                                     time.time() - t)
+        W.set_linears(None)
+
+    if "sources" in steps:
+        # which of the checkpoint's own storage types the int4 loss comes from: the linear layers
+        # whose GGUF tensor is of one type re-quantized (asymmetric MSE with integer zero points,
+        # the ONNX default grid), every other one left as the file holds it
+        import gguf as gguf_pkg
+
+        reader = gguf_pkg.GGUFReader(args.gguf)
+        gguf_leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+        stored = {t.name: t.tensor_type.name for t in reader.tensors}
+        kind = {k: stored[f"blk.{k.split('.')[0]}.{gguf_leaf[k.split('.')[1]]}.weight"] for k in W.orig_lin}
+        asym = {k: deq(alg.mse_search(w.numpy(), asymmetric=True)) for k, w in W.orig_lin.items()}
+        for types in (sorted(set(kind.values())), *([t] for t in sorted(set(kind.values())))):
+            share = sum(W.orig_lin[k].numel() for k in kind if kind[k] in types) / \
+                sum(w.numel() for w in W.orig_lin.values())
+            W.set_linears({k: asym[k] if kind[k] in types else W.orig_lin[k].numpy() for k in W.orig_lin})
+            record("sources", "f32", f"int4 asym MSE (zp) on {'+'.join(types)} ({share:.0%} of linear weights)",
+                   None)
         W.set_linears(None)
 
     if "3" in steps and tables and lins:

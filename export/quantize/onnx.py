@@ -186,7 +186,8 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     weight's parameter name, which is its initializer's name) gives the codes and scales of a
     weight exactly (our own quantizer, or a checkpoint's Q4_0 / Q8_0 blocks); its bits and block
     then set the node's. Weights may be lazy (models.lazy.LazyTensor): each is read, quantized
-    and dropped in turn, so only the packed result (the artifact's size) is held. `memo`
+    and dropped in turn, so only the packed result (the artifact's size) is held, and not even
+    that with `spill`. `memo`
     (name -> packed, scales, zero points), shared by the graphs of one folder, quantizes a weight
     that two graphs read once, and gives both the same arrays (`save(reuse=)` then writes them once).
     `spill`: where the packed arrays go as they are made (see `Spill`); the returned weights then
