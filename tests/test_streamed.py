@@ -202,6 +202,32 @@ def test_spilled_packed_weights_give_the_same_folder(tmp_path, monkeypatch, mode
         assert len(shared) > 10  # the decoder's packed matmuls, fused ones included
 
 
+def test_spill_reads_back_and_frees_what_was_written(tmp_path):
+    """The scratch file of packed ONNX weights: rows read back exactly (a concatenation across
+    parts too); once released (copied into model.onnx.data), a tensor's disk blocks are freed and
+    reading it is an error, not zeros."""
+    import os
+
+    from export.quantize.onnx import Spill
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (512, 64, 16), dtype=np.uint8)
+    b = rng.integers(0, 256, (256, 64, 16), dtype=np.uint8)
+    spill = Spill(tmp_path / "s.spill", min_bytes=0)
+    la, lb = spill.put("a", a), spill.put("b", b)
+    fused = spill.concat([la, lb], "ab")
+    np.testing.assert_array_equal(fused.read_rows(500, 520), np.concatenate([a, b])[500:520])
+    np.testing.assert_array_equal(np.asarray(la), a)
+    blocks = os.stat(spill.path).st_blocks
+    spill.release(fused)  # releases both parts
+    freed = blocks - os.stat(spill.path).st_blocks
+    assert freed * 512 >= 0.9 * (a.nbytes + b.nbytes), "no hole punched (file system without fallocate?)"
+    with pytest.raises(RuntimeError, match="after it was released"):
+        lb.read_rows(0, 1)
+    spill.close()
+    assert not spill.path.exists()
+
+
 def test_streamed_gate_catches_a_wrong_artifact():
     """Scored against other weights, the streamed gate must see the difference."""
     cfg, params = init_model(get_config("gemma3-tiny"), seed=1)

@@ -46,12 +46,34 @@ CHUNK_COLUMNS = 8192  # output channels quantized at a time (bounds the transien
 SPILL_MIN_BYTES = 1 << 20  # packed arrays below this stay in memory (scales of small layers, splits)
 
 
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free a byte range of a file's disk blocks, keeping its size (Linux fallocate with
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE). False where the system or file system lacks it."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux") or length <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.fallocate(ctypes.c_int(fd), ctypes.c_int(0x02 | 0x01), ctypes.c_int64(offset),
+                              ctypes.c_int64(length)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class Spill:
     """A scratch file the packed weights are appended to as they are made; each comes back as a
     LazyTensor that reads its rows from the file (np.fromfile into a fresh buffer, not a
     mapping, so the pages read count against the page cache and not the process). The writes go
-    through the page cache too: the packed model is never resident in the exporter. `close()`
-    removes the file; the tensors handed out must not be read after it."""
+    through the page cache too: the packed model is never resident in the exporter.
+
+    `release(tensor)`, once `save` has copied a tensor into model.onnx.data, frees its blocks on
+    disk (a hole punched in the file), so the scratch file shrinks as the data file grows and the
+    export needs about one artifact of free disk, not two (gemma3-27b dynamic-int8: 27 GiB); a
+    released tensor raises if read again. `close()` removes the file; the tensors handed out
+    must not be read after it."""
 
     def __init__(self, path: Path, min_bytes: int | None = None):
         self.path = Path(path)
@@ -59,6 +81,31 @@ class Spill:
         self._f = open(self.path, "wb")
         self._dirty = False
         self.nbytes = 0
+        self._regions = {}  # id(tensor) -> [(offset, nbytes)], for release
+        self._held = {}  # id(tensor) -> tensor, so that the ids stay unique while registered
+        self._released = set()  # offsets of released regions
+
+    def _register(self, tensor, regions: list):
+        self._regions[id(tensor)] = regions
+        self._held[id(tensor)] = tensor
+
+    def regions(self, tensor) -> list:
+        """The file regions [(offset, nbytes)] `tensor` reads (a concatenation: its parts')."""
+        return self._regions.get(id(tensor), [])
+
+    def release(self, tensor):
+        """`tensor` (spilled, or concatenated from spilled parts) has been written where it
+        belongs: free its disk blocks. Anything else: nothing to do."""
+        regions = self._regions.pop(id(tensor), None)
+        self._held.pop(id(tensor), None)
+        if not regions:
+            return
+        if self._dirty:
+            self._f.flush()
+            self._dirty = False
+        for offset, nbytes in regions:
+            self._released.add(offset)
+            _punch_hole(self._f.fileno(), offset, nbytes)
 
     def put(self, name: str, array):
         """`array`, spilled when it is at least `min_bytes`, else returned as is."""
@@ -76,6 +123,8 @@ class Spill:
 
         def rows(a: int, b: int) -> np.ndarray:
             b = min(b, shape[0])
+            if offset in self._released:
+                raise RuntimeError(f"internal error: {name} was read from the spill file after it was released")
             if self._dirty:
                 self._f.flush()
                 self._dirty = False
@@ -83,7 +132,16 @@ class Spill:
                               offset=offset + a * row_items * dtype.itemsize)
             return out.reshape((b - a, *shape[1:]))
 
-        return LazyTensor(shape, dtype, lambda: rows(0, shape[0]), name=name, rows=rows)
+        tensor = LazyTensor(shape, dtype, lambda: rows(0, shape[0]), name=name, rows=rows)
+        self._register(tensor, [(offset, array.nbytes)])
+        return tensor
+
+    def concat(self, parts: list, name: str):
+        """concat_rows(parts), registered so that releasing it releases its spilled parts."""
+        value = concat_rows(parts, name)
+        if is_lazy(value):
+            self._register(value, [r for p in parts for r in self.regions(p)])
+        return value
 
     def close(self):
         if not self._f.closed:
@@ -265,7 +323,7 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     if progress:
         progress(len(uses), len(uses), "quantized")
     for (x, k, block, bits, _zp), group in siblings.items():
-        _fuse_siblings(x, k, block, group, bits, out, new_nodes, memo)
+        _fuse_siblings(x, k, block, group, bits, out, new_nodes, memo, spill)
     nodes = []
     for node in model.graph.node:
         nodes.extend(new_nodes.get(id(node), [node]))
@@ -292,7 +350,7 @@ def _matmul_nbits(x: str, b: str, scales: str, outputs: list[str], k: int, n: in
 
 
 def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: dict, new_nodes: dict,
-                   memo: dict | None = None):
+                   memo: dict | None = None, spill: Spill | None = None):
     """Matmuls reading the same input (q/k/v, MLP gate/up) become one MatMulNBits over their
     concatenated weights and a Split: a decode step is a few hundred small ops, and one wider
     matmul keeps both cores busy where three narrow ones each pay the launch and sync cost.
@@ -308,7 +366,7 @@ def _fuse_siblings(x: str, k: int, block: int, group: list, bits: int, weights: 
         key = ("fused", name)
         if memo is not None and key in memo:
             return memo[key]
-        value = concat_rows(parts, name)
+        value = concat_rows(parts, name) if spill is None else spill.concat(parts, name)
         if memo is not None:
             memo[key] = value
         return value

@@ -154,7 +154,8 @@ class OnnxTarget(Target):
                     tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, progress=timer.progress,
                                              spill=spill)
                 helper.set_model_props(model, props)
-                save(model, tensors, tmp / "model.onnx", progress=timer.progress)
+                save(model, tensors, tmp / "model.onnx", progress=timer.progress,
+                     on_written=spill.release if spill is not None else None)
                 if cfg.vision is not None:
                     t0 = time.perf_counter()
                     self._vision_graphs(plan, weights, tmp, props, reuse=external_table(model, tensors), memo=memo,
@@ -217,7 +218,7 @@ class OnnxTarget(Target):
             if file == VISION_ENCODER:
                 scan_over_images(model, cfg.vision, cfg.embed_dim)
             helper.set_model_props(model, props)
-            save(model, tensors, folder / file, reuse=share)
+            save(model, tensors, folder / file, reuse=share, on_written=spill.release if spill is not None else None)
         save(embedding_model(cfg.vision, cfg.embed_dim, IR_VERSION), {}, folder / EMBEDDING)
 
     def describe(self, result) -> list[str]:

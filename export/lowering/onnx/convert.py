@@ -169,13 +169,14 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None = None,
-         progress=None) -> list[Path]:
+         progress=None, on_written=None) -> list[Path]:
     """Write model.onnx (+ model.onnx.data when the weights pass EXTERNAL_DATA_BYTES), each to a
     temporary name first. Weights go in sorted order, so the same inputs give identical bytes.
 
     reuse (`external_table` of a model saved in the same folder): weights equal to one there are
     referenced in its data file instead of written again (the image prefill graph shares the text
-    decoder's weights this way)."""
+    decoder's weights this way). on_written(array), if given, is called once each weight is in the
+    external data file (the ONNX target frees the packed weights' scratch copies this way)."""
     path = Path(path)
     weights = dict(weights)
     for name, (array, location, offset, length) in (reuse or {}).items():
@@ -208,6 +209,8 @@ def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None =
                     f.write(b"\0" * pad)
                     offset = f.tell()
                     _write_rows(f, array)
+                    if on_written is not None:
+                        on_written(array)
                     tensor = onnx.TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
                     tensor.data_location = TensorProto.EXTERNAL
                     for key, value in (("location", data_path.name), ("offset", str(offset)),
