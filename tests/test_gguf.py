@@ -420,6 +420,11 @@ def test_source_blocks_identity(tiny_ggufs):
         for name in f.names():
             raw = f.raw(name)
             assert not isinstance(raw.base, (np.memmap, mmap.mmap)) and raw.flags.writeable, name
+        # a row slice reads only its rows' bytes and dequantizes them as the whole tensor does
+        for name, t in f.tensors.items():
+            if len(t.shape) == 2:
+                a, b = 1, min(t.shape[0], 7)
+                np.testing.assert_array_equal(f.read_rows(name, a, b), f.read(name)[a:b], err_msg=name)
         f.close()
         with pytest.raises(ValueError, match="after close"):
             f.raw("token_embd.weight")

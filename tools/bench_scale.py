@@ -3,6 +3,7 @@
   python tools/bench_scale.py [--models gemma3-1b,gemma3-4b] [--targets onnx,tflite,litertlm]
                               [--recipes int4-b32,dynamic-int8] [--no-gate] [--work DIR] [--keep]
                               [--context 1024] [--ort-genai] [--checkpoint-format bf16|gguf-q4_0]
+                              [--no-smoothing]
 
 Per model: a bf16 safetensors checkpoint of random weights is written to disk first, tensor by
 tensor (models/loaders/hf.save_checkpoint), so the path measured is the one a user's checkpoint
@@ -89,10 +90,11 @@ def write_checkpoint(model: str, folder: Path, fmt: str = "bf16") -> tuple[float
     return time.perf_counter() - t0, file.stat().st_size, where
 
 
-def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate: bool, context: int) -> dict:
+def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate: bool, context: int,
+               extra: list[str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "export", "--model", model, "--checkpoint", str(ckpt), "--target", target,
            "--quant", recipe, "--out", str(out), "--stage-memory", "--max-seq-len", str(context), "--no-vision",
-           "--no-engine-check"]
+           "--no-engine-check", *(extra or [])]
     if not gate:
         cmd.append("--no-verify")
     if target == "litertlm":  # a bundle carries a tokenizer; random weights have none: the tiny fixture's
@@ -231,6 +233,9 @@ def main() -> int:
     ap.add_argument("--checkpoint-format", choices=["bf16", "gguf-q4_0"], default="bf16",
                     help="bf16 safetensors (default), or a GGUF of Q4_0 blocks (Gemma 2/3: the 27B sizes fit the "
                          "disk)")
+    ap.add_argument("--no-smoothing", action="store_true",
+                    help="pass --no-smoothing (TFLite dynamic-int8's calibration runs the model over the text: "
+                         "hours at 27B on 2 cores)")
     args = ap.parse_args()
 
     from export.memory import check_fits
@@ -260,7 +265,8 @@ def main() -> int:
             out.mkdir()
             row = {"model": model, "target": target, "recipe": recipe, "estimate_gib": est.peak / GiB,
                    "checkpoint": args.checkpoint_format}
-            row.update(run_export(model, ckpt_path, target, recipe, out, not args.no_gate, args.context))
+            row.update(run_export(model, ckpt_path, target, recipe, out, not args.no_gate, args.context,
+                                  ["--no-smoothing"] if args.no_smoothing else None))
             if row.get("artifact"):
                 row.update(run_runtime(row["artifact"], target, recipe, row["artifact_bytes"]))
             rows.append(row)

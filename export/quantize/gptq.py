@@ -70,8 +70,9 @@ def calibration_ids(cfg, tokenizer=None, seed: int = 0, max_len: int | None = No
     count = max(CALIBRATION_SEQUENCES, -(-len(body) // (limit - 1)))
     t = min(limit, len(body) // count + 1)
     if len(body) < CALIBRATION_SEQUENCES * 64:
-        raise ValueError(f"the calibration text {path} is only {len(body)} tokens with this tokenizer; give "
-                         f"GPTQ at least {CALIBRATION_SEQUENCES * 64} (a few thousand are better)")
+        raise ValueError(f"the calibration text {path} is only {len(body)} tokens with this tokenizer; the "
+                         f"calibration (GPTQ, or TFLite dynamic-int8's smoothing) needs at least "
+                         f"{CALIBRATION_SEQUENCES * 64} (a few thousand are better): pass --calibration-text FILE")
     rows = [[tok.bos_id] + body[i * (t - 1):(i + 1) * (t - 1)] for i in range(count)]
     return np.asarray(rows, np.int32)
 

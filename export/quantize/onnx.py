@@ -180,6 +180,8 @@ def block_for(recipe: Recipe, k: int) -> int:
 
 def quantize_rows(rows: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """rows [N, K] float -> (B uint8 [N, K/block, block*bits/8], scales f32 [N, K/block]), symmetric.
+    `rows` may be a LazyTensor that reads row slices (a checkpoint's table): it is then read
+    CHUNK_COLUMNS rows at a time, never whole.
 
     A block of zeros gets scale 1 (its codes are the zero point either way): runtimes that
     divide by the scale, or reject zero scales, then still load it."""
@@ -195,7 +197,8 @@ def quantize_rows(rows: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, 
     kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     for n0 in range(0, n, CHUNK_COLUMNS):
         n1 = min(n, n0 + CHUNK_COLUMNS)
-        w = np.ascontiguousarray(rows[n0:n1].T, dtype=np.float32)  # [K, cols], as the kernel takes it
+        part = rows.read_rows(n0, n1) if is_lazy(rows) else rows[n0:n1]
+        w = np.ascontiguousarray(part.T, dtype=np.float32)  # [K, cols], as the kernel takes it
         zp = np.zeros((n1 - n0, (kb + 1) // 2), np.uint8)  # unused when symmetric
         kernel(packed[n0:n1], w, scales[n0:n1], zp, block, n1 - n0, k, True)  # contiguous row slices
     scales[~np.isfinite(scales) | (scales == 0)] = 1.0  # symmetric scales may be negative
@@ -293,7 +296,8 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
                 if given is not None:
                     packed, scales, zero_points = ahead.take(name)
                 else:
-                    packed, scales, zero_points = (*quantize_rows(load(rows), bits, block), None)
+                    sliced = rows if is_lazy(rows) and rows.reads_rows else load(rows)
+                    packed, scales, zero_points = (*quantize_rows(sliced, bits, block), None)
                 if spill is not None:
                     packed, scales, zero_points = (spill.put(f"{name}.q{bits}", packed),
                                                    spill.put(f"{name}.scales", scales),

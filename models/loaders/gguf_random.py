@@ -5,8 +5,9 @@ table as Q4_0 blocks (32 random 4-bit codes and a float16 scale each), like the
 quantization-aware-trained Gemma 3 GGUFs Google publishes, so a 27B checkpoint takes 15 GB of disk
 where bf16 safetensors take 54 GB. Norms are F32, stored as llama.cpp stores Gemma's: w + 1.
 The metadata follows llama.cpp's converter (the keys `config_from_gguf` reads), and the vocabulary
-is a placeholder of the config's size (Gemma's special pieces at their ids, `<unusedN>` elsewhere):
-enough for the tokenizer files to be rebuilt, not for text.
+is a placeholder of the config's size (Gemma's special pieces at their ids, the 256 byte pieces,
+`<unusedN>` elsewhere): enough for the tokenizer files to be rebuilt and for any text to tokenize
+(byte by byte, for the calibrations), not for meaningful text.
 
 One tensor is generated and written at a time (the largest, gemma3-27b's table, is 0.8 GB as Q4_0);
 nothing is read back. Deterministic for a seed.
@@ -46,6 +47,13 @@ def _vocabulary(cfg: ModelConfig) -> tuple[list[str], list[float], list[int]]:
     for i, piece in special.items():
         tokens[i] = piece
         types[i] = gguf.TokenType.UNKNOWN if piece == "<unk>" else gguf.TokenType.CONTROL
+    # the 256 byte pieces (where Gemma's vocabulary has them): with byte fallback any text
+    # tokenizes, one piece per UTF-8 byte, so the smoothing and GPTQ calibrations have tokens
+    first = 238 if cfg.vocab_size >= 238 + 256 else len(special) + 4
+    if first + 256 <= cfg.vocab_size:
+        for b in range(256):
+            tokens[first + b] = f"<0x{b:02X}>"
+            types[first + b] = gguf.TokenType.BYTE
     return tokens, [0.0] * cfg.vocab_size, [int(t) for t in types]
 
 
