@@ -29,6 +29,7 @@ size plus the converter before, docs/memory.md). The bytes written are the same 
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from pathlib import Path
 
@@ -46,21 +47,29 @@ CHUNK_COLUMNS = 8192  # output channels quantized at a time (bounds the transien
 SPILL_MIN_BYTES = 1 << 20  # packed arrays below this stay in memory (scales of small layers, splits)
 
 
+@functools.cache
+def _libc():
+    """The C library's symbols, as linked into this process (no `find_library`, which runs
+    ldconfig in a subprocess); None where ctypes cannot load them."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free a byte range of a file's disk blocks, keeping its size (Linux fallocate with
     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE). False where the system or file system lacks it."""
     import ctypes
-    import ctypes.util
     import sys
 
-    if not sys.platform.startswith("linux") or length <= 0:
+    libc = _libc() if sys.platform.startswith("linux") and length > 0 else None
+    if libc is None or not hasattr(libc, "fallocate"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.fallocate(ctypes.c_int(fd), ctypes.c_int(0x02 | 0x01), ctypes.c_int64(offset),
-                              ctypes.c_int64(length)) == 0
-    except (OSError, AttributeError):
-        return False
+    return libc.fallocate(ctypes.c_int(fd), ctypes.c_int(0x02 | 0x01), ctypes.c_int64(offset),
+                          ctypes.c_int64(length)) == 0
 
 
 class Spill:
@@ -79,30 +88,14 @@ class Spill:
         self.path = Path(path)
         self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
         self._f = open(self.path, "wb")
-        self._dirty = False
-        self.nbytes = 0
-        self._regions = {}  # id(tensor) -> [(offset, nbytes)], for release
-        self._held = {}  # id(tensor) -> tensor, so that the ids stay unique while registered
+        # id(tensor) -> (tensor, [(offset, nbytes)]): the tensor is held so that its id stays unique
+        self._spilled = {}
         self._released = set()  # offsets of released regions
-
-    def _register(self, tensor, regions: list):
-        self._regions[id(tensor)] = regions
-        self._held[id(tensor)] = tensor
-
-    def regions(self, tensor) -> list:
-        """The file regions [(offset, nbytes)] `tensor` reads (a concatenation: its parts')."""
-        return self._regions.get(id(tensor), [])
 
     def release(self, tensor):
         """`tensor` (spilled, or concatenated from spilled parts) has been written where it
         belongs: free its disk blocks. Anything else: nothing to do."""
-        regions = self._regions.pop(id(tensor), None)
-        self._held.pop(id(tensor), None)
-        if not regions:
-            return
-        if self._dirty:
-            self._f.flush()
-            self._dirty = False
+        _, regions = self._spilled.pop(id(tensor), (None, ()))
         for offset, nbytes in regions:
             self._released.add(offset)
             _punch_hole(self._f.fileno(), offset, nbytes)
@@ -116,8 +109,7 @@ class Spill:
         self._f.write(b"\0" * pad)
         offset = self._f.tell()
         self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        self._dirty = True
-        self.nbytes += array.nbytes
+        self._f.flush()  # readable by np.fromfile from here on
         shape, dtype = array.shape, array.dtype
         row_items = int(np.prod(shape[1:], dtype=np.int64))
 
@@ -125,22 +117,19 @@ class Spill:
             b = min(b, shape[0])
             if offset in self._released:
                 raise RuntimeError(f"internal error: {name} was read from the spill file after it was released")
-            if self._dirty:
-                self._f.flush()
-                self._dirty = False
             out = np.fromfile(self.path, dtype, count=(b - a) * row_items,
                               offset=offset + a * row_items * dtype.itemsize)
             return out.reshape((b - a, *shape[1:]))
 
         tensor = LazyTensor(shape, dtype, lambda: rows(0, shape[0]), name=name, rows=rows)
-        self._register(tensor, [(offset, array.nbytes)])
+        self._spilled[id(tensor)] = tensor, [(offset, array.nbytes)]
         return tensor
 
     def concat(self, parts: list, name: str):
         """concat_rows(parts), registered so that releasing it releases its spilled parts."""
         value = concat_rows(parts, name)
         if is_lazy(value):
-            self._register(value, [r for p in parts for r in self.regions(p)])
+            self._spilled[id(value)] = value, [r for p in parts for r in self._spilled.get(id(p), (None, []))[1]]
         return value
 
     def close(self):

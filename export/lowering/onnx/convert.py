@@ -126,19 +126,15 @@ def _write_rows(f, array: np.ndarray):
     weight, are never copied whole). A lazy weight whose source reads rows alone (a spilled
     packed weight) is read a block of rows at a time; any other is read here whole and dropped
     once written."""
-    if is_lazy(array) and array.reads_rows and array.ndim >= 1:
-        row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
-        rows = max(1, BLOCK_BYTES // row_bytes)
-        for i in range(0, array.shape[0], rows):
-            f.write(memoryview(np.ascontiguousarray(array.read_rows(i, i + rows)).reshape(-1).view(np.uint8)))
-        return
-    array = load(array)
-    if array.flags.c_contiguous:
-        f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        return
-    rows = max(1, BLOCK_BYTES // max(1, array[0].nbytes))
+    if not (is_lazy(array) and array.reads_rows and array.ndim >= 1):
+        array = load(array)
+        if array.flags.c_contiguous:
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            return
+    take = array.read_rows if is_lazy(array) else (lambda a, b: array[a:b])
+    rows = max(1, BLOCK_BYTES // max(1, array.nbytes // max(1, array.shape[0])))
     for i in range(0, array.shape[0], rows):
-        f.write(memoryview(np.ascontiguousarray(array[i:i + rows]).reshape(-1).view(np.uint8)))
+        f.write(memoryview(np.ascontiguousarray(take(i, i + rows)).reshape(-1).view(np.uint8)))
 
 
 def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
