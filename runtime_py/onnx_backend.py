@@ -21,6 +21,7 @@ from contract.onnx import model_file, read_metadata, vision_files
 from contract.signatures import (
     IMAGE, INPUT_POS, LOGITS, SOFT_TOKENS, TOKENS, SignatureKind, SignatureSpec, TensorSpec, signature_name,
 )
+from runtime_py.pages import release_mapped
 from runtime_py.session import Session
 
 INPUT_IDS, ATTENTION_MASK, INPUTS_EMBEDS = "input_ids", "attention_mask", "inputs_embeds"
@@ -122,6 +123,7 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
 
     vision = vision_files(file)
     session, vision_session = (open_graph(vision[1]), open_graph(vision[0])) if vision else (open_graph(file), None)
+    release_mapped(file.parent)  # the weights prepacking read and no call reads again (runtime_py/pages.py)
     layout = meta.states
     declared = {i.name for i in session.get_inputs()}
     missing = [n for n in layout.names(Naming.ONNX_PAST) if n not in declared]

@@ -34,6 +34,7 @@ from contract.signatures import (
 )
 from contract.bundle import FEATURES, MM_EMBEDDINGS, TOKEN_IDS
 from contract.tflite import in_place_states, numpy_dtype, read_tflite
+from runtime_py.pages import release_mapped
 from runtime_py.session import Session
 
 
@@ -490,6 +491,7 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
     specs = signature_specs(flat, metadata)
     if api == "compiled":
         model, cache = _compiled_model(path, data, num_threads, weight_cache, model_file)
+        release_mapped(model_file or path)  # what XNNPACK packed (runtime_py/pages.py)
         backend = CompiledBackend(model, specs, in_place_states(path) if in_place else None)
         session = Session(_embedded(backend, bundle, metadata, num_threads), metadata)
         session.compiled_model, session.weight_cache = model, cache

@@ -158,6 +158,13 @@ def test_rebuilt_tokenizer_equals_transformers(our_tokenizer, hf_tokenizer):
         assert our_tokenizer.decode(ours[1:]) == re.sub(r"<(start|end)_of_turn>", "", s)
 
 
+def _resident(path) -> int:
+    """Bytes of `path` (a file, or a folder's files) resident in this process's mappings."""
+    from runtime_py.pages import file_mappings
+
+    return sum(m["rss"] for m in file_mappings(path))
+
+
 def quickstart_export_args(gguf: Path, out: Path) -> list[str]:
     """The export arguments of the README's first command (its quickstart), with the GGUF the
     command assembles and the output folder given."""
@@ -182,6 +189,7 @@ def test_the_readme_quickstart_exports_the_real_model_and_it_talks(real_gguf, hf
     from runtime_py import load
     from runtime_py.__main__ import main as run_main
     from runtime_py.litertlm_engine import Engine
+    from runtime_py.pages import file_mappings
 
     args = quickstart_export_args(real_gguf, tmp_path)
     assert "litertlm" in args and str(CTX) in args
@@ -196,7 +204,11 @@ def test_the_readme_quickstart_exports_the_real_model_and_it_talks(real_gguf, hf
     assert run_main(nxt[3:] + ["--max-new-tokens", "8"]) == 0
     assert len(capsys.readouterr().out.strip()) > 8  # real text
     prompt, expected = hf_greedy
-    assert load(bundle).generate(prompt, GREEDY_STEPS) == expected
+    session = load(bundle)
+    section = [m["file"] for m in file_mappings(Path(session.weight_cache).parent) if m["file"].suffix == ".tflite"]
+    assert len(set(section)) == 1  # the bundle's TFLite section, mapped from its copy beside the weight cache
+    assert _resident(section[0]) < section[0].stat().st_size * 0.05  # XNNPACK packed it: pages given back
+    assert session.generate(prompt, GREEDY_STEPS) == expected
     tokenizer = Tokenizer.from_bytes(read_bundle(bundle).tokenizer_bytes())
     engine = Engine(bundle)
     try:
@@ -217,6 +229,10 @@ def test_f32_onnx_export_passes_the_gate_and_continues_like_transformers(real_gg
     assert len(made) == 1, made
     prompt, expected = hf_greedy
     session = load(made[0])
+    # ONNX Runtime read all of model.onnx.data to prepack its MatMuls; runtime_py gives those
+    # pages back after load (runtime_py/pages.py), and generation reads the rows it needs again
+    data = made[0] / "model.onnx.data"
+    assert data.stat().st_size > 2**29 and _resident(made[0]) < data.stat().st_size * 0.05
     assert session.generate(prompt, GREEDY_STEPS) == expected
     # onnxruntime-genai reads the tokenizer.json written from the GGUF vocabulary
     og = pytest.importorskip("onnxruntime_genai")
