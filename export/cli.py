@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-smoothing", action="store_true",
                     help="TFLite dynamic-int8: skip the activation smoothing folded into the weights (on by default "
                          "where a tokenizer is found; halves the recipe's KL to f32 on real weights)")
+    ap.add_argument("--no-rotation", action="store_true",
+                    help="TFLite dynamic-int8: skip the Hadamard rotation of the MLP down projection's input (on by "
+                         "default; export/quantize/rotate.py)")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--skip-memory-check", action="store_true",
@@ -278,7 +281,7 @@ def parse_request(args) -> Request:
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
         context_buckets=parse_buckets(args.context_buckets), kv_cache=args.kv_cache,
         dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
-        smoothing=not args.no_smoothing,
+        smoothing=not args.no_smoothing, rotation=not args.no_rotation,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         verify_long=args.verify_long, speculative=args.speculative, inline_composites=args.inline_composites,
         gate=args.gate,

@@ -235,6 +235,7 @@ class Plan:
     tokenizer: Path | None = None  # the tokenizer source the target writes or bundles
     buckets: tuple[int, ...] = ()  # TFLite context buckets (models/signatures.context_buckets)
     smoothing: bool = False  # activation smoothing folded into the weights (export/quantize/smooth.py)
+    rotation: bool = False  # down's input rotated per block (export/quantize/rotate.py)
 
     @property
     def quant(self) -> str | None:
@@ -249,8 +250,8 @@ class Plan:
 
     def metadata(self, layout: StateLayout, **fields) -> ArtifactMetadata:
         method = self.options.int4_method if self.recipe is not None and self.recipe.block else None
-        if self.smoothing:
-            method = "smoothed"
+        if self.smoothing or self.rotation:
+            method = "+".join(m for m, on in (("smoothed", self.smoothing), ("rotated", self.rotation)) if on)
         return artifact_metadata(self.cfg, self.max_len, layout, prefill_lengths=self.lens,
                                  context_buckets=self.buckets,
                                  weight_dtype=self.storage, quantization=self.quant, quant_method=method,
@@ -308,8 +309,11 @@ def resolve(cfg: ModelConfig, target: str, options: ExportOptions) -> Plan:
     plan = dataclasses.replace(plan, recipe=recipe)
     if options.int4_method == "gptq":
         calibration_tokenizer(plan)  # a missing or unreadable tokenizer fails here, before any work
+    from export.quantize import rotate
     from export.quantize.smooth import applies
 
+    if rotate.applies(plan):
+        plan = dataclasses.replace(plan, rotation=True)
     if applies(plan):
         try:
             calibration_tokenizer(plan)
@@ -406,6 +410,13 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
     if plan.smoothing:
         with (timer or Timer()).stage("calibrate (smoothing)", record="calibrate") as t:
             stored, folds = smoothed(plan, stored, t.progress)
+    if plan.rotation:  # after smoothing, whose factors are the unrotated inputs'
+        from export.quantize.rotate import groups, rotated
+
+        stored, n = rotated(stored, plan.cfg)
+        if plan.options.verbose:
+            print(f"rotation: {n} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
+                  "of 128 channels)", flush=True)
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 
@@ -501,8 +512,10 @@ class ExportResult:
 
         ideal = ideal_bytes(stored, self.quant, self.plan.target.quant_table)
         f32 = sum(v.size for v in stored.values()) * 4
-        method = {None: "", "mse": "", "smoothed": ", smoothed"}.get(self.metadata.quant_method,
-                                                                      f", {self.metadata.quant_method} codes")
+        from export.inspect import FOLDS
+
+        m = self.metadata.quant_method
+        method = "" if m in (None, "mse") else f", {m}" if m in FOLDS else f", {m} codes"
         return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}{method}; {f32 / file_bytes:.2f}x smaller than f32, "
                 f"{file_bytes / ideal:.3f}x the ideal {ideal / 2**20:.1f} MiB of parameters x bits + scales)")
 

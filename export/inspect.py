@@ -167,6 +167,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+# quant_method values that name a transform of the weights, not how the codes were chosen
+FOLDS = ("smoothed", "rotated", "smoothed+rotated")
+
+
 def format_text(d: dict) -> str:
     meta = d.get("metadata") or {}
     lines = [f"{d['artifact']} ({d['kind']}, {_mib(d['file_bytes'])})"]
@@ -174,7 +178,7 @@ def format_text(d: dict) -> str:
         lines.append(f"  model {meta.get('model')} ({meta.get('family')}), context {meta.get('max_seq_len')}, "
                      f"sliding window {meta.get('sliding_window')}, weights {meta.get('weight_dtype')}, "
                      f"quantization {meta.get('quantization') or 'none'}"
-                     + (f" ({meta['quant_method']}{'' if meta['quant_method'] == 'smoothed' else ' codes'})"
+                     + (f" ({meta['quant_method']}{'' if meta['quant_method'] in FOLDS else ' codes'})"
                         if meta.get("quant_method") else "")
                      + f", vocab {meta.get('vocab_size')}, "
                      f"instruction-tuned {meta.get('instruction_tuned')}")

@@ -27,7 +27,7 @@ from models.cache import (
 )
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm, attention_mask, cached_attention, scaled_dot_product_attention
-from models.layers import Params, apply_rope, dense, rms_norm, rope_frequencies
+from models.layers import Params, apply_rope, dense, rms_norm, rope_frequencies, rotated
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
@@ -66,7 +66,7 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
                                        rope_freqs=freqs, scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
-    out = dense(out.reshape(b, t, heads * d), p["attn.o"], p.get("attn.o_bias"))
+    out = dense(rotated(p, "attn.o_rotation", out.reshape(b, t, heads * d)), p["attn.o"], p.get("attn.o_bias"))
     if int8:
         return out, {"k": ck[0], "v": cv[0], "k_scale": ck[1], "v_scale": cv[1]}
     return out, {"k": ck, "v": cv}

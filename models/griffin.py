@@ -16,18 +16,18 @@ from models.attention import attention_block
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm, linear_recurrence
 from models.gemma import geglu_mlp
-from models.layers import F32, Params, dense, gelu_tanh, rms_norm
+from models.layers import F32, Params, dense, gelu_tanh, rms_norm, rotated
 
 
 def griffin_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, start, num_valid,
                   cache: dict, attention: AttentionForm = AttentionForm.SDPA):
-    h = rms_norm(x, p["temporal_pre_norm"], cfg.norm_eps)
+    h = rotated(p, "temporal_pre_norm_rotation", rms_norm(x, p["temporal_pre_norm"], cfg.norm_eps))
     if kind is LayerKind.RECURRENT:
         h, cache = recurrent_block(p.scope("rec."), cfg, h, positions, start, num_valid, cache)
     else:
         h, cache = attention_block(p, cfg, kind, h, start, num_valid, cache, attention=attention)
     r = x + h
-    return r + geglu_mlp(p, rms_norm(r, p["channel_pre_norm"], cfg.norm_eps)), cache
+    return r + geglu_mlp(p, rotated(p, "channel_pre_norm_rotation", rms_norm(r, p["channel_pre_norm"], cfg.norm_eps))), cache
 
 
 def recurrent_block(p: Params, cfg: ModelConfig, h, positions, start, num_valid, cache: dict):
@@ -37,7 +37,7 @@ def recurrent_block(p: Params, cfg: ModelConfig, h, positions, start, num_valid,
     u, conv_state = conv1d(u, p["conv_w"], p["conv_bias"], start, num_valid, cache["conv"])
     valid = jnp.arange(h.shape[1])[None, :] < num_valid[:, None]
     u, lru_state = rg_lru(p, cfg, u, positions, valid, cache["rg_lru"])
-    out = dense(u * y, p["linear_out"], p["linear_out_bias"])
+    out = dense(rotated(p, "linear_out_rotation", u * y), p["linear_out"], p["linear_out_bias"])
     return out, {"conv": conv_state, "rg_lru": lru_state}
 
 

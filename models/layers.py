@@ -63,6 +63,24 @@ def dense(x, w, bias=None):
     return y.astype(x.dtype)
 
 
+def rotate_blocks(x, w, inverse: bool = False):
+    """x [..., F] rotated per block of b channels by w [b, b], stored as `dense` stores weights
+    ([out, in]: each block times w^T, one FULLY_CONNECTED with no transpose), back to [..., F];
+    `inverse`: times w instead (w is orthonormal). export/quantize/rotate.py; not a `dense`, so
+    calibration taps do not see it."""
+    b = w.shape[0]
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    y = jnp.einsum("...gi,io->...go" if inverse else "...gi,oi->...go", blocks, w.astype(x.dtype),
+                   preferred_element_type=F32)
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+def rotated(p, name: str, x):
+    """x rotated by the export's optional `name` rotation (export/quantize/rotate.py), else x."""
+    r = p.get(name)
+    return x if r is None else rotate_blocks(x, r)
+
+
 def rms_norm(x, scale, eps: float = 1e-6, multiplier: float = 1.0):
     """Gemma RMSNorm with a (1 + scale) gain; statistics in f32 (MODEL_SPEC 1.1). The gain is
     formed outside the `odml.rms_norm` composite, whose second operand is the multiplier;

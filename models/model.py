@@ -15,7 +15,7 @@ from models.config import Family, ModelConfig
 from models.fused import AttentionForm, embedding_lookup
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
-from models.layers import F32, Params, rms_norm
+from models.layers import F32, Params, rms_norm, rotate_blocks, rotated
 from models.multimodal import image_blocks, split_flag
 
 _LAYER_FNS = {
@@ -35,12 +35,17 @@ def activation_dtype(params: dict):
 # columns (export/quantize/smooth.py folds activation smoothing into the LM head) undoes it here, so
 # the lookup reads the same embeddings. Checkpoints never hold it.
 EMBED_CHANNEL_SCALE = "embed_channel_scale"
+# Optional [b, b] rotation of the LM head's input per block of b channels, the tied table's columns
+# rotated to match (export/quantize/rotate.py); the lookup rotates its rows back. Checkpoints never hold it.
+HEAD_ROTATION = "final_norm_rotation"
 
 
 def embed_tokens(params: dict, cfg: ModelConfig, tokens):
     """tokens [B, T] -> [B, T, E], scaled by sqrt(E) rounded as the reference does."""
     dtype = activation_dtype(params)
     x = embedding_lookup(params["embed"], tokens).astype(dtype)
+    if HEAD_ROTATION in params:  # the table's columns are rotated (export/quantize/rotate.py): rotate the rows back
+        x = rotate_blocks(x, params[HEAD_ROTATION], inverse=True)
     x = x * jnp.asarray(cfg.embed_scale(dtype), dtype)
     if EMBED_CHANNEL_SCALE in params:
         x = x * params[EMBED_CHANNEL_SCALE].astype(dtype)
@@ -138,7 +143,7 @@ def unembed(params: dict, cfg: ModelConfig, x):
     the matmul's weight, which for the tied table means a [V, E] multiply every step and, once
     quantized, a second float copy of the table."""
     cap = cfg.final_softcap
-    x = head_input(params, cfg, x)
+    x = rotated(params, HEAD_ROTATION, head_input(params, cfg, x))
     table = params["embed"].astype(x.dtype)
     logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=F32)
     return logits if cap is None else cap * jnp.tanh(logits)

@@ -192,7 +192,8 @@ def _dynamic_int8():
 
     def fake_unembed(params, cfg, x):
         table = channels8(jnp.asarray(params["embed"], jnp.float32))
-        logits = jnp.einsum("bte,ve->btv", rows8(M.head_input(params, cfg, x)), table)
+        x = M.rotated(params, M.HEAD_ROTATION, M.head_input(params, cfg, x))  # export/quantize/rotate.py
+        logits = jnp.einsum("bte,ve->btv", rows8(x), table)
         cap = cfg.final_softcap
         return logits if cap is None else cap * jnp.tanh(logits)
 
@@ -286,9 +287,10 @@ def test_cli_smooths_tflite_dynamic_int8_only(tmp_path, capsys):
 
     smoothed, said = run()
     assert "calibrate (smoothing)" in said and "smoothing: 0 of 19 matmul inputs folded" in said
+    assert "rotation: 25 of 25 matmul inputs rotated" in said  # tests/test_rotate.py
     plain, said = run("--no-smoothing")
     assert "calibrate (smoothing)" not in said and "inputs folded" not in said
-    assert not _meta(smoothed).get("quant_method") and not _meta(plain).get("quant_method")
+    assert _meta(smoothed).get("quant_method") == _meta(plain).get("quant_method") == "rotated"
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(__import__("tools.train_tiny", fromlist=["x"]).generate_stories(200, seed=5)),
                     encoding="utf-8")

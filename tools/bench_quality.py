@@ -385,6 +385,8 @@ def main(argv=None) -> int:
                          "blocks: no export")
     ap.add_argument("--no-smoothing", action="store_true",
                     help="TFLite dynamic-int8 without its activation smoothing (export/quantize/smooth.py)")
+    ap.add_argument("--no-rotation", action="store_true",
+                    help="TFLite dynamic-int8 without its down-projection rotation (export/quantize/rotate.py)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="where the artifacts go (default: a temp folder)")
     args = ap.parse_args(argv)
@@ -454,12 +456,13 @@ def main(argv=None) -> int:
         gptq = args.int4 == "gptq" and recipe.startswith("int4")
         opts = ExportOptions(out_dir=out_dir, max_len=args.tokens, prefill_lens=(min(128, args.tokens // 2),), quant=quant, verify=False,
                              tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse",
-                             smoothing=not args.no_smoothing)
+                             smoothing=not args.no_smoothing, rotation=not args.no_rotation)
         result = export(cfg, params, target, opts, carried=carried)
         export_s = time.perf_counter() - t0
         row = {"target": target, "recipe": recipe, "MiB": file_mib(result.path), "export_s": export_s}
-        if result.metadata.quant_method == "smoothed":
-            row["smoothed"] = True
+        for fold in ("smoothed", "rotated"):
+            if fold in (result.metadata.quant_method or "").split("+"):
+                row[fold] = True
         if recipe.startswith("int4") and args.int4 != "default":
             row["int4"] = args.int4
         if target == "litertlm":  # the TFLite model inside is the tflite row's: only LiteRT-LM's own score here

@@ -1,0 +1,136 @@
+"""Hadamard rotations of the matmul inputs, for TFLite's dynamic-int8 recipe.
+
+XNNPACK's dynamic int8 FULLY_CONNECTED quantizes each input row (one token) with one scale over
+all of its channels. The down projection's input, gelu(gate) * up, has per-token spikes: a few
+channels of a few tokens 10-100x the rest, which set that token's scale and leave every other
+channel a handful of levels. Smoothing (export/quantize/smooth.py) divides channels by a fixed
+factor and cannot flatten a spike that moves from token to token; it left `down` the largest
+share of the recipe's error on the real Gemma 3 270M (docs/quantization.md).
+
+An orthonormal rotation spreads a spike over many channels: with H the Sylvester-Hadamard matrix
+of order b (entries +-1/sqrt(b), H = H^T = H^-1), the export stores down's weight as W' = W H per
+block of b input channels and the graph multiplies the input by H per block before it, so
+x W^T = (x H)(W H)^T exactly in real arithmetic. One spike becomes b values 1/sqrt(b) its size.
+Emulated on the real 270M's calibration tokens (64 per layer, rows int8 asymmetric, weights int8
+per channel), the relative squared error of down's output fell 11x at b = 128 (0.00124 ->
+0.00011; b = 64: 0.00013, b = 256: 0.00010).
+
+The same holds for every other matmul input, less strongly: per-row int8 error of the readers'
+outputs on those tokens, plain / smoothed / rotated / smoothed then rotated (x 1e-6): q/k/v 655 /
+107 / 102 / 46; gate/up 519 / 121 / 102 / 61; o 166 / - / 79 / 64 (smoothing does not fold o);
+down 1237 / 420 / 109 / 65; the LM head 270 / 99 / 37 / 22. So every input is rotated, after
+smoothing has folded its factors (smoothing decides on the unrotated inputs; the rotation then
+acts on x / s and W s): `groups` lists them.
+
+A rotation is a parameter `<name>_rotation` [b, b] (f32, never quantized:
+export.quantize.sizes.is_quantized_weight) that the model code applies to the input when present
+(models.layers.rotated: the pre-norms' outputs, the attention output, down's input, the
+recurrent output projection's input; `final_norm_rotation` for the LM head, whose rows the
+lookup rotates back, models.model.HEAD_ROTATION); a checkpoint never holds one, and the parity
+reference keeps the checkpoint's weights. Its cost in the graph: one f32 [C/b x b] @ [b x b]
+matmul per rotated input of C channels, b multiply-adds per channel on 64 KiB of weights that
+stay in cache (at gemma3-270m ~10% more multiply-adds per token than the layer's matmuls, in
+f32). b = 128, or the largest power of two up to it that divides the width (at least 16); a
+width with none is left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUFFIX = "mlp.down_rotation"
+BLOCK = 128
+MIN_BLOCK = 16
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two), f32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard order must be a power of two, not {n}")
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def block_for(width: int) -> int | None:
+    """The rotation's order for an input of `width` channels (None: no power of two from
+    MIN_BLOCK to BLOCK divides it)."""
+    b = BLOCK
+    while b >= MIN_BLOCK:
+        if width % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _rotated_weight(value, h: np.ndarray):
+    """W [N, F] -> W H per block of b columns (a LazyTensor stays lazy, read by row chunks)."""
+    from models.lazy import LazyTensor, is_lazy
+
+    b = h.shape[0]
+
+    def apply(a, start: int = 0):
+        a = np.asarray(a, np.float32)
+        return (a.reshape(-1, b) @ h).reshape(a.shape)  # one GEMM (a [rows, C/b, b] stack is one per row)
+
+    if not is_lazy(value):
+        return apply(value)
+    row_read = None if not value.reads_rows else (lambda a, e: apply(value.read_rows(a, e)))
+    return LazyTensor(value.shape, np.float32, lambda: apply(value.load()), value.name, row_read)
+
+
+def groups(names, cfg) -> list[tuple[str, tuple[str, ...]]]:
+    """(rotation parameter, the weights that read the rotated input) of every matmul input of
+    the text model whose weights are in `names`: each layer's pre-norms' outputs (their readers as
+    smoothing groups them, export/quantize/smooth.NORM_READERS), the attention output (o), the MLP
+    down projection's input, the recurrent block's output projection's input, and the LM head's
+    input (the tied table, which the lookup also reads: models.model.HEAD_ROTATION)."""
+    from export.quantize.smooth import NORM_READERS
+    from models.model import HEAD_ROTATION
+
+    names = set(names)
+    out = []
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for norm, readers in NORM_READERS.items():
+            present = tuple(p + r for r in readers if p + r in names)
+            if p + norm in names and present:
+                out.append((p + norm + "_rotation", present))
+        for reader in ("attn.o", "mlp.down", "rec.linear_out"):
+            if p + reader in names:
+                out.append((p + reader + "_rotation", (p + reader,)))
+    if "final_norm" in names and "embed" in names:
+        out.append((HEAD_ROTATION, ("embed",)))
+    return out
+
+
+def rotated(params: dict, cfg) -> tuple[dict, int]:
+    """(params with every matmul input of `groups` rotated: its readers' weights rotated and the
+    rotation added; how many inputs were rotated). The values not rotated are the same objects.
+    Apply after smoothing (export/quantize/smooth.py): its factors are the unrotated inputs'."""
+    out = dict(params)
+    n = 0
+    cache: dict[int, np.ndarray] = {}
+    for name, readers in groups(params, cfg):
+        b = block_for(int(np.shape(params[readers[0]])[1]))
+        if b is None:
+            continue
+        h = cache.setdefault(b, hadamard(b))
+        for r in readers:
+            out[r] = _rotated_weight(params[r], h)
+        out[name] = h.T.copy()  # as models.layers.rotate_blocks reads it ([out, in]); H is symmetric anyway
+        n += 1
+    return out, n
+
+
+def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
+    """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too), unless
+    --no-rotation (`enabled`)."""
+    from export.quantize.smooth import wanted as smoothing_wanted
+
+    return smoothing_wanted(quant, quant_table, enabled)
+
+
+def applies(plan) -> bool:
+    return wanted(plan.quant, plan.target.quant_table, plan.options.rotation)
