@@ -416,7 +416,7 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         stored, n = rotated(stored, plan.cfg)
         if plan.options.verbose:
             print(f"rotation: {n} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
-                  "of 128 channels)", flush=True)
+                  "of up to 128 channels)", flush=True)
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 

@@ -37,12 +37,13 @@ def test_rotation_leaves_the_f32_model_unchanged(which):
         params = _f32(params)
     rotated, n = R.rotated(params, cfg)
     groups = R.groups(params, cfg)
-    assert n == len(groups) and len(groups) >= 4 * cfg.num_layers + 1
+    assert n == len(groups) and len(groups) >= 3 * cfg.num_layers + 1
     readers = {r for _, rs in groups for r in rs}
     for suffix in ("mlp.down", "mlp.gate", "attn.o", "embed"):
         assert any(r.endswith(suffix) for r in readers), suffix
-    if which == "recurrentgemma":
-        assert any(r.endswith("rec.linear_x") for r in readers) and any(r.endswith("rec.linear_out") for r in readers)
+    if which == "recurrentgemma":  # the recurrent block's input stays unrotated (export/quantize/rotate.groups)
+        assert any(r.endswith("rec.linear_out") for r in readers) and any(r.endswith("attn.q") for r in readers)
+        assert not any(r.endswith("rec.linear_x") for r in readers)
     for name, rs in groups:
         assert rotated[name].shape[0] == R.block_for(params[rs[0]].shape[1])
         for r in rs:

@@ -287,7 +287,7 @@ def test_cli_smooths_tflite_dynamic_int8_only(tmp_path, capsys):
 
     smoothed, said = run()
     assert "calibrate (smoothing)" in said and "smoothing: 0 of 19 matmul inputs folded" in said
-    assert "rotation: 25 of 25 matmul inputs rotated" in said  # tests/test_rotate.py
+    assert "rotation: 25 of 25 matmul inputs rotated" in said  # 4 per layer and the head: tests/test_rotate.py
     plain, said = run("--no-smoothing")
     assert "calibrate (smoothing)" not in said and "inputs folded" not in said
     assert _meta(smoothed).get("quant_method") == _meta(plain).get("quant_method") == "rotated"

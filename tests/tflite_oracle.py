@@ -20,7 +20,8 @@ def oracle_export(cfg, params: dict, out: Path, quant: str | None, dtype: str = 
     from export.quantize.tflite import quantize_file
 
     plan = resolve(cfg, "tflite", ExportOptions(quant=quant, dtype=dtype, max_len=max_len,
-                                                prefill_lens=tuple(lens), verify=False, out_dir=out.parent))
+                                                prefill_lens=tuple(lens), verify=False, out_dir=out.parent,
+                                                rotation=False))
     weights = storage(plan, params)
     stored = materialize(weights.stored)
     signatures = plan.target.signatures(plan)

@@ -174,6 +174,11 @@ def weights_only(cfg, params, wins, refs, scratch: Path, recipe: str, carried) -
 
     r = RECIPES[recipe]
     out = []
+    if ROTATE:
+        from export.quantize.rotate import rotated
+
+        params = {k: np.asarray(v, np.float32) if np.ndim(v) == 2 else v for k, v in rotated(params, cfg)[0].items()}
+        carried = None  # a checkpoint's own blocks are of the unrotated weights
     for target, quantize in (("tflite", SYMMETRIC_OVERRIDE or blocks.mse), ("onnx", blocks.mse_asymmetric)):
         held = carried
         if GPTQ_TOKENIZER is not None:  # --int4 gptq: as the export computes them
@@ -271,6 +276,8 @@ INT4_VARIANTS = {
     "hqq": "--weights-only: onnxruntime's HQQ for the ONNX row (float zero points; needs onnx-ir and torch)",
     "hqq-int": "onnxruntime's HQQ scales with integer zero points (MatMulNBits' fast path) for ONNX",
     "gptq": "--int4-method gptq: GPTQ on export/quantize/calibration.txt (export/quantize/gptq.py)",
+    "rotated": "--weights-only: every matmul input rotated per block of 128 (export/quantize/rotate.py) before "
+               "the int4 blocks",
 }
 
 
@@ -309,6 +316,7 @@ def hqq_integer_blocks(w: np.ndarray, bits: int, block: int):
 
 SYMMETRIC_OVERRIDE = None  # --int4 octav: the TFLite row's linear layers (the table keeps the recipe's)
 GPTQ_TOKENIZER = None  # --int4 gptq --weights-only: the calibration's tokenizer
+ROTATE = False  # --int4 rotated --weights-only
 
 
 def octav_blocks(w: np.ndarray, bits: int, block: int):
@@ -357,6 +365,9 @@ def int4_variant(name: str) -> None:
     if name == "octav":
         global SYMMETRIC_OVERRIDE
         SYMMETRIC_OVERRIDE = octav_blocks
+    elif name == "rotated":
+        global ROTATE
+        ROTATE = True
 
 
 def file_mib(path: Path) -> float:

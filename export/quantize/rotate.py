@@ -95,6 +95,11 @@ def groups(names, cfg) -> list[tuple[str, tuple[str, ...]]]:
         p = f"layers.{i}."
         for norm, readers in NORM_READERS.items():
             present = tuple(p + r for r in readers if p + r in names)
+            if any(r.startswith(p + "rec.") for r in present):
+                # RecurrentGemma's recurrent block: with its input rotated, XNNPACK refuses the
+                # graph at allocation ("XNNPack delegate failed to reshape runtime", LiteRT 2.3):
+                # left unrotated (its output projection's input is rotated)
+                continue
             if p + norm in names and present:
                 out.append((p + norm + "_rotation", present))
         for reader in ("attn.o", "mlp.down", "rec.linear_out"):
