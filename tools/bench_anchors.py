@@ -215,7 +215,7 @@ def prepare(model: str, work: Path, context: int) -> tuple[Path, Path]:
 
     cfg = get_config(model)
     ckpt, hf = work / f"ckpt-{model}", work / f"hf-{model}"
-    secs, size = write_checkpoint(model, ckpt)
+    secs, size, _ = write_checkpoint(model, ckpt)  # the bf16 folder (bench_scale.write_checkpoint)
     if secs:
         print(f"{model}: bf16 checkpoint {size / GiB:.2f} GiB written in {secs:.0f} s", flush=True)
     if not (ckpt / "tokenizer.model").exists():
