@@ -142,6 +142,16 @@ def row_chunks(value, max_bytes: int = CHUNK_BYTES):
         yield r, whole[r:r + step]
 
 
+def map_rows(value, fn):
+    """fn(rows, start) -> f32 rows applied to an array, or to a LazyTensor lazily (keeping its
+    row-slice reads where its source has them): the weight transforms of an export
+    (export/quantize/smooth.py, export/quantize/rotate.py) use it."""
+    if not is_lazy(value):
+        return fn(value, 0)
+    row_read = None if not value.reads_rows else (lambda a, b: fn(value.read_rows(a, b), a))
+    return LazyTensor(value.shape, np.float32, lambda: fn(value.load(), 0), value.name, row_read)
+
+
 def cast(value, dtype):
     """`value` as `dtype`: a lazy tensor stays lazy (cast when read), an array is cast now."""
     if isinstance(value, LazyTensor):

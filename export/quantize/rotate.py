@@ -66,7 +66,7 @@ def block_for(width: int) -> int | None:
 
 def _rotated_weight(value, h: np.ndarray):
     """W [N, F] -> W H per block of b columns (a LazyTensor stays lazy, read by row chunks)."""
-    from models.lazy import LazyTensor, is_lazy
+    from models.lazy import map_rows
 
     b = h.shape[0]
 
@@ -74,10 +74,7 @@ def _rotated_weight(value, h: np.ndarray):
         a = np.asarray(a, np.float32)
         return (a.reshape(-1, b) @ h).reshape(a.shape)  # one GEMM (a [rows, C/b, b] stack is one per row)
 
-    if not is_lazy(value):
-        return apply(value)
-    row_read = None if not value.reads_rows else (lambda a, e: apply(value.read_rows(a, e)))
-    return LazyTensor(value.shape, np.float32, lambda: apply(value.load()), value.name, row_read)
+    return map_rows(value, apply)
 
 
 def groups(names, cfg) -> list[tuple[str, tuple[str, ...]]]:

@@ -182,7 +182,7 @@ def factors(params: dict, cfg, stats: dict, alphas=ALPHAS) -> dict[Group, np.nda
 def _scaled(value, cols: np.ndarray | None = None, rows: np.ndarray | None = None):
     """value [N, K] f32 with column j times cols[j] and row i divided by rows[i]; a LazyTensor
     stays lazy (and keeps reading row slices alone where its source can)."""
-    from models.lazy import LazyTensor, is_lazy
+    from models.lazy import map_rows
 
     def apply(a: np.ndarray, start: int = 0) -> np.ndarray:
         a = np.array(a, np.float32)  # a fresh f32 copy: the source is never written
@@ -192,10 +192,7 @@ def _scaled(value, cols: np.ndarray | None = None, rows: np.ndarray | None = Non
             a /= rows[start:start + len(a), None]
         return a
 
-    if not is_lazy(value):
-        return apply(value)
-    row_read = None if not value.reads_rows else (lambda a, b: apply(value.read_rows(a, b), a))
-    return LazyTensor(value.shape, np.float32, lambda: apply(value.load()), value.name, row_read)
+    return map_rows(value, apply)
 
 
 def fold(params: dict, folds: dict[Group, np.ndarray]) -> dict:
