@@ -13,7 +13,8 @@ reshape when K == 1). Cache handling by layer kind:
   GLOBAL: write the chunk into the full-length cache first, then attend over all of it.
   LOCAL:  attend over concat(ring before the write, chunk), then write the chunk into the ring.
           The ring keeps the previous R positions, so a chunk of any length (also one that wraps
-          the ring) sees exactly the keys of its window.
+          the ring) sees exactly the keys of its window. A one-token decode into a ring of at
+          least the window's span writes first and attends over the ring alone (in place).
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ def _local_core(q, k, v, ring_k, ring_v, start, num_valid, blocks=None, *, scale
     positions = _positions(start, t)
     q, k = _rope(q, k, positions, rope_base, rope_scale, rope_dim, rope_freqs)
     int8 = isinstance(ring_k, tuple)  # int8 KV: (codes, scales); the chunk attends its own rows unrounded
+    if not int8 and is_static(t) and t == 1 and blocks is None and ring_k.shape[2] >= window:
+        # decode: write the row first, then attend over the ring alone. The ring's R >= span rows
+        # then hold the window's keys (the row the write replaces held a position at least R back,
+        # outside it), the same keys as the ring before the write plus the chunk. Nothing but the
+        # write reads the state input, so a runtime can bind one buffer to the ring's input and
+        # output and update one row in place (contract.tflite.in_place_states), where the
+        # concatenation copied the ring and the write copied it again into a second buffer.
+        ck = write_ring(ring_k, k.transpose(0, 2, 1, 3), start, num_valid)
+        cv = write_ring(ring_v, v.transpose(0, 2, 1, 3), start, num_valid)
+        mask = attention_mask(positions, ring_positions(start + num_valid, ck.shape[2]), int(window))
+        keys, values = ck.transpose(0, 2, 1, 3).astype(k.dtype), cv.transpose(0, 2, 1, 3).astype(v.dtype)
+        return scaled_dot_product_attention(q, keys, values, mask, scale=scale, logit_cap=logit_cap), ck, cv
     old_k = dequantize_kv(*ring_k, k.dtype) if int8 else ring_k
     old_v = dequantize_kv(*ring_v, v.dtype) if int8 else ring_v
     k_pos = jnp.concatenate([ring_positions(start, old_k.shape[2]), positions], axis=1)

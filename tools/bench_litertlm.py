@@ -9,7 +9,8 @@ Columns
   file MiB        the bundle (model + tokenizer + metadata)
   export s / RSS  `export.driver.export(..., "litertlm", ...)` without the parity gate: wall seconds, peak RSS
   init s          LiteRT-LM engine + session creation (its counter)
-  TTFT s          LiteRT-LM time to first token after a --prompt-tokens prompt (its counter)
+  TTFT s          LiteRT-LM time to first token after a --prompt-tokens prompt (its counter), in
+                  the engine's second session: the first packs the weights (engine_child)
   prefill tok/s   LiteRT-LM prefill rate over that prompt
   decode tok/s    LiteRT-LM decode rate over --decode-tokens greedy tokens
   RSS MiB         peak RSS of the LiteRT-LM process
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TOKENIZER = ROOT / "tests" / "fixtures" / "gemma3-tiny-trained" / "tokenizer.model"
 MIB = 2**20
+WARMUP_TOKENS = 8  # decoded by the unmeasured first session of an engine (engine_child)
 
 
 def padded_tokenizer(src: Path, pieces: int, out: Path) -> Path:
@@ -95,6 +97,11 @@ def _prompt(tokenizer_path: str, n: int) -> tuple[str, list[int]]:
 
 
 def engine_child(a) -> dict:
+    """One engine, two sessions over the same prompt: the first (WARMUP_TOKENS decoded) pays what
+    LiteRT-LM does once per engine (packing each signature's weights into the XNNPACK cache on its
+    first call: TTFT 1.0 vs 0.32 s and decode 34 vs 52 tok/s for gemma3-1b int4 here), the second
+    is measured, as an app's every reply after its first. The first session's TTFT and decode rate
+    are kept as cold_*."""
     import litert_lm
 
     text, ids = _prompt(a.tokenizer, a.prompt_tokens)
@@ -102,16 +109,23 @@ def engine_child(a) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         engine = litert_lm.Engine(a.path, backend=litert_lm.Backend.CPU(thread_count=a.threads),
                                   enable_benchmark=True, cache_dir=cache)
-        session = engine.create_session(apply_prompt_template=False, max_output_tokens=a.decode_tokens,
-                                        sampler_config=litert_lm.SamplerConfig(top_k=1))
-        session.run_prefill([text])
-        session.run_decode()
-        info = session.get_benchmark_info()
-        session.close()
+
+        def run(decode_tokens: int):
+            session = engine.create_session(apply_prompt_template=False, max_output_tokens=decode_tokens,
+                                            sampler_config=litert_lm.SamplerConfig(top_k=1))
+            session.run_prefill([text])
+            session.run_decode()
+            info = session.get_benchmark_info()
+            session.close()
+            return info
+
+        cold = run(min(WARMUP_TOKENS, a.decode_tokens))
+        info = run(a.decode_tokens)
         engine.close()
-    return {"prompt_tokens": len(ids), "init_s": info.init_time_in_second, "ttft_s": info.time_to_first_token_in_second,
+    return {"prompt_tokens": len(ids), "init_s": cold.init_time_in_second, "ttft_s": info.time_to_first_token_in_second,
             "prefill_tps": info.last_prefill_tokens_per_second, "decode_tps": info.last_decode_tokens_per_second,
-            "decode_tokens": info.last_decode_token_count, "engine_rss": _peak()}
+            "decode_tokens": info.last_decode_token_count, "cold_ttft_s": cold.time_to_first_token_in_second,
+            "cold_decode_tps": cold.last_decode_tokens_per_second, "engine_rss": _peak()}
 
 
 def interp_child(a) -> dict:

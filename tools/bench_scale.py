@@ -90,6 +90,21 @@ def write_checkpoint(model: str, folder: Path, fmt: str = "bf16") -> tuple[float
     return time.perf_counter() - t0, file.stat().st_size, where
 
 
+def bundle_tokenizer(model: str, ckpt: Path, out: Path) -> Path:
+    """The tokenizer a random-weight bundle carries: the checkpoint folder's tokenizer.model, else
+    the trained tiny model's padded with unused pieces to the vocabulary (LiteRT-LM detokenizes
+    every sampled id, and a random model samples anywhere in its table: with the tiny 768-piece
+    model as it is, the first id past 768 stops LiteRT-LM's decode, "Token id ... is out of range")."""
+    from bench_litertlm import TOKENIZER, padded_tokenizer
+    from models import get_config
+
+    own = ckpt / "tokenizer.model"
+    if ckpt.is_dir() and own.exists():
+        return own
+    out.mkdir(parents=True, exist_ok=True)
+    return padded_tokenizer(TOKENIZER, get_config(model).vocab_size, out.parent / f".tokenizer-{model}.model")
+
+
 def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate: bool, context: int,
                extra: list[str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "export", "--model", model, "--checkpoint", str(ckpt), "--target", target,
@@ -97,8 +112,8 @@ def run_export(model: str, ckpt: Path, target: str, recipe: str, out: Path, gate
            "--no-engine-check", *(extra or [])]
     if not gate:
         cmd.append("--no-verify")
-    if target == "litertlm":  # a bundle carries a tokenizer; random weights have none: the tiny fixture's
-        cmd += ["--tokenizer", str(ROOT / "tests" / "fixtures" / "gemma3-tiny-trained" / "tokenizer.model")]
+    if target == "litertlm":  # a bundle carries a tokenizer: the checkpoint's, or one padded to the vocabulary
+        cmd += ["--tokenizer", str(bundle_tokenizer(model, ckpt, out))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wall = time.perf_counter() - t0
