@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def find_tokenizer(source: Path | None) -> Path:
     return path
 
 
+SPARE_ROWS = 1024  # vocabulary rows past the tokenizer's pieces that pass without a warning
+
+
 def check_tokenizer(path: Path, cfg: ModelConfig):
     """The tokenizer must load and fit the model: its pieces index the embedding table, and its
     BOS/EOS are the ones the model was trained with."""
@@ -88,6 +92,13 @@ def check_tokenizer(path: Path, cfg: ModelConfig):
         if theirs is not None and ours != theirs:
             raise BundleError(f"{path}: {what} is id {theirs} but {cfg.name} uses {ours}: it is not "
                               "this model's tokenizer; pass --tokenizer PATH")
+    if cfg.vocab_size - tok.vocab_size > SPARE_ROWS:
+        # Gemma's tables may have a few rows past the tokenizer (gemma3-4b: 64), which a trained
+        # model never samples; far more means another model's tokenizer, and LiteRT-LM stops its
+        # decode at the first sampled id the tokenizer cannot detokenize ("Token id ... is out of range")
+        print(f"warning: {path} has {tok.vocab_size} pieces for {cfg.name}'s {cfg.vocab_size} vocabulary rows: "
+              "LiteRT-LM stops decoding at a sampled id past the tokenizer; pass the model's own --tokenizer",
+              file=sys.stderr)
     return tok
 
 

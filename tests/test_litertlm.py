@@ -193,6 +193,21 @@ def test_missing_or_wrong_tokenizer_is_a_clear_error(tmp_path, capsys, model_pat
     assert list(out.iterdir()) == []  # nothing written, not even a scratch folder
 
 
+def test_a_tokenizer_far_smaller_than_the_vocabulary_is_warned_about(tokenizer_256, capsys):
+    """LiteRT-LM stops decoding at a sampled id the bundled tokenizer cannot detokenize: a
+    tokenizer thousands of pieces short of the table is another model's, and the export says so
+    (a few spare rows, as gemma3-4b has, pass quietly)."""
+    from export.litertlm import SPARE_ROWS, check_tokenizer
+
+    cfg = get_config("gemma3-tiny")  # 256 rows, as the tokenizer's 256 pieces
+    check_tokenizer(Path(tokenizer_256), cfg)
+    check_tokenizer(Path(tokenizer_256), dataclasses.replace(cfg, vocab_size=256 + SPARE_ROWS))
+    assert capsys.readouterr().err == ""
+    check_tokenizer(Path(tokenizer_256), dataclasses.replace(cfg, vocab_size=262144))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning:") and "256 pieces" in err and "262144" in err and len(err.splitlines()) == 1
+
+
 def test_prime_prefill_length_is_refused(tmp_path, capsys):
     """LiteRT-LM reads a prime input_pos length above 10 as a placeholder and fails to prefill."""
     rc = export_main(["--checkpoint", str(TRAINED), "--target", "litertlm", "--out", str(tmp_path),
