@@ -70,7 +70,8 @@ class ArtifactMetadata:
     context_buckets: tuple[int, ...] = ()  # TFLite: spans of the ctx{L}_* signatures (contract/signatures.py)
     weight_dtype: str = "f32"  # stored float weights: f32 | bf16 | f16
     quantization: str | None = None  # the recipe, None for float storage
-    quant_method: str | None = None  # int4 recipes: how the codes were chosen (mse | gptq)
+    quant_method: str | None = None  # how the codes were chosen (int4: mse | gptq) and the weights'
+    # transforms (smoothed, rotated), joined by +: "gptq+rotated", "smoothed+rotated"
     attention: str = "sdpa"  # the attention form the graphs were traced with (models.fused)
     onnx_op_set: str | None = None
     image: ImageLayout | None = None  # Gemma 3 with a vision encoder

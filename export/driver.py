@@ -235,7 +235,7 @@ class Plan:
     tokenizer: Path | None = None  # the tokenizer source the target writes or bundles
     buckets: tuple[int, ...] = ()  # TFLite context buckets (models/signatures.context_buckets)
     smoothing: bool = False  # activation smoothing folded into the weights (export/quantize/smooth.py)
-    rotation: bool = False  # down's input rotated per block (export/quantize/rotate.py)
+    rotation: bool = False  # matmul inputs rotated per block (export/quantize/rotate.py)
 
     @property
     def quant(self) -> str | None:
@@ -249,9 +249,9 @@ class Plan:
         return "f16" if self.recipe.bits == 16 else "f32"
 
     def metadata(self, layout: StateLayout, **fields) -> ArtifactMetadata:
-        method = self.options.int4_method if self.recipe is not None and self.recipe.block else None
-        if self.smoothing or self.rotation:
-            method = "+".join(m for m, on in (("smoothed", self.smoothing), ("rotated", self.rotation)) if on)
+        int4 = self.options.int4_method if self.recipe is not None and self.recipe.block else None
+        method = "+".join(m for m, on in ((int4, bool(int4)), ("smoothed", self.smoothing), ("rotated", self.rotation))
+                          if on) or None
         return artifact_metadata(self.cfg, self.max_len, layout, prefill_lengths=self.lens,
                                  context_buckets=self.buckets,
                                  weight_dtype=self.storage, quantization=self.quant, quant_method=method,
@@ -397,6 +397,18 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         stored = stored_params(params, plan.storage, embed_16bit=plan.target.embed_16bit)
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
+    folds = 0
+    if plan.smoothing:
+        with (timer or Timer()).stage("calibrate (smoothing)", record="calibrate") as t:
+            stored, folds = smoothed(plan, stored, t.progress)
+    if plan.rotation:  # after smoothing, whose factors are the unrotated inputs'; before GPTQ, which
+        # rounds the weights as the graph reads them (rotated)
+        from export.quantize.rotate import groups, rotated
+
+        stored, n = rotated(stored, plan.cfg)
+        if plan.options.verbose:
+            print(f"rotation: {n} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
+                  "of up to 128 channels)", flush=True)
     scratch = None
     if recipe is not None and recipe.block and plan.options.int4_method == "gptq":
         scratch = tempfile.TemporaryDirectory(dir=plan.path.parent, prefix=f".{plan.path.name}.gptq-")
@@ -406,17 +418,6 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         except BaseException:
             scratch.cleanup()
             raise
-    folds = 0
-    if plan.smoothing:
-        with (timer or Timer()).stage("calibrate (smoothing)", record="calibrate") as t:
-            stored, folds = smoothed(plan, stored, t.progress)
-    if plan.rotation:  # after smoothing, whose factors are the unrotated inputs'
-        from export.quantize.rotate import groups, rotated
-
-        stored, n = rotated(stored, plan.cfg)
-        if plan.options.verbose:
-            print(f"rotation: {n} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
-                  "of up to 128 channels)", flush=True)
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 
@@ -512,10 +513,10 @@ class ExportResult:
 
         ideal = ideal_bytes(stored, self.quant, self.plan.target.quant_table)
         f32 = sum(v.size for v in stored.values()) * 4
-        from export.inspect import FOLDS
+        from export.inspect import method_text
 
         m = self.metadata.quant_method
-        method = "" if m in (None, "mse") else f", {m}" if m in FOLDS else f", {m} codes"
+        method = "" if m in (None, "mse") else f", {method_text(m)}"
         return (f"  size {file_bytes / 2**20:.1f} MiB ({self.quant}{method}; {f32 / file_bytes:.2f}x smaller than f32, "
                 f"{file_bytes / ideal:.3f}x the ideal {ideal / 2**20:.1f} MiB of parameters x bits + scales)")
 
@@ -552,6 +553,13 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     """Storage, signatures, write, gate for a resolved plan. With `consume`, `params` is emptied
     once the stored weights hold what they need, so that the gate can free the host copies
     (the CLI, which has no further use for them, passes it)."""
+    r = plan.recipe
+    if plan.rotation and r is not None and r.block and any(b.bits == r.bits and b.block == r.block
+                                                           for b in (carried or {}).values()):
+        # a checkpoint's own int4 blocks (Q4_0) are written exactly as they are: unrotated (rotate.wanted)
+        plan = dataclasses.replace(plan, rotation=False)
+        if plan.options.verbose:
+            print("rotation: off (the checkpoint's own blocks are carried over exactly)", flush=True)
     weights = storage(plan, params, carried, timer)
     if plan.smoothing and not weights.folds:  # nothing was worth folding: the plain recipe's weights
         plan = dataclasses.replace(plan, smoothing=False)

@@ -168,7 +168,15 @@ def _mib(n: int) -> str:
 
 
 # quant_method values that name a transform of the weights, not how the codes were chosen
-FOLDS = ("smoothed", "rotated", "smoothed+rotated")
+FOLDS = ("smoothed", "rotated")
+
+
+def method_text(method: str | None) -> str:
+    """A quant_method as a reader wants it: "gptq+rotated" -> "gptq codes, rotated" (the codes'
+    method, then the transforms joined by +)."""
+    parts = method.split("+") if method else []
+    folds = [m for m in parts if m in FOLDS]
+    return ", ".join([f"{m} codes" for m in parts if m not in FOLDS] + (["+".join(folds)] if folds else []))
 
 
 def format_text(d: dict) -> str:
@@ -178,7 +186,7 @@ def format_text(d: dict) -> str:
         lines.append(f"  model {meta.get('model')} ({meta.get('family')}), context {meta.get('max_seq_len')}, "
                      f"sliding window {meta.get('sliding_window')}, weights {meta.get('weight_dtype')}, "
                      f"quantization {meta.get('quantization') or 'none'}"
-                     + (f" ({meta['quant_method']}{'' if meta['quant_method'] in FOLDS else ' codes'})"
+                     + (f" ({method_text(meta['quant_method'])})"
                         if meta.get("quant_method") else "")
                      + f", vocab {meta.get('vocab_size')}, "
                      f"instruction-tuned {meta.get('instruction_tuned')}")

@@ -110,9 +110,9 @@ def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     assert info.metadata.quantization == quant
     cfg, params = load_checkpoint(TRAINED["gemma3"])
     weights = {k: v for k, v in info.weight_bytes.items() if k not in ("INT32", "BOOL")}
-    if quant == "dynamic-int8":  # its input rotations are f32 by design (export/quantize/rotate.py)
-        from export.quantize.rotate import block_for, groups
+    from export.quantize.rotate import block_for, groups, wanted
 
+    if wanted(quant, "tflite"):  # dynamic-int8's and int4's input rotations are f32 by design (export/quantize/rotate.py)
         rotations = sum(4 * block_for(params[r[0]].shape[1]) ** 2 for _, r in groups(params, cfg))
         assert rotations > 0 and weights["FLOAT32"] >= rotations
         weights["FLOAT32"] -= rotations

@@ -151,16 +151,16 @@ def test_rotation_lowers_the_error_of_int8_activations_with_spikes():
     assert rot < 0.7 * plain  # measured 0.00456 -> 0.00189
 
 
-def test_cli_rotates_tflite_dynamic_int8_only(tmp_path):
-    """TFLite dynamic-int8 rotates by default (metadata quant_method, the rotation an f32 [b, b]
-    constant in the file beside int8 weights) and passes the gate; --no-rotation does not
-    rotate; ONNX's dynamic-int8 does not."""
+def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
+    """TFLite dynamic-int8 and int4 rotate by default (metadata quant_method, the rotation an f32
+    [b, b] constant in the file beside the int8 / int4 weights) and pass the gate; --no-rotation
+    does not rotate; ONNX does not."""
     from contract.tflite import open_model
     from export.cli import main
 
-    def run(*extra, target="tflite"):
-        out = tmp_path / "_".join([target, *[e.strip("-") for e in extra]])
-        assert main(["--checkpoint", str(TRAINED), "--target", target, "--quant", "dynamic-int8", "--no-smoothing",
+    def run(*extra, target="tflite", quant="dynamic-int8"):
+        out = tmp_path / "_".join([target, quant, *[e.strip("-") for e in extra]])
+        assert main(["--checkpoint", str(TRAINED), "--target", target, "--quant", quant, "--no-smoothing",
                      "--max-seq-len", "128", "--prefill-lens", "32", "--out", str(out), *extra]) == 0
         (made,) = [p for p in out.iterdir() if p.suffix in (".tflite", "") and not p.name.startswith(".")]
         return made
@@ -186,3 +186,9 @@ def test_cli_rotates_tflite_dynamic_int8_only(tmp_path):
     plain = run("--no-rotation")
     assert not _meta(plain).get("quant_method") and (b, b) not in square_f32_constants(plain)
     assert not _meta(run(target="onnx")).get("quant_method")
+    int4 = run(quant="int4-b32")
+    assert _meta(int4)["quant_method"] == "mse+rotated" and (b, b) in square_f32_constants(int4)
+    assert _meta(run("--no-rotation", quant="int4-b32"))["quant_method"] == "mse"
+    assert _meta(run(target="onnx", quant="int4-b32"))["quant_method"] == "mse"
+    assert R.wanted("int4-b128", "tflite") and R.wanted("int4-b32-e8", "tflite") and not R.wanted("fp16", "tflite")
+    assert not R.wanted("int4-b32", "tflite", enabled=False) and not R.wanted("int8", "tflite")

@@ -113,7 +113,7 @@ def gate_for(target: str, recipe: str | None, method: str | None = None, kv: str
     (mse, the default, or gptq); `kv` the KV cache's storage (f32, int8)."""
     if kv == "int8" and recipe is None:  # the same numbers on every target (ONNX: the standard op set)
         return KV_INT8
-    if method == "gptq" and recipe in _GPTQ.get(target, {}):
+    if "gptq" in (method or "").split("+") and recipe in _GPTQ.get(target, {}):
         return _GPTQ[target][recipe]
     try:
         return GATES[target, recipe]

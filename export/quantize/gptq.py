@@ -91,7 +91,7 @@ def _embed(params: dict, cfg, ids: np.ndarray):
     import jax.numpy as jnp
 
     from models.lazy import is_lazy
-    from models.model import embed_tokens
+    from models.model import HEAD_ROTATION, embed_tokens
 
     table = params[TABLE]
     uniq, inverse = np.unique(ids, return_inverse=True)
@@ -99,7 +99,10 @@ def _embed(params: dict, cfg, ids: np.ndarray):
         rows = np.stack([np.asarray(table.read_rows(int(u), int(u) + 1), np.float32)[0] for u in uniq])
     else:
         rows = np.asarray(table, np.float32)[uniq]
-    return embed_tokens({TABLE: jnp.asarray(rows)}, cfg, jnp.asarray(inverse.reshape(ids.shape), jnp.int32))
+    p = {TABLE: jnp.asarray(rows)}
+    if HEAD_ROTATION in params:  # a rotated table's rows, rotated back by the lookup (export/quantize/rotate.py)
+        p[HEAD_ROTATION] = jnp.asarray(np.asarray(params[HEAD_ROTATION], np.float32))
+    return embed_tokens(p, cfg, jnp.asarray(inverse.reshape(ids.shape), jnp.int32))
 
 
 class _LayerRunner:
@@ -288,9 +291,12 @@ def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, s
         if progress is not None:
             progress(i + 1, n_layers + table, f"gptq layer {i + 1}/{n_layers}")
     if table and TABLE not in carried and np.shape(params[TABLE])[1] % block == 0:
-        from models.layers import rms_norm
+        from models.layers import rms_norm, rotated
+        from models.model import HEAD_ROTATION
 
         h = rms_norm(x, jnp.asarray(np.asarray(params["final_norm"], np.float32)), cfg.norm_eps)
+        h = rotated({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in params.items() if k == HEAD_ROTATION},
+                    HEAD_ROTATION, h)  # the LM head's input as the graph has it
         h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
         out[TABLE] = _table_blocks(params[TABLE], h.T @ h, bits, block, scratch)
         if progress is not None:

@@ -1,4 +1,4 @@
-"""Hadamard rotations of the matmul inputs, for TFLite's dynamic-int8 recipe.
+"""Hadamard rotations of the matmul inputs, for TFLite's dynamic-int8 and int4 recipes.
 
 XNNPACK's dynamic int8 FULLY_CONNECTED quantizes each input row (one token) with one scale over
 all of its channels. The down projection's input, gelu(gate) * up, has per-token spikes: a few
@@ -21,6 +21,12 @@ outputs on those tokens, plain / smoothed / rotated / smoothed then rotated (x 1
 down 1237 / 420 / 109 / 65; the LM head 270 / 99 / 37 / 22. So every input is rotated, after
 smoothing has folded its factors (smoothing decides on the unrotated inputs; the rotation then
 acts on x / s and W s): `groups` lists them.
+
+The int4 recipes (TFLite) rotate the same inputs for the weights' sake: XNNPACK's blockwise int4
+takes symmetric blocks without a zero point, where one outlier weight sets its block's scale; W H
+spreads it over the block (real Gemma 3 270M int4-b32: perplexity ratio 1.70 -> 1.49, with GPTQ
+1.29 -> 1.10; docs/quantization.md). The rotation comes before the codes are chosen (GPTQ rounds
+the rotated weights on the rotated inputs' statistic).
 
 A rotation is a parameter `<name>_rotation` [b, b] (f32, never quantized:
 export.quantize.sizes.is_quantized_weight) that the model code applies to the input when present
@@ -127,11 +133,17 @@ def rotated(params: dict, cfg) -> tuple[dict, int]:
 
 
 def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
-    """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too), unless
-    --no-rotation (`enabled`)."""
+    """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too) and its
+    int4 block recipes (symmetric blocks with no zero point: a rotated input spreads the weights'
+    outliers over the block as well, see the module doc), unless --no-rotation (`enabled`). A
+    checkpoint's carried Q4_0 blocks turn it off for int4 (export.driver.run): they are written
+    exactly, unrotated."""
+    from export.quantize.recipes import RECIPES
     from export.quantize.smooth import wanted as smoothing_wanted
 
-    return smoothing_wanted(quant, quant_table, enabled)
+    r = RECIPES.get(quant) if quant else None
+    int4 = r is not None and r.dynamic and r.bits == 4 and bool(r.block)
+    return smoothing_wanted(quant, quant_table, enabled) or bool(enabled and int4 and quant_table == "tflite")
 
 
 def applies(plan) -> bool:
