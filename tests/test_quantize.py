@@ -113,7 +113,9 @@ def test_tflite_recipes_pass_their_gate(tmp_path, quant):
     from export.quantize.rotate import block_for, groups, wanted
 
     if wanted(quant, "tflite"):  # dynamic-int8's and int4's input rotations are f32 by design (export/quantize/rotate.py)
-        rotations = sum(4 * block_for(params[r[0]].shape[1]) ** 2 for _, r in groups(params, cfg))
+        # one Hadamard matrix per order, stored once however many inputs it rotates (the lookup's
+        # inverse is its transpose, the same symmetric matrix: streamed.share_constants)
+        rotations = sum(4 * b ** 2 for b in {block_for(params[r[0]].shape[1]) for _, r in groups(params, cfg)})
         assert rotations > 0 and weights["FLOAT32"] >= rotations
         weights["FLOAT32"] -= rotations
     # every matmul weight and the embedding are quantized, the tied table stored once

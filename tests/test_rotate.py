@@ -1,4 +1,4 @@
-"""The down projection's Hadamard rotation for TFLite's dynamic-int8 (export/quantize/rotate.py):
+"""The matmul inputs' Hadamard rotations for TFLite's dynamic-int8 and int4 (export/quantize/rotate.py):
 the rotated model computes the f32 model's function on every family, stays lazy on streamed
 weights, lowers the error of per-row int8 activations with spikes in down's input, and the CLI
 applies it where it belongs, with the rotation stored as f32."""
@@ -165,7 +165,7 @@ def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
         (made,) = [p for p in out.iterdir() if p.suffix in (".tflite", "") and not p.name.startswith(".")]
         return made
 
-    def square_f32_constants(path):
+    def square_f32_constants(path, buffers=None):
         schema, model, _, _ = open_model(path)
         types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
         sg = model.Subgraphs(0)
@@ -173,9 +173,12 @@ def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
         for i in range(sg.TensorsLength()):
             t = sg.Tensors(i)
             shape = tuple(t.ShapeAsNumpy()) if t.ShapeLength() else ()
+            data = model.Buffers(t.Buffer())
             if len(shape) == 2 and shape[0] == shape[1] >= 16 and types[t.Type()] == "FLOAT32" \
-                    and model.Buffers(t.Buffer()).DataLength():
+                    and (data.DataLength() or data.Size()):
                 found.add(shape)
+                if buffers is not None:
+                    buffers.setdefault(shape, set()).add(t.Buffer())
         return found
 
     cfg, _ = load_checkpoint(TRAINED)
@@ -187,7 +190,12 @@ def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
     assert not _meta(plain).get("quant_method") and (b, b) not in square_f32_constants(plain)
     assert not _meta(run(target="onnx")).get("quant_method")
     int4 = run(quant="int4-b32")
-    assert _meta(int4)["quant_method"] == "mse+rotated" and (b, b) in square_f32_constants(int4)
+    buffers = {}
+    assert _meta(int4)["quant_method"] == "mse+rotated" and (b, b) in square_f32_constants(int4, buffers)
+    # every input of one order is rotated by the same matrix, stored once
+    # (export/lowering/tflite/streamed.share_constants; the lookup's inverse, its transpose, is
+    # the same symmetric matrix)
+    assert all(len(v) == 1 for v in buffers.values()), buffers
     assert _meta(run("--no-rotation", quant="int4-b32"))["quant_method"] == "mse"
     assert _meta(run(target="onnx", quant="int4-b32"))["quant_method"] == "mse"
     assert R.wanted("int4-b128", "tflite") and R.wanted("int4-b32-e8", "tflite") and not R.wanted("fp16", "tflite")

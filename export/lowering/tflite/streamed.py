@@ -252,6 +252,39 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def share_constants(model, min_bytes: int = 1024) -> int:
+    """Point the tensors of every constant buffer (of at least `min_bytes`) whose bytes equal an
+    earlier buffer's at that buffer, and empty the copy; returns the bytes saved. The converter
+    writes each constant of the graph on its own: the input rotations (export/quantize/rotate.py)
+    are one Hadamard matrix per order, 64 KiB each at order 128, 105 of them at gemma3-1b."""
+    import hashlib
+
+    first, moved = {}, {}
+    saved = 0
+    for i, b in enumerate(model.buffers):
+        data = getattr(b, "data", None)
+        if data is None or len(data) < min_bytes:
+            continue
+        raw = np.asarray(data, np.uint8).tobytes()
+        key = hashlib.sha256(raw).digest()
+        if key in first:
+            moved[i] = first[key]
+            saved += len(raw)
+        else:
+            first[key] = i
+    if not moved:
+        return 0
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            if t.buffer in moved and not t.isVariable:
+                t.buffer = moved[t.buffer]
+    used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
+    for i in moved:
+        if i not in used:
+            model.buffers[i].data = None
+    return saved
+
+
 def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
          progress: Callable | None = None, model=None) -> Path:
     """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
@@ -264,6 +297,7 @@ def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: C
         if hole.layout.type in ("INT8", "INT4") and not hole.quantizable:
             raise RuntimeError(f"internal error: weight {hole.name} is read by {sorted(hole.readers)}, "
                                "which take no quantized weight")
+    share_constants(model)
     buffers, channel_scales = _place(model, holes)
     size = len(_pack(model))
     offset = _align(size)
