@@ -291,12 +291,12 @@ def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, s
         if progress is not None:
             progress(i + 1, n_layers + table, f"gptq layer {i + 1}/{n_layers}")
     if table and TABLE not in carried and np.shape(params[TABLE])[1] % block == 0:
-        from models.layers import rms_norm, rotated
+        from models.layers import rms_norm, rotate_blocks
         from models.model import HEAD_ROTATION
 
         h = rms_norm(x, jnp.asarray(np.asarray(params["final_norm"], np.float32)), cfg.norm_eps)
-        h = rotated({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in params.items() if k == HEAD_ROTATION},
-                    HEAD_ROTATION, h)  # the LM head's input as the graph has it
+        if HEAD_ROTATION in params:  # the LM head's input as the graph has it (export/quantize/rotate.py)
+            h = rotate_blocks(h, jnp.asarray(np.asarray(params[HEAD_ROTATION], np.float32)))
         h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
         out[TABLE] = _table_blocks(params[TABLE], h.T @ h, bits, block, scratch)
         if progress is not None:
