@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TFLite dynamic-int8: skip the activation smoothing folded into the weights (on by default "
                          "where a tokenizer is found; halves the recipe's KL to f32 on real weights)")
     ap.add_argument("--no-rotation", action="store_true",
-                    help="TFLite dynamic-int8 and int4: skip the Hadamard rotation of the matmul inputs (on by "
-                         "default; export/quantize/rotate.py)")
+                    help="TFLite dynamic-int8 and the int4 recipes: skip the Hadamard rotation of the matmul inputs "
+                         "(on by default; ONNX int4 rotates only the inputs where it lowers the weights' error; "
+                         "export/quantize/rotate.py)")
     ap.add_argument("--list-quant", action="store_true", help="print the quantization recipes per target and exit")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity gate")
     ap.add_argument("--skip-memory-check", action="store_true",

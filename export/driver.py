@@ -359,6 +359,7 @@ class Weights:
     blocks: dict | None = None
     scratch: object = None  # a TemporaryDirectory the blocks are read from (GPTQ), removed once written
     folds: int = 0  # matmul inputs smoothed (export/quantize/smooth.py)
+    rotations: int = 0  # matmul inputs rotated (export/quantize/rotate.py)
 
     def written(self):
         """The artifact holds the blocks now: drop them and their scratch files."""
@@ -397,17 +398,17 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         stored = stored_params(params, plan.storage, embed_16bit=plan.target.embed_16bit)
     compute = None if plan.storage == "f32" else upcast
     source = stored if recipe is None else params
-    folds = 0
+    folds = rotations = 0
     if plan.smoothing:
         with (timer or Timer()).stage("calibrate (smoothing)", record="calibrate") as t:
             stored, folds = smoothed(plan, stored, t.progress)
     if plan.rotation:  # after smoothing, whose factors are the unrotated inputs'; before GPTQ, which
         # rounds the weights as the graph reads them (rotated)
-        from export.quantize.rotate import groups, rotated
+        from export.quantize.rotate import chooser, groups, rotated
 
-        stored, n = rotated(stored, plan.cfg)
+        stored, rotations = rotated(stored, plan.cfg, chooser(plan))
         if plan.options.verbose:
-            print(f"rotation: {n} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
+            print(f"rotation: {rotations} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
                   "of up to 128 channels)", flush=True)
     scratch = None
     if recipe is not None and recipe.block and plan.options.int4_method == "gptq":
@@ -421,7 +422,8 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
     blocks = quantized_blocks(plan, stored, carried)
     from models.lazy import cast
 
-    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch, folds)
+    return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch, folds,
+                   rotations)
 
 
 def smoothed(plan: Plan, stored: dict, progress=None) -> tuple[dict, int]:
@@ -563,6 +565,8 @@ def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: 
     weights = storage(plan, params, carried, timer)
     if plan.smoothing and not weights.folds:  # nothing was worth folding: the plain recipe's weights
         plan = dataclasses.replace(plan, smoothing=False)
+    if plan.rotation and not weights.rotations:  # no input was worth rotating (rotate.chooser)
+        plan = dataclasses.replace(plan, rotation=False)
     if consume:
         params.clear()
     params = None

@@ -142,6 +142,12 @@ def test_onnx_recipes_pass_their_gate(tmp_path, quant):
     tables = [t for t in inits.values() if tuple(t.dims) == (cfg.vocab_size, cfg.embed_dim)]
     assert all(t.data_type != onnx.TensorProto.FLOAT for t in tables)  # no f32 copy of the table
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in inits.values())
+    # the int4 recipes' input rotations (where they pay: export/quantize/rotate.chooser) are f32
+    # by design, one matrix per order
+    rotations = [t for name, t in inits.items() if name.endswith("_rotation")]
+    assert all(t.data_type == onnx.TensorProto.FLOAT and len({*t.dims}) == 1 for t in rotations)
+    assert len({tuple(t.dims) for t in rotations}) == len(rotations)
+    stored -= sum(onnx.numpy_helper.to_array(t).nbytes for t in rotations)
     assert stored <= 1.1 * ideal_bytes(params, quant, "onnx")
     if quant == "fp16":
         assert "MatMulNBits" not in ops

@@ -154,7 +154,7 @@ def test_rotation_lowers_the_error_of_int8_activations_with_spikes():
 def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
     """TFLite dynamic-int8 and int4 rotate by default (metadata quant_method, the rotation an f32
     [b, b] constant in the file beside the int8 / int4 weights) and pass the gate; --no-rotation
-    does not rotate; ONNX does not."""
+    does not rotate; ONNX's dynamic-int8 does not."""
     from contract.tflite import open_model
     from export.cli import main
 
@@ -197,6 +197,93 @@ def test_cli_rotates_tflite_dynamic_int8_and_int4(tmp_path):
     # the same symmetric matrix)
     assert all(len(v) == 1 for v in buffers.values()), buffers
     assert _meta(run("--no-rotation", quant="int4-b32"))["quant_method"] == "mse"
+    # ONNX int4 rotates where its weights gain (rotate.chooser): the trained tiny model's weights,
+    # without outliers, gain less than the 5% it asks for on every input (test_onnx_int4_rotates_...)
     assert _meta(run(target="onnx", quant="int4-b32"))["quant_method"] == "mse"
+    assert R.wanted("int4-b32", "onnx") and not R.wanted("dynamic-int8", "onnx")
     assert R.wanted("int4-b128", "tflite") and R.wanted("int4-b32-e8", "tflite") and not R.wanted("fp16", "tflite")
     assert not R.wanted("int4-b32", "tflite", enabled=False) and not R.wanted("int8", "tflite")
+
+
+def _outlier_columns(w: np.ndarray, rng, share: float = 0.03, size: float = 12.0) -> np.ndarray:
+    """w with a few input channels (columns) `size` times larger: the outliers a block-32 int4
+    grid spends its levels on, which a rotation spreads over 128 channels."""
+    cols = rng.choice(w.shape[1], max(1, int(share * w.shape[1])), replace=False)
+    w = w.copy()
+    w[:, cols] *= size
+    return w
+
+
+def test_onnx_chooses_the_inputs_whose_int4_weights_gain():
+    """rotate.lowers_error (ONNX int4): an input whose readers have outlier columns is rotated; one
+    whose weights sit on an asymmetric int4 grid already (a GGUF Q4_K's kind: the rotation can only
+    lose it) is not; the table is judged with the table's own scheme."""
+    from export.quantize import blocks as B
+
+    rng = np.random.default_rng(0)
+    choose = R.lowers_error(B.quantizer(4, 32, B.mse_asymmetric))
+    gaussian = rng.standard_normal((256, 512)).astype(np.float32)
+    h = R.hadamard(128)
+
+    def turned(w):
+        return (w.reshape(-1, 128) @ h).reshape(w.shape)
+
+    spiky = _outlier_columns(gaussian, rng)
+    assert choose({"layers.0.mlp.down": spiky}, {"layers.0.mlp.down": turned(spiky)})
+    codes = rng.integers(0, 16, (256, 512)).astype(np.float32)
+    scale = rng.uniform(0.01, 0.02, (256, 16, 1)).astype(np.float32)
+    gridded = ((codes.reshape(256, 16, 32) - rng.integers(4, 12, (256, 16, 1))) * scale).reshape(256, 512)
+    assert not choose({"layers.0.mlp.down": gridded}, {"layers.0.mlp.down": turned(gridded)})
+    # sampled rows: a tall weight is judged on ~2^18 values read in four runs of rows
+    tall = rng.standard_normal((8192, 512)).astype(np.float32)
+    sample = R.sample_rows(tall)
+    assert sample.shape == (512, 512) and np.array_equal(sample[:128], tall[:128])
+    assert np.array_equal(sample[-128:], tall[-128:])
+
+
+def test_onnx_int4_rotates_where_it_pays(tmp_path):
+    """A model whose pre-norm readers and down projections have outlier input channels: ONNX
+    int4-b32 rotates those inputs (quant_method mse+rotated), as f32 MatMuls (not MatMulNBits) on
+    one stored matrix per order, leaves the others, and is closer to the f32 model than without
+    the rotation; without the outliers hardly any input is rotated."""
+    import onnx
+
+    from export.driver import export as export_to
+    from export.options import ExportOptions
+
+    cfg, params = _gemma2_tiny()
+    rng = np.random.default_rng(5)
+    spiky = dict(params)
+    for i in range(cfg.num_layers):
+        for r in ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up", "mlp.down"):
+            name = f"layers.{i}.{r}"
+            spiky[name] = _outlier_columns(params[name], rng)
+
+    def export(p, out, rotation=True):
+        return export_to(cfg, p, "onnx", ExportOptions(out_dir=tmp_path / out, max_len=64, prefill_lens=(16,),
+                                                       quant="int4-b32", rotation=rotation))
+
+    result = export(spiky, "spiky")
+    assert result.metadata.quant_method == "mse+rotated"
+    # random weights fail an int4 gate either way (its thresholds are set on trained ones); the
+    # rotation lowers the error against the f32 model (measured rel RMS 0.685 -> 0.635, KL 0.476 -> 0.421)
+    unrotated = export(spiky, "spiky-unrotated", rotation=False).gate.report
+    rotated = result.gate.report
+    assert rotated.mean_rel_rms < unrotated.mean_rel_rms and rotated.mean_kl < unrotated.mean_kl, \
+        (rotated.mean_rel_rms, unrotated.mean_rel_rms, rotated.mean_kl, unrotated.mean_kl)
+    graph = onnx.load(str(result.path / "model.onnx"), load_external_data=False).graph
+    inits = {t.name: tuple(t.dims) for t in graph.initializer}
+    rotations = {n for n in inits if n.endswith("_rotation")}
+    readers = [n for n in graph.node if rotations & set(n.input)]
+    orders = sorted(inits[n] for n in rotations)
+    assert orders == [(64, 64), (128, 128)], orders  # one matrix per order (the width, down's input)
+    assert len(readers) >= 3 * cfg.num_layers, len(readers)  # pre-attn, pre-ffw and down of each layer
+    assert {n.op_type for n in readers} <= {"MatMul", "Gemm", "Einsum"}, {n.op_type for n in readers}
+    assert not any(n.op_type == "MatMulNBits" and n.input[1].startswith(tuple(rotations)) for n in graph.node)
+    # without the outliers: a random tiny weight's error moves by a few percent either way when
+    # rotated (sampling noise of ~500 blocks), so at most the odd input passes the 5% bar
+    from export.quantize import blocks as B
+
+    choose = R.lowers_error(B.quantizer(4, 32, B.mse_asymmetric))
+    assert R.rotated(params, cfg, choose)[1] <= len(R.groups(params, cfg)) // 4
+    assert R.rotated(spiky, cfg, choose)[1] >= 3 * cfg.num_layers

@@ -241,17 +241,31 @@ def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None
         if src is not None and src.bits == bits and src.block == block and src.shape == shape:
             out[name] = src
             continue
-        if name == TABLE and table_bits and table_bits != bits:
-            fn, b, k = rtn, table_bits, table_block(shape[1], block)
-        elif name == TABLE:  # symmetric: GatherBlockQuantized reads it too
-            fn, b, k = mse, bits, block
-        else:
-            fn, b, k = quantize, bits, block
+        fn, b, k = _scheme(name, shape, bits, block, quantize, table_bits)
         if is_lazy(value):
             out[name] = PendingBlocks(shape, b, k, lambda fn=fn, v=value, b=b, k=k: by_rows(fn, v, b, k))
         else:
             out[name] = fn(np.asarray(value, np.float32), b, k)
     return out
+
+
+def _scheme(name: str, shape: tuple, bits: int, block: int, quantize, table_bits: int | None):
+    """(fn, bits, block) that `plan_blocks` quantizes the weight `name` with."""
+    if name == TABLE and table_bits and table_bits != bits:
+        return rtn, table_bits, table_block(shape[1], block)
+    if name == TABLE:  # symmetric: GatherBlockQuantized reads it too
+        return mse, bits, block
+    return quantize, bits, block
+
+
+def quantizer(bits: int, block: int, quantize=None, table_bits: int | None = None):
+    """fn(name, w) -> BlockQuantized: what `plan_blocks` computes for the weight `name` (not
+    carried) with the same arguments, for a sample of its rows (export/quantize/rotate.lowers_error)."""
+    def fn(name: str, w: np.ndarray) -> BlockQuantized:
+        f, b, k = _scheme(name, tuple(np.shape(w)), bits, block, quantize or rtn, table_bits)
+        return f(np.asarray(w, np.float32), b, k)
+
+    return fn
 
 
 def by_rows(fn, value, bits: int, block: int, max_bytes: int | None = None) -> BlockQuantized:

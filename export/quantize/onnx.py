@@ -265,6 +265,8 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
             array = weights[name]
             if array.ndim != 2 or array.dtype != np.float32:
                 continue
+            if name.endswith("_rotation"):  # the input rotations stay f32 MatMuls (export/quantize/rotate.py)
+                continue
             roles = {_role(node, i) for node, i in users}
             if None in roles or ("kn" in roles and roles != {"kn"}):
                 continue

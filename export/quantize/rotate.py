@@ -1,4 +1,4 @@
-"""Hadamard rotations of the matmul inputs, for TFLite's dynamic-int8 and int4 recipes.
+"""Hadamard rotations of the matmul inputs, for TFLite's dynamic-int8 and the int4 recipes.
 
 XNNPACK's dynamic int8 FULLY_CONNECTED quantizes each input row (one token) with one scale over
 all of its channels. The down projection's input, gelu(gate) * up, has per-token spikes: a few
@@ -22,11 +22,15 @@ down 1237 / 420 / 109 / 65; the LM head 270 / 99 / 37 / 22. So every input is ro
 smoothing has folded its factors (smoothing decides on the unrotated inputs; the rotation then
 acts on x / s and W s): `groups` lists them.
 
-The int4 recipes (TFLite) rotate the same inputs for the weights' sake: XNNPACK's blockwise int4
+The int4 recipes rotate the same inputs for the weights' sake. TFLite: XNNPACK's blockwise int4
 takes symmetric blocks without a zero point, where one outlier weight sets its block's scale; W H
 spreads it over the block (real Gemma 3 270M int4-b32: perplexity ratio 1.70 -> 1.49, with GPTQ
-1.29 -> 1.10; docs/quantization.md). The rotation comes before the codes are chosen (GPTQ rounds
-the rotated weights on the rotated inputs' statistic).
+1.29 -> 1.10; docs/quantization.md); every input is rotated (its int8 activations gain too).
+ONNX: MatMulNBits' zero points already follow a block's offset, and a checkpoint that held a
+weight on an int4-like grid (a GGUF's Q4_K) loses that grid when it is rotated, so an input is
+rotated only where its readers' int4 weights lose at least 5% less squared error rotated
+(`chooser`, `lowers_error`, on sampled rows); its rotations are f32 MatMuls. The rotation comes
+before the codes are chosen (GPTQ rounds the rotated weights on the rotated inputs' statistic).
 
 A rotation is a parameter `<name>_rotation` [b, b] (f32, never quantized:
 export.quantize.sizes.is_quantized_weight) that the model code applies to the input when present
@@ -113,10 +117,53 @@ def groups(names, cfg) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def rotated(params: dict, cfg) -> tuple[dict, int]:
+PAYS = 0.95  # `lowers_error` rotates where the weights' error falls by 5% or more
+SAMPLE_VALUES = 1 << 18  # per weight, what `lowers_error` quantizes both ways (~8,000 blocks of 32)
+
+
+def sample_rows(value, values: int = SAMPLE_VALUES) -> np.ndarray:
+    """About `values` of a 2-D weight's values, f32: four runs of whole rows spread over it (a lazy
+    weight reads just those rows), or the whole weight when it is that small."""
+    from models.lazy import is_lazy, load
+
+    n, k = value.shape
+    rows = max(1, values // k)
+    if rows * 4 >= n:
+        return np.asarray(load(value), np.float32)
+    run = -(-rows // 4)
+    starts = [i * (n - run) // 3 for i in range(4)]
+    read = value.read_rows if is_lazy(value) and value.reads_rows else (lambda a, b: np.asarray(load(value))[a:b])
+    return np.concatenate([np.asarray(read(a, a + run), np.float32) for a in starts])
+
+
+def lowers_error(quantize):
+    """A `choose` for `rotated`: rotate an input where its readers' weights, quantized as the
+    export will (`quantize(name, w)` -> BlockQuantized: export.quantize.blocks.quantizer; the
+    table's scheme differs from the linear layers'), lose at least 5% less (PAYS) in the rotated
+    basis than as they are: the sum of squared weight errors over sampled rows (`sample_rows`;
+    the rotation is orthonormal, so the errors compare directly). A rotation costs an f32 matmul
+    per step, so it has to pay clearly. For ONNX's int4 recipes: their zero points already follow
+    a block's offset, and a weight whose checkpoint held it on an int4-like grid (a GGUF's Q4_K)
+    loses that grid when rotated (docs/quantization.md)."""
+
+    def error(name: str, w: np.ndarray) -> float:
+        b = quantize(name, w)
+        return float(np.square(b.dequantize() - w, dtype=np.float64).sum())
+
+    def choose(plain: dict, turned: dict) -> bool:
+        keys = sorted(plain)
+        return sum(error(k, sample_rows(turned[k])) for k in keys) < PAYS * sum(error(k, sample_rows(plain[k]))
+                                                                                 for k in keys)
+
+    return choose
+
+
+def rotated(params: dict, cfg, choose=None) -> tuple[dict, int]:
     """(params with every matmul input of `groups` rotated: its readers' weights rotated and the
     rotation added; how many inputs were rotated). The values not rotated are the same objects.
-    Apply after smoothing (export/quantize/smooth.py): its factors are the unrotated inputs'."""
+    Apply after smoothing (export/quantize/smooth.py): its factors are the unrotated inputs'.
+    `choose(plain, rotated)` (the weights the rotation changes, name -> value, as they are and
+    rotated) decides each input; None rotates every one."""
     out = dict(params)
     n = 0
     cache: dict[int, np.ndarray] = {}
@@ -125,17 +172,18 @@ def rotated(params: dict, cfg) -> tuple[dict, int]:
         if b is None:
             continue
         h = cache.setdefault(b, hadamard(b))
-        for r in readers:
-            out[r] = _rotated_weight(params[r], h)
-        out[name] = h.T.copy()  # as models.layers.rotate_blocks reads it ([out, in]); H is symmetric anyway
-        n += 1
+        turned = {r: _rotated_weight(params[r], h) for r in readers}
+        if choose is None or choose({r: params[r] for r in readers}, turned):
+            out.update(turned)
+            out[name] = h.T.copy()  # as models.layers.rotate_blocks reads it ([out, in]); H is symmetric anyway
+            n += 1
     return out, n
 
 
 def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
-    """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too) and its
-    int4 block recipes (symmetric blocks with no zero point: a rotated input spreads the weights'
-    outliers over the block as well, see the module doc), unless --no-rotation (`enabled`). A
+    """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too) and the
+    int4 block recipes on both targets (a rotated input spreads the weights' outliers over the
+    block as well; ONNX per input, where it pays: `chooser`), unless --no-rotation (`enabled`). A
     checkpoint's carried Q4_0 blocks turn it off for int4 (export.driver.run): they are written
     exactly, unrotated."""
     from export.quantize.recipes import RECIPES
@@ -143,8 +191,22 @@ def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
 
     r = RECIPES.get(quant) if quant else None
     int4 = r is not None and r.dynamic and r.bits == 4 and bool(r.block)
-    return smoothing_wanted(quant, quant_table, enabled) or bool(enabled and int4 and quant_table == "tflite")
+    return smoothing_wanted(quant, quant_table, enabled) or bool(enabled and int4)
 
 
 def applies(plan) -> bool:
     return wanted(plan.quant, plan.target.quant_table, plan.options.rotation)
+
+
+def chooser(plan):
+    """The `choose` of `rotated` for an export: ONNX's int4 recipes rotate an input only where its
+    readers' int4 weights lose less rotated (`lowers_error`, with the recipe's own schemes:
+    asymmetric blocks, the table's at its bits); everything else rotates every input (TFLite's
+    int8 activations are quantized per row of the whole input, which the rotation evens out
+    whatever it does to the weights)."""
+    from export.quantize.blocks import mse_asymmetric, quantizer
+
+    r = plan.recipe
+    if plan.target.quant_table != "onnx" or r is None or r.bits != 4 or not r.block:
+        return None
+    return lowers_error(quantizer(r.bits, r.block, mse_asymmetric, r.table_bits))

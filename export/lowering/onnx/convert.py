@@ -164,6 +164,40 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
 
 
+def share_equal_weights(model: onnx.ModelProto, weights: dict, min_bytes: int = INLINE_BYTES,
+                        max_bytes: int = 4 << 20) -> dict:
+    """`weights` with every in-memory array equal to another (same dtype, shape and bytes; from
+    `min_bytes` to `max_bytes`: the weights proper are lazy or large, and not compared) dropped,
+    and the nodes reading it (subgraphs included) rewired to the first name in sorted order (the
+    same name in every graph of a folder, so `save(reuse=)` still finds it). The input rotations
+    (export/quantize/rotate.py) are one matrix per order, repeated per input: stored once."""
+    import hashlib
+
+    first, renames = {}, {}
+    for name in sorted(weights):
+        a = weights[name]
+        if is_lazy(a) or not min_bytes <= a.nbytes <= max_bytes:
+            continue
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.shape, hashlib.sha1(a.reshape(-1).view(np.uint8)).hexdigest())
+        if key in first and np.array_equal(weights[first[key]], a):
+            renames[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    if not renames:
+        return weights
+    def rewire(graph):
+        for node in graph.node:
+            if any(i in renames for i in node.input):
+                node.input[:] = [renames.get(i, i) for i in node.input]
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    rewire(sub)
+
+    rewire(model.graph)
+    return {k: v for k, v in weights.items() if k not in renames}
+
+
 def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None = None,
          progress=None, on_written=None) -> list[Path]:
     """Write model.onnx (+ model.onnx.data when the weights pass EXTERNAL_DATA_BYTES), each to a
@@ -172,9 +206,10 @@ def save(model: onnx.ModelProto, weights: dict, path: Path, reuse: dict | None =
     reuse (`external_table` of a model saved in the same folder): weights equal to one there are
     referenced in its data file instead of written again (the image prefill graph shares the text
     decoder's weights this way). on_written(array), if given, is called once each weight is in the
-    external data file (the ONNX target frees the packed weights' scratch copies this way)."""
+    external data file (the ONNX target frees the packed weights' scratch copies this way). Equal
+    in-memory weights are stored once (`share_equal_weights`)."""
     path = Path(path)
-    weights = dict(weights)
+    weights = share_equal_weights(model, dict(weights))
     for name, (array, location, offset, length) in (reuse or {}).items():
         if name in weights and _same(weights[name], array):
             del weights[name]
