@@ -30,7 +30,7 @@ class ExportOptions:
     int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
     calibration_text: Path | None = None  # GPTQ's / smoothing's text; default export/quantize/calibration.txt
     smoothing: bool = True  # TFLite dynamic-int8: activation smoothing folded into the weights (export/quantize/smooth.py)
-    rotation: bool = True  # TFLite dynamic-int8, int4: matmul inputs rotated per block (export/quantize/rotate.py)
+    rotation: bool = True  # dynamic-int8 (TFLite), int4: matmul inputs rotated per block (export/quantize/rotate.py)
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
     tokenizer: Path | None = None  # default: the checkpoint folder
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context

@@ -351,3 +351,38 @@ def test_runtime_generate_with_pan_and_scan(model, tokenizer_256, tmp_path):
                               pan_and_scan=True)
     assert got == tok.decode(want)
     assert got != runtime_py.generate(folder, text, images=[wide], tokenizer=tokenizer_256, max_new_tokens=10)
+
+
+def test_onnx_int4_rotations_are_shared_by_the_image_prefill_graph(model, tmp_path, monkeypatch):
+    """ONNX int4 with input rotations (export/quantize/rotate.py; forced onto every input here:
+    the random tiny weights gain too little for the chooser) and external weights: each graph
+    stores one rotation matrix per order (export/lowering/onnx/convert.share_equal_weights),
+    image_prefill.onnx reads the decoder's from model.onnx.data, and the folder generates with
+    images exactly as the same export with every weight inline does."""
+    import onnx
+
+    import export.lowering.onnx.convert as conv
+    import export.quantize.rotate as rotate
+
+    monkeypatch.setattr(rotate, "chooser", lambda plan: None)  # rotate every input
+    cfg, params = model
+    prompt, images = _prompt(cfg, 3), _images(2, 4)
+
+    def run(out):
+        result = export(cfg, params, "onnx", ExportOptions(out_dir=tmp_path / out, max_len=MAX_LEN,
+                                                           prefill_lens=tuple(LENS), quant="int4-b32", verify=False))
+        assert result.metadata.quant_method == "mse+rotated"
+        return result.path
+
+    inline = run("inline")
+    monkeypatch.setattr(conv, "EXTERNAL_DATA_BYTES", 0)  # tiny weights, handled as a large model's
+    folder = run("external")
+    for graph_file in ("model.onnx", "image_prefill.onnx"):
+        graph = onnx.load(str(folder / graph_file), load_external_data=False).graph
+        rotations = [t for t in graph.initializer if t.name.endswith("_rotation")]
+        readers = [n for n in graph.node if {t.name for t in rotations} & set(n.input)]
+        assert rotations and len({tuple(t.dims) for t in rotations}) == len(rotations), graph_file
+        assert len(readers) > 2 * cfg.num_layers, graph_file
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in rotations if t.dims[0] >= 16)
+    assert not (folder / "image_prefill.onnx.data").exists()
+    assert load(folder).generate(prompt, 8, images=images) == load(inline).generate(prompt, 8, images=images)

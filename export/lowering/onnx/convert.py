@@ -186,6 +186,7 @@ def share_equal_weights(model: onnx.ModelProto, weights: dict, min_bytes: int = 
             first.setdefault(key, name)
     if not renames:
         return weights
+
     def rewire(graph):
         for node in graph.node:
             if any(i in renames for i in node.input):
