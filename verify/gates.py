@@ -63,8 +63,9 @@ _TFLITE = {  # XNNPACK: int8 activations per row of the whole input
     "int8": Gate(mean_rel_rms=3.5e-2, top1=0.95, mean_kl=7.5e-3),
     "dynamic-int8": Gate(mean_rel_rms=7.5e-2, top1=0.95, mean_kl=2.2e-2),
     "int4-b32": Gate(mean_rel_rms=0.3, top1=0.85, mean_kl=0.55),
-    # trained tiny only: Gemma 3 270M at int4-b128 fails it (KL 1.4; docs/quantization.md)
-    "int4-b128": Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.25),
+    # KL from the real Gemma 3 270M with its inputs rotated (0.282; unrotated it measured 1.41 and
+    # failed): docs/quantization.md
+    "int4-b128": Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.42),
     "int4-b32-e8": Gate(mean_rel_rms=0.3, top1=0.9, mean_kl=0.4),
 }
 _ONNX = {  # MatMulNBits accuracy_level 4: int8 activations per block of the input
@@ -72,7 +73,7 @@ _ONNX = {  # MatMulNBits accuracy_level 4: int8 activations per block of the inp
     "int8": _TFLITE["int8"],  # not run on ONNX (export.quantize.recipes)
     "dynamic-int8": Gate(mean_rel_rms=4e-2, top1=0.95, mean_kl=5e-3),
     "int4-b32": Gate(mean_rel_rms=0.31, top1=0.9, mean_kl=0.42),
-    "int4-b128": Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.25),
+    "int4-b128": Gate(mean_rel_rms=0.6, top1=0.85, mean_kl=0.3),  # real 270M, rotated where it pays: 0.199
     "int4-b32-e8": Gate(mean_rel_rms=0.33, top1=0.9, mean_kl=0.28),
 }
 # --int4-method gptq (export/quantize/gptq.py): the same recipes with codes fitted to text. On the
