@@ -74,17 +74,18 @@ def block_for(width: int) -> int | None:
     return None
 
 
+def _rotate_rows(a, h: np.ndarray) -> np.ndarray:
+    """Rows of a weight [.., F] -> times H per block of b columns: one GEMM (a [rows, C/b, b]
+    stack is one per row)."""
+    a = np.asarray(a, np.float32)
+    return (a.reshape(-1, h.shape[0]) @ h).reshape(a.shape)
+
+
 def _rotated_weight(value, h: np.ndarray):
     """W [N, F] -> W H per block of b columns (a LazyTensor stays lazy, read by row chunks)."""
     from models.lazy import map_rows
 
-    b = h.shape[0]
-
-    def apply(a, start: int = 0):
-        a = np.asarray(a, np.float32)
-        return (a.reshape(-1, b) @ h).reshape(a.shape)  # one GEMM (a [rows, C/b, b] stack is one per row)
-
-    return map_rows(value, apply)
+    return map_rows(value, lambda a, start=0: _rotate_rows(a, h))
 
 
 def groups(names, cfg) -> list[tuple[str, tuple[str, ...]]]:
@@ -150,10 +151,13 @@ def lowers_error(quantize):
         b = quantize(name, w)
         return float(np.square(b.dequantize() - w, dtype=np.float64).sum())
 
-    def choose(plain: dict, turned: dict) -> bool:
-        keys = sorted(plain)
-        return sum(error(k, sample_rows(turned[k])) for k in keys) < PAYS * sum(error(k, sample_rows(plain[k]))
-                                                                                 for k in keys)
+    def choose(readers: dict, h: np.ndarray) -> bool:
+        plain = rotated = 0.0
+        for name in sorted(readers):
+            rows = sample_rows(readers[name])  # read once; its rotation is rows-wise
+            plain += error(name, rows)
+            rotated += error(name, _rotate_rows(rows, h))
+        return rotated < PAYS * plain
 
     return choose
 
@@ -162,8 +166,8 @@ def rotated(params: dict, cfg, choose=None) -> tuple[dict, int]:
     """(params with every matmul input of `groups` rotated: its readers' weights rotated and the
     rotation added; how many inputs were rotated). The values not rotated are the same objects.
     Apply after smoothing (export/quantize/smooth.py): its factors are the unrotated inputs'.
-    `choose(plain, rotated)` (the weights the rotation changes, name -> value, as they are and
-    rotated) decides each input; None rotates every one."""
+    `choose(readers, h)` (the weights the rotation would change, name -> value, and the matrix
+    H their columns would be multiplied by per block) decides each input; None rotates every one."""
     out = dict(params)
     n = 0
     cache: dict[int, np.ndarray] = {}
@@ -172,9 +176,8 @@ def rotated(params: dict, cfg, choose=None) -> tuple[dict, int]:
         if b is None:
             continue
         h = cache.setdefault(b, hadamard(b))
-        turned = {r: _rotated_weight(params[r], h) for r in readers}
-        if choose is None or choose({r: params[r] for r in readers}, turned):
-            out.update(turned)
+        if choose is None or choose({r: params[r] for r in readers}, h):
+            out.update({r: _rotated_weight(params[r], h) for r in readers})
             out[name] = h.T.copy()  # as models.layers.rotate_blocks reads it ([out, in]); H is symmetric anyway
             n += 1
     return out, n

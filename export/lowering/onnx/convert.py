@@ -171,19 +171,10 @@ def share_equal_weights(model: onnx.ModelProto, weights: dict, min_bytes: int = 
     and the nodes reading it (subgraphs included) rewired to the first name in sorted order (the
     same name in every graph of a folder, so `save(reuse=)` still finds it). The input rotations
     (export/quantize/rotate.py) are one matrix per order, repeated per input: stored once."""
-    import hashlib
+    from export.lowering.dedupe import earlier_copies
 
-    first, renames = {}, {}
-    for name in sorted(weights):
-        a = weights[name]
-        if is_lazy(a) or not min_bytes <= a.nbytes <= max_bytes:
-            continue
-        a = np.ascontiguousarray(a)
-        key = (a.dtype.str, a.shape, hashlib.sha1(a.reshape(-1).view(np.uint8)).hexdigest())
-        if key in first and np.array_equal(weights[first[key]], a):
-            renames[name] = first[key]
-        else:
-            first.setdefault(key, name)
+    renames = earlier_copies((name, (a.dtype.str, a.shape), a) for name, a in sorted(weights.items())
+                             if not is_lazy(a) and min_bytes <= a.nbytes <= max_bytes)
     if not renames:
         return weights
 

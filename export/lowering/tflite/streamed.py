@@ -257,23 +257,13 @@ def share_constants(model, min_bytes: int = 1024) -> int:
     earlier buffer's at that buffer, and empty the copy; returns the bytes saved. The converter
     writes each constant of the graph on its own: the input rotations (export/quantize/rotate.py)
     are one Hadamard matrix per order, 64 KiB each at order 128, 105 of them at gemma3-1b."""
-    import hashlib
+    from export.lowering.dedupe import earlier_copies
 
-    first, moved = {}, {}
-    saved = 0
-    for i, b in enumerate(model.buffers):
-        data = getattr(b, "data", None)
-        if data is None or len(data) < min_bytes:
-            continue
-        raw = np.asarray(data, np.uint8).tobytes()
-        key = hashlib.sha256(raw).digest()
-        if key in first:
-            moved[i] = first[key]
-            saved += len(raw)
-        else:
-            first[key] = i
+    moved = earlier_copies((i, None, np.asarray(b.data, np.uint8)) for i, b in enumerate(model.buffers)
+                           if getattr(b, "data", None) is not None and len(b.data) >= min_bytes)
     if not moved:
         return 0
+    saved = sum(len(model.buffers[i].data) for i in moved)
     for sg in model.subgraphs:
         for t in sg.tensors:
             if t.buffer in moved and not t.isVariable:
