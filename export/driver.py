@@ -77,9 +77,10 @@ class Timer:
         resident memory: the process's peak so far, or with `stage_peaks` its own (the count
         restarts at each stage; an enclosing stage's peak is the largest of its children's and
         its own)."""
-        from export.memory import peak_rss, reset_peak
+        from export.memory import helper_peaks, peak_rss, reset_peak
 
         t0 = time.perf_counter()
+        helpers_before = helper_peaks()[0]
         if self.verbose:
             self._print(f"[{name}] ...")
         if self.stage_peaks:
@@ -94,7 +95,8 @@ class Timer:
             children = self._open.pop()
             self._stages.pop()
         took = time.perf_counter() - t0
-        peak = max(peak_rss() or 0, children)
+        # with the peak of a helper process it ran (the TFLite converter's), added: an upper bound
+        peak = max(peak_rss() or 0, children) + helper_peaks(helpers_before)[1]
         if self.stage_peaks:
             reset_peak()
         if self._open:

@@ -216,6 +216,22 @@ def peak_rss() -> int | None:
     return None
 
 
+_HELPER_PEAKS: list[int] = []
+
+
+def record_helper_peak(nbytes: int | None):
+    """A helper process's peak resident set (the TFLite converter's, export/lowering/tflite/worker.py):
+    the export's stages report their peak as their own plus the helpers' they ran, an upper bound
+    of what the two held together."""
+    if nbytes:
+        _HELPER_PEAKS.append(int(nbytes))
+
+
+def helper_peaks(since: int = 0) -> tuple[int, int]:
+    """(how many helper peaks were recorded, the largest from the `since`-th on)."""
+    return len(_HELPER_PEAKS), max(_HELPER_PEAKS[since:], default=0)
+
+
 def reset_peak() -> bool:
     """Restart the peak-RSS count at the current RSS (Linux /proc/self/clear_refs "5")."""
     try:
@@ -226,4 +242,5 @@ def reset_peak() -> bool:
         return False
 
 
-__all__ = ["Estimate", "check_fits", "estimate", "gate_mode", "peak_rss", "reset_peak", "total_memory"]
+__all__ = ["Estimate", "check_fits", "estimate", "gate_mode", "helper_peaks", "peak_rss", "record_helper_peak",
+           "reset_peak", "total_memory"]

@@ -4,7 +4,6 @@ graph checks; window-sized local caches; determinism; bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,17 +255,37 @@ def test_parity_failure_exits_1_and_says_where(tmp_path, capsys, monkeypatch):
     assert report["artifact"] == "gemma2-tiny_f32_ctx64.FAILED.tflite"
 
 
-def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):
-    from litert_converter import converter_api_ext
+_FAULT = """
+import os
+from litert_converter import converter_api_ext
+from pathlib import Path
 
-    def boom(op, path):
-        Path(path).write_bytes(b"partial")
-        raise RuntimeError("disk full")
+def boom(op, path):
+    Path(path).write_bytes(b"partial")
+    if os.environ.get("GEMMA_EDGE_TEST_FAULT") == "crash":
+        os._exit(3)
+    raise RuntimeError("disk full")
 
-    monkeypatch.setattr(converter_api_ext, "export_flatbuffer_to_file", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        export_main(export_args("gemma2-tiny", tmp_path, "--no-verify"))
-    assert not list(tmp_path.iterdir())
+converter_api_ext.export_flatbuffer_to_file = boom
+"""
+
+
+@pytest.mark.parametrize("fault", ["error", "crash"])
+def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch, fault):
+    """The converter runs in a child process (export/lowering/tflite/worker.py): a failure there,
+    raised (its error comes back as it was) or a process that dies (an error naming its exit
+    code), fails the export and leaves nothing in the output folder. The fault is planted in the
+    child's converter through a sitecustomize module on its path."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAULT)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("GEMMA_EDGE_TEST_FAULT", fault)
+    out = tmp_path / "out"
+    match = "disk full" if fault == "error" else "converter process ended with exit code 3"
+    with pytest.raises(RuntimeError, match=match):
+        export_main(export_args("gemma2-tiny", out, "--no-verify"))
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_runtime_sampling_and_stop_tokens(artifacts):

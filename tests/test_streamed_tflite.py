@@ -99,3 +99,38 @@ def test_the_skeleton_lists_its_holes(tmp_path):
     assert all(len(h.places) == 2 for h in holes.values())  # prefill_4 and decode
     assert stray_holes(skeleton) == []
     assert skeleton.stat().st_size < 0.5 * sum(v.nbytes for v in params.values())
+
+
+@pytest.mark.parametrize("model,quant", [("gemma3-tiny", "int4-b32-e8"), ("gemma3-vision-tiny", "dynamic-int8")])
+def test_the_converter_process_writes_the_in_process_bytes(tmp_path, model, quant):
+    """The export runs the converter and the flatbuffer work in a child process
+    (export/lowering/tflite/worker.py): its file equals, byte for byte, the one written in this
+    process from the same plan (convert, then streamed.fill): INT4 blocks and the int8 table's
+    per-channel scales (set in the flatbuffer after the weights are written), and the vision
+    tower's stray position table (handed back to the converter through the protocol)."""
+    from export.driver import Timer, resolve, storage
+    from export.lowering.tflite.convert import convert
+    from export.lowering.tflite.streamed import fill, stray_holes
+    from export.options import ExportOptions
+    from export.quantize.sizes import is_quantized_weight
+    from export.quantize.tflite import encoder, layout
+    from export.targets.tflite import write_model
+
+    cfg, params = init_model(get_config(model), 1, lazy=True)
+    plan = resolve(cfg, "tflite", ExportOptions(max_len=64, prefill_lens=(8,), verify=False, out_dir=tmp_path,
+                                                quant=quant))
+    weights = storage(plan, params)
+    signatures = plan.target.signatures(plan)
+    child = write_model(plan, weights, signatures, tmp_path / "child.tflite", Timer(), metadata="{}")
+    stored = weights.stored
+    holes = [n for n, v in stored.items() if is_quantized_weight(n, tuple(v.shape))]
+    skeleton = convert(signatures, stored, tmp_path / "skeleton.tflite", compute=weights.compute, metadata="{}",
+                       holes=holes)
+    stray = stray_holes(skeleton)
+    assert bool(stray) == ("vision" in model)
+    if stray:
+        skeleton = convert(signatures, stored, tmp_path / "skeleton.tflite", compute=weights.compute,
+                           metadata="{}", holes=[n for n in holes if n not in stray])
+    here = fill(skeleton, tmp_path / "here.tflite", layout(plan.recipe, weights.blocks),
+                encoder(stored, weights.blocks))
+    assert child.read_bytes() == here.read_bytes()

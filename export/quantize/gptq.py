@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.quantize.blocks import MSE_GRID, BlockQuantized, PendingBlocks, quantizable
+from export.quantize.blocks import GPTQ_ASYMMETRIC_SEARCH, GPTQ_SYMMETRIC_SEARCH, BlockQuantized, PendingBlocks, quantizable
 from export.quantize.sizes import TABLE
 
 CALIBRATION = Path(__file__).with_name("calibration.txt")
@@ -200,8 +200,8 @@ def quantize_group(weights: list[np.ndarray], hessian: np.ndarray, bits: int, bl
 
     w = np.concatenate([np.asarray(x, np.float32) for x in weights]) if len(weights) > 1 else \
         np.asarray(weights[0], np.float32)
-    kw = {"asymmetric": True} if asymmetric else {"positive": True}
-    whole = _to_blocks(gptq(w, hessian, bits, block, damp=DAMP, scale_fn=mse_search, grid=MSE_GRID, **kw),
+    kw = GPTQ_ASYMMETRIC_SEARCH if asymmetric else GPTQ_SYMMETRIC_SEARCH
+    whole = _to_blocks(gptq(w, hessian, bits, block, damp=DAMP, scale_fn=mse_search, **kw),
                        bits, asymmetric)
     out, r = [], 0
     for x in weights:

@@ -76,9 +76,13 @@ def block_for(width: int) -> int | None:
 
 def _rotate_rows(a, h: np.ndarray) -> np.ndarray:
     """Rows of a weight [.., F] -> times H per block of b columns: one GEMM (a [rows, C/b, b]
-    stack is one per row)."""
+    stack is one per row), on one BLAS thread (export/quantize/blas.py: the same rounding
+    whichever path or thread runs it)."""
+    from export.quantize.blas import single_thread
+
     a = np.asarray(a, np.float32)
-    return (a.reshape(-1, h.shape[0]) @ h).reshape(a.shape)
+    with single_thread():
+        return (a.reshape(-1, h.shape[0]) @ h).reshape(a.shape)
 
 
 def _rotated_weight(value, h: np.ndarray):

@@ -56,26 +56,21 @@ def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layout(recipe: Recipe | None, blocks: dict | None):
-    """hole -> export.lowering.tflite.streamed.Layout: how `recipe` stores each weight."""
-    from export.lowering.tflite.streamed import Layout
+    """How `recipe` stores each hole (export.lowering.tflite.streamed.Layouts: hole -> Layout,
+    as data, for the converter's child process): INT4 blocks for the weights planned at 4 bits,
+    INT8 per channel for the table of a recipe with `table_bits` 8 and for every quantizable
+    weight of the 8-bit recipes (a DEQUANTIZE before the readers unless dynamic), float
+    otherwise."""
+    from export.lowering.tflite.streamed import Layout, Layouts
 
-    def fn(hole) -> Layout:
-        if recipe is None or recipe.bits == 16 or not hole.quantizable:
-            return Layout(hole.dtype)
-        if hole.dtype != "FLOAT32":
-            raise RuntimeError(f"internal error: {recipe.name} quantizes f32 weights; {hole.name} is {hole.dtype}")
-        if recipe.bits == 4:
-            b = (blocks or {}).get(hole.name)
-            if b is not None and b.bits == 4:
-                if tuple(b.shape) != hole.shape:
-                    raise RuntimeError(f"internal error: blocks of {hole.name} are {b.shape}, the tensor {hole.shape}")
-                return Layout("INT4", block=b.block)
-            if hole.name == TABLE and recipe.table_bits == 8:
-                return Layout("INT8")
-            raise RuntimeError(f"internal error: no int4 blocks were planned for {hole.name} {hole.shape}")
-        return Layout("INT8", dequantize=not recipe.dynamic)
-
-    return fn
+    if recipe is None or recipe.bits == 16:
+        return Layouts()
+    if recipe.bits == 4:
+        named = {n: (Layout("INT4", block=b.block), tuple(b.shape)) for n, b in (blocks or {}).items() if b.bits == 4}
+        if recipe.table_bits == 8 and TABLE not in named:
+            named[TABLE] = (Layout("INT8"), None)
+        return Layouts(recipe.name, named)
+    return Layouts(recipe.name, quantized=Layout("INT8", dequantize=not recipe.dynamic))
 
 
 def int4_encoded(block_quantized):

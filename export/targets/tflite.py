@@ -55,43 +55,50 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
                 metadata: str | None = None) -> Path:
     """Convert `signatures` into one .tflite at `path` over `params` (default: every stored weight;
     a vision bundle's sections each pass their own), the matmul weights and the table stored as
-    the plan's recipe says; `metadata`: our metadata JSON, for the file runtime_py loads."""
-    from export.lowering.tflite.convert import convert
-    from export.lowering.tflite.streamed import fill, read_skeleton, stray_holes
+    the plan's recipe says; `metadata`: our metadata JSON, for the file runtime_py loads.
+
+    The signatures are lowered here; the converter and the flatbuffer work run in a child process
+    (export/lowering/tflite/worker.py) while this one's threads quantize the weights."""
+    from export.lowering.tflite.convert import lowered
+    from export.lowering.tflite.streamed import write_flatbuffer, write_weights
+    from export.lowering.tflite.worker import Converter
     from export.quantize.sizes import is_quantized_weight
     from export.quantize.ahead import Ahead
     from export.quantize.tflite import encoder, int4_encoded, int4_holes, layout
+    from export.stablehlo import weight_names
     from models.fused import inlined
+    from models.lazy import materialize
 
     params = weights.stored if params is None else params
     holes = [n for n, v in params.items() if is_quantized_weight(n, tuple(v.shape))]
     skeleton = path.with_name(path.name + ".skeleton.tmp")
     trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
     blocks = weights.blocks
+    converter = Converter()  # its imports run while the signatures are lowered
     # the int4 weights are quantized in the background from here on (export/quantize/ahead.py);
-    # the lowering and the converter hold the GIL most of their time, so it pays mostly while
-    # each weight is packed and written
+    # the lowering holds the GIL, the converter's process does not
     ahead = Ahead(int4_holes(plan.recipe, blocks, holes), lambda name: int4_encoded(blocks[name]),
                   cost=lambda name: math.prod(blocks[name].shape))
     try:
-        with timer.stage("convert"), trace:
-            convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
-                    metadata=metadata, holes=holes)
-            model = read_skeleton(skeleton)
-            stray = stray_holes(skeleton, model)
-            if stray:  # weights the converter folds (vision position table): give them to it
-                holes = [n for n in holes if n not in set(stray)]
-                convert(signatures, params, skeleton, compute=weights.compute, progress=timer.progress,
-                        metadata=metadata, holes=holes)
-                model = read_skeleton(skeleton)
+        with timer.stage("convert"):
+            with trace:
+                signatures = lowered(signatures, params, weights.compute, timer.progress)
+            left_out = set(holes)
+            job = {"signatures": signatures, "names": weight_names(params), "holes": holes,
+                   "inlined": materialize({k: v for k, v in params.items() if k not in left_out}),
+                   "skeleton": str(skeleton), "metadata": metadata, "layouts": layout(plan.recipe, blocks)}
+            placement = converter.place(job, lambda names: materialize({n: params[n] for n in names}))
+            del job, signatures
         with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
-            fill(skeleton, path, layout(plan.recipe, blocks), encoder(weights.stored, blocks, ahead),
-                 progress=timer.progress, model=model)
-            del model
+            with open(path, "wb") as f:
+                values = write_weights(f, placement, encoder(weights.stored, blocks, ahead), progress=timer.progress)
+                write_flatbuffer(f, placement, converter.finish(values))
     finally:
         ahead.close()
-        if skeleton.exists():
-            skeleton.unlink()
+        converter.close()
+        # the skeleton, and its own temporary name if the converter's process died writing it
+        for scratch in (skeleton, skeleton.with_name(skeleton.name + ".tmp")):
+            scratch.unlink(missing_ok=True)
     return path
 
 

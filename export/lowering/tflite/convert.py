@@ -22,14 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 
 from contract.metadata import METADATA_KEY
 
-from export.stablehlo import portable_artifact, stablehlo, weight_names
-from models.signatures import Signature
+if TYPE_CHECKING:  # the converter's side runs without JAX (export/lowering/tflite/worker.py)
+    from models.signatures import Signature
 
 
 
@@ -122,40 +123,62 @@ def _dequantize_f16_weights(ir, module) -> int:
     return len(casts)
 
 
+def lowered(signatures: list[Signature], params: dict, compute: Callable | None = None,
+            progress: Callable | None = None) -> list[tuple[str, bytes, list[str], list[str]]]:
+    """Each signature as (name, StableHLO portable artifact, its own input names, output names):
+    the JAX side of `convert`, every weight a leading argument in `weight_names` order."""
+    from export.stablehlo import portable_artifact, stablehlo
+
+    out = []
+    for i, sig in enumerate(signatures):
+        if progress:
+            progress(i, len(signatures), f"lower {sig.name}")
+        out.append((sig.name, portable_artifact(stablehlo(sig, params, compute)),
+                    [t.name for t in sig.inputs], [t.name for t in sig.outputs]))
+    if progress:
+        progress(len(signatures), len(signatures), "lowered")
+    return out
+
+
 def convert(signatures: list[Signature], params: dict, path: Path, *, compute: Callable | None = None,
             metadata: str | None = None, progress: Callable | None = None,
             holes: list[str] | None = None) -> Path:
     """Write one .tflite holding every signature, sharing the stored `params`; the weights named
     in `holes` are left out (inputs named HOLE + name, in parameter order, before the
     signature's own inputs), to be filled by export/lowering/tflite/streamed.py."""
+    from export.stablehlo import weight_names
+    from models.lazy import materialize
+
+    left_out = set(holes or ())
+    # the converter reads every other weight; they live until the file is written
+    inlined = materialize({k: v for k, v in params.items() if k not in left_out})
+    return convert_lowered(lowered(signatures, params, compute, progress), weight_names(params), inlined, path,
+                           metadata=metadata, holes=holes)
+
+
+def convert_lowered(signatures: list[tuple[str, bytes, list[str], list[str]]], names: list[str], inlined: dict,
+                    path: Path, *, metadata: str | None = None, holes: list[str] | None = None) -> Path:
+    """The converter's side of `convert` (no JAX: export/lowering/tflite/worker.py runs it in a
+    child process): `signatures` from `lowered`, `names` every weight argument in order,
+    `inlined` the values of those not in `holes`."""
     from litert_converter import converter_api_ext as conv
     from litert_converter.mlir import ir, passmanager
     from litert_converter.mlir.dialects import arith, func
     from litert_converter.mlir.dialects import stablehlo as shlo
 
-    from models.lazy import materialize
-
-    names = weight_names(params)
     left_out = set(holes or ())
     holes = [n for n in names if n in left_out]
-    # the converter reads every other weight; they live until the file is written
-    inlined = materialize({k: v for k, v in params.items() if k not in left_out})
     ctx = ir.Context()
     conv.prepare_mlir_context(ctx)
     modules = []
     with ctx, ir.Location.unknown():
-        attrs = _weight_attrs(ir, inlined)
-        for i, sig in enumerate(signatures):
-            if progress:
-                progress(i, len(signatures), f"lower {sig.name}")
-            module = shlo.deserialize_portable_artifact(ctx, portable_artifact(stablehlo(sig, params, compute)))
+        attrs = _weight_attrs(ir, {n: inlined[n] for n in names if n not in left_out})
+        for name, artifact, inputs, outputs in signatures:
+            module = shlo.deserialize_portable_artifact(ctx, artifact)
             main = _inline_weights(ir, arith, func, module, names, attrs)
-            conv.set_signature(main.operation, signature_name=sig.name,
-                               input_names=[HOLE + n for n in holes] + [t.name for t in sig.inputs],
-                               output_names=[t.name for t in sig.outputs])
+            conv.set_signature(main.operation, signature_name=name,
+                               input_names=[HOLE + n for n in holes] + list(inputs), output_names=list(outputs))
             modules.append(module)
-        if progress:
-            progress(len(signatures), len(signatures), "lowered")
         merged = conv.merge_modules(modules) if len(modules) > 1 else modules[0]
         if metadata is not None:
             merged.operation.attributes["tfl.metadata"] = ir.DictAttr.get(

@@ -59,6 +59,33 @@ class Layout:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """hole -> Layout, as data (picklable: the converter's child process applies it,
+    export/lowering/tflite/worker.py). `recipe` None: every hole in its own float type. Else a
+    quantizable f32 hole takes its entry in `named` (name -> (Layout, the shape it was planned
+    for, or None)), or `quantized` (None: an internal error, nothing was planned for it); any
+    other hole stays float. export/quantize/tflite.layout builds one from a recipe."""
+
+    recipe: str | None = None
+    named: dict = dataclasses.field(default_factory=dict)
+    quantized: Layout | None = None
+
+    def __call__(self, hole: "Hole") -> Layout:
+        if self.recipe is None or not hole.quantizable:
+            return Layout(hole.dtype)
+        if hole.dtype != "FLOAT32":
+            raise RuntimeError(f"internal error: {self.recipe} quantizes f32 weights; {hole.name} is {hole.dtype}")
+        if hole.name in self.named:
+            lay, shape = self.named[hole.name]
+            if shape is not None and tuple(shape) != hole.shape:
+                raise RuntimeError(f"internal error: blocks of {hole.name} are {tuple(shape)}, the tensor {hole.shape}")
+            return lay
+        if self.quantized is None:
+            raise RuntimeError(f"internal error: no int4 blocks were planned for {hole.name} {hole.shape}")
+        return self.quantized
+
+
 @dataclasses.dataclass
 class Encoded:
     """One weight's stored values: `data` (its bytes, any dtype) and, for a quantized layout,
@@ -275,12 +302,23 @@ def share_constants(model, min_bytes: int = 1024) -> int:
     return saved
 
 
-def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
-         progress: Callable | None = None, model=None) -> Path:
-    """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
-    stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
-    it is written). `model`: the skeleton already read (`read_skeleton`; changed in place)."""
-    model = read_skeleton(skeleton) if model is None else model
+@dataclasses.dataclass
+class Placement:
+    """Where a filled skeleton's bytes go: the flatbuffer's `size` (its bytes come first), every
+    hole with its layout, each weight's data (and INT4 scales) at `where[(name, 'data' |
+    'scales')]` = (offset, nbytes), the file's `end`. Picklable (the converter's child process
+    makes it, the exporter writes the weights by it)."""
+
+    size: int
+    end: int
+    holes: dict
+    where: dict
+
+
+def place(model, layout: Callable[[Hole], Layout]) -> tuple[Placement, dict]:
+    """Turn the skeleton `model`'s holes into constants as `layout(hole)` says (in place) and fix
+    every weight's offset. Returns the placement and name -> the INT8 per-channel scale arrays
+    the flatbuffer holds (`finish` sets their values)."""
     holes = find_holes(model)
     for hole in holes.values():
         hole.layout = layout(hole)
@@ -291,43 +329,76 @@ def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: C
     buffers, channel_scales = _place(model, holes)
     size = len(_pack(model))
     offset = _align(size)
-    for index, nbytes, _name, _what in buffers:
+    where = {}
+    for index, nbytes, name, what in buffers:
         model.buffers[index].offset, model.buffers[index].size = offset, nbytes
+        where[(name, what)] = (offset, nbytes)
         offset = _align(offset + nbytes)
-    end = offset
+    return Placement(size, offset, holes, where), channel_scales
+
+
+def write_weights(f, placement: Placement, encode: Callable[[str, Layout], Encoded],
+                  progress: Callable | None = None) -> dict[str, np.ndarray]:
+    """Write every weight's bytes where `placement` says, `encode(name, layout)` called once per
+    weight in name order; returns name -> the INT8 weights' per-channel scales (f32)."""
+    channel = {}
+    names = sorted(placement.holes)
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), f"write {name}")
+        hole = placement.holes[name]
+        enc = encode(name, hole.layout)
+        _write(f, placement.where[(name, "data")], enc.data, name)
+        shape = hole.layout.scale_shape(hole.shape)
+        if hole.layout.type == "INT8":
+            channel[name] = np.asarray(enc.scales, np.float32).reshape(shape)
+        elif hole.layout.type == "INT4":
+            _write(f, placement.where[(name, "scales")], np.asarray(enc.scales, np.float16).reshape(shape), name)
+        del enc
+    if progress:
+        progress(len(names), len(names), "weights written")
+    return channel
+
+
+def finish(model, placement: Placement, channel_scales: dict, values: dict) -> bytes:
+    """The final flatbuffer: `place`'s model with the INT8 scales set to `values`."""
+    for name, v in values.items():
+        channel_scales[name][:] = v
+    flat = _pack(model)
+    if len(flat) != placement.size:
+        raise RuntimeError(f"internal error: the flatbuffer changed size ({placement.size} -> {len(flat)} bytes) "
+                           "when its scales were set")
+    return bytes(flat)
+
+
+def write_flatbuffer(f, placement: Placement, flat: bytes):
+    """The flatbuffer in front of the weights `write_weights` wrote; the file cut at its end."""
+    f.seek(0)
+    f.write(flat)
+    f.write(b"\0" * (_align(placement.size) - placement.size))
+    f.truncate(placement.end)
+
+
+def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: Callable[[str, Layout], Encoded],
+         progress: Callable | None = None, model=None) -> Path:
+    """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
+    stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
+    it is written). `model`: the skeleton already read (`read_skeleton`; changed in place).
+    The exporter runs the same steps with the flatbuffer's in a child process
+    (export/lowering/tflite/worker.py)."""
+    model = read_skeleton(skeleton) if model is None else model
+    placement, channel_scales = place(model, layout)
     path = Path(path)
     with open(path, "wb") as f:
-        where = {(name, what): (index, nbytes) for index, nbytes, name, what in buffers}
-        names = sorted(holes)
-        for i, name in enumerate(names):
-            if progress:
-                progress(i, len(names), f"write {name}")
-            hole = holes[name]
-            enc = encode(name, hole.layout)
-            _write(f, model, where[(name, "data")], enc.data, name)
-            shape = hole.layout.scale_shape(hole.shape)
-            if hole.layout.type == "INT8":
-                channel_scales[name][:] = np.asarray(enc.scales, np.float32).reshape(shape)
-            elif hole.layout.type == "INT4":
-                _write(f, model, where[(name, "scales")], np.asarray(enc.scales, np.float16).reshape(shape), name)
-            del enc
-        if progress:
-            progress(len(names), len(names), "weights written")
-        flat = _pack(model)
-        if len(flat) != size:
-            raise RuntimeError(f"internal error: the flatbuffer changed size ({size} -> {len(flat)} bytes) "
-                               "when its scales were set")
-        f.seek(0)
-        f.write(flat)
-        f.write(b"\0" * (_align(size) - size))
-        f.truncate(end)
+        values = write_weights(f, placement, encode, progress)
+        write_flatbuffer(f, placement, finish(model, placement, channel_scales, values))
     return path
 
 
-def _write(f, model, place: tuple[int, int], values: np.ndarray, name: str):
-    index, nbytes = place
+def _write(f, place: tuple[int, int], values: np.ndarray, name: str):
+    offset, nbytes = place
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     if raw.nbytes != nbytes:
         raise RuntimeError(f"internal error: weight {name} encodes to {raw.nbytes} bytes, its layout holds {nbytes}")
-    f.seek(model.buffers[index].offset)
+    f.seek(offset)
     f.write(raw)

@@ -1,0 +1,52 @@
+"""One BLAS thread for the quantizer's matrix products.
+
+The int4 and dynamic-int8 recipes rotate weights with matrix products (export/quantize/rotate.py)
+before their codes are chosen. Two reasons to run those products on one BLAS thread:
+
+- the same bytes from every path: multithreaded OpenBLAS splits a product's rows between its
+  threads differently from one call to the next size or thread count, and rounds some outputs
+  differently (605 bytes of a 540 MiB gemma3-1b int4 file moved between an export run in the
+  look-ahead threads and one run in the main thread); one thread rounds the same everywhere on a
+  given CPU;
+- speed where the quantizer already runs in parallel (export/quantize/ahead.py's threads):
+  OpenBLAS's threads spin for a while after each product waiting for the next, beside the
+  threads doing the work (~13 CPU-s of gemma3-1b's TFLite int4 export's 50; docs/memory.md).
+
+`single_thread()` is re-entrant across threads: the limit (threadpoolctl, process-wide) is set by
+the first holder and restored by the last, so one thread leaving cannot lift it under another.
+Without threadpoolctl it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+_LOCK = threading.Lock()
+_DEPTH = 0
+_LIMITS = None
+
+
+def _limit():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+@contextlib.contextmanager
+def single_thread():
+    global _DEPTH, _LIMITS
+    with _LOCK:
+        if _DEPTH == 0:
+            _LIMITS = _limit()
+        _DEPTH += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0 and _LIMITS is not None:
+                _LIMITS.restore_original_limits()
+                _LIMITS = None
