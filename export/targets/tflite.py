@@ -10,6 +10,8 @@ weights. The other weights (norm scales, the recurrent block's gates and convolu
 and go to the converter as constants, as does a 2-D weight that something other than a matmul
 reads (the vision tower's position table, which the converter folds into the patch bias): the
 skeleton shows them (`stray_holes`), and the graph is converted once more with them inlined.
+The converter, the skeleton's read and the flatbuffer's packing run in a child process fed the
+lowered signatures (export/lowering/tflite/worker.py), beside this process's quantizing threads.
 """
 
 from __future__ import annotations
@@ -75,11 +77,12 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
     trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
     blocks = weights.blocks
     converter = Converter()  # its imports run while the signatures are lowered
-    # the int4 weights are quantized in the background from here on (export/quantize/ahead.py);
-    # the lowering holds the GIL, the converter's process does not
-    ahead = Ahead(int4_holes(plan.recipe, blocks, holes), lambda name: int4_encoded(blocks[name]),
-                  cost=lambda name: math.prod(blocks[name].shape))
+    ahead = None
     try:
+        # the int4 weights are quantized in the background from here on (export/quantize/ahead.py);
+        # the lowering holds the GIL, the converter's process does not
+        ahead = Ahead(int4_holes(plan.recipe, blocks, holes), lambda name: int4_encoded(blocks[name]),
+                      cost=lambda name: math.prod(blocks[name].shape))
         with timer.stage("convert"):
             with trace:
                 signatures = lowered(signatures, params, weights.compute, timer.progress)
@@ -94,7 +97,8 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
                 values = write_weights(f, placement, encoder(weights.stored, blocks, ahead), progress=timer.progress)
                 write_flatbuffer(f, placement, converter.finish(values))
     finally:
-        ahead.close()
+        if ahead is not None:
+            ahead.close()
         converter.close()
         # the skeleton, and its own temporary name if the converter's process died writing it
         for scratch in (skeleton, skeleton.with_name(skeleton.name + ".tmp")):

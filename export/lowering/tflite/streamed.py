@@ -384,7 +384,7 @@ def fill(skeleton: Path, path: Path, layout: Callable[[Hole], Layout], encode: C
     """Write `path` (a temporary name: the caller renames it): the skeleton with every hole filled. `layout(hole)` says how each weight is
     stored; `encode(name, layout)` gives its values (called once per weight, in name order, as
     it is written). `model`: the skeleton already read (`read_skeleton`; changed in place).
-    The exporter runs the same steps with the flatbuffer's in a child process
+    The exporter runs the same steps, those on the flatbuffer in a child process
     (export/lowering/tflite/worker.py)."""
     model = read_skeleton(skeleton) if model is None else model
     placement, channel_scales = place(model, layout)
