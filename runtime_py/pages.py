@@ -82,3 +82,14 @@ def release_mapped(path) -> int:
         if madvise(m["start"], m["end"] - m["start"], MADV_PAGEOUT) == 0:
             released += m["rss"]
     return released
+
+
+def trim_heap() -> bool:
+    """Return the heap's free memory to the kernel (glibc's malloc_trim): freed blocks below
+    malloc's mmap threshold otherwise stay resident, reused only by later allocations. False
+    where there is no malloc_trim (not glibc) or nothing was returned."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.malloc_trim(ctypes.c_size_t(0)))
+    except (OSError, AttributeError):
+        return False

@@ -34,7 +34,7 @@ from contract.signatures import (
 )
 from contract.bundle import FEATURES, MM_EMBEDDINGS, TOKEN_IDS
 from contract.tflite import in_place_states, numpy_dtype, read_tflite
-from runtime_py.pages import release_mapped
+from runtime_py.pages import release_mapped, trim_heap
 from runtime_py.session import Session
 
 
@@ -88,6 +88,9 @@ class TFLiteBackend:
         return np.array(self._view(subgraph, outputs[SOFT_TOKENS]))
 
 
+SPARE_IDLE_CALLS = 4  # in-place calls in a row after which CompiledBackend drops the spare buffers
+
+
 class CompiledBackend:
     """A backend over LiteRT's CompiledModel (see the module docstring).
 
@@ -95,7 +98,17 @@ class CompiledBackend:
     A call binds a state's current buffer as its input and, as its output, the same buffer when
     the signature updates that state in place (`in_place`: contract.tflite.in_place_states; a
     full-length KV cache's rows are then written, not the whole cache copied), else the other
-    buffer, which then becomes the current one. Nothing is copied between calls either way."""
+    buffer, which then becomes the current one. Nothing is copied between calls either way.
+
+    The second buffer exists only while it is needed: once SPARE_IDLE_CALLS calls in a row have
+    updated every state in place (decoding), the spare buffers of the states decode updates in
+    place are dropped and the heap trimmed (runtime_py/pages.trim_heap); the next call that
+    writes such a state out of place (a prefill) makes a new one (~1 ms for all of them; no
+    zeroing: such a call writes the whole state). Gemma 3's local rings are such states (a
+    prefill chunk may wrap the ring, a decode step writes one row in place): at gemma3-4b,
+    context 4096, ~290 MiB less resident while decoding (docs/memory.md). Not after every
+    prefill call: a long prompt's chunks, or speculative decoding's verify calls between decode
+    steps, would make and fault in the spares again each time."""
 
     def __init__(self, model, signatures: dict[str, SignatureSpec], in_place: dict[str, frozenset] | None = None):
         self.signatures = signatures
@@ -111,6 +124,9 @@ class CompiledBackend:
                              model.create_output_buffer_by_name("decode", n) if n in banked else None]
                          for n in states}
         self._current = {n: 0 for n in states}
+        # states whose spare buffer is dropped once decoding: decode writes them in place
+        self._spare_dropped = {n for n in banked if n in self._in_place.get("decode", frozenset())}
+        self._since_flip = 0  # calls since the last one that wrote a state out of place
         for name in signatures:
             index = model.get_signature_index(name)
             inputs, outputs = listed[name]["inputs"], listed[name]["outputs"]
@@ -127,9 +143,8 @@ class CompiledBackend:
 
     def reset(self):
         for name, pair in self._buffers.items():
-            self._current[name] = 0
             spec = self._state_specs[name]
-            pair[0].write(np.zeros(spec.shape, spec.dtype))
+            pair[self._current[name]].write(np.zeros(spec.shape, spec.dtype))
 
     def states(self) -> dict[str, np.ndarray]:
         out = {}
@@ -154,11 +169,21 @@ class CompiledBackend:
             elif n in in_place:
                 outs.append(self._buffers[n][cur[n]])
             else:
-                outs.append(self._buffers[n][1 - cur[n]])
+                pair = self._buffers[n]
+                if pair[1 - cur[n]] is None:  # dropped after its last use (see the class doc)
+                    pair[1 - cur[n]] = self._model.create_output_buffer_by_name("decode", n)
+                outs.append(pair[1 - cur[n]])
                 flip.append(n)
         self._model.run_by_index(index, feeds, outs)
         for n in flip:
             cur[n] = 1 - cur[n]
+        self._since_flip = 0 if flip else self._since_flip + 1
+        if self._since_flip == SPARE_IDLE_CALLS:  # decoding now: the spares wait for the next prefill
+            dropped = [n for n in self._spare_dropped if self._buffers[n][1 - cur[n]] is not None]
+            for n in dropped:
+                self._buffers[n][1 - cur[n]] = None
+            if dropped:
+                trim_heap()
 
     def call(self, name: str, tokens: np.ndarray, input_pos: np.ndarray, embeddings=None,
              rows: bool = False) -> np.ndarray:

@@ -288,6 +288,32 @@ def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch, fault):
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_spare_state_buffers_are_dropped_while_decoding(artifacts):
+    """runtime_py's CompiledBackend drops the spare buffers of the states decode writes in place
+    (Gemma 3's local rings, written out of place by a prefill) once decoding, and the next
+    prefill makes them again: generation is the Interpreter API's, token for token and in the
+    logits, across two prompts in one session (the second after a reset)."""
+    from runtime_py.tflite_backend import SPARE_IDLE_CALLS
+
+    session = load(artifacts["gemma3"])
+    backend = session.backend
+    spare = backend._spare_dropped
+    assert spare  # the tiny gemma3 has local layers
+    reference = load(artifacts["gemma3"], tflite_api="interpreter")
+    for prompt in ([2, 40, 41, 42, 43], [2, 7, 9, 11, 13, 15, 17, 19, 21]):
+        session.reset()
+        reference.reset()
+        logits = session.prefill(prompt)
+        np.testing.assert_allclose(logits, reference.prefill(prompt), rtol=1e-5, atol=1e-5)
+        assert all(backend._buffers[n][1 - backend._current[n]] is not None for n in spare)
+        token = int(np.argmax(logits))
+        for step in range(SPARE_IDLE_CALLS + 3):
+            ours, theirs = session.decode(token), reference.decode(token)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+            token = int(np.argmax(ours))
+        assert all(backend._buffers[n][1 - backend._current[n]] is None for n in spare)
+
+
 def test_runtime_sampling_and_stop_tokens(artifacts):
     from models import Sampling
 
