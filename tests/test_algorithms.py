@@ -107,10 +107,10 @@ def _plain_search(w, bits, block, grid, asymmetric=False, positive=False, signed
     amax = np.abs(b).max(-1)
     ext = -amax if positive else np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
 
-    def candidate(family, f):  # (scale, zero point) of every block for factor f (scalar or per block)
+    def candidate(family, f):  # (scale, zero point) of every block for factor f and family (scalars or per block)
         if asymmetric:
             return _asym_scale_zero(f * b.min(-1), f * b.max(-1), qmax)
-        return f16(f * (amax, ext)[family] / (qmax, qmin)[family]), 0 * amax
+        return f16(np.where(np.equal(family, 0), f * amax / qmax, f * ext / qmin)), 0 * amax
 
     families = [0] if asymmetric or not signed else [0, 1]
     best = {"err": np.full(b.shape[:2], np.inf, np.float32), "s": 0, "z": 0, "f": 0, "family": 0}
@@ -131,18 +131,7 @@ def _plain_search(w, bits, block, grid, asymmetric=False, positive=False, signed
         step /= 2
         f0, fam0 = best["f"].astype(np.float32), best["family"]
         for sign in (-1.0, 1.0):
-            f = f0 + np.float32(sign * step)
-            if len(families) == 1:
-                score(families[0], f)
-            else:  # each block's own family: both scored, each block keeps its own family's
-                s0, z0 = candidate(0, f)
-                s1, z1 = candidate(1, f)
-                s, z = np.where(fam0 == 0, s0, s1), z0
-                q = np.clip(np.rint(b / s[..., None]) + z[..., None], qmin, qmax) - z[..., None]
-                err = np.square(q * s[..., None] - b).sum(-1)
-                better = err < best["err"]
-                for key, value in (("err", err), ("s", s), ("z", z), ("f", f), ("family", fam0)):
-                    best[key] = np.where(better, value, best[key])
+            score(fam0, f0 + np.float32(sign * step))  # each block in its own family
     return best["s"].astype(np.float16), best["z"]
 
 

@@ -16,23 +16,19 @@ name; the artifacts are byte-identical, tests/test_streamed.py). An error in a t
 `take` for that weight. `close()` (or leaving the `with`) stops the threads after their current
 weight and drops what was not taken.
 
-While an `Ahead` is open, BLAS runs one thread (export/quantize/blas.py): the threads' work
-includes matrix products (the input rotations), and OpenBLAS's own threads spin for a while after
-each one, waiting for the next: beside the quantizing threads that spinning cost gemma3-1b's
-TFLite int4 export ~13 CPU-s of its ~50 (31 -> 25 s on 2 cores). The threads are the
-parallelism here; BLAS threads only competed with them.
+The threads' matrix products (the input rotations) run on one BLAS thread each
+(export/quantize/blas.py): OpenBLAS's own threads, spinning after each product beside the
+quantizing threads, cost gemma3-1b's TFLite int4 export ~13 CPU-s of its ~50. The threads are
+the parallelism here; BLAS threads only competed with them.
 
 gemma3-1b int4-b32 from a bf16 checkpoint, 2 cores: docs/memory.md "Export time".
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-
-from export.quantize.blas import single_thread
 
 BUDGET = 512 << 20
 
@@ -74,9 +70,6 @@ class Ahead:
         self._running = 0  # the costs of the weights being computed
         self._waiting = 0  # writers waiting to compute a weight themselves
         self._stop = False
-        self._blas = contextlib.ExitStack()
-        if self._order:
-            self._blas.enter_context(single_thread())
         self._threads = [threading.Thread(target=self._run, name=f"quantize-ahead-{i}", daemon=True)
                          for i in range(workers if self._order else 0)]
         for t in self._threads:
@@ -150,7 +143,6 @@ class Ahead:
             self._cond.notify_all()
         for t in self._threads:
             t.join()
-        self._blas.close()
 
     def __enter__(self):
         return self

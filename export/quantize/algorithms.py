@@ -239,14 +239,12 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
         best_err = np.full(m, np.inf, np.float32)
         best_s = np.zeros(m, np.float32)
         best_z = np.zeros(m, np.float32)
-        best_f = np.zeros(m, np.float32)  # the winning candidate's factor and base, for `refine`
+        # for `refine`: each block's winning factor, and its family where there are two
+        best_f = np.zeros(m, np.float32) if refine else None
         if asymmetric:
-            lo, hi = bt.min(0), bt.max(0)
-            best_lo, best_hi = np.zeros(m, np.float32), np.zeros(m, np.float32)
-            bases = [(lo, hi)]
+            bases = [(bt.min(0), bt.max(0))]
         else:
             amax = np.maximum(bt.max(0), -bt.min(0))
-            best_base, best_div = np.zeros(m, np.float32), np.zeros(m, np.float32)
             bases = [(amax, qmax)]
             if signed:
                 if positive:  # -|the extreme| is -amax: no need to find where it is
@@ -255,9 +253,10 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
                     idx = np.abs(bt).argmax(0)
                     ext = np.take_along_axis(bt, idx[None], 0)[0]
                 bases.append((ext, qmin))
+        best_k = np.zeros(m, np.int8) if refine and len(bases) > 1 else None
         q = _scratch("work", bt.shape)  # one buffer, every step in place: the same numbers as the plain expressions
 
-        def score(base, f):
+        def score(base, f, k=0):
             if asymmetric:  # clip(rint(b / s) + z, 0, qmax) - z, as one clip to [-z, qmax - z]
                 s, z = _asym_scale_zero(f * base[0], f * base[1], qmax)
                 np.divide(bt, s, out=q)
@@ -277,27 +276,29 @@ def mse_search(w: np.ndarray, bits: int = 4, block: int = 32, grid=DEFAULT_GRID,
             better = err < best_err
             np.putmask(best_err, better, err)
             np.putmask(best_s, better, s)
-            np.putmask(best_f, better, f)
             if asymmetric:
                 np.putmask(best_z, better, z)
-                np.putmask(best_lo, better, base[0])
-                np.putmask(best_hi, better, base[1])
-            else:
-                np.putmask(best_base, better, base[0])
-                np.putmask(best_div, better, base[1])
+            if best_f is not None:
+                np.putmask(best_f, better, f)
+            if best_k is not None:
+                np.putmask(best_k, better, k)
 
-        for base in bases:
+        for k, base in enumerate(bases):
             for f in grid:
-                score(base, f)
-        # refine: each block's best factor, tried a half and then a quarter grid step either side
-        step = float(np.min(np.diff(np.sort(grid)))) if len(grid) > 1 else 0.0
-        for _ in range(refine):
-            step /= 2
-            f0 = best_f.copy()
-            base = (best_lo, best_hi) if asymmetric else (best_base, best_div)
-            base = (base[0].copy(), base[1].copy())
-            for sign in (-1.0, 1.0):
-                score(base, f0 + np.float32(sign * step))
+                score(base, f, k)
+        # refine: each block's best factor (in its own family), tried a half, a quarter, ... of
+        # the grid's step either side
+        if refine:
+            if best_k is None:
+                base = bases[0]
+            else:  # per block, its family's base
+                base = tuple(np.choose(best_k, [b[i] for b in bases]).astype(np.float32) for i in range(2))
+            step = float(np.min(np.diff(np.sort(grid)))) if len(grid) > 1 else 0.0
+            for _ in range(refine):
+                step /= 2
+                f0 = best_f.copy()
+                for sign in (-1.0, 1.0):
+                    score(base, f0 + np.float32(sign * step), best_k if best_k is not None else 0)
         # the codes of the chosen scales, in the columns' layout, back to rows as int8
         np.divide(bt, best_s, out=q)
         np.rint(q, out=q)

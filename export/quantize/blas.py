@@ -11,6 +11,7 @@ before their codes are chosen. Two reasons to run those products on one BLAS thr
 - speed where the quantizer already runs in parallel (export/quantize/ahead.py's threads):
   OpenBLAS's threads spin for a while after each product waiting for the next, beside the
   threads doing the work (~13 CPU-s of gemma3-1b's TFLite int4 export's 50; docs/memory.md).
+  A one-thread product wakes none of them.
 
 `single_thread()` is re-entrant across threads: the limit (threadpoolctl, process-wide) is set by
 the first holder and restored by the last, so one thread leaving cannot lift it under another.
@@ -27,12 +28,20 @@ _DEPTH = 0
 _LIMITS = None
 
 
+_CONTROLLER = None
+
+
 def _limit():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    return threadpool_limits(limits=1, user_api="blas")
+    """Set BLAS to one thread; the limiter that restores it (None without threadpoolctl). The
+    controller (the loaded BLAS libraries, found by scanning the process) is made once."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return None
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 @contextlib.contextmanager

@@ -61,13 +61,12 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
 
     The signatures are lowered here; the converter and the flatbuffer work run in a child process
     (export/lowering/tflite/worker.py) while this one's threads quantize the weights."""
-    from export.lowering.tflite.convert import lowered
+    from export.lowering.tflite.convert import converter_weights, lowered
     from export.lowering.tflite.streamed import write_flatbuffer, write_weights
     from export.lowering.tflite.worker import Converter
     from export.quantize.sizes import is_quantized_weight
     from export.quantize.ahead import Ahead
     from export.quantize.tflite import encoder, int4_encoded, int4_holes, layout
-    from export.stablehlo import weight_names
     from models.fused import inlined
     from models.lazy import materialize
 
@@ -86,9 +85,8 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
         with timer.stage("convert"):
             with trace:
                 signatures = lowered(signatures, params, weights.compute, timer.progress)
-            left_out = set(holes)
-            job = {"signatures": signatures, "names": weight_names(params), "holes": holes,
-                   "inlined": materialize({k: v for k, v in params.items() if k not in left_out}),
+            names, inlined_values = converter_weights(params, holes)
+            job = {"signatures": signatures, "names": names, "holes": holes, "inlined": inlined_values,
                    "skeleton": str(skeleton), "metadata": metadata, "layouts": layout(plan.recipe, blocks)}
             placement = converter.place(job, lambda names: materialize({n: params[n] for n in names}))
             del job, signatures

@@ -146,14 +146,20 @@ def convert(signatures: list[Signature], params: dict, path: Path, *, compute: C
     """Write one .tflite holding every signature, sharing the stored `params`; the weights named
     in `holes` are left out (inputs named HOLE + name, in parameter order, before the
     signature's own inputs), to be filled by export/lowering/tflite/streamed.py."""
+    names, inlined = converter_weights(params, holes)
+    return convert_lowered(lowered(signatures, params, compute, progress), names, inlined, path,
+                           metadata=metadata, holes=holes)
+
+
+def converter_weights(params: dict, holes: list[str] | None) -> tuple[list[str], dict]:
+    """(every weight argument's name, in the lowered signatures' order; the values, read, of
+    those not in `holes`: the converter takes them as constants, and they must live until the
+    file is written)."""
     from export.stablehlo import weight_names
     from models.lazy import materialize
 
     left_out = set(holes or ())
-    # the converter reads every other weight; they live until the file is written
-    inlined = materialize({k: v for k, v in params.items() if k not in left_out})
-    return convert_lowered(lowered(signatures, params, compute, progress), weight_names(params), inlined, path,
-                           metadata=metadata, holes=holes)
+    return weight_names(params), materialize({k: v for k, v in params.items() if k not in left_out})
 
 
 def convert_lowered(signatures: list[tuple[str, bytes, list[str], list[str]]], names: list[str], inlined: dict,

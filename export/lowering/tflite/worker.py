@@ -50,7 +50,7 @@ def _root() -> str:
 class Converter:
     """The exporter's side: starts the child at construction (its imports overlap the lowering);
     `place(...)` converts and returns the Placement, `finish(values)` the final flatbuffer;
-    `close()` (or leaving the `with`) ends it, killing it if it does not stop."""
+    `close()` ends it, killing it if it does not stop."""
 
     def __init__(self):
         env = dict(os.environ)
@@ -58,12 +58,6 @@ class Converter:
         self._proc = subprocess.Popen([sys.executable, "-m", "export.lowering.tflite.worker"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._busy = False  # a request sent and not yet answered
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _send(self, kind: str, value):
         self._busy = kind != "exit"
