@@ -19,6 +19,24 @@ from models.cache import init_cache  # noqa: E402
 from models.model import forward  # noqa: E402
 
 FAMILIES = ("gemma2", "gemma3", "recurrentgemma")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_weight_cache(tmp_path_factory):
+    """XNNPACK weight caches (runtime_py/tflite_backend.py) go to the session's temporary folder,
+    not the user's ~/.cache/gemma-edge (kept up to 16 GB there): a suite run leaves none behind
+    and never reads one a previous run left. Subprocesses inherit it through the environment."""
+    old = os.environ.get("GEMMA_EDGE_CACHE")
+    folder = tmp_path_factory.mktemp("weight-cache")
+    os.environ["GEMMA_EDGE_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("GEMMA_EDGE_CACHE", None)
+    else:
+        os.environ["GEMMA_EDGE_CACHE"] = old
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 TINY = {f: f"{f}-tiny" for f in FAMILIES}
 
 
