@@ -130,8 +130,10 @@ class CompiledBackend:
         for name in signatures:
             index = model.get_signature_index(name)
             inputs, outputs = listed[name]["inputs"], listed[name]["outputs"]
-            own_in = {n: b for n, b in zip(inputs, model.create_input_buffers(index)) if n not in self._state_specs}
-            own_out = {n: b for n, b in zip(outputs, model.create_output_buffers(index)) if n not in self._state_specs}
+            # buffers for the signature's own tensors only: making every input's and output's and
+            # dropping the states' left their size (the KV caches, per signature) in the heap
+            own_in = {n: model.create_input_buffer_by_name(name, n) for n in inputs if n not in self._state_specs}
+            own_out = {n: model.create_output_buffer_by_name(name, n) for n in outputs if n not in self._state_specs}
             shapes = {n: (tuple(d["shape"]), np.dtype(d["dtype"]))
                       for n, d in model.get_output_tensor_details(name).items()}
             self._io[name] = (index, inputs, outputs, own_in, own_out, shapes)
