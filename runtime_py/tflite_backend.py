@@ -411,10 +411,12 @@ DEFAULT_CACHE_MAX_GB = 16.0
 def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     """Keep the weight cache folder under `max_bytes` ($GEMMA_EDGE_CACHE_MAX_GB, default 16 GB):
     mark `keep` (the cache a session is about to map) as just used, then remove the least recently
-    used other caches while the folder holds more. A cache is otherwise removed only when its own
-    artifact is re-exported, so caches of deleted or moved artifacts would pile up (one per
-    artifact, about its size). Removing a file another process has mapped is safe (POSIX keeps
-    it until unmapped); one that cannot be removed is skipped. Returns the removed files."""
+    used other caches while the folder holds more. `keep`'s own files (the cache and a bundle's
+    section copy, which share its key) are never removed, even where they alone pass the cap: the
+    session is about to open them. A cache is otherwise removed only when its own artifact is
+    re-exported, so caches of deleted or moved artifacts would pile up (one per artifact, about its
+    size). Removing a file another process has mapped is safe (POSIX keeps it until unmapped); one
+    that cannot be removed is skipped. Returns the removed files."""
     if max_bytes is None:
         try:
             max_bytes = int(float(os.environ.get("GEMMA_EDGE_CACHE_MAX_GB", DEFAULT_CACHE_MAX_GB)) * 1e9)
@@ -423,6 +425,7 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     keep = Path(keep)
     if keep.exists():
         os.utime(keep)
+    key = keep.name.split(".")[0]
     files = []
     for f in (*keep.parent.glob("*.xnnpack_cache"), *keep.parent.glob("*" + SECTION_SUFFIX)):
         try:
@@ -435,7 +438,7 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     for _, size, f in sorted(files):  # oldest first
         if total <= max_bytes:
             break
-        if f == keep:
+        if f.name.split(".")[0] == key:  # the cache being loaded, or its bundle's section copy
             continue
         try:
             f.unlink()

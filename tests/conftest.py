@@ -24,16 +24,21 @@ FAMILIES = ("gemma2", "gemma3", "recurrentgemma")
 @pytest.fixture(scope="session", autouse=True)
 def _own_weight_cache(tmp_path_factory):
     """XNNPACK weight caches (runtime_py/tflite_backend.py) go to the session's temporary folder,
-    not the user's ~/.cache/gemma-edge (kept up to 16 GB there): a suite run leaves none behind
-    and never reads one a previous run left. Subprocesses inherit it through the environment."""
-    old = os.environ.get("GEMMA_EDGE_CACHE")
+    not the user's ~/.cache/gemma-edge (kept up to 16 GB there), capped at 1 GB (each load removes
+    the least recently used others past it): a suite run leaves none behind, never reads one a
+    previous run left, and holds 2 GB of them at most (the real 270M's f32 bundle: its cache and
+    section copy) instead of 4.3 GB. Subprocesses inherit
+    both settings through the environment."""
+    saved = {k: os.environ.get(k) for k in ("GEMMA_EDGE_CACHE", "GEMMA_EDGE_CACHE_MAX_GB")}
     folder = tmp_path_factory.mktemp("weight-cache")
     os.environ["GEMMA_EDGE_CACHE"] = str(folder)
+    os.environ["GEMMA_EDGE_CACHE_MAX_GB"] = "1"
     yield folder
-    if old is None:
-        os.environ.pop("GEMMA_EDGE_CACHE", None)
-    else:
-        os.environ["GEMMA_EDGE_CACHE"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)

@@ -95,7 +95,8 @@ def test_weight_cache_folder_is_pruned_least_recently_used_first(tmp_path, monke
     recently used go first, the one being loaded never; GEMMA_EDGE_CACHE_MAX_GB sets the cap."""
     import os
 
-    from runtime_py.tflite_backend import WEIGHT_CACHE_MIN_BYTES, prune_weight_caches, weight_cache_path
+    from runtime_py.tflite_backend import (SECTION_SUFFIX, WEIGHT_CACHE_MIN_BYTES, prune_weight_caches,
+                                           weight_cache_path)
 
     monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
     artifact = tmp_path / "model.tflite"
@@ -113,6 +114,13 @@ def test_weight_cache_folder_is_pruned_least_recently_used_first(tmp_path, monke
     assert removed == others[:2] and keep.exists() and all(f.exists() for f in others[2:])
     assert prune_weight_caches(keep) == []  # under the cap now
     assert keep.stat().st_mtime > others[3].stat().st_mtime  # marked as just used
+    # a bundle's section copy shares its cache's key: never removed while that cache is loaded,
+    # even where the two alone pass the cap (the session opens the section right after pruning)
+    section = keep.with_name(keep.name.split(".")[0] + SECTION_SUFFIX)
+    section.write_bytes(b"x" * 5000)
+    os.utime(section, (1, 1))
+    monkeypatch.setenv("GEMMA_EDGE_CACHE_MAX_GB", str(1000 / 1e9))
+    assert prune_weight_caches(keep) == others[2:] and keep.exists() and section.exists()
 
 
 def test_smoothing_calibration_is_counted():
