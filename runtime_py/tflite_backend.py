@@ -131,7 +131,7 @@ class CompiledBackend:
             index = model.get_signature_index(name)
             inputs, outputs = listed[name]["inputs"], listed[name]["outputs"]
             # buffers for the signature's own tensors only: making every input's and output's and
-            # dropping the states' left their size (the KV caches, per signature) in the heap
+            # dropping the states' allocated each signature's KV caches once more during load
             own_in = {n: model.create_input_buffer_by_name(name, n) for n in inputs if n not in self._state_specs}
             own_out = {n: model.create_output_buffer_by_name(name, n) for n in outputs if n not in self._state_specs}
             shapes = {n: (tuple(d["shape"]), np.dtype(d["dtype"]))
@@ -354,12 +354,18 @@ def weight_cache_path(path: Path) -> Path | None:
     target = folder / f"{where}-{version}.xnnpack_cache"
     for pattern in ("*.xnnpack_cache", "*" + SECTION_SUFFIX):  # this artifact's older caches
         for old in folder.glob(f"{where}-{pattern}"):
-            if old.name.split(".")[0] != target.name.split(".")[0]:
+            if _cache_key(old) != _cache_key(target):
                 old.unlink(missing_ok=True)
     return target
 
 
 SECTION_SUFFIX = ".section.tflite"
+
+
+def _cache_key(f: Path) -> str:
+    """The artifact key a weight cache file is named by (`{where}-{version}`): a cache and its
+    bundle's section copy share it."""
+    return f.name.split(".")[0]
 
 
 def section_file(path: Path, begin: int, size: int) -> Path | None:
@@ -373,7 +379,7 @@ def section_file(path: Path, begin: int, size: int) -> Path | None:
     cache = weight_cache_path(path)
     if cache is None:
         return None
-    target = cache.with_name(cache.name.split(".")[0] + SECTION_SUFFIX)
+    target = cache.with_name(_cache_key(cache) + SECTION_SUFFIX)
     if target.exists() and target.stat().st_size == size:
         os.utime(target)  # used now (prune_weight_caches removes the least recently used)
         return target
@@ -425,7 +431,6 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     keep = Path(keep)
     if keep.exists():
         os.utime(keep)
-    key = keep.name.split(".")[0]
     files = []
     for f in (*keep.parent.glob("*.xnnpack_cache"), *keep.parent.glob("*" + SECTION_SUFFIX)):
         try:
@@ -438,7 +443,7 @@ def prune_weight_caches(keep: Path, max_bytes: int | None = None) -> list[Path]:
     for _, size, f in sorted(files):  # oldest first
         if total <= max_bytes:
             break
-        if f.name.split(".")[0] == key:  # the cache being loaded, or its bundle's section copy
+        if _cache_key(f) == _cache_key(keep):  # the cache being loaded, or its bundle's section copy
             continue
         try:
             f.unlink()

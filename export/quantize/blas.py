@@ -24,11 +24,9 @@ import contextlib
 import threading
 
 _LOCK = threading.Lock()
-_DEPTH = 0
-_LIMITS = None
-
-
-_CONTROLLER = None
+_DEPTH = 0  # holders of single_thread() now
+_LIMITS = None  # what restores the BLAS limits when the last holder leaves
+_CONTROLLER = None  # threadpoolctl's view of the loaded BLAS libraries, made once
 
 
 def _limit():
