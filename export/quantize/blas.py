@@ -16,6 +16,15 @@ before their codes are chosen. Two reasons to run those products on one BLAS thr
 `single_thread()` is re-entrant across threads: the limit (threadpoolctl, process-wide) is set by
 the first holder and restored by the last, so one thread leaving cannot lift it under another.
 Without threadpoolctl it does nothing.
+
+Which thread may set it: threadpoolctl 3.8 lets only one thread change OpenBLAS's (process-wide)
+thread count, the first that did while it lives, and silently ignores the others. An export's
+look-ahead threads then ran their rotations on OpenBLAS's two threads whenever the main thread
+had rotated something first: gemma3-1b int4 exports of one checkpoint differed in a few dozen
+bytes from run to run (a scale's last bit, depending on which thread quantized which weight).
+The holders here are coordinated by their own lock and count, so the thread that sets or
+restores the limit takes control first (`clear_controlling_thread(force=True)`, where the
+library's controller has it).
 """
 
 from __future__ import annotations
@@ -39,7 +48,16 @@ def _limit():
         except ImportError:
             return None
         _CONTROLLER = ThreadpoolController()
+    _take_control()
     return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def _take_control():
+    """Let this thread change the BLAS libraries' thread counts (see the module docstring)."""
+    for lib in _CONTROLLER.lib_controllers:
+        clear = getattr(type(lib), "clear_controlling_thread", None)
+        if clear is not None:
+            clear(force=True)
 
 
 @contextlib.contextmanager
@@ -55,5 +73,6 @@ def single_thread():
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0 and _LIMITS is not None:
+                _take_control()
                 _LIMITS.restore_original_limits()
                 _LIMITS = None
