@@ -6,6 +6,7 @@ the config rules, the raw Q4_0/Q8_0 blocks, the rebuilt tokenizer and the one-li
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import mmap
@@ -36,6 +37,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 def tiny_spm() -> Path:
     """A Gemma-style SentencePiece BPE model (no byte fallback), trained once per process."""
     out = Path(tempfile.mkdtemp(prefix="gguf-spm-"))
+    atexit.register(shutil.rmtree, out, True)  # the run leaves nothing behind
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(tiny_corpus()), model_prefix=str(out / "tiny"), vocab_size=TINY_VOCAB,
         hard_vocab_limit=False, model_type="bpe", add_dummy_prefix=False,

@@ -77,6 +77,35 @@ def test_weights_sit_outside_the_flatbuffer_aligned(tmp_path):
     assert again.read_bytes() == raw
 
 
+def test_equal_decompositions_are_stored_once(tmp_path):
+    """The converter writes a decomposition subgraph per composite call; the writer keeps one of
+    each set of equal ones (LiteRT builds every subgraph on load: its tensors, working memory and
+    XNNPACK runtime) and points every call at it. Each kept subgraph is distinct and used, and the
+    signatures give the outputs of the converter's file (the oracle test above runs them)."""
+    from ai_edge_litert import schema_py_generated as S
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from export.driver import export
+    from export.lowering.tflite.streamed import share_subgraphs
+    from export.options import ExportOptions
+
+    cfg, params = init_model(get_config("recurrentgemma-tiny"), 0, lazy=True)
+    path = export(cfg, params, "tflite", ExportOptions(out_dir=tmp_path, max_len=64, prefill_lens=(4, 8),
+                                                       verify=False)).path
+    model = flatbuffer_utils.read_model(str(path))
+    signatures = {sig.subgraphIndex for sig in model.signatureDefs}
+    calls = [op.builtinOptions2.decompositionSubgraphIndex for sg in model.subgraphs for op in sg.operators
+             if isinstance(op.builtinOptions2, S.StableHLOCompositeOptionsT)]
+    names = {op.builtinOptions2.name for sg in model.subgraphs for op in sg.operators
+             if isinstance(op.builtinOptions2, S.StableHLOCompositeOptionsT)}
+    assert {b"odml.rms_norm", b"gemma_edge.linear_recurrence"} <= names
+    # 3 signatures x 6 layers: far more calls than distinct decompositions
+    assert len(calls) > 3 * len(set(calls))
+    others = set(range(len(model.subgraphs))) - signatures
+    assert set(calls) <= others  # every decomposition is called; only bodies (reduce) besides
+    assert share_subgraphs(model) == 0  # nothing equal is left
+
+
 def test_the_skeleton_lists_its_holes(tmp_path):
     """The converter's skeleton: the matmul weights and the table are signature inputs named
     HOLE + name, each read only as a FULLY_CONNECTED / EMBEDDING_LOOKUP weight; nothing is stray."""

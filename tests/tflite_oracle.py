@@ -71,9 +71,15 @@ def compare(a_path: Path, b_path: Path) -> dict:
     """Compare two .tflite files op by op in every subgraph (DEQUANTIZE ops of constants are
     looked through, wherever they sit): op names and options, every input and output tensor's
     type and shape, every constant's bytes and quantization. Returns counts; raises
-    AssertionError at the first difference."""
+    AssertionError at the first difference. Equal decomposition subgraphs are merged on both
+    sides first (export/lowering/tflite/streamed.share_subgraphs: the writer's, not the
+    converter's, so the oracle's file still has one per composite call)."""
+    from export.lowering.tflite.streamed import share_subgraphs
+
     names = _names()
     a, b = _model(a_path), _model(b_path)
+    share_subgraphs(a)
+    share_subgraphs(b)
     assert [sg.name for sg in a.subgraphs] == [sg.name for sg in b.subgraphs]
     constants = quantized = 0
     for sa, sb in zip(a.subgraphs, b.subgraphs):

@@ -302,6 +302,117 @@ def share_constants(model, min_bytes: int = 1024) -> int:
     return saved
 
 
+def _names_subgraph(opts, attr: str) -> bool:
+    """Whether an options table's attribute holds subgraph indices (composites' decompositions,
+    reduce, scatter, sort and while bodies, if branches: ...SubgraphIndex / ...SubgraphIndices;
+    CALL's `subgraph`)."""
+    return attr.endswith(("SubgraphIndex", "SubgraphIndices")) or (
+        attr == "subgraph" and type(opts).__name__ == "CallOptionsT")
+
+
+def _subgraph_fields(op):
+    """(options object, attribute name) of every subgraph index an operator holds."""
+    for opts in (op.builtinOptions, op.builtinOptions2):
+        for attr in vars(opts) if opts is not None and hasattr(opts, "__dict__") else ():
+            if _names_subgraph(opts, attr):
+                yield opts, attr
+
+
+def _remap_subgraph_fields(op, new: Callable[[int], int]):
+    for opts, attr in _subgraph_fields(op):
+        value = getattr(opts, attr)
+        if value is None:
+            continue
+        if isinstance(value, (int, np.integer)):
+            setattr(opts, attr, new(int(value)))
+        else:
+            setattr(opts, attr, [new(int(v)) for v in value])
+
+
+def _canonical(obj, buffer_key: Callable[[int], object], canon: list[int]):
+    """A hashable description of a subgraph's parts: object-API tables as their fields (tensor
+    and subgraph names left out: they do not change what runs), constant buffers by content,
+    subgraph indices through `canon`."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.integer, np.floating)):
+        return obj.item() if isinstance(obj, (np.integer, np.floating)) else obj
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.dtype.str, obj.shape, obj.tobytes())
+    if isinstance(obj, (list, tuple)):
+        return tuple(_canonical(v, buffer_key, canon) for v in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _canonical(v, buffer_key, canon)) for k, v in sorted(obj.items()))
+    fields = dict(vars(obj))
+    kind = type(obj).__name__
+    if kind in ("TensorT", "SubGraphT"):
+        fields.pop("name", None)
+    if kind == "TensorT":
+        fields["buffer"] = buffer_key(fields["buffer"])
+    if kind == "OperatorT":
+        for opts, attr in _subgraph_fields(obj):
+            value = getattr(opts, attr)
+            if value is not None:
+                fields.setdefault("__subgraphs", []).append(
+                    (attr, canon[int(value)] if isinstance(value, (int, np.integer))
+                     else tuple(canon[int(v)] for v in value)))
+        for key in ("builtinOptions", "builtinOptions2"):
+            opts = fields.get(key)
+            if opts is not None and hasattr(opts, "__dict__"):
+                plain = {a: v for a, v in vars(opts).items() if not _names_subgraph(opts, a)}
+                fields[key] = (type(opts).__name__, _canonical(plain, buffer_key, canon))
+    return (kind,) + tuple((k, _canonical(v, buffer_key, canon)) for k, v in sorted(fields.items()))
+
+
+def share_subgraphs(model) -> int:
+    """Point every operator at one copy of each set of equal subgraphs and drop the others;
+    returns the number dropped. The converter writes a decomposition subgraph per composite call
+    (gemma3-1b: 1,103 of them for 6 signatures, an `odml.rms_norm` or an attention per call, most
+    of them equal), and LiteRT builds each one on load: its own tensors, its own working memory
+    and its own XNNPACK runtime. The stablehlo_composite kernel runs a decomposition subgraph as a
+    call (inputs and outputs bound at each call, its memory released after each), so calls with
+    equal operand shapes and attributes can share one. Signature subgraphs are never merged."""
+    from export.lowering.dedupe import earlier_copies
+
+    n = len(model.subgraphs)
+    pinned = {sig.subgraphIndex for sig in model.signatureDefs or []}
+    data = {i: np.asarray(b.data, np.uint8) for i, b in enumerate(model.buffers)
+            if getattr(b, "data", None) is not None and len(b.data)}
+    firsts = earlier_copies((i, None, a) for i, a in data.items())
+
+    def buffer_key(i):
+        i = firsts.get(i, i)
+        return ("data", i) if i in data else ("empty",)
+
+    canon = list(range(n))
+    while True:  # a subgraph equal to another once what it calls is merged: until nothing changes
+        seen: dict = {}
+        new = list(range(n))
+        for i, sg in enumerate(model.subgraphs):
+            if i in pinned:
+                continue
+            key = _canonical(sg, buffer_key, canon)
+            new[i] = seen.setdefault(key, i)
+        if new == canon:
+            break
+        canon = new
+    kept = [i for i in range(n) if canon[i] == i]
+    if len(kept) == n:
+        return 0
+    index = {old: pos for pos, old in enumerate(kept)}
+    for i in kept:
+        for op in model.subgraphs[i].operators:
+            _remap_subgraph_fields(op, lambda s: index[canon[s]])
+    dropped = [model.subgraphs[i] for i in range(n) if canon[i] != i]
+    model.subgraphs = [model.subgraphs[i] for i in kept]
+    for sig in model.signatureDefs or []:
+        sig.subgraphIndex = index[sig.subgraphIndex]
+    used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
+    for sg in dropped:
+        for t in sg.tensors:
+            if t.buffer not in used and t.buffer < len(model.buffers):
+                model.buffers[t.buffer].data = None
+    return n - len(kept)
+
+
 @dataclasses.dataclass
 class Placement:
     """Where a filled skeleton's bytes go: the flatbuffer's `size` (its bytes come first), every
@@ -319,6 +430,7 @@ def place(model, layout: Callable[[Hole], Layout]) -> tuple[Placement, dict]:
     """Turn the skeleton `model`'s holes into constants as `layout(hole)` says (in place) and fix
     every weight's offset. Returns the placement and name -> the INT8 per-channel scale arrays
     the flatbuffer holds (`finish` sets their values)."""
+    share_subgraphs(model)
     holes = find_holes(model)
     for hole in holes.values():
         hole.layout = layout(hole)
