@@ -14,7 +14,7 @@ Columns
   prefill tok/s   LiteRT-LM prefill rate over that prompt
   decode tok/s    LiteRT-LM decode rate over --decode-tokens greedy tokens
   RSS MiB         peak RSS of the LiteRT-LM process
-  py decode tok/s runtime_py (ai_edge_litert interpreter, numpy-held caches) on the same bundle
+  py decode tok/s runtime_py (`runtime_py.load`: LiteRT's CompiledModel, XNNPACK weight cache) on the same bundle
   py RSS MiB      peak RSS of that process
 
 Random-weight models get a tokenizer that fits their vocabulary: the trained tiny model's
