@@ -86,7 +86,7 @@ def test_equal_decompositions_are_stored_once(tmp_path):
     from ai_edge_litert.tools import flatbuffer_utils
 
     from export.driver import export
-    from export.lowering.tflite.streamed import share_subgraphs
+    from export.lowering.tflite.streamed import _subgraph_fields, share_subgraphs
     from export.options import ExportOptions
 
     cfg, params = init_model(get_config("recurrentgemma-tiny"), 0, lazy=True)
@@ -101,8 +101,14 @@ def test_equal_decompositions_are_stored_once(tmp_path):
     assert {b"odml.rms_norm", b"gemma_edge.linear_recurrence"} <= names
     # 3 signatures x 6 layers: far more calls than distinct decompositions
     assert len(calls) > 3 * len(set(calls))
-    others = set(range(len(model.subgraphs))) - signatures
-    assert set(calls) <= others  # every decomposition is called; only bodies (reduce) besides
+    # every subgraph left is a signature or called by some operator (no orphan of the merge)
+    called = set()
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            for opts, attr in _subgraph_fields(op):
+                value = getattr(opts, attr)
+                called.update([value] if isinstance(value, int) else value)
+    assert called | signatures == set(range(len(model.subgraphs))) and not called & signatures
     assert share_subgraphs(model) == 0  # nothing equal is left
 
 

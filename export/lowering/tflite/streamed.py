@@ -318,15 +318,18 @@ def _subgraph_fields(op):
                 yield opts, attr
 
 
+def _mapped(value, new: Callable[[int], int]):
+    """A subgraph field's index (or list of them) through `new`."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return new(int(value))
+    return [new(int(v)) for v in value]
+
+
 def _remap_subgraph_fields(op, new: Callable[[int], int]):
     for opts, attr in _subgraph_fields(op):
-        value = getattr(opts, attr)
-        if value is None:
-            continue
-        if isinstance(value, (int, np.integer)):
-            setattr(opts, attr, new(int(value)))
-        else:
-            setattr(opts, attr, [new(int(v)) for v in value])
+        setattr(opts, attr, _mapped(getattr(opts, attr), new))
 
 
 def _canonical(obj, buffer_key: Callable[[int], object], canon: list[int]):
@@ -347,18 +350,13 @@ def _canonical(obj, buffer_key: Callable[[int], object], canon: list[int]):
         fields.pop("name", None)
     if kind == "TensorT":
         fields["buffer"] = buffer_key(fields["buffer"])
-    if kind == "OperatorT":
-        for opts, attr in _subgraph_fields(obj):
-            value = getattr(opts, attr)
-            if value is not None:
-                fields.setdefault("__subgraphs", []).append(
-                    (attr, canon[int(value)] if isinstance(value, (int, np.integer))
-                     else tuple(canon[int(v)] for v in value)))
+    if kind == "OperatorT":  # the subgraphs it calls by their merged index
         for key in ("builtinOptions", "builtinOptions2"):
             opts = fields.get(key)
             if opts is not None and hasattr(opts, "__dict__"):
-                plain = {a: v for a, v in vars(opts).items() if not _names_subgraph(opts, a)}
-                fields[key] = (type(opts).__name__, _canonical(plain, buffer_key, canon))
+                mapped = {a: _mapped(v, canon.__getitem__) if _names_subgraph(opts, a) else v
+                          for a, v in vars(opts).items()}
+                fields[key] = (type(opts).__name__, _canonical(mapped, buffer_key, canon))
     return (kind,) + tuple((k, _canonical(v, buffer_key, canon)) for k, v in sorted(fields.items()))
 
 
@@ -408,7 +406,7 @@ def share_subgraphs(model) -> int:
     used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
     for sg in dropped:
         for t in sg.tensors:
-            if t.buffer not in used and t.buffer < len(model.buffers):
+            if t.buffer not in used:
                 model.buffers[t.buffer].data = None
     return n - len(kept)
 
