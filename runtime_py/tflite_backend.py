@@ -34,6 +34,7 @@ from contract.signatures import (
 )
 from contract.bundle import FEATURES, MM_EMBEDDINGS, TOKEN_IDS
 from contract.tflite import in_place_states, numpy_dtype, read_tflite
+from runtime_py.native_log import quiet_litert
 from runtime_py.pages import release_mapped, trim_heap
 from runtime_py.session import Session
 
@@ -297,6 +298,7 @@ class SectionModel:
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import Options
 
+        quiet_litert()
         cpu = {} if num_threads is None else {"num_threads": int(num_threads)}
         options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(**cpu))
         self._data = data  # the buffer must outlive the model
@@ -461,6 +463,7 @@ def _compiled_model(path: Path, data: bytes | None, num_threads: int | None, wei
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
     from ai_edge_litert.options import Options
 
+    quiet_litert()
     cpu = {}
     if num_threads is not None:
         cpu["num_threads"] = int(num_threads)
@@ -533,6 +536,7 @@ def load_tflite(path, num_threads: int | None = None, api: str = "compiled", wei
     else:
         from ai_edge_litert.interpreter import Interpreter
 
+        quiet_litert()
         interpreter = (Interpreter(model_content=data, num_threads=num_threads) if data is not None
                        else Interpreter(model_path=str(model_file or path), num_threads=num_threads))
         session = Session(_embedded(TFLiteBackend(interpreter, specs), bundle, metadata, num_threads), metadata)

@@ -167,7 +167,9 @@ def convert_lowered(signatures: list[tuple[str, bytes, list[str], list[str]]], n
     """The converter's side of `convert` (no JAX: export/lowering/tflite/worker.py runs it in a
     child process): `signatures` from `lowered`, `names` every weight argument in order,
     `inlined` the values of those not in `holes`."""
-    from litert_converter import converter_api_ext as conv
+    from runtime_py.native_log import import_converter
+
+    conv = import_converter()
     from litert_converter.mlir import ir, passmanager
     from litert_converter.mlir.dialects import arith, func
     from litert_converter.mlir.dialects import stablehlo as shlo

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from export.memory import record_helper_peak
+from runtime_py.native_log import import_converter
 
 
 def _root() -> str:
@@ -177,9 +178,10 @@ def main():
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever the converter prints goes to the log, not into the protocol
     sys.stdout = sys.stderr
-    for module in ("litert_converter.converter_api_ext", "ai_edge_litert.schema_py_generated",
-                   "export.lowering.tflite.convert", "export.lowering.tflite.streamed"):
-        importlib.import_module(module)  # now, while the exporter lowers
+    import_converter()  # now, while the exporter lowers (its load-time log filtered: runtime_py/native_log.py)
+    for module in ("ai_edge_litert.schema_py_generated", "export.lowering.tflite.convert",
+                   "export.lowering.tflite.streamed"):
+        importlib.import_module(module)
 
     _serve(sys.stdin.buffer, out)
 
