@@ -65,17 +65,26 @@ def level() -> int:
     return LEVELS[name]
 
 
+def _elf(data) -> tuple[int, list[tuple]] | None:
+    """(the lowest virtual address the loadable segments start at, the section headers) of a
+    little-endian ELF64 file's bytes, or None for anything else."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    segments = [struct.unpack_from("<IIQQ", data, phoff + i * phentsize) for i in range(phnum)]
+    vaddr0 = min((p[3] for p in segments if p[0] == 1), default=0)  # PT_LOAD
+    return vaddr0, [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+
 def symbols(path: str | Path, names=THRESHOLDS) -> tuple[dict[bytes, tuple[int, int]], int]:
     """{name: (value, size)} of the named symbols in an ELF64 file's symbol table, and the lowest
     virtual address its loadable segments start at (the load bias's reference)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        elf = _elf(data)
+        if elf is None:
             return {}, 0
-        phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
-        loads = [struct.unpack_from("<IIQQ", data, phoff + i * phentsize) for i in range(phnum)]
-        vaddr0 = min((p[3] for p in loads if p[0] == 1), default=0)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        vaddr0, sections = elf
         found = {}
         for sec in sections:
             if sec[1] != 2 or sec[9] != _ELF_SYM.itemsize:  # SHT_SYMTAB
@@ -136,11 +145,8 @@ def quiet_litert(threshold: int | None = None) -> int:
 def dynamic_names(path: str | Path, pattern: re.Pattern) -> list[bytes]:
     """The names in an ELF64 file's dynamic string table that match `pattern`."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-            return []
-        shoff, = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        elf = _elf(data)
+        sections = elf[1] if elf else []
         out = []
         for sec in sections:
             if sec[1] == 11:  # SHT_DYNSYM: its linked section holds the names

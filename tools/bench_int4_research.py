@@ -8,6 +8,7 @@ line per variant to --out. Results and conclusions: docs/notes/int4.md.
 
     OMP_NUM_THREADS=1 python tools/bench_int4_research.py --out build/int4_research.jsonl
     # --steps sources: the loss split by the GGUF storage type each linear layer came from
+    # --steps mixed: GPTQ int4 with the checkpoint's higher-precision layers left as stored
 """
 
 from __future__ import annotations
@@ -209,9 +210,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def gptq_all(model, W: Weights, cal, hessians=None, **kw):
+def gptq_all(model, W: Weights, cal, hessians=None, keep=(), **kw):
     """Sequential GPTQ: layer i's Hessians are collected with layers < i already quantized
-    (unless ``hessians`` are given, then those are reused). Returns ({name: deq}, hessians)."""
+    (unless ``hessians`` are given, then those are reused); the linear layers named in ``keep``
+    stay as the file holds them. Returns ({name: deq}, hessians)."""
     out, hs = {}, hessians if hessians is not None else {}
     layers = model.model.layers
     for i, layer in enumerate(layers):
@@ -238,10 +240,20 @@ def gptq_all(model, W: Weights, cal, hessians=None, **kw):
                 hs[k] = acc[k].numpy()
         for k in names:
             w = W.orig_lin[k].numpy()
-            out[k] = deq(alg.gptq(w, hs[k], **kw))
+            out[k] = w if k in keep else deq(alg.gptq(w, hs[k], **kw))
             W.lin[k].weight.data.copy_(torch.from_numpy(out[k]))  # next layers see quantized
         log(f"gptq layer {i} done")
     return out, hs
+
+
+def gguf_kinds(path: str, W: Weights) -> dict[str, str]:
+    """{linear layer name: the GGUF storage type of its tensor (Q4_K, Q5_0, ...)}."""
+    import gguf as gguf_pkg
+
+    leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    stored = {t.name: t.tensor_type.name for t in gguf_pkg.GGUFReader(path).tensors}
+    return {k: stored[f"blk.{k.split('.')[0]}.{leaf[k.split('.')[1]]}.weight"] for k in W.orig_lin}
 
 
 # ---------------------------------------------------------------- main
@@ -320,13 +332,7 @@ def main():
         # which of the checkpoint's own storage types the int4 loss comes from: the linear layers
         # whose GGUF tensor is of one type re-quantized (asymmetric MSE with integer zero points,
         # the ONNX default grid), every other one left as the file holds it
-        import gguf as gguf_pkg
-
-        reader = gguf_pkg.GGUFReader(args.gguf)
-        gguf_leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-        stored = {t.name: t.tensor_type.name for t in reader.tensors}
-        kind = {k: stored[f"blk.{k.split('.')[0]}.{gguf_leaf[k.split('.')[1]]}.weight"] for k in W.orig_lin}
+        kind = gguf_kinds(args.gguf, W)
         asym = {k: deq(alg.mse_search(w.numpy(), asymmetric=True)) for k, w in W.orig_lin.items()}
         for types in (sorted(set(kind.values())), *([t] for t in sorted(set(kind.values())))):
             share = sum(W.orig_lin[k].numel() for k in kind if kind[k] in types) / \
@@ -335,6 +341,24 @@ def main():
             record("sources", "f32", f"int4 asym MSE (zp) on {'+'.join(types)} ({share:.0%} of linear weights)",
                    None)
         W.set_linears(None)
+
+    if "mixed" in steps:
+        # what carrying the checkpoint's own blocks would save: asymmetric GPTQ int4 on the linear
+        # layers, the table int8 per row (the -e8 recipes), and the layers of the listed GGUF
+        # types left as the file holds them (what an exact carry into the target would keep)
+        kind = gguf_kinds(args.gguf, W)
+        W.set_table(table_variant("int8 per row", W.orig_table.numpy()))
+        cal = calib_ids(tok)
+        for types in ((), ("Q6_K", "Q8_0"), ("Q4_K", "Q6_K", "Q8_0")):
+            keep = {k for k in kind if kind[k] in types}
+            share = sum(W.orig_lin[k].numel() for k in keep) / sum(w.numel() for w in W.orig_lin.values())
+            W.set_linears(None)
+            t = time.time()
+            gptq_all(model, W, cal, keep=keep, asymmetric=True)
+            record("mixed", "int8 per row", f"int4 asym GPTQ, {'+'.join(types) or 'no'} layers as stored "
+                   f"({share:.0%} of linear weights)", None, time.time() - t)
+        W.set_linears(None)
+        W.set_table(None)
 
     if "3" in steps and tables and lins:
         def score(r):
