@@ -9,6 +9,8 @@
   python -m runtime_py generate --artifact artifacts/gemma-3-1b-it_dynamic-int8_spec4_ctx4096.tflite \
       --draft artifacts/gemma-3-270m-it_int4-b32_spec4_ctx4096.tflite --prompt "Hi"   # speculative
 
+  python -m runtime_py chat --artifact artifacts/gemma-3-1b-it_int4-b32_ctx4096.litertlm   # multi-turn
+
 Text is streamed as it is generated. Instruction-tuned artifacts get the chat template (unless
 --raw). Bad input exits 2 with one line.
 """
@@ -16,6 +18,7 @@ Text is streamed as it is generated. Instruction-tuned artifacts get the chat te
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -133,6 +136,67 @@ def cmd_generate_engine(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """A conversation on stdin: one line per user turn, each reply streamed to stdout; /reset
+    starts over, /exit (or the end of input) ends. The caches carry the conversation, so a turn
+    costs its own tokens, not the history's (runtime_py/chat.py)."""
+    from contract.sampling import Sampling
+    from runtime_py import load
+    from runtime_py.chat import Conversation
+    from runtime_py.session import ContextFullError
+    from runtime_py.text import tokenizer_for
+
+    session = load(args.artifact, args.threads)
+    tok = tokenizer_for(session, args.artifact, args.tokenizer)
+    chat = Conversation(session, tok, system=args.system, max_new_tokens=args.max_new_tokens,
+                        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"[{session.metadata.model}, context {session.max_len} tokens: one line per turn; /reset starts over, "
+              "/exit or Ctrl-D ends]", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        try:
+            reply = chat.say(text)
+            first = next(reply, None)
+        except ContextFullError as e:
+            print(f"[context full: {e}; starting a new conversation]", file=sys.stderr)
+            chat.reset()
+            reply = chat.say(text)  # the turn alone; raises (exit 2) if even that cannot fit
+            first = next(reply, None)
+        out, shown = [], ""
+        try:
+            for token in itertools.chain(() if first is None else (first,), reply):
+                out.append(token)
+                piece = tok.decode(out)
+                sys.stdout.write(piece[len(shown):])
+                sys.stdout.flush()
+                shown = piece
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (the next turn closes it)
+            reply.close()
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - t0
+        print(f"[{len(out)} tokens in {seconds:.2f} s; {session.position} of {session.max_len} context tokens used]",
+              file=sys.stderr)
+
+
 def _read_prompt(path: Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -209,9 +273,27 @@ def main(argv=None) -> int:
                           "--speculative K. Greedy output is the same as without it")
     gen.add_argument("--draft-tokens", type=int,
                      help="draft tokens per step (default: the K the target was exported with)")
+    chat = sub.add_parser("chat", help="a conversation with an instruction-tuned artifact, one line per turn",
+                          description="A multi-turn conversation on stdin with an instruction-tuned artifact: one "
+                                      "line per user turn, each reply streamed to stdout; /reset starts over, /exit "
+                                      "or the end of input ends. The caches carry the conversation: a turn prefills "
+                                      "its own tokens only. When the context is full the conversation starts over "
+                                      "(said on stderr).", formatter_class=HelpFormatter)
+    chat.add_argument("--artifact", type=Path, required=True,
+                      help="a .tflite, a .litertlm bundle, or an ONNX folder of an -it model")
+    chat.add_argument("--tokenizer", type=Path,
+                      help="tokenizer.model or its folder (default: the one a .litertlm bundle or an ONNX "
+                           "artifact folder carries)")
+    chat.add_argument("--system", help="a system message (Gemma 3: folded into the first user turn)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply at most")
+    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    chat.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    chat.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed")
+    chat.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
     args = ap.parse_args(argv)
     try:
-        return cmd_generate(args)
+        return cmd_chat(args) if args.command == "chat" else cmd_generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,90 @@
+"""A multi-turn conversation over one session: `python -m runtime_py chat`.
+
+Each turn prefills only what is new, at the position where the conversation stands: the caches
+(KV rows, local rings, recurrent states) hold everything before it, as LiteRT-LM's and
+onnxruntime-genai's chat loops keep theirs. A turn's tokens are the previous reply's closing
+`<end_of_turn>` (the sampled stop token is not fed back, so the next turn feeds it, and a reply cut
+at the token limit gets it too) and the user's turn in the model's chat template, ending with the
+opening of the model's turn. The conversation is exactly what one prompt of the same tokens would
+be: `fed` holds every id given to the model so far, in order, and a fresh `generate` over `fed`
+continues as the conversation did (tests/test_chat.py).
+
+When a turn and its reply limit no longer fit the context, `say` raises ContextFullError before
+touching the caches: the caller starts over (`reset`) or stops; the CLI says so in one line and
+starts over with that turn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from contract.sampling import sample_numpy
+from contract.tokenizer import END_OF_TURN
+from runtime_py.session import ContextFullError
+from runtime_py.text import stop_ids
+
+
+class Conversation:
+    """Turns of a chat with an instruction-tuned artifact: `say(text)` yields the reply's ids."""
+
+    def __init__(self, session, tok, *, system: str | None = None, sampling=None, max_new_tokens: int = 256):
+        meta = session.metadata
+        if not meta.instruction_tuned:
+            raise ValueError(f"{meta.model} is not instruction-tuned (its artifact has no chat format): chat with an "
+                             "-it model, or continue text with python -m runtime_py generate")
+        if tok.start_of_turn_id is None or tok.end_of_turn_id is None:
+            raise ValueError(f"the tokenizer has no {END_OF_TURN} piece: it cannot encode Gemma chat turns")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        self.session, self.tok, self.system = session, tok, system
+        self.sampling, self.max_new_tokens = sampling, int(max_new_tokens)
+        self.stop = set(stop_ids(session, tok))
+        self._rng = np.random.default_rng(getattr(sampling, "seed", 0))
+        if system is not None:  # Gemma 2 and RecurrentGemma have no system turn: refused here, not mid-chat
+            tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": "."}],
+                                    family=meta.family)
+        self.reset()
+
+    def reset(self):
+        """Forget the conversation (the system message stays)."""
+        self.session.reset()
+        self.fed: list[int] = []  # every id given to the model, in order
+        self._unfed: list[int] = []  # a reply token sampled but not yet fed (the reply was cut after it)
+
+    def turn_ids(self, text: str) -> list[int]:
+        """The ids a user turn adds: BOS, the system message and the turn for the first one; the
+        previous reply's end and the turn after that."""
+        family = self.session.metadata.family
+        user = {"role": "user", "content": text}
+        if not self.fed:
+            first = [{"role": "system", "content": self.system}] if self.system is not None else []
+            return self.tok.encode_chat(first + [user], family=family)
+        return self.tok.encode(END_OF_TURN + "\n" + self.tok.apply_chat_template([user], family=family),
+                               add_bos=False, add_eos=False)
+
+    def say(self, text: str, progress=None) -> Iterator[int]:
+        """Yield the reply to `text`, token by token (a stop token ends it and is not yielded).
+        Raises ContextFullError, with the caches untouched, when the turn and `max_new_tokens`
+        do not fit what is left of the context."""
+        new = self._unfed + self.turn_ids(text)
+        left = self.session.max_len - self.session.position
+        if len(new) + self.max_new_tokens > left:
+            raise ContextFullError(
+                f"this turn ({len(new)} tokens) and its reply ({self.max_new_tokens} at most) do not fit the "
+                f"{left} tokens left of the context of {self.session.max_len}")
+        logits = self.session.prefill(new, progress=progress)
+        self.fed += new
+        self._unfed = []
+        limit = self.session.metadata.sample_vocab_size
+        for step in range(self.max_new_tokens):
+            token = sample_numpy(logits, self.sampling, self._rng, limit)
+            if token in self.stop:
+                return
+            self._unfed = [token]  # until decoded: a reply left here (the limit, or the caller) feeds it next turn
+            yield token
+            if step == self.max_new_tokens - 1:
+                return
+            logits = self.session.decode(token)
+            self.fed.append(token)
+            self._unfed = []

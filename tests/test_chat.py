@@ -1,0 +1,118 @@
+"""Multi-turn chat (runtime_py/chat.py, `python -m runtime_py chat`): the caches carry the
+conversation, so each turn continues exactly as one prompt of the whole conversation would."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from contract.tokenizer import Tokenizer
+from export.driver import export
+from export.options import ExportOptions
+from models import get_config, init_params
+from runtime_py import ContextFullError, load
+from runtime_py.chat import Conversation
+from runtime_py.text import stop_ids
+
+MAX_LEN = 64
+
+
+def _it_artifact(name: str, target: str, tok: Tokenizer, out):
+    cfg = get_config(name)
+    cfg = dataclasses.replace(cfg, instruction_tuned=True,
+                              tokens=dataclasses.replace(cfg.tokens, end_of_turn=tok.end_of_turn_id))
+    return export(cfg, init_params(cfg, 0), target,
+                  ExportOptions(out_dir=out, max_len=MAX_LEN, prefill_lens=(8,), verify=False)).path
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_256):
+    return Tokenizer(tokenizer_256)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat")
+    return {(name, target): _it_artifact(name, target, tok, out / f"{name}-{target}") for name, target in CASES}
+
+
+CASES = [("gemma3-tiny", "tflite"), ("gemma3-tiny", "onnx"), ("recurrentgemma-tiny", "tflite")]
+
+
+@pytest.mark.parametrize("name,target", CASES)
+def test_each_turn_continues_as_one_prompt_of_the_conversation(artifacts, tok, name, target):
+    session = load(artifacts[name, target])
+    chat = Conversation(session, tok, max_new_tokens=6)
+    first = list(chat.say("hello world"))
+    opening = tok.encode_chat([{"role": "user", "content": "hello world"}], family=session.metadata.family)
+    assert first and chat.fed[:len(opening)] == opening
+    reply = chat.say("and then?")
+    head = next(reply)
+    prompt = list(chat.fed)  # every id the second reply follows: no reply token fed yet
+    second = [head] + list(reply)
+    # the first reply's tokens, fed as sampled, then the turn: the reply closed, the user's turn opened
+    assert prompt[len(prompt) - len(chat.turn_ids("and then?")):][0] == tok.end_of_turn_id
+    assert first == prompt[len(prompt) - len(chat.turn_ids("and then?")) - len(first):
+                           len(prompt) - len(chat.turn_ids("and then?"))]
+    fresh = load(artifacts[name, target])
+    assert fresh.generate(prompt, 6, stop_tokens=stop_ids(fresh, tok)) == second
+    chat.reset()
+    assert session.position == 0 and list(chat.say("hello world")) == first
+
+
+def test_a_reply_left_early_is_closed_by_the_next_turn(artifacts, tok):
+    session = load(artifacts["gemma3-tiny", "tflite"])
+    chat = Conversation(session, tok, max_new_tokens=6)
+    reply = chat.say("hello world")
+    taken = [next(reply), next(reply)]
+    reply.close()  # the caller stopped reading (Ctrl-C in the CLI)
+    second = chat.say("and then?")
+    head = next(second)
+    prompt = list(chat.fed)
+    turn = chat.turn_ids("and then?")
+    assert prompt[-len(turn) - 2:-len(turn)] == taken and turn[0] == tok.end_of_turn_id
+    assert load(artifacts["gemma3-tiny", "tflite"]).generate(prompt, 6, stop_tokens=stop_ids(session, tok)) == \
+        [head] + list(second)
+
+
+def test_a_turn_that_does_not_fit_leaves_the_conversation_as_it_was(artifacts, tok):
+    session = load(artifacts["gemma3-tiny", "tflite"])
+    chat = Conversation(session, tok, max_new_tokens=8)
+    list(chat.say("hello"))
+    position, fed = session.position, list(chat.fed)
+    with pytest.raises(ContextFullError, match="do not fit"):
+        next(chat.say("hello " * 40))
+    assert session.position == position and chat.fed == fed
+    list(chat.say("again"))  # the conversation goes on from where it was
+    assert session.position > position and chat.fed[:len(fed)] == fed
+
+
+def test_chat_refuses_a_base_model_and_a_system_turn_gemma_2_lacks(tok, tmp_path):
+    base = load(export(get_config("gemma3-tiny"), init_params(get_config("gemma3-tiny"), 0), "tflite",
+                       ExportOptions(out_dir=tmp_path / "base", max_len=MAX_LEN, prefill_lens=(8,),
+                                     verify=False)).path)
+    with pytest.raises(ValueError, match="not instruction-tuned"):
+        Conversation(base, tok)
+    gemma2 = load(_it_artifact("gemma2-tiny", "tflite", tok, tmp_path / "g2"))
+    with pytest.raises(ValueError, match="System role not supported by gemma2"):
+        Conversation(gemma2, tok, system="Be brief.")
+    assert Conversation(gemma2, tok).fed == []
+
+
+def test_chat_cli_streams_turns_and_starts_over_on_reset(artifacts, tokenizer_256):
+    run = subprocess.run([sys.executable, "-m", "runtime_py", "chat", "--artifact", str(artifacts["gemma3-tiny", "tflite"]),
+                          "--tokenizer", str(tokenizer_256), "--max-new-tokens", "5"],
+                         input="hello world\n\n/reset\nhello world\nand then?\n/exit\nnot read\n",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    replies = run.stdout.split("\n")
+    assert len(replies) == 4 and replies[-1] == "" and replies[0] == replies[1], run.stdout
+    assert "[conversation reset]" in run.stderr and run.stderr.count("context tokens used]") == 3
+    session = load(artifacts["gemma3-tiny", "tflite"])
+    tok = Tokenizer(tokenizer_256)
+    chat = Conversation(session, tok, max_new_tokens=5)
+    expected = [tok.decode(list(chat.say(t))) for t in ("hello world", "and then?")]
+    assert replies[1:3] == expected
