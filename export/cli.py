@@ -45,6 +45,9 @@ class Request:
         """Every check that needs no weights (the options', and where the weights come from)."""
         if self.checkpoint is not None and self.random_init is not None:
             raise ValueError("pass either --checkpoint or --random-init, not both")
+        if self.checkpoint is not None and not Path(self.checkpoint).exists():
+            raise ValueError(f"--checkpoint {self.checkpoint} does not exist; pass a Hugging Face or Orbax (official "
+                             "Flax) checkpoint folder, or a .gguf file")
         if self.checkpoint is None:
             if self.model is None:
                 raise ValueError("pass --model NAME (see --list-models) or --checkpoint PATH")

@@ -170,6 +170,8 @@ def test_right_padded_prefill_leaves_states_exact(artifacts):
      "prefill length 999 must be between 2 and the context"),
     (["--model", "gemma3-tiny"], "no weights for gemma3-tiny"),
     (["--random-init", "0"], "pass --model NAME"),
+    (["--checkpoint", "/no/such/gemma-3-1b-it"], "--checkpoint /no/such/gemma-3-1b-it does not exist"),
+    (["--checkpoint", "/no/such/model.gguf", "--target", "onnx"], "--checkpoint /no/such/model.gguf does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert export_main([*args, "--out", str(tmp_path)]) == 2
