@@ -120,6 +120,7 @@ def read_bundle(path) -> Bundle:
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
+        size = len(buf)
         if buf[:8] != core.HEADER_MAGIC_BYTES:
             raise BundleError(f"{path} is not a .litertlm file (magic {bytes(buf[:8])!r})")
         version = struct.unpack("<III", buf[8:20])
@@ -139,4 +140,8 @@ def read_bundle(path) -> Bundle:
         obj = meta.Objects(i)
         sections.append(Section(core.any_section_data_type_to_string(obj.DataType()), obj.BeginOffset(),
                                 obj.EndOffset(), items(obj.Items, obj.ItemsLength())))
+    cut = [sec for sec in sections if sec.end > size]
+    if cut:
+        raise BundleError(f"{path} is cut short: its {cut[0].data_type} section ends at byte {cut[0].end}, the file at "
+                          f"{size}; copy or export it again")
     return Bundle(path, version, system, sections)

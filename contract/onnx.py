@@ -59,6 +59,8 @@ def _fields(buf, start: int, end: int):
             at += 4
         elif wire == 2:
             n, at = _varint(buf, at)
+            if at + n > end:
+                raise ValueError(f"field {field} ends at byte {at + n}, past its message's end at {end}")
             yield field, (at, at + n)
             at += n
         else:
@@ -67,15 +69,22 @@ def _fields(buf, start: int, end: int):
 
 def metadata_props(path) -> dict[str, str]:
     """The ModelProto's metadata_props, read from the file mapped (the graph is skipped)."""
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty: copy or export it again")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         props = {}
-        for field, span in _fields(buf, 0, len(buf)):
-            if field != _METADATA_PROPS:
-                continue
-            entry = dict(_fields(buf, *span))
-            key, value = entry.get(_KEY), entry.get(_VALUE)
-            if key is not None:
-                props[bytes(buf[key[0]:key[1]]).decode()] = "" if value is None else bytes(buf[value[0]:value[1]]).decode()
+        try:
+            for field, span in _fields(buf, 0, len(buf)):
+                if field != _METADATA_PROPS:
+                    continue
+                entry = dict(_fields(buf, *span))
+                key, value = entry.get(_KEY), entry.get(_VALUE)
+                if key is not None:
+                    props[bytes(buf[key[0]:key[1]]).decode()] = \
+                        "" if value is None else bytes(buf[value[0]:value[1]]).decode()
+        except (ValueError, IndexError) as e:  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"{path} is not a complete ONNX model ({e}): cut short or corrupt; copy or export it "
+                             "again") from None
         return props
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,14 @@ def model_buffer(path) -> tuple[memoryview | mmap.mmap, int]:
     mapped, not read (artifacts can be several GB)."""
     path = Path(path)
     with open(path, "rb") as f:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty: copy or export it again")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if path.suffix != ".litertlm":
         return mm, len(mm)
     from contract.bundle import read_bundle
 
-    section = read_bundle(path).tflite()
+    section = read_bundle(path).tflite()  # a bundle cut short is refused there
     return memoryview(mm)[section.begin:section.end], len(mm)
 
 
@@ -97,15 +100,28 @@ def open_model(path):
     from ai_edge_litert import schema_py_generated as schema
 
     buf, file_bytes = model_buffer(path)
+    if len(buf) < 8 or bytes(buf[4:8]) != b"TFL3":
+        raise ValueError(f"{path} is not a TFLite model (no TFL3 identifier): pass a .tflite or .litertlm written by "
+                         "python -m export")
     return schema, schema.Model.GetRootAs(buf, 0), buf, file_bytes
 
 
 def read_tflite(path) -> tuple[dict[str, FlatSignature], ArtifactMetadata | None]:
-    """(signatures, metadata or None when the model carries none of ours)."""
+    """(signatures, metadata or None when the model carries none of ours). A file that is not a
+    TFLite model, or one cut short (an interrupted copy), is a ValueError naming it."""
     schema, model, buf, _ = open_model(path)
-    text = read_metadata_json(model, buf)
+    try:
+        text = read_metadata_json(model, buf)
+        signatures = read_signatures(model, schema)
+        for i in range(model.BuffersLength()):  # weights stored after the flatbuffer (files past 2 GiB)
+            b = model.Buffers(i)
+            if b.Offset() > 1 and b.Offset() + b.Size() > len(buf):
+                raise struct.error(f"buffer {i} ends at byte {b.Offset() + b.Size()}")
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is cut short or corrupt ({len(buf)} bytes of model; reading it failed: {e}): copy "
+                         "or export it again") from None
     meta = None if text is None else ArtifactMetadata.from_json(text, where=str(path))
-    return read_signatures(model, schema), meta
+    return signatures, meta
 
 
 # ops whose output may share its input's memory (TFLite lets them run in place): a read of their

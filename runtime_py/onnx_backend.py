@@ -11,6 +11,7 @@ copied between calls.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,21 @@ def prefill_length(meta) -> int:
     return min(meta.max_seq_len, 1 << (fits.bit_length() - 1))
 
 
+def onnxruntime_load_error(file, message: str) -> str:
+    """One line for what onnxruntime said when it could not open `file`: a weights file cut short
+    or missing (an interrupted or partial copy of the folder), else its own last words."""
+    cut = re.search(r"External initializer: (\S+) offset: (\d+) size to read: (\d+) given file_length: (\d+)", message)
+    if cut:
+        name, offset, size, length = cut.group(1), *map(int, cut.groups()[1:])
+        return (f"{file}'s external weights are cut short: {name} needs bytes up to {offset + size}, the file holds "
+                f"{length}; copy or export the folder again")
+    missing = re.search(r'External data path does not exist: "?([^"]+)"?', message)
+    if missing:
+        return f"{missing.group(1)} is missing beside {Path(file).name}: copy the whole artifact folder"
+    last = message.strip().splitlines()[-1] if message.strip() else type(message).__name__
+    return f"onnxruntime could not load {file}: {last.split(' : ')[-1][:400]}"
+
+
 def load_onnx(path, num_threads: int | None = None) -> Session:
     import onnxruntime as ort
 
@@ -119,7 +135,12 @@ def load_onnx(path, num_threads: int | None = None) -> Session:
     options.log_severity_level = 3
 
     def open_graph(f):
-        return ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's errors derive from Exception only
+            if type(e).__module__.startswith("onnxruntime"):
+                raise ValueError(onnxruntime_load_error(f, str(e))) from None
+            raise
 
     vision = vision_files(file)
     session, vision_session = (open_graph(vision[1]), open_graph(vision[0])) if vision else (open_graph(file), None)
