@@ -137,9 +137,11 @@ def cmd_generate_engine(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """A conversation on stdin: one line per user turn, each reply streamed to stdout; /reset
-    starts over, /exit (or the end of input) ends. The caches carry the conversation, so a turn
-    costs its own tokens, not the history's (runtime_py/chat.py)."""
+    """A conversation on stdin: one line per user turn, each reply streamed to stdout; /image PATH
+    attaches an image to the next turn, /reset starts over, /exit (or the end of input) ends. The
+    caches carry the conversation, so a turn costs its own tokens, not the history's
+    (runtime_py/chat.py). A turn that fails (a missing image, one too many) is said on stderr and
+    the chat goes on; the exit status is then 2."""
     from contract.sampling import Sampling
     from runtime_py import load
     from runtime_py.chat import Conversation
@@ -152,33 +154,56 @@ def cmd_chat(args) -> int:
                         sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"[{session.metadata.model}, context {session.max_len} tokens: one line per turn; /reset starts over, "
-              "/exit or Ctrl-D ends]", file=sys.stderr)
+        images = "; /image PATH adds an image to the next turn" if session.vision is not None else ""
+        print(f"[{session.metadata.model}, context {session.max_len} tokens: one line per turn{images}; /reset "
+              "starts over, /exit or Ctrl-D ends]", file=sys.stderr)
+    pending, failed = [], False
     while True:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
         line = sys.stdin.readline()
         if not line:
-            return 0
+            return 2 if failed else 0
         text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
-            return 0
+            return 2 if failed else 0
         if text == "/reset":
             chat.reset()
+            pending = []
             print("[conversation reset]", file=sys.stderr)
+            continue
+        if text.startswith("/image"):
+            path = Path(text[len("/image"):].strip())
+            if session.vision is None:
+                print("error: this artifact has no vision encoder: it takes no images", file=sys.stderr)
+                failed = True
+            elif not path.is_file():
+                print(f"error: no image at {path}", file=sys.stderr)
+                failed = True
+            else:
+                pending.append(path)
+                print(f"[image {path} goes with the next turn]", file=sys.stderr)
             continue
         t0 = time.perf_counter()
         try:
-            reply = chat.say(text)
-            first = next(reply, None)
-        except ContextFullError as e:
-            print(f"[context full: {e}; starting a new conversation]", file=sys.stderr)
-            chat.reset()
-            reply = chat.say(text)  # the turn alone; raises (exit 2) if even that cannot fit
-            first = next(reply, None)
+            try:
+                reply = chat.say(text, images=pending)
+                first = next(reply, None)
+            except ContextFullError as e:
+                print(f"[context full: {e}; starting a new conversation]", file=sys.stderr)
+                chat.reset()
+                reply = chat.say(text, images=pending)
+                first = next(reply, None)
+        except ContextFullError:
+            raise  # the turn alone is longer than the context: exit 2
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed, pending = True, []
+            continue
+        pending = []
         out, shown = [], ""
         try:
             for token in itertools.chain(() if first is None else (first,), reply):
@@ -275,7 +300,8 @@ def main(argv=None) -> int:
                      help="draft tokens per step (default: the K the target was exported with)")
     chat = sub.add_parser("chat", help="a conversation with an instruction-tuned artifact, one line per turn",
                           description="A multi-turn conversation on stdin with an instruction-tuned artifact: one "
-                                      "line per user turn, each reply streamed to stdout; /reset starts over, /exit "
+                                      "line per user turn, each reply streamed to stdout; /image PATH adds an image "
+                                      "to the next turn (Gemma 3 with vision), /reset starts over, /exit "
                                       "or the end of input ends. The caches carry the conversation: a turn prefills "
                                       "its own tokens only. When the context is full the conversation starts over "
                                       "(said on stderr).", formatter_class=HelpFormatter)

@@ -6,8 +6,11 @@ onnxruntime-genai's chat loops keep theirs. A turn's tokens are the previous rep
 `<end_of_turn>` (the sampled stop token is not fed back, so the next turn feeds it, and a reply cut
 at the token limit gets it too) and the user's turn in the model's chat template, ending with the
 opening of the model's turn. The conversation is exactly what one prompt of the same tokens would
-be: `fed` holds every id given to the model so far, in order, and a fresh `generate` over `fed`
-continues as the conversation did (tests/test_chat.py).
+be: `fed` holds every id given to the model so far, in order (an image as its `<start_of_image>`
+token), `images` the images, and a fresh `generate(fed, images=images)` continues as the
+conversation did (tests/test_chat.py). Images (Gemma 3 with vision) may come with any turn: the
+artifact's vision encoder turns each into its soft tokens, prefilled at the conversation's
+position.
 
 When a turn and its reply limit no longer fit the context, `say` raises ContextFullError before
 touching the caches: the caller starts over (`reset`) or stops; the CLI says so in one line and
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from contract.prompt import BOI_TEXT, encode_with_images
 from contract.sampling import sample_numpy
 from contract.tokenizer import END_OF_TURN
 from runtime_py.session import ContextFullError
@@ -49,32 +53,54 @@ class Conversation:
     def reset(self):
         """Forget the conversation (the system message stays)."""
         self.session.reset()
-        self.fed: list[int] = []  # every id given to the model, in order
+        self.fed: list[int] = []  # every id given to the model, in order; an image as its <start_of_image> token
+        self.images: list = []  # the images given, in order
         self._unfed: list[int] = []  # a reply token sampled but not yet fed (the reply was cut after it)
 
-    def turn_ids(self, text: str) -> list[int]:
+    def turn_ids(self, text: str, n_images: int = 0) -> list[int]:
         """The ids a user turn adds: BOS, the system message and the turn for the first one; the
-        previous reply's end and the turn after that."""
+        previous reply's end and the turn after that. With images (Gemma 3 with vision), each
+        `<start_of_image>` in the text becomes the image token; images without markers open the
+        turn's content, as Hugging Face's chat template places them."""
         family = self.session.metadata.family
+        layout = self.session.vision
+        if n_images and layout is None:
+            raise ValueError("this artifact has no vision encoder: it takes no images (export a Gemma 3 4B+ model "
+                             "without --no-vision)")
+        if layout is not None and n_images != text.count(BOI_TEXT):
+            if BOI_TEXT in text:
+                raise ValueError(f"the turn has {text.count(BOI_TEXT)} {BOI_TEXT} markers for {n_images} images: "
+                                 "pass one image for each")
+            text = BOI_TEXT * n_images + text
         user = {"role": "user", "content": text}
         if not self.fed:
             first = [{"role": "system", "content": self.system}] if self.system is not None else []
-            return self.tok.encode_chat(first + [user], family=family)
-        return self.tok.encode(END_OF_TURN + "\n" + self.tok.apply_chat_template([user], family=family),
-                               add_bos=False, add_eos=False)
+            rendered, bos = self.tok.apply_chat_template(first + [user], family=family), True
+        else:
+            rendered, bos = END_OF_TURN + "\n" + self.tok.apply_chat_template([user], family=family), False
+        if layout is None:
+            return self.tok.encode(rendered, add_bos=bos, add_eos=False)
+        ids = encode_with_images(self.tok, rendered, layout)
+        return ids if bos else ids[1:]  # encode_with_images opens with BOS
 
-    def say(self, text: str, progress=None) -> Iterator[int]:
-        """Yield the reply to `text`, token by token (a stop token ends it and is not yielded).
-        Raises ContextFullError, with the caches untouched, when the turn and `max_new_tokens`
-        do not fit what is left of the context."""
-        new = self._unfed + self.turn_ids(text)
+    def say(self, text: str, images=(), progress=None) -> Iterator[int]:
+        """Yield the reply to `text` (and `images`, one per `<start_of_image>` of the text, or
+        leading it), token by token (a stop token ends it and is not yielded). Raises
+        ContextFullError, with the caches untouched, when the turn and `max_new_tokens` do not fit
+        what is left of the context."""
+        images = list(images)
+        new = self._unfed + self.turn_ids(text, len(images))
+        fed, embeddings = new, None
+        if images:  # each image token becomes the image's run of soft tokens, encoded here
+            fed, embeddings = self.session.image_inputs(new, images)
         left = self.session.max_len - self.session.position
-        if len(new) + self.max_new_tokens > left:
+        if len(fed) + self.max_new_tokens > left:
             raise ContextFullError(
-                f"this turn ({len(new)} tokens) and its reply ({self.max_new_tokens} at most) do not fit the "
+                f"this turn ({len(fed)} tokens) and its reply ({self.max_new_tokens} at most) do not fit the "
                 f"{left} tokens left of the context of {self.session.max_len}")
-        logits = self.session.prefill(new, progress=progress)
+        logits = self.session.prefill(fed, embeddings, progress=progress)
         self.fed += new
+        self.images += images
         self._unfed = []
         limit = self.session.metadata.sample_vocab_size
         for step in range(self.max_new_tokens):

@@ -116,3 +116,65 @@ def test_chat_cli_streams_turns_and_starts_over_on_reset(artifacts, tokenizer_25
     chat = Conversation(session, tok, max_new_tokens=5)
     expected = [tok.decode(list(chat.say(t))) for t in ("hello world", "and then?")]
     assert replies[1:3] == expected
+
+
+@pytest.fixture(scope="module")
+def vision_chat(vision_tiny, tokenizer_vision, tmp_path_factory):
+    """gemma3-vision-tiny as an -it artifact (TFLite; context 128: two images of 16 soft tokens and
+    the turns around them)."""
+    cfg, params = vision_tiny
+    tok = Tokenizer(tokenizer_vision)
+    cfg = dataclasses.replace(cfg, instruction_tuned=True,
+                              tokens=dataclasses.replace(cfg.tokens, end_of_turn=tok.end_of_turn_id))
+    out = tmp_path_factory.mktemp("vision_chat")
+    path = export(cfg, params, "tflite", ExportOptions(out_dir=out, max_len=128, prefill_lens=(8, 32),
+                                                       verify=False)).path
+    return path, tok, tokenizer_vision
+
+
+def test_images_in_any_turn_continue_as_one_prompt(vision_chat):
+    import numpy as np
+
+    path, tok, _ = vision_chat
+    rng = np.random.default_rng(0)
+    pictures = [rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32) for _ in range(2)]
+    session = load(path)
+    chat = Conversation(session, tok, max_new_tokens=5)
+    first = list(chat.say("what is this?", images=pictures[:1]))
+    boi = session.vision.boi_token
+    # an image without a marker opens the user's content, inside the turn
+    assert chat.fed[0] == tok.bos_id and chat.fed.index(boi) > chat.fed.index(tok.start_of_turn_id)
+    reply = chat.say("and <start_of_image> this one?", images=pictures[1:])
+    head = next(reply)
+    prompt, images = list(chat.fed), list(chat.images)
+    second = [head] + list(reply)
+    assert prompt.count(boi) == 2 and len(images) == 2 and first
+    fresh = load(path)
+    assert fresh.generate(prompt, 5, images=images, stop_tokens=stop_ids(fresh, tok)) == second
+    seen = []
+    for order in (images, images[::-1]):  # the images are seen where they were given
+        other = load(path)
+        seen.append(other.prefill(*other.image_inputs(prompt, order)))
+    assert not np.allclose(seen[0], seen[1], atol=1e-3)
+    with pytest.raises(ValueError, match="2 <start_of_image> markers for 1 images"):
+        next(chat.say("<start_of_image> and <start_of_image>", images=pictures[:1]))
+
+
+def test_chat_cli_takes_images_and_goes_on_after_a_failed_turn(vision_chat, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path, tok, tokenizer = vision_chat
+    picture = tmp_path / "p.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(picture)
+    run = subprocess.run([sys.executable, "-m", "runtime_py", "chat", "--artifact", str(path),
+                          "--tokenizer", str(tokenizer),
+                          "--max-new-tokens", "4"],
+                         input=f"/image {picture}\nwhat is this?\n/image {tmp_path / 'missing.png'}\nand now?\n",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr  # the missing image
+    assert f"error: no image at {tmp_path / 'missing.png'}" in run.stderr
+    replies = run.stdout.split("\n")
+    chat = Conversation(load(path), tok, max_new_tokens=4)
+    assert replies[:2] == [tok.decode(list(chat.say("what is this?", images=[picture]))),
+                           tok.decode(list(chat.say("and now?")))], run.stderr
