@@ -21,6 +21,7 @@ import argparse
 import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -136,90 +137,157 @@ def cmd_generate_engine(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    """A conversation on stdin: one line per user turn, each reply streamed to stdout; /image PATH
-    attaches an image to the next turn, /reset starts over, /exit (or the end of input) ends. The
-    caches carry the conversation, so a turn costs its own tokens, not the history's
-    (runtime_py/chat.py). A turn that fails (a missing image, one too many) is said on stderr and
-    the chat goes on; the exit status is then 2."""
-    from contract.sampling import Sampling
-    from runtime_py import load
-    from runtime_py.chat import Conversation
-    from runtime_py.session import ContextFullError
-    from runtime_py.text import tokenizer_for
+class _OwnChat:
+    """runtime_py's Conversation, as cmd_chat drives it: text pieces per turn."""
 
-    session = load(args.artifact, args.threads)
-    tok = tokenizer_for(session, args.artifact, args.tokenizer)
-    chat = Conversation(session, tok, system=args.system, max_new_tokens=args.max_new_tokens,
-                        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
-    interactive = sys.stdin.isatty()
-    if interactive:
-        images = "; /image PATH adds an image to the next turn" if session.vision is not None else ""
-        print(f"[{session.metadata.model}, context {session.max_len} tokens: one line per turn{images}; /reset "
-              "starts over, /exit or Ctrl-D ends]", file=sys.stderr)
-    pending, failed = [], False
-    while True:
-        if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            return 2 if failed else 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return 2 if failed else 0
-        if text == "/reset":
-            chat.reset()
-            pending = []
-            print("[conversation reset]", file=sys.stderr)
-            continue
-        if text.startswith("/image"):
-            path = Path(text[len("/image"):].strip())
-            if session.vision is None:
-                print("error: this artifact has no vision encoder: it takes no images", file=sys.stderr)
-                failed = True
-            elif not path.is_file():
-                print(f"error: no image at {path}", file=sys.stderr)
-                failed = True
-            else:
-                pending.append(path)
-                print(f"[image {path} goes with the next turn]", file=sys.stderr)
-            continue
-        t0 = time.perf_counter()
+    def __init__(self, args):
+        from contract.sampling import Sampling
+        from runtime_py import load
+        from runtime_py.chat import Conversation
+        from runtime_py.text import tokenizer_for
+
+        self.session = load(args.artifact, args.threads)
+        self.tok = tokenizer_for(self.session, args.artifact, args.tokenizer)
+        self.chat = Conversation(self.session, self.tok, system=args.system, max_new_tokens=args.max_new_tokens,
+                                 sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+        self.model, self.max_len, self.vision = self.session.metadata.model, self.session.max_len, \
+            self.session.vision is not None
+
+    def say(self, text: str, images) -> Iterator[str]:
+        from runtime_py.session import ContextFullError
+
         try:
-            try:
-                reply = chat.say(text, images=pending)
-                first = next(reply, None)
-            except ContextFullError as e:
-                print(f"[context full: {e}; starting a new conversation]", file=sys.stderr)
-                chat.reset()
-                reply = chat.say(text, images=pending)
-                first = next(reply, None)
-        except ContextFullError:
-            raise  # the turn alone is longer than the context: exit 2
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed, pending = True, []
-            continue
-        pending = []
+            reply = self.chat.say(text, images=images)
+            first = next(reply, None)
+        except ContextFullError as e:
+            print(f"[context full: {e}; starting a new conversation]", file=sys.stderr)
+            self.chat.reset()
+            reply = self.chat.say(text, images=images)  # the turn alone; raises (exit 2) if even that cannot fit
+            first = next(reply, None)
         out, shown = [], ""
         try:
             for token in itertools.chain(() if first is None else (first,), reply):
                 out.append(token)
-                piece = tok.decode(out)
-                sys.stdout.write(piece[len(shown):])
-                sys.stdout.flush()
+                piece = self.tok.decode(out)
+                yield piece[len(shown):]
                 shown = piece
-        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (the next turn closes it)
-            reply.close()
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        seconds = time.perf_counter() - t0
-        print(f"[{len(out)} tokens in {seconds:.2f} s; {session.position} of {session.max_len} context tokens used]",
-              file=sys.stderr)
+        finally:
+            reply.close()  # a reply left early (Ctrl-C) is closed by the next turn
+
+    def used(self) -> int:
+        return self.session.position
+
+    def reset(self):
+        self.chat.reset()
+
+    def close(self):
+        pass
+
+
+class _LiteRTLMChat:
+    """LiteRT-LM's own Conversation on a .litertlm bundle (greedy, the bundle's chat template)."""
+
+    IMAGES = 4  # images one conversation may hold (LiteRT-LM sizes its vision executor up front)
+
+    def __init__(self, args):
+        from contract.tflite import read_tflite
+        from runtime_py.litertlm_engine import Engine
+
+        if Path(args.artifact).suffix != ".litertlm":
+            raise ValueError(f"--engine litertlm runs .litertlm bundles; {args.artifact} is not one")
+        if args.temperature or args.tokenizer is not None:
+            raise ValueError("--engine litertlm chats greedily with the bundle's own tokenizer: drop "
+                             f"{'--temperature' if args.temperature else '--tokenizer'}")
+        meta = read_tflite(args.artifact)[1]
+        if meta is None or not meta.instruction_tuned:
+            raise ValueError(f"{args.artifact} is not an instruction-tuned bundle: chat with an -it model")
+        self.model, self.max_len, self.vision = meta.model, meta.max_seq_len, meta.image is not None
+        self.args = args
+        self.runner = Engine(args.artifact, args.threads, max_num_images=self.IMAGES if self.vision else 0)
+        self.conversation = self.runner.conversation(args.system, args.max_new_tokens)
+
+    def say(self, text: str, images) -> Iterator[str]:
+        yield from self.conversation.say(text, images)
+
+    def used(self) -> int:
+        return self.conversation.token_count()
+
+    def reset(self):
+        self.conversation.close()
+        self.conversation = self.runner.conversation(self.args.system, self.args.max_new_tokens)
+
+    def close(self):
+        self.conversation.close()
+        self.runner.close()
+
+
+def cmd_chat(args) -> int:
+    """A conversation on stdin: one line per user turn, each reply streamed to stdout; /image PATH
+    attaches an image to the next turn, /reset starts over, /exit (or the end of input) ends. The
+    caches carry the conversation, so a turn costs its own tokens, not the history's
+    (runtime_py/chat.py); `--engine litertlm` holds it in LiteRT-LM instead. A turn that fails (a
+    missing image, one too many) is said on stderr and the chat goes on; the exit status is then 2."""
+    from runtime_py.session import ContextFullError
+
+    chat = _LiteRTLMChat(args) if args.engine == "litertlm" else _OwnChat(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        images = "; /image PATH adds an image to the next turn" if chat.vision else ""
+        print(f"[{chat.model}, context {chat.max_len} tokens: one line per turn{images}; /reset starts over, "
+              "/exit or Ctrl-D ends]", file=sys.stderr)
+    pending, failed = [], False
+    try:
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            text = line.strip()
+            if not line or text in ("/exit", "/quit"):
+                return 2 if failed else 0
+            if not text:
+                continue
+            if text == "/reset":
+                chat.reset()
+                pending = []
+                print("[conversation reset]", file=sys.stderr)
+                continue
+            if text.startswith("/image"):
+                path = Path(text[len("/image"):].strip())
+                if not chat.vision:
+                    print("error: this artifact has no vision encoder: it takes no images", file=sys.stderr)
+                    failed = True
+                elif not path.is_file():
+                    print(f"error: no image at {path}", file=sys.stderr)
+                    failed = True
+                else:
+                    pending.append(path)
+                    print(f"[image {path} goes with the next turn]", file=sys.stderr)
+                continue
+            t0 = time.perf_counter()
+            images, pending = pending, []
+            pieces = chat.say(text, images)
+            try:
+                first = next(pieces, "")
+            except ContextFullError:
+                raise  # the turn alone is longer than the context: exit 2
+            except (ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed = True
+                continue
+            try:
+                for piece in itertools.chain((first,), pieces):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+                pieces.close()
+                sys.stdout.write(" [stopped]")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(f"[{time.perf_counter() - t0:.2f} s; {chat.used()} of {chat.max_len} context tokens used]",
+                  file=sys.stderr)
+    finally:
+        chat.close()
 
 
 def _read_prompt(path: Path) -> str:
@@ -317,6 +385,10 @@ def main(argv=None) -> int:
     chat.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed")
     chat.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    chat.add_argument("--engine", choices=["runtime_py", "litertlm"], default="runtime_py",
+                      help="who holds the conversation: runtime_py (default), or LiteRT-LM on a .litertlm bundle "
+                           "(its own Conversation over the bundle's chat template, greedy): the chat your app "
+                           "will have")
     args = ap.parse_args(argv)
     try:
         return cmd_chat(args) if args.command == "chat" else cmd_generate(args)

@@ -108,10 +108,41 @@ class Engine:
         return "".join(item.get("text", "") for reply in replies for item in reply["content"]
                        if item.get("type", "text") == "text")
 
+    def conversation(self, system: str | None = None, max_new_tokens: int = 512):
+        """LiteRT-LM's own multi-turn conversation (greedy) over the bundle's chat template, as an
+        app on a device holds one: `say(text, images) -> text pieces`, `token_count()`, `close()`."""
+        return LiteRTLMConversation(self, system, max_new_tokens)
+
     def close(self):
         self.engine.close()
         if self._cache is not None:
             self._cache.cleanup()
+
+
+class LiteRTLMConversation:
+    """A LiteRT-LM Conversation with the bundle's own template: each `say` sends one user message
+    (text and images, `image_content`) and yields the reply's text as LiteRT-LM streams it."""
+
+    def __init__(self, runner: Engine, system: str | None, max_new_tokens: int):
+        lm = runner._lm
+        self.runner = runner
+        kw = {} if system is None else {"system_message": system}
+        self.conversation = runner.engine.create_conversation(
+            sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0), max_output_tokens=max_new_tokens, **kw)
+
+    def say(self, text: str, images=()):
+        content = image_content(text, images)
+        n = sum(item["type"] == "image" for item in content)
+        if n and n > self.runner.max_num_images:
+            raise ValueError(f"{n} image(s) but this engine was loaded for {self.runner.max_num_images}")
+        for reply in self.conversation.send_message_async({"role": "user", "content": content}):
+            yield "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
+
+    def token_count(self) -> int:
+        return int(self.conversation.token_count)  # a property of LiteRT-LM's Conversation
+
+    def close(self):
+        self.conversation.close()
 
 
 def image_content(prompt: str, images=()) -> list[dict]:

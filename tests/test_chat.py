@@ -20,12 +20,16 @@ from runtime_py.text import stop_ids
 MAX_LEN = 64
 
 
-def _it_artifact(name: str, target: str, tok: Tokenizer, out):
+def _it_config(name: str, tok: Tokenizer):
     cfg = get_config(name)
-    cfg = dataclasses.replace(cfg, instruction_tuned=True,
-                              tokens=dataclasses.replace(cfg.tokens, end_of_turn=tok.end_of_turn_id))
+    return dataclasses.replace(cfg, instruction_tuned=True,
+                               tokens=dataclasses.replace(cfg.tokens, end_of_turn=tok.end_of_turn_id))
+
+
+def _it_artifact(name: str, target: str, tok: Tokenizer, out, max_len: int = MAX_LEN):
+    cfg = _it_config(name, tok)
     return export(cfg, init_params(cfg, 0), target,
-                  ExportOptions(out_dir=out, max_len=MAX_LEN, prefill_lens=(8,), verify=False)).path
+                  ExportOptions(out_dir=out, max_len=max_len, prefill_lens=(8,), verify=False)).path
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,32 @@ def test_chat_cli_takes_images_and_goes_on_after_a_failed_turn(vision_chat, tmp_
     chat = Conversation(load(path), tok, max_new_tokens=4)
     assert replies[:2] == [tok.decode(list(chat.say("what is this?", images=[picture]))),
                            tok.decode(list(chat.say("and now?")))], run.stderr
+
+
+def test_litert_lm_holds_the_conversation_in_its_own_engine(tok, tokenizer_256, tmp_path):
+    """`chat --engine litertlm`: LiteRT-LM's own Conversation over the bundle's chat template. Its
+    first reply is runtime_py's (the template renders the turn alike); later turns run and grow
+    its token count (their replies may differ: docs/cli.md says where its history differs), and
+    the CLI prints what the engine says."""
+    from export.litertlm import write_bundle
+    from runtime_py.litertlm_engine import Engine
+
+    tfl = _it_artifact("gemma3-tiny", "tflite", tok, tmp_path, max_len=128)
+    bundle = write_bundle(tfl, tokenizer_256, _it_config("gemma3-tiny", tok), 128, tmp_path / "it.litertlm")
+    turns = ["hello world", "and then?", "tell me more"]
+    ours = tok.decode(list(Conversation(load(bundle), tok, max_new_tokens=5).say(turns[0])))
+    runner = Engine(bundle)
+    try:
+        conversation = runner.conversation(max_new_tokens=5)
+        theirs, counts = [], []
+        for t in turns:
+            theirs.append("".join(conversation.say(t)))
+            counts.append(conversation.token_count())
+        conversation.close()
+    finally:
+        runner.close()
+    assert theirs[0] == ours and all(theirs) and counts == sorted(set(counts))
+    run = subprocess.run([sys.executable, "-m", "runtime_py", "chat", "--engine", "litertlm", "--artifact", str(bundle),
+                          "--max-new-tokens", "5"], input="\n".join(turns) + "\n",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split("\n")[:3] == theirs, run.stderr
