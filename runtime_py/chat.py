@@ -56,6 +56,7 @@ class Conversation:
         self.fed: list[int] = []  # every id given to the model, in order; an image as its <start_of_image> token
         self.images: list = []  # the images given, in order
         self._unfed: list[int] = []  # a reply token sampled but not yet fed (the reply was cut after it)
+        self._at = 0  # the session's position once everything in `fed` is in its caches
 
     def turn_ids(self, text: str, n_images: int = 0) -> list[int]:
         """The ids a user turn adds: BOS, the system message and the turn for the first one; the
@@ -89,6 +90,7 @@ class Conversation:
         ContextFullError, with the caches untouched, when the turn and `max_new_tokens` do not fit
         what is left of the context."""
         images = list(images)
+        self._settle()
         new = self._unfed + self.turn_ids(text, len(images))
         fed, embeddings = new, None
         if images:  # each image token becomes the image's run of soft tokens, encoded here
@@ -102,6 +104,7 @@ class Conversation:
         self.fed += new
         self.images += images
         self._unfed = []
+        self._at += len(fed)
         limit = self.session.metadata.sample_vocab_size
         for step in range(self.max_new_tokens):
             token = sample_numpy(logits, self.sampling, self._rng, limit)
@@ -111,6 +114,21 @@ class Conversation:
             yield token
             if step == self.max_new_tokens - 1:
                 return
-            logits = self.session.decode(token)
+            # counted fed before the call: an interrupt (Ctrl-C) lands when the call returns, and
+            # one that lands before it starts is found by _settle
             self.fed.append(token)
             self._unfed = []
+            self._at += 1
+            logits = self.session.decode(token)
+
+    def _settle(self):
+        """Match the bookkeeping to the session after a reply left at any point: a token counted
+        fed whose decode never ran goes back to be fed with the next turn. A session moved
+        otherwise (a prefill interrupted, another caller) is a ValueError: reset()."""
+        if self.session.position == self._at - 1 and self.fed and not self._unfed:
+            self._unfed = [self.fed.pop()]
+            self._at -= 1
+        if self.session.position != self._at:
+            raise ValueError(f"the session is at position {self.session.position}, the conversation at {self._at} "
+                             "(a prefill was interrupted, or the session was used outside the conversation): reset "
+                             "the conversation")

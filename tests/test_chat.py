@@ -56,6 +56,7 @@ def test_each_turn_continues_as_one_prompt_of_the_conversation(artifacts, tok, n
     reply = chat.say("and then?")
     head = next(reply)
     prompt = list(chat.fed)  # every id the second reply follows: no reply token fed yet
+    assert session.position == len(prompt)  # the caches hold them all (the head is not fed yet)
     second = [head] + list(reply)
     # the first reply's tokens, fed as sampled, then the turn: the reply closed, the user's turn opened
     assert prompt[len(prompt) - len(chat.turn_ids("and then?")):][0] == tok.end_of_turn_id
@@ -80,6 +81,38 @@ def test_a_reply_left_early_is_closed_by_the_next_turn(artifacts, tok):
     assert prompt[-len(turn) - 2:-len(turn)] == taken and turn[0] == tok.end_of_turn_id
     assert load(artifacts["gemma3-tiny", "tflite"]).generate(prompt, 6, stop_tokens=stop_ids(session, tok)) == \
         [head] + list(second)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupt_around_a_decode_leaves_the_conversation_whole(artifacts, tok, when):
+    """Ctrl-C lands when a decode call returns (or, rarely, just before it starts): either way the
+    next turn continues as one prompt of the conversation would."""
+    session = load(artifacts["gemma3-tiny", "tflite"])
+    chat = Conversation(session, tok, max_new_tokens=6)
+    real, calls = session.decode, []
+
+    def interrupted(token):
+        calls.append(token)
+        if len(calls) == 2:
+            if when == "after":
+                real(token)
+            raise KeyboardInterrupt
+        return real(token)
+
+    session.decode = interrupted
+    reply = chat.say("hello world")
+    with pytest.raises(KeyboardInterrupt):
+        for _ in reply:
+            pass
+    session.decode = real
+    second = chat.say("and then?")
+    head = next(second)
+    prompt = list(chat.fed)
+    turn = chat.turn_ids("and then?")
+    assert prompt[-len(turn) - 2:-len(turn)] == calls  # both tokens in the history, once each
+    assert session.position == len(prompt)  # ... and in the caches, once each
+    fresh = load(artifacts["gemma3-tiny", "tflite"])
+    assert fresh.generate(prompt, 6, stop_tokens=stop_ids(fresh, tok)) == [head] + list(second)
 
 
 def test_a_turn_that_does_not_fit_leaves_the_conversation_as_it_was(artifacts, tok):
