@@ -103,7 +103,8 @@ def symbols(path: str | Path, names=THRESHOLDS) -> tuple[dict[bytes, tuple[int, 
 
 def _mapped_libraries(names=LIBRARIES) -> dict[str, int]:
     """{path: address of its mapping at file offset 0} for the libraries of these names this
-    process has loaded (Linux: /proc/self/maps)."""
+    process has loaded (Linux: /proc/self/maps), where the file at that path is still the one
+    mapped (same inode: a library replaced on disk since, by an upgrade, is left alone)."""
     out = {}
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
@@ -112,7 +113,12 @@ def _mapped_libraries(names=LIBRARIES) -> dict[str, int]:
     for line in lines:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and Path(parts[5]).name in names and int(parts[2], 16) == 0:
-            out.setdefault(parts[5], int(parts[0].split("-")[0], 16))
+            try:
+                same = os.stat(parts[5]).st_ino == int(parts[4])
+            except (OSError, ValueError):
+                same = False
+            if same:
+                out.setdefault(parts[5], int(parts[0].split("-")[0], 16))
     return out
 
 
