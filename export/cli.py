@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--random-init", type=int, metavar="SEED", help="random weights (architecture dry run)")
     ap.add_argument("--target", choices=list(TARGETS), default="tflite",
                     help="; ".join(f"{name}: {t.help}" for name, t in TARGETS.items()))
+    ap.add_argument("--onnx-compute", choices=["int8", "f32"], default="int8",
+                    help="onnx with a --quant recipe: how ONNX Runtime's MatMulNBits computes. 'int8' (default): "
+                         "activations quantized per block inside the kernel (accuracy_level 4), the fast path; "
+                         "'f32' (accuracy_level 1): its packed weights are the codes alone (gemma3-1b int4-b32: "
+                         "runtime RSS 1.28x the folder, peak too, instead of 1.46x / 1.84x), at about half the "
+                         "decode speed (docs/memory.md)")
     ap.add_argument("--onnx-ops", choices=["default", "standard"], default=None,
                     help="onnx: 'default' uses ONNX Runtime's GroupQueryAttention; 'standard' only standard "
                          "ONNX ops (attention as model-local functions), for runtimes without contrib ops. "
@@ -285,6 +291,7 @@ def parse_request(args) -> Request:
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
         context_buckets=parse_buckets(args.context_buckets), kv_cache=args.kv_cache,
         dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
+        onnx_compute=args.onnx_compute,
         smoothing=not args.no_smoothing, rotation=not args.no_rotation,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,
         verify_long=args.verify_long, speculative=args.speculative, inline_composites=args.inline_composites,

@@ -32,6 +32,9 @@ class ExportOptions:
     smoothing: bool = True  # TFLite dynamic-int8: activation smoothing folded into the weights (export/quantize/smooth.py)
     rotation: bool = True  # dynamic-int8 (TFLite), int4: matmul inputs rotated per block (export/quantize/rotate.py)
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
+    # onnx integer recipes: MatMulNBits' compute, "int8" (accuracy_level 4: activations int8 per block,
+    # ONNX Runtime's fast path) or "f32" (accuracy_level 1: less memory, half the decode speed; docs/memory.md)
+    onnx_compute: str = "int8"
     tokenizer: Path | None = None  # default: the checkpoint folder
     name: str | None = None  # the artifact's file (or folder) name; default from model, recipe, context
     verify: bool = True  # run the parity gate
@@ -101,6 +104,11 @@ class ExportOptions:
                                  "smoothing: add one of them, or drop --calibration-text")
             if not Path(self.calibration_text).is_file():
                 raise ValueError(f"--calibration-text {self.calibration_text} is not a file; pass a UTF-8 text file")
+        if self.onnx_compute not in ("int8", "f32"):
+            raise ValueError(f"unknown --onnx-compute '{self.onnx_compute}'; choose int8 or f32")
+        if self.onnx_compute != "int8" and (target != "onnx" or self.quant is None or self.onnx_ops == "standard"):
+            raise ValueError("--onnx-compute sets ONNX Runtime's MatMulNBits compute: it needs --target onnx, a --quant "
+                             "recipe and the default op set; drop it")
         if self.quant is not None:
             from export.quantize import check
 

@@ -362,3 +362,26 @@ def test_genai_config_of_an_instruction_tuned_model():
     assert config["eos_token_id"] == [cfg.tokens.eos, cfg.tokens.end_of_turn]  # every stop token
     sliding = config["decoder"]["sliding_window"]
     assert sliding["window_size"] == 512 and len(sliding["layers"]) == 22  # 5 of every 6 of 26 layers
+
+
+def test_f32_compute_changes_only_the_matmuls_accuracy_level(tmp_path):
+    """--onnx-compute f32: every MatMulNBits at accuracy_level 1 (ONNX Runtime packs the codes
+    alone: runtime memory ~1x the file, docs/memory.md), the same weights byte for byte, and the
+    gate passes on a trained model."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "gemma3-tiny-trained"
+    models = {}
+    for compute in ("int8", "f32"):
+        out = tmp_path / compute
+        assert export_main(["--checkpoint", str(fixture), "--target", "onnx", "--quant", "int4-b32",
+                            "--onnx-compute", compute, "--max-seq-len", "128", "--out", str(out)]) == 0
+        folder, = out.iterdir()
+        assert folder.name.endswith("_f32compute_ctx128_onnx") == (compute == "f32")
+        assert json.loads((folder / "parity.json").read_text())["passed"]
+        models[compute] = onnx.load(str(folder / "model.onnx"))
+    levels = {c: {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"} for c, m in models.items()}
+    assert levels == {"int8": {4}, "f32": {1}}
+    weights = {c: {t.name: t.raw_data for t in m.graph.initializer} for c, m in models.items()}
+    assert weights["int8"] == weights["f32"]

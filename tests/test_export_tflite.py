@@ -172,6 +172,7 @@ def test_right_padded_prefill_leaves_states_exact(artifacts):
     (["--random-init", "0"], "pass --model NAME"),
     (["--checkpoint", "/no/such/gemma-3-1b-it"], "--checkpoint /no/such/gemma-3-1b-it does not exist"),
     (["--checkpoint", "/no/such/model.gguf", "--target", "onnx"], "--checkpoint /no/such/model.gguf does not exist"),
+    (["--model", "gemma3-tiny", "--random-init", "0", "--onnx-compute", "f32"], "--onnx-compute sets ONNX Runtime's"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert export_main([*args, "--out", str(tmp_path)]) == 2

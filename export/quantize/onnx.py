@@ -329,6 +329,24 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     return out
 
 
+ACCURACY_LEVELS = {"int8": 4, "f32": 1}  # --onnx-compute -> MatMulNBits' accuracy_level
+
+
+def set_compute(model: onnx.ModelProto, compute: str) -> int:
+    """Set every MatMulNBits' accuracy_level to `compute`'s (ACCURACY_LEVELS); returns how many.
+    f32 (level 1): ONNX Runtime packs the 4-bit codes alone and reads scales and zero points from
+    the file, where level 4 adds f32 scales and per-block sums for its int8 kernel (~1.2x the
+    file); decode is slower (docs/memory.md)."""
+    level, n = ACCURACY_LEVELS[compute], 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+            n += 1
+    return n
+
+
 def _nbits(given) -> tuple:
     """MatMulNBits' (B, scales, zero points or None) of a BlockQuantized / PendingBlocks."""
     from export.quantize.blocks import resolved

@@ -107,7 +107,8 @@ class OnnxTarget(Target):
     def artifact_name(self, plan) -> str:
         suffix = "" if plan.op_set == OP_SET_DEFAULT else f"_{plan.op_set}"
         kv = "_kv8" if plan.options.kv_cache == "int8" else ""
-        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}_ctx{plan.max_len}{suffix}_onnx"
+        compute = "_f32compute" if plan.options.onnx_compute == "f32" else ""
+        return f"{plan.cfg.name}_{plan.quant or plan.options.dtype}{kv}{compute}_ctx{plan.max_len}{suffix}_onnx"
 
     def layout(self, plan):
         """The states as the folder's runtimes allocate them: GroupQueryAttention (op set default)
@@ -147,12 +148,13 @@ class OnnxTarget(Target):
             spill = None
             try:
                 if recipe is not None:
-                    from export.quantize.onnx import Spill, quantize_model
+                    from export.quantize.onnx import Spill, quantize_model, set_compute
 
                     # the packed weights wait on disk, not in memory, until save copies them in
                     spill = Spill(tmp / SPILL_FILE)
                     tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, progress=timer.progress,
                                              spill=spill)
+                    set_compute(model, plan.options.onnx_compute)
                 helper.set_model_props(model, props)
                 save(model, tensors, tmp / "model.onnx", progress=timer.progress,
                      on_written=spill.release if spill is not None else None)
@@ -212,9 +214,10 @@ class OnnxTarget(Target):
             model, tensors = assemble(sig, lw, {})
             del lw
             if recipe is not None:
-                from export.quantize.onnx import quantize_model
+                from export.quantize.onnx import quantize_model, set_compute
 
                 tensors = quantize_model(model, tensors, recipe, weights.blocks, memo, spill=spill)
+                set_compute(model, plan.options.onnx_compute)
             if file == VISION_ENCODER:
                 scan_over_images(model, cfg.vision, cfg.embed_dim)
             helper.set_model_props(model, props)
