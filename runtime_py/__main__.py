@@ -325,6 +325,15 @@ class PrefillBar:
         return None
 
 
+def _sampling_and_threads(parser):
+    """The options generate and chat share: sampling, and the runtime's threads."""
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+
+
 def main(argv=None) -> int:
     from contract.cli_help import HelpFormatter, prog
 
@@ -351,11 +360,7 @@ def main(argv=None) -> int:
     gen.add_argument("--raw", action="store_true",
                      help="no chat template (instruction-tuned artifacts get it otherwise)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gen.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    _sampling_and_threads(gen)
     gen.add_argument("--engine", choices=["runtime_py", "litertlm", "genai"], default="runtime_py",
                      help="who runs the artifact: runtime_py (default), LiteRT-LM (a .litertlm bundle) or "
                           "onnxruntime-genai (an ONNX folder), each with its own tokenizer, image processing and "
@@ -380,11 +385,7 @@ def main(argv=None) -> int:
                            "artifact folder carries)")
     chat.add_argument("--system", help="a system message (Gemma 3: folded into the first user turn)")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply at most")
-    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    chat.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    chat.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
-    chat.add_argument("--seed", type=int, default=0, help="sampling seed")
-    chat.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    _sampling_and_threads(chat)
     chat.add_argument("--engine", choices=["runtime_py", "litertlm"], default="runtime_py",
                       help="who holds the conversation: runtime_py (default), or LiteRT-LM on a .litertlm bundle "
                            "(its own Conversation over the bundle's chat template, greedy): the chat your app "
