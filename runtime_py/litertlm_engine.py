@@ -83,11 +83,7 @@ class Engine:
         made with benchmark=True) gets LiteRT-LM's own BenchmarkInfo fields. `on_token()` is
         called as each streamed piece of text arrives (the reply is then streamed, so the first
         call marks the time to the first token; benchmarks time it)."""
-        content = image_content(prompt, images)
-        n = sum(item["type"] == "image" for item in content)
-        if n > self.max_num_images:
-            raise ValueError(f"{n} image(s) but this engine was loaded for {self.max_num_images}; "
-                             f"create it with Engine(path, max_num_images={n})")
+        content = self.message_content(prompt, images)
         lm = self._lm
         conversation = self.engine.create_conversation(
             sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0), max_output_tokens=max_new_tokens,
@@ -105,8 +101,17 @@ class Engine:
                 timings.update(vars(conversation.get_benchmark_info()))
         finally:
             conversation.close()
-        return "".join(item.get("text", "") for reply in replies for item in reply["content"]
-                       if item.get("type", "text") == "text")
+        return "".join(reply_text(reply) for reply in replies)
+
+    def message_content(self, prompt: str, images=()) -> list[dict]:
+        """`image_content`, refused in one line when it holds more images than the engine was
+        loaded for."""
+        content = image_content(prompt, images)
+        n = sum(item["type"] == "image" for item in content)
+        if n > self.max_num_images:
+            raise ValueError(f"{n} image(s) but this engine was loaded for {self.max_num_images}; "
+                             f"create it with Engine(path, max_num_images={n})")
+        return content
 
     def conversation(self, system: str | None = None, max_new_tokens: int = 512):
         """LiteRT-LM's own multi-turn conversation (greedy) over the bundle's chat template, as an
@@ -131,18 +136,20 @@ class LiteRTLMConversation:
             sampler_config=lm.SamplerConfig(top_k=1, temperature=1.0), max_output_tokens=max_new_tokens, **kw)
 
     def say(self, text: str, images=()):
-        content = image_content(text, images)
-        n = sum(item["type"] == "image" for item in content)
-        if n and n > self.runner.max_num_images:
-            raise ValueError(f"{n} image(s) but this engine was loaded for {self.runner.max_num_images}")
+        content = self.runner.message_content(text, images)
         for reply in self.conversation.send_message_async({"role": "user", "content": content}):
-            yield "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
+            yield reply_text(reply)
 
     def token_count(self) -> int:
         return int(self.conversation.token_count)  # a property of LiteRT-LM's Conversation
 
     def close(self):
         self.conversation.close()
+
+
+def reply_text(reply: dict) -> str:
+    """The text items of one LiteRT-LM reply (or streamed piece of one), joined."""
+    return "".join(item.get("text", "") for item in reply["content"] if item.get("type", "text") == "text")
 
 
 def image_content(prompt: str, images=()) -> list[dict]:

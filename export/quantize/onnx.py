@@ -41,7 +41,10 @@ from export.quantize.recipes import Recipe
 from models.lazy import LazyTensor, is_lazy, load
 
 MS_DOMAIN = "com.microsoft"
-ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits (ORT CPU's fast path)
+# --onnx-compute -> MatMulNBits' accuracy_level: int8 activations inside the kernel (ORT CPU's
+# fast path, the default), or f32 compute (set_compute)
+ACCURACY_LEVELS = {"int8": 4, "f32": 1}
+ACCURACY_LEVEL = ACCURACY_LEVELS["int8"]
 INT8_BLOCK = 128
 CHUNK_COLUMNS = 8192  # output channels quantized at a time (bounds the transient f32 copy)
 SPILL_MIN_BYTES = 1 << 20  # packed arrays below this stay in memory (scales of small layers, splits)
@@ -327,9 +330,6 @@ def quantize_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], recip
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return out
-
-
-ACCURACY_LEVELS = {"int8": 4, "f32": 1}  # --onnx-compute -> MatMulNBits' accuracy_level
 
 
 def set_compute(model: onnx.ModelProto, compute: str) -> int:
