@@ -40,6 +40,7 @@ class Request:
     random_init: int | None = None
     vision: bool = True
     memory_check: bool = True
+    gguf_blocks: str = "keep"  # "requantize": a GGUF's own blocks are not carried (--gguf-blocks)
 
     def validate(self):
         """Every check that needs no weights (the options', and where the weights come from)."""
@@ -129,11 +130,21 @@ class Request:
             return load_checkpoint(self.checkpoint, self.model, vision=self.vision, lazy=True)
         return init_model(get_config(self.model), self.random_init, vision=self.vision, lazy=True)
 
+    def kept(self, cfg) -> set[str]:
+        """The layers a mixed-precision GGUF (Q4_K_M, ...) holds at 6-8 bits while its others are
+        4-5 bits (models.loaders.gguf.mix_kept): the int4 recipes write them at 8 bits."""
+        if not self.gguf or self.options.quant is None or self.gguf_blocks == "requantize":
+            return set()
+        from models.loaders.gguf import mix_kept
+
+        return mix_kept(self.checkpoint, cfg)
+
     def carried(self, cfg) -> dict | None:
-        """A GGUF checkpoint's own Q4_0 / Q8_0 blocks, when the recipe can hold them exactly
-        (export/quantize/blocks.py): int4 recipes take Q4_0, ONNX's 8-bit MatMulNBits Q8_0."""
+        """A GGUF checkpoint's own Q4_0 / Q8_0 / Q4_K / Q6_K blocks, written exactly where the
+        target's format holds them (export/quantize/blocks.py, driver.usable_carried): int4
+        recipes take Q4_0 (both targets) and Q4_K (ONNX), ONNX's 8-bit MatMulNBits Q8_0 and Q6_K."""
         quant = self.options.quant
-        if not self.gguf or quant is None or quant == "fp16":
+        if not self.gguf or quant is None or quant == "fp16" or self.gguf_blocks == "requantize":
             return None
         from export.quantize.blocks import pending_source_blocks
         from models.loaders.gguf import source_blocks
@@ -247,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the int4 recipes choose codes: mse (default: per-block least-error scales, no data) "
                          "or gptq (error-compensating rounding from the model's own activations on a calibration "
                          "text shipped with the project; more accurate, minutes longer; same file and speed)")
+    ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
+                    help="a GGUF checkpoint's own blocks with --quant: keep (default: written exactly where the "
+                         "target's format holds them, Q4_0 and Q4_K into int4, Q8_0 and Q6_K into ONNX's 8-bit "
+                         "MatMulNBits, and the layers a 4-bit mix such as Q4_K_M keeps at 6-8 bits stay 8-bit) or "
+                         "requantize (every weight dequantized and quantized by the recipe alone)")
     ap.add_argument("--calibration-text", type=Path, metavar="FILE",
                     help="the calibration text of GPTQ and of TFLite's dynamic-int8 smoothing (UTF-8; a few thousand "
                          "tokens or more, like what the model will read); default: export/quantize/calibration.txt, "
@@ -299,7 +315,7 @@ def parse_request(args) -> Request:
         engine_check=not args.no_engine_check, random_weights=args.random_init is not None, verbose=True,
         untrained_context=args.untrained_context)
     return Request(args.target, options, args.model, args.checkpoint, args.random_init, not args.no_vision,
-                   memory_check=not args.skip_memory_check)
+                   memory_check=not args.skip_memory_check, gguf_blocks=args.gguf_blocks)
 
 
 def main(argv=None) -> int:
@@ -359,13 +375,17 @@ def run(args) -> int:
             nv = sum(p.size for k, p in params.items() if k.startswith(("vision.", "mm.")))
             vision = f", of which vision tower {nv / 1e6:.1f}M" if nv else ""
             print(f"  {cfg.name} ({cfg.family.value}): {n / 1e6:.1f}M parameters{vision}")
-            carried = request.carried(cfg)
-            if carried:
-                kinds = sorted({b.origin for b in carried.values()})
-                print(f"  {len(carried)} tensors stored {', '.join(kinds)} in the checkpoint: written exactly where "
-                      f"--quant {request.options.quant} holds them")
+            carried, kept = request.carried(cfg), request.kept(cfg)
         plan = driver.resolve(cfg, request.target, request.options)
-        result = driver.run(plan, params, timer, consume=True, carried=carried)
+        usable = driver.usable_carried(plan, carried)
+        if usable:
+            kinds = sorted({b.origin for b in usable.values()})
+            print(f"  {len(usable)} tensors stored {', '.join(kinds)} in the checkpoint: written exactly where "
+                  f"--quant {request.options.quant} holds them")
+        kept = kept if plan.recipe is not None and plan.recipe.block else set()
+        if kept:
+            print(f"  {len(kept)} layers the checkpoint's mix keeps at 6-8 bits (Q6_K, Q8_0): written at 8 bits")
+        result = driver.run(plan, params, timer, consume=True, carried=carried, kept=kept)
         return report(result)
 
 

@@ -380,12 +380,18 @@ def stored_params(params: dict, dtype: str, embed_16bit: bool = False) -> dict:
             for k, v in params.items()}
 
 
-def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer | None = None) -> Weights:
+def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer | None = None,
+            kept=()) -> Weights:
     """The weights as stored, computed with, and checked against; `carried` (name ->
-    BlockQuantized) holds a checkpoint's own quantized blocks (GGUF Q4_0 / Q8_0), written into the
-    artifact exactly where the recipe's format holds them. With --int4-method gptq the
-    calibration runs here (a `timer` stage)."""
+    BlockQuantized) holds a checkpoint's own quantized blocks (GGUF Q4_0 / Q8_0 / Q4_K / Q6_K),
+    written into the artifact exactly where the target's format holds them (`usable_carried`)
+    and the weight is not rotated (an input whose readers include such blocks is not rotated);
+    `kept`: the layers a mixed-precision source holds wider (models.loaders.gguf.mix_kept),
+    written at 8 bits by the int4 recipes (ONNX: 8-bit MatMulNBits; TFLite: int8 per channel). With --int4-method gptq the calibration runs
+    here (a `timer` stage)."""
     recipe = plan.recipe
+    carried = usable_carried(plan, carried)
+    kept = frozenset(kept) if recipe is not None and recipe.block else frozenset()
     if recipe is not None and recipe.bits == 16:
         stored = stored_params(params, "f16", embed_16bit=True)
     elif recipe is not None:
@@ -408,20 +414,25 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
         # rounds the weights as the graph reads them (rotated)
         from export.quantize.rotate import chooser, groups, rotated
 
-        stored, rotations = rotated(stored, plan.cfg, chooser(plan))
+        exact = {n for n, b in (carried or {}).items() if n not in kept and b.bits == recipe.bits
+                 and b.block == recipe.block}  # written as the file holds them: their inputs stay as they are
+        before = stored
+        stored, rotations = rotated(stored, plan.cfg, chooser(plan), keep=exact)
+        carried = {n: b for n, b in (carried or {}).items() if stored.get(n) is before.get(n)}
         if plan.options.verbose:
+            held = f"; inputs of the checkpoint's own {recipe.bits}-bit blocks left as they are" if exact else ""
             print(f"rotation: {rotations} of {len(groups(stored, plan.cfg))} matmul inputs rotated (Hadamard per block "
-                  "of up to 128 channels)", flush=True)
+                  f"of up to 128 channels{held})", flush=True)
     scratch = None
     if recipe is not None and recipe.block and plan.options.int4_method == "gptq":
         scratch = tempfile.TemporaryDirectory(dir=plan.path.parent, prefix=f".{plan.path.name}.gptq-")
         try:
             with (timer or Timer()).stage("calibrate (gptq)", record="calibrate") as t:
-                carried = dict(carried or {}, **gptq(plan, stored, carried, Path(scratch.name), t.progress))
+                carried = dict(carried or {}, **gptq(plan, stored, carried, Path(scratch.name), t.progress, kept))
         except BaseException:
             scratch.cleanup()
             raise
-    blocks = quantized_blocks(plan, stored, carried)
+    blocks = quantized_blocks(plan, stored, carried, kept)
     from models.lazy import cast
 
     return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch, folds,
@@ -443,9 +454,10 @@ def smoothed(plan: Plan, stored: dict, progress=None) -> tuple[dict, int]:
     return smooth.fold(stored, folds), len(folds)
 
 
-def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress) -> dict:
+def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress, kept=()) -> dict:
     """GPTQ blocks (export/quantize/gptq.py) of every layer matmul the checkpoint does not carry
-    in the recipe's form, spilled to `scratch`; they then take the place of carried blocks."""
+    in the recipe's form and that is not `kept` at 8 bits, spilled to `scratch`; they then take
+    the place of carried blocks."""
     from export.quantize.gptq import gptq_blocks
 
     recipe = plan.recipe
@@ -453,10 +465,23 @@ def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress
             if n in stored and b.bits == recipe.bits and b.block == recipe.block and b.shape == np.shape(stored[n])}
     return gptq_blocks(stored, plan.cfg, recipe.bits, recipe.block, asymmetric=plan.target.quant_table == "onnx",
                        scratch=scratch, tokenizer=calibration_tokenizer(plan), carried=same,
-                       text=plan.options.calibration_text, table=not recipe.table_bits, progress=progress)
+                       text=plan.options.calibration_text, table=not recipe.table_bits, progress=progress,
+                       skip=kept)
 
 
-def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | None:
+def usable_carried(plan: Plan, carried: dict | None) -> dict | None:
+    """The carried blocks the target's format holds exactly: Q4_K (offsets, float32 scales) and
+    Q6_K (float32 scales) only in ONNX, and not as the table (GatherBlockQuantized reads it, which
+    takes no offsets; a table's k-quant is re-quantized by the recipe)."""
+    if not carried:
+        return carried
+    onnx = plan.target.quant_table == "onnx"
+    from export.quantize.sizes import TABLE
+
+    return {n: b for n, b in carried.items() if not getattr(b, "onnx_only", False) or (onnx and n != TABLE)}
+
+
+def quantized_blocks(plan: Plan, stored: dict, carried: dict | None, kept=()) -> dict | None:
     """The block-quantized weights an integer recipe writes exactly (export/quantize/blocks.py):
     for int4, every matmul weight (a checkpoint's own Q4_0 blocks where they match the recipe,
     else the per-block error search, asymmetric on ONNX; the table at the recipe's table_bits);
@@ -469,7 +494,8 @@ def quantized_blocks(plan: Plan, stored: dict, carried: dict | None) -> dict | N
         return None
     if recipe.block:  # zero points where the kernel takes them: ONNX's MatMulNBits, not XNNPACK
         quantize = mse_asymmetric if plan.target.quant_table == "onnx" else mse
-        return plan_blocks(stored, recipe.bits, recipe.block, carried, quantize=quantize, table_bits=recipe.table_bits)
+        return plan_blocks(stored, recipe.bits, recipe.block, carried, quantize=quantize, table_bits=recipe.table_bits,
+                           kept=kept)
     if carried and plan.target.quant_table == "onnx":
         return {n: b for n, b in carried.items()
                 if b.bits == recipe.bits and n in stored and b.shape == np.shape(stored[n])}
@@ -543,28 +569,22 @@ class ExportResult:
 
 # ---- the driver ---------------------------------------------------------------------------------------
 def export(cfg: ModelConfig, params: dict, target: str, options: ExportOptions = ExportOptions(),
-           timer: Timer | None = None, carried: dict | None = None) -> ExportResult:
+           timer: Timer | None = None, carried: dict | None = None, kept=()) -> ExportResult:
     """Export `cfg` with `params` to `target` (tflite | litertlm | onnx): resolve, storage,
     signatures, write, and (unless options.verify is False) the parity gate, whose result is
-    `result.gate`. `carried`: a checkpoint's own quantized blocks (`storage`). Raises ValueError
-    for bad input before any work."""
+    `result.gate`. `carried`, `kept`: a checkpoint's own quantized blocks and the layers its
+    mix keeps wide (`storage`). Raises ValueError for bad input before any work."""
     options.validate(target)
     plan = resolve(cfg, target, options)
-    return run(plan, params, timer or Timer(options.verbose), carried=carried)
+    return run(plan, params, timer or Timer(options.verbose), carried=carried, kept=kept)
 
 
-def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: dict | None = None) -> ExportResult:
+def run(plan: Plan, params: dict, timer: Timer, consume: bool = False, carried: dict | None = None,
+        kept=()) -> ExportResult:
     """Storage, signatures, write, gate for a resolved plan. With `consume`, `params` is emptied
     once the stored weights hold what they need, so that the gate can free the host copies
     (the CLI, which has no further use for them, passes it)."""
-    r = plan.recipe
-    if plan.rotation and r is not None and r.block and any(b.bits == r.bits and b.block == r.block
-                                                           for b in (carried or {}).values()):
-        # a checkpoint's own int4 blocks (Q4_0) are written exactly as they are: unrotated (rotate.wanted)
-        plan = dataclasses.replace(plan, rotation=False)
-        if plan.options.verbose:
-            print("rotation: off (the checkpoint's own blocks are carried over exactly)", flush=True)
-    weights = storage(plan, params, carried, timer)
+    weights = storage(plan, params, carried, timer, kept)
     if plan.smoothing and not weights.folds:  # nothing was worth folding: the plain recipe's weights
         plan = dataclasses.replace(plan, smoothing=False)
     if plan.rotation and not weights.rotations:  # no input was worth rotating (rotate.chooser)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
 import mmap
 import shutil
 import tempfile
@@ -405,18 +406,27 @@ def test_source_blocks_identity(tiny_ggufs):
         f = GGUFFile(written["path"])
         cfg = config_from_gguf(f)
         blocks = source_blocks(f, cfg)
-        want = {_ours(n) for n, t in written["types"].items() if t in ("Q4_0", "Q8_0")}
+        want = {_ours(n) for n, t in written["types"].items() if t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K")}
         assert set(blocks) == want and blocks
         kinds = set()
+        # kind -> (block, scale dtype, code range, offsets)
+        forms = {"q4_0": (32, np.float16, (-8, 7), False), "q8_0": (32, np.float16, (-128, 127), False),
+                 "q4_k": (32, np.float32, (0, 15), True), "q6_k": (16, np.float32, (-32, 31), False)}
         for name, b in blocks.items():
             kinds.add(b.kind)
-            assert b.codes.dtype == np.int8 and b.scales.dtype == np.float16
-            assert b.scales.shape == (b.codes.shape[0], b.codes.shape[1] // 32)
-            if b.kind == "q4_0":
-                assert b.codes.min() >= -8 and b.codes.max() <= 7
-            value = b.codes.astype(np.float32) * np.repeat(b.scales.astype(np.float32), 32, axis=1)
-            np.testing.assert_array_equal(value, f.read(_gguf(name)), err_msg=name)
-        assert kinds == {"q4_0", "q8_0"}
+            block, dtype, (lo, hi), offsets = forms[b.kind]
+            assert b.codes.dtype == np.int8 and b.scales.dtype == dtype and b.block == block, name
+            assert b.scales.shape == (b.codes.shape[0], b.codes.shape[1] // block)
+            assert lo <= b.codes.min() and b.codes.max() <= hi and (b.offsets is not None) == offsets
+            value = b.codes.astype(np.float32) * np.repeat(b.scales.astype(np.float32), block, axis=1)
+            if offsets:
+                value -= np.repeat(b.offsets, block, axis=1)
+            np.testing.assert_array_equal(value, f.read(_gguf(name)), err_msg=name)  # the file's own numbers
+            if b.kind in ("q4_k", "q6_k"):  # and the forms the writers take, value for value
+                from export.quantize.blocks import from_source_blocks
+
+                np.testing.assert_array_equal(from_source_blocks(b).dequantize(), value, err_msg=name)
+        assert kinds == {"q4_0", "q8_0", "q4_k", "q6_k"}
         # bytes come from positioned reads into fresh arrays, not views of a mapping (whose
         # touched pages would stay in the process's resident set through a whole export)
         for name in f.names():
@@ -621,6 +631,88 @@ def test_gguf_blocks_carried_exactly(tmp_path, target, quant, kind):
         assert read(made[0]).metadata.quant_method == "mse"  # carried blocks: the int4 rotation is off
         assert moved > 0  # random Q4_0 blocks: about half have negative scales
         assert len(codes) == len(blocks)  # nothing else is int4, the table is stored once
+
+
+def _q4_k_m_like(arch: str) -> dict[str, str]:
+    """A 4-bit mix laid out like llama.cpp's Q4_K_M of a model whose narrow inputs cannot be
+    k-quants (Gemma 3 270M, where they are Q5_0; Q4_0 here, so that every layer is carried
+    exactly): q/k/o/gate/up Q4_0, attn_v Q8_0 in even layers (Q4_0 in odd), ffn_down Q4_K in even
+    layers and Q6_K in odd ones, the table Q4_0 (the real file's is Q8_0)."""
+    types = {"token_embd.weight": "Q4_0"}
+    for i in range(LAYERS[arch]):
+        types.update({f"blk.{i}.{m}.weight": "Q4_0" for m in _MATMULS})
+        types[f"blk.{i}.attn_v.weight"] = "Q8_0" if i % 2 == 0 else "Q4_0"
+        types[f"blk.{i}.ffn_down.weight"] = "Q4_K" if i % 2 == 0 else "Q6_K"
+    return types
+
+
+def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
+    """A Q4_K_M-style GGUF exported to ONNX int4-b32: its Q4_K blocks are written exactly (codes,
+    float32 scales d * sc, the offsets' matmul), the layers the mix keeps at 6-8 bits (Q6_K, Q8_0)
+    are 8-bit MatMulNBits (Q6_K's own blocks of 16 where its input is not rotated), the Q4_0 ones
+    theirs: with f32 compute the export computes the file's own model to float rounding (a wrong
+    offset, scale or code would not). `--gguf-blocks requantize` makes every layer int4 by the
+    recipe alone, and TFLite, which holds neither k-quant exactly, re-quantizes the Q4_K layers and
+    writes the kept ones int8 per channel (gate passes)."""
+    import onnx
+
+    from export.cli import main as export_main
+    from export.quantize.blocks import from_source_blocks
+    from models.loaders.gguf import mix_kept
+
+    arch = "gemma3"
+    info = write_tiny_gguf(tmp_path / "mix.gguf", arch, _q4_k_m_like(arch))
+    cfg = config_from_gguf(GGUFFile(info["path"]))
+    kept = mix_kept(info["path"], cfg)
+    assert kept == {f"layers.{i}.attn.v" for i in range(0, cfg.num_layers, 2)} | {
+        f"layers.{i}.mlp.down" for i in range(1, cfg.num_layers, 2)}
+    args = ["--checkpoint", str(info["path"]), "--quant", "int4-b32", "--max-seq-len", "64", "--prefill-lens", "16",
+            "--verify-steps", "16"]
+    assert export_main(args + ["--target", "onnx", "--onnx-compute", "f32", "--out", str(tmp_path / "onnx")]) == 0
+    assert f"{len(kept)} layers the checkpoint's mix keeps at 6-8 bits" in capsys.readouterr().out
+    (folder,) = (tmp_path / "onnx").glob("*_onnx")
+    model = onnx.load(folder / "model.onnx")
+    arrays = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(folder)) for t in model.graph.initializer}
+    nbits = [(node.input[1], dict((a.name, a.i) for a in node.attribute)["bits"])
+             for node in model.graph.node if node.op_type == "MatMulNBits"]  # (B's name, bits)
+    bits = {b.rsplit(".q", 1)[0]: n for b, n in nbits if ".fused" not in b}
+    source = source_blocks(info["path"], cfg)
+    rotated = {n.removesuffix("_rotation") for n in arrays if n.endswith("_rotation")}
+    for i in range(cfg.num_layers):
+        down = f"layers.{i}.mlp.down"
+        b = from_source_blocks(source[down])
+        packed, scales = b.nbits()
+        if source[down].kind == "q4_k":  # exactly the file's blocks, always (their input is never rotated)
+            assert down not in rotated and bits[down] == 4
+            np.testing.assert_array_equal(arrays[f"{down}.q4"], packed)
+            np.testing.assert_array_equal(arrays[f"{down}.scales"], scales)
+            np.testing.assert_array_equal(arrays[f"{down}.zero_points"], b.nbits_zero_points())
+            np.testing.assert_array_equal(arrays[f"{down}.offsets"], -b.offsets.T)
+        else:
+            assert bits[down] == 8
+            if down not in rotated:  # Q6_K's own 8-bit blocks of 16
+                np.testing.assert_array_equal(arrays[f"{down}.q8"], packed)
+    for i in range(cfg.num_layers):  # q, k (and odd layers' v) fused at 4 bits; even layers' v alone at 8
+        qkv = sorted((b[len(f"layers.{i}.attn."):].split(".")[0], n) for b, n in nbits
+                     if b.startswith(f"layers.{i}.attn.") and not b.startswith(f"layers.{i}.attn.o."))
+        assert qkv == ([("q", 4), ("v", 8)] if i % 2 == 0 else [("q", 4)]), (i, qkv)
+    assert not rotated  # every input reads a carried block, or gains too little on random weights
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["passed"] and parity["mean_rel_rms"] < 1e-5 and parity["top1_agreement"] == 1.0, parity
+
+    assert export_main(args + ["--target", "onnx", "--gguf-blocks", "requantize", "--out", str(tmp_path / "req")]) == 0
+    (req,) = (tmp_path / "req").glob("*_onnx")
+    model = onnx.load(req / "model.onnx", load_external_data=False)
+    assert {dict((a.name, a.i) for a in n.attribute)["bits"] for n in model.graph.node
+            if n.op_type == "MatMulNBits"} == {4}
+    assert not [t.name for t in model.graph.initializer if t.name.endswith(".offsets")]
+
+    assert export_main(args + ["--target", "tflite", "--out", str(tmp_path / "tfl")]) == 0
+    from conftest import quantized_payloads
+
+    (tfl,) = (tmp_path / "tfl").glob("*.tflite")
+    codes, _ = quantized_payloads(tfl)  # INT4 tensors: every matmul and the table once, but the kept (int8)
+    assert len(codes) == 1 + 7 * cfg.num_layers - len(kept)
 
 
 def test_cli_unknown_architecture_exits_2(tmp_path, capsys):

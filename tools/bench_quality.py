@@ -180,7 +180,7 @@ def weights_only(cfg, params, wins, refs, scratch: Path, recipe: str, carried) -
         params = {k: np.asarray(v, np.float32) if np.ndim(v) == 2 else v for k, v in rotated(params, cfg)[0].items()}
         carried = None  # a checkpoint's own blocks are of the unrotated weights
     for target, quantize in (("tflite", SYMMETRIC_OVERRIDE or blocks.mse), ("onnx", blocks.mse_asymmetric)):
-        held = carried
+        held = carried if target == "onnx" else {n: b for n, b in (carried or {}).items() if not b.onnx_only}
         if GPTQ_TOKENIZER is not None:  # --int4 gptq: as the export computes them
             from export.quantize.gptq import gptq_blocks
 
@@ -398,6 +398,8 @@ def main(argv=None) -> int:
                     help="TFLite dynamic-int8 without its activation smoothing (export/quantize/smooth.py)")
     ap.add_argument("--no-rotation", action="store_true",
                     help="TFLite dynamic-int8 without its down-projection rotation (export/quantize/rotate.py)")
+    ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
+                    help="a GGUF's own blocks: as the export's --gguf-blocks (default keep)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="where the artifacts go (default: a temp folder)")
     args = ap.parse_args(argv)
@@ -447,12 +449,13 @@ def main(argv=None) -> int:
         pairs += [(target, r) for r in recipes if r in ALL[target]]
         if args.litertlm and target == "tflite" and "litertlm" not in args.targets.split(","):
             pairs += [("litertlm", r) for r in recipes if r in ALL[target]]
-    carried = None
-    if is_gguf(ckpt):
+    carried, kept = None, set()
+    if is_gguf(ckpt) and args.gguf_blocks == "keep":  # as the CLI's default (export/cli.py: Request.carried, kept)
         from export.quantize.blocks import from_source_blocks
-        from models.loaders.gguf import source_blocks
+        from models.loaders.gguf import mix_kept, source_blocks
 
         carried = {n: from_source_blocks(b) for n, b in source_blocks(ckpt, cfg).items()}
+        kept = mix_kept(ckpt, cfg)
     if args.weights_only:
         for recipe in [r for r in (args.recipes or "int4-b32,int4-b128,int4-b32-e8").split(",") if r.startswith("int4")]:
             for target, s in weights_only(cfg, params, wins, refs, root, recipe, carried):
@@ -468,7 +471,7 @@ def main(argv=None) -> int:
         opts = ExportOptions(out_dir=out_dir, max_len=args.tokens, prefill_lens=(min(128, args.tokens // 2),), quant=quant, verify=False,
                              tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse",
                              smoothing=not args.no_smoothing, rotation=not args.no_rotation)
-        result = export(cfg, params, target, opts, carried=carried)
+        result = export(cfg, params, target, opts, carried=carried, kept=kept)
         export_s = time.perf_counter() - t0
         row = {"target": target, "recipe": recipe, "MiB": file_mib(result.path), "export_s": export_s}
         for fold in ("smoothed", "rotated"):

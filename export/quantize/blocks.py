@@ -22,6 +22,14 @@ MatMulNBits (uint8 = code + 128) with a block of 32. TFLite's int8 recipes are p
 channel, which cannot hold a block-32 tensor: there the weight is re-quantized (documented in
 docs/quantization.md).
 
+Two GGUF k-quant forms go into ONNX only (float32 scales, which MatMulNBits reads and TFLite's
+float16 block scales cannot hold exactly; `onnx_only`):
+  Q4_K  4-bit codes q in [0, 15] per block of 32 with scale d * sc and an offset dmin * m:
+        value = q * scale - offset. Codes are q - 8 with zero point -8 (MatMulNBits' uint4 q, zero
+        point 0), `offsets` f32 [N, K / 32]; the writer adds the offsets' term as a small f32
+        matmul of the input's block sums (export/quantize/onnx.py).
+  Q6_K  6-bit codes in [-32, 31] per block of 16, scale d * sc: 8-bit MatMulNBits blocks of 16.
+
 How the codes are chosen for a float weight (docs/quantization.md has the measurements):
 
   linear layers  `mse`: per block, the float16 scale with the least squared error: absmax/7
@@ -50,21 +58,32 @@ from export.quantize.sizes import TABLE, is_quantized_weight, table_block
 @dataclasses.dataclass(frozen=True)
 class BlockQuantized:
     codes: np.ndarray  # int8 [N, K]: in [-8, 7] for 4 bits, [-128, 127] for 8
-    scales: np.ndarray  # float16 [N, K // block]
+    scales: np.ndarray  # float16 [N, K // block] (float32: a GGUF k-quant's d * sc, ONNX only)
     bits: int
     origin: str  # where the codes came from: "rtn", "mse", "gguf Q4_0", ...
     # int8 [N, K // block], in the codes' range: value = (code - zero) * scale (asymmetric blocks;
     # ONNX MatMulNBits only). None: symmetric, zero = 0.
     zeros: np.ndarray | None = None
+    # float32 [N, K // block]: value = (code - zero) * scale - offset (GGUF Q4_K's dmin * m; ONNX
+    # only, as a second matmul). None: no offsets.
+    offsets: np.ndarray | None = None
 
     def __post_init__(self):
         n, k = self.codes.shape
-        if self.codes.dtype != np.int8 or self.scales.dtype != np.float16:
-            raise TypeError("codes must be int8 and scales float16")
+        if self.codes.dtype != np.int8 or self.scales.dtype not in (np.float16, np.float32):
+            raise TypeError("codes must be int8 and scales float16 (or float32)")
         if self.scales.shape[0] != n or k % self.scales.shape[1]:
             raise ValueError(f"scales {self.scales.shape} do not tile codes {self.codes.shape}")
         if self.zeros is not None and (self.zeros.dtype != np.int8 or self.zeros.shape != self.scales.shape):
             raise ValueError("zeros must be int8 and shaped like the scales")
+        if self.offsets is not None and (self.offsets.dtype != np.float32 or self.offsets.shape != self.scales.shape):
+            raise ValueError("offsets must be float32 and shaped like the scales")
+
+    @property
+    def onnx_only(self) -> bool:
+        """Whether only ONNX's MatMulNBits holds these numbers exactly: zero points, offsets or
+        float32 scales (TFLite's block scales are float16, its int4 blocks symmetric)."""
+        return self.zeros is not None or self.offsets is not None or self.scales.dtype != np.float16
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,7 +98,10 @@ class BlockQuantized:
         blocks = self.codes.reshape(n, -1, self.block).astype(np.float32)
         if self.zeros is not None:
             blocks = blocks - self.zeros.astype(np.float32)[..., None]
-        return (blocks * self.scales.astype(np.float32)[..., None]).reshape(n, k)
+        out = blocks * self.scales.astype(np.float32)[..., None]
+        if self.offsets is not None:
+            out -= self.offsets[..., None]
+        return out.reshape(n, k)
 
     def positive(self) -> tuple["BlockQuantized", int]:
         """The weight with every scale positive, as XNNPACK's blockwise kernels require, and how
@@ -87,8 +109,10 @@ class BlockQuantized:
         positive a negative scale and that value the code -8; negating the block's codes and
         scale is exact except for that code, which becomes 7 instead of 8 (one value in 32 moves
         by one step). ONNX's MatMulNBits takes negative scales, so only TFLite needs this."""
+        if self.onnx_only:
+            raise ValueError(f"internal error: {self.origin} blocks are ONNX-only")
         neg = self.scales.astype(np.float32) < 0
-        if not neg.any() or self.zeros is not None:  # asymmetric blocks are ONNX-only
+        if not neg.any():
             return self, 0
         n, k = self.codes.shape
         codes = self.codes.reshape(n, -1, self.block).astype(np.int16)
@@ -103,8 +127,8 @@ class BlockQuantized:
     def tflite_int4(self) -> np.ndarray:
         """The INT4 tensor's bytes: two's complement nibbles, element 2i low, 2i+1 high (packed
         in chunks: no whole-tensor temporaries)."""
-        if self.bits != 4 or self.zeros is not None:
-            raise ValueError("only symmetric 4-bit blocks go into a TFLite INT4 tensor")
+        if self.bits != 4 or self.onnx_only:
+            raise ValueError("only symmetric 4-bit blocks with float16 scales go into a TFLite INT4 tensor")
         flat = self.codes.reshape(-1)
         out = np.empty((flat.size + 1) // 2, np.uint8)
         step = 1 << 23  # codes per chunk (even)
@@ -220,10 +244,12 @@ class PendingBlocks:
     codes of the whole model (1 byte per parameter) are never held at once. `bits`, `block`
     and `shape` are known up front (what the writers plan with)."""
 
-    def __init__(self, shape: tuple, bits: int, block: int, compute, origin: str = "pending"):
+    def __init__(self, shape: tuple, bits: int, block: int, compute, origin: str = "pending",
+                 onnx_only: bool = False):
         self.shape, self.bits, self.block = tuple(shape), bits, block
         self._compute = compute
         self.origin = origin
+        self.onnx_only = onnx_only  # as BlockQuantized.onnx_only, known before computing
 
     def resolve(self) -> BlockQuantized:
         b = self._compute()
@@ -238,14 +264,20 @@ def resolved(b) -> BlockQuantized:
     return b.resolve() if isinstance(b, PendingBlocks) else b
 
 
+KEPT_BITS, KEPT_BLOCK = 8, 32  # `plan_blocks`' form for the layers a mixed-precision source keeps wide
+
+
 def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None,
-                quantize=None, table_bits: int | None = None) -> dict[str, BlockQuantized]:
+                quantize=None, table_bits: int | None = None, kept=()) -> dict[str, BlockQuantized]:
     """The block-quantized form of every matmul weight of `params` whose width divides into
     `block`: carried over from the checkpoint where its source blocks have the same bits and
     block (`carried`: name -> BlockQuantized, e.g. GGUF Q4_0), else `quantize(w, bits, block)`
     (default: round to nearest). With `table_bits`, the table (when not carried) is rounded to
-    nearest at that many bits instead, in blocks of `table_block`. A lazy weight
-    (models.lazy.LazyTensor) gets a PendingBlocks, computed when the writer takes it."""
+    nearest at that many bits instead, in blocks of `table_block`. `kept`: names written at 8 bits
+    (the layers a mixed-precision GGUF holds wider than 4-5 bits: models.loaders.gguf.mix_kept),
+    carried where the source blocks are 8-bit (Q8_0, Q6_K as blocks of 16), else rounded to
+    nearest in blocks of 32. A lazy weight (models.lazy.LazyTensor) gets a PendingBlocks, computed
+    when the writer takes it."""
     from models.lazy import is_lazy
 
     quantize = quantize or rtn
@@ -256,10 +288,16 @@ def plan_blocks(params: dict, bits: int, block: int, carried: dict | None = None
         if not quantizable(name, value) or shape[1] % block:
             continue
         src = carried.get(name)
-        if src is not None and src.bits == bits and src.block == block and src.shape == shape:
+        if name in kept:
+            if src is not None and src.bits == KEPT_BITS and src.shape == shape:
+                out[name] = src
+                continue
+            fn, b, k = rtn, KEPT_BITS, KEPT_BLOCK
+        elif src is not None and src.bits == bits and src.block == block and src.shape == shape:
             out[name] = src
             continue
-        fn, b, k = _scheme(name, shape, bits, block, quantize, table_bits)
+        else:
+            fn, b, k = _scheme(name, shape, bits, block, quantize, table_bits)
         if is_lazy(value):
             out[name] = PendingBlocks(shape, b, k, lambda fn=fn, v=value, b=b, k=k: by_rows(fn, v, b, k))
         else:
@@ -305,16 +343,28 @@ def by_rows(fn, value, bits: int, block: int, max_bytes: int | None = None) -> B
     return BlockQuantized(codes, np.concatenate(scales), bits, origin, zeros)
 
 
+# GGUF block kind -> (bits, block) of its BlockQuantized form
+SOURCE_FORMS = {"q4_0": (4, 32), "q8_0": (8, 32), "q4_k": (4, 32), "q6_k": (8, 16)}
+ONNX_ONLY_SOURCES = ("q4_k", "q6_k")  # float32 scales (and Q4_K's offsets)
+
+
 def pending_source_blocks(kind: str, shape: tuple, decode) -> PendingBlocks:
     """A checkpoint's quantized tensor (models.loaders.gguf.source_blocks(lazy=True)) decoded when
     the writer takes it."""
-    return PendingBlocks(shape, {"q4_0": 4, "q8_0": 8}[kind], 32, lambda: from_source_blocks(decode()),
-                         f"gguf {kind.upper()}")
+    return PendingBlocks(shape, *SOURCE_FORMS[kind], lambda: from_source_blocks(decode()), f"gguf {kind.upper()}",
+                         onnx_only=kind in ONNX_ONLY_SOURCES)
 
 
 def from_source_blocks(src) -> BlockQuantized:
-    """A checkpoint's quantized tensor (models.loaders.gguf.SourceBlocks: kind q4_0 / q8_0, int8
-    codes, float16 scales) as a BlockQuantized."""
-    bits = {"q4_0": 4, "q8_0": 8}[src.kind]
-    return BlockQuantized(np.ascontiguousarray(src.codes, np.int8), np.ascontiguousarray(src.scales, np.float16),
-                          bits, f"gguf {src.kind.upper()}")
+    """A checkpoint's quantized tensor (models.loaders.gguf.SourceBlocks: kind q4_0 / q8_0 / q4_k /
+    q6_k) as a BlockQuantized, value for value."""
+    bits, _ = SOURCE_FORMS[src.kind]
+    codes = np.ascontiguousarray(src.codes, np.int8)
+    origin = f"gguf {src.kind.upper()}"
+    if src.kind == "q4_k":  # q in [0, 15] = (q - 8) - (-8): MatMulNBits' uint4 q with zero point 0
+        scales = np.ascontiguousarray(src.scales, np.float32)
+        return BlockQuantized(codes - np.int8(8), scales, bits, origin, np.full(scales.shape, -8, np.int8),
+                              np.ascontiguousarray(src.offsets, np.float32))
+    if src.kind == "q6_k":
+        return BlockQuantized(codes, np.ascontiguousarray(src.scales, np.float32), bits, origin)
+    return BlockQuantized(codes, np.ascontiguousarray(src.scales, np.float16), bits, origin)

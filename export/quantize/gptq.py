@@ -253,18 +253,19 @@ def _table_blocks(value, hessian: np.ndarray, bits: int, block: int, folder: Pat
 
 def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, scratch: Path, tokenizer=None,
                 seed: int = 0, carried: dict | None = None, max_len: int | None = None, text: Path | None = None,
-                table: bool = False, progress=None) -> dict[str, PendingBlocks]:
+                table: bool = False, progress=None, skip=()) -> dict[str, PendingBlocks]:
     """GPTQ blocks of every weight `gptq_names` lists (see the module doc), spilled to `scratch`;
     with `table`, also the tied table (as the LM head, from the last layer's output: recipes
     whose table is int4). params: the export's stored weights (arrays or models.lazy.LazyTensor);
     carried: name -> BlockQuantized / PendingBlocks the checkpoint holds (used as they are in
-    the calibration). progress(i, n, label) after each layer."""
+    the calibration). skip: names written another way (a mixed-precision source's layers kept at
+    8 bits: f32 in the calibration). progress(i, n, label) after each layer."""
     import jax.numpy as jnp
 
     from export.quantize.blocks import resolved
 
     carried = carried or {}
-    todo = set(gptq_names(params, block, carried))
+    todo = set(gptq_names(params, block, carried)) - set(skip)
     ids = calibration_ids(cfg, tokenizer, seed, max_len, text)
     x = _embed(params, cfg, ids)
     runner = _LayerRunner(cfg, *ids.shape)

@@ -166,18 +166,20 @@ def lowers_error(quantize):
     return choose
 
 
-def rotated(params: dict, cfg, choose=None) -> tuple[dict, int]:
+def rotated(params: dict, cfg, choose=None, keep=()) -> tuple[dict, int]:
     """(params with every matmul input of `groups` rotated: its readers' weights rotated and the
     rotation added; how many inputs were rotated). The values not rotated are the same objects.
     Apply after smoothing (export/quantize/smooth.py): its factors are the unrotated inputs'.
     `choose(readers, h)` (the weights the rotation would change, name -> value, and the matrix
-    H their columns would be multiplied by per block) decides each input; None rotates every one."""
+    H their columns would be multiplied by per block) decides each input; None rotates every one.
+    An input read by any of `keep` (weights written exactly as a checkpoint holds them: its own
+    int4 blocks) is never rotated."""
     out = dict(params)
     n = 0
     cache: dict[int, np.ndarray] = {}
     for name, readers in groups(params, cfg):
         b = block_for(int(np.shape(params[readers[0]])[1]))
-        if b is None:
+        if b is None or any(r in keep for r in readers):
             continue
         h = cache.setdefault(b, hadamard(b))
         if choose is None or choose({r: params[r] for r in readers}, h):
@@ -190,9 +192,9 @@ def rotated(params: dict, cfg, choose=None) -> tuple[dict, int]:
 def wanted(quant: str | None, quant_table: str, enabled: bool = True) -> bool:
     """Whether an export rotates: TFLite's dynamic-int8 (the recipe smoothing serves too) and the
     int4 block recipes on both targets (a rotated input spreads the weights' outliers over the
-    block as well; ONNX per input, where it pays: `chooser`), unless --no-rotation (`enabled`). A
-    checkpoint's carried Q4_0 blocks turn it off for int4 (export.driver.run): they are written
-    exactly, unrotated."""
+    block as well; ONNX per input, where it pays: `chooser`), unless --no-rotation (`enabled`). The
+    inputs of a checkpoint's carried int4 blocks (Q4_0, Q4_K) are left as they are (`rotated`'s
+    `keep`): those blocks are written exactly, unrotated."""
     from export.quantize.recipes import RECIPES
     from export.quantize.smooth import wanted as smoothing_wanted
 

@@ -58,7 +58,8 @@ def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def layout(recipe: Recipe | None, blocks: dict | None):
     """How `recipe` stores each hole (export.lowering.tflite.streamed.Layouts: hole -> Layout,
     as data, for the converter's child process): INT4 blocks for the weights planned at 4 bits,
-    INT8 per channel for the table of a recipe with `table_bits` 8 and for every quantizable
+    INT8 per channel for the table of a recipe with `table_bits` 8, for the weights an int4 recipe
+    plans at 8 bits (a mixed-precision GGUF's wide layers) and for every quantizable
     weight of the 8-bit recipes (a DEQUANTIZE before the readers unless dynamic), float
     otherwise."""
     from export.lowering.tflite.streamed import Layout, Layouts
@@ -69,6 +70,9 @@ def layout(recipe: Recipe | None, blocks: dict | None):
         named = {n: (Layout("INT4", block=b.block), tuple(b.shape)) for n, b in (blocks or {}).items() if b.bits == 4}
         if recipe.table_bits == 8 and TABLE not in named:
             named[TABLE] = (Layout("INT8"), None)
+        # the layers a mixed-precision GGUF keeps at 6-8 bits (planned at 8: blocks.plan_blocks `kept`):
+        # int8 per channel, read by FULLY_CONNECTED with dynamic int8 activations as the table's
+        named.update({n: (Layout("INT8"), None) for n, b in (blocks or {}).items() if b.bits == 8 and n != TABLE})
         return Layouts(recipe.name, named)
     return Layouts(recipe.name, quantized=Layout("INT8", dequantize=not recipe.dynamic))
 

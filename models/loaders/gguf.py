@@ -40,7 +40,11 @@ _TYPES = {
     13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
 }
 SUPPORTED_TYPES = tuple(v[0] for v in _TYPES.values())
-F32, F16, BF16, Q4_0, Q8_0 = 0, 1, 30, 2, 8
+F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q6_K = 0, 1, 30, 2, 8, 12, 14
+# what a tensor's type says about its precision in a mixed file (`mix_kept`): the 4- and 5-bit
+# families a 4-bit mix (Q4_K_M, Q4_K_S, ...) is made of, and the wider types it keeps some layers in
+NARROW_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K")
+WIDE_TYPES = ("Q6_K", "Q8_0")
 
 # GGUF metadata value types: id -> struct format (scalars)
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -577,57 +581,119 @@ def load_gguf(path, model: ModelConfig | None = None, dtype=np.float32, lazy: bo
     return cfg, params
 
 
-# ---- raw Q4_0 / Q8_0 blocks --------------------------------------------------------------------------
+# ---- raw blocks (Q4_0, Q8_0, Q4_K, Q6_K) ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SourceBlocks:
-    """A matmul weight as stored: int8 codes [N, K] and one float16 scale per 32 of them
-    [N, K/32]; value = code * scale (exactly the file's dequantization).
+    """A matmul weight as stored: integer codes [N, K], one scale per `block` of them
+    [N, K / block] and, for Q4_K, one offset per block: value = code * scale - offset (exactly the
+    file's dequantization, computed the same way in float32).
 
-    q4_0 codes are the nibbles minus 8, in [-8, 7]; q8_0 codes are the stored int8 values."""
+    q4_0: the nibbles minus 8, in [-8, 7], blocks of 32, float16 scales (the stored d).
+    q8_0: the stored int8 values, blocks of 32, float16 scales.
+    q4_k: the nibbles, in [0, 15], blocks of 32 (a super-block's eight sub-blocks); float32 scales
+          d * sc and offsets dmin * m (the super-block's float16 d, dmin times its 6-bit sc, m).
+    q6_k: the 6-bit values minus 32, in [-32, 31], blocks of 16; float32 scales d * sc (sc int8)."""
 
-    kind: str  # "q4_0" | "q8_0"
+    kind: str  # "q4_0" | "q8_0" | "q4_k" | "q6_k"
     codes: np.ndarray
     scales: np.ndarray
+    offsets: np.ndarray | None = None
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
 
 
-def _decode_blocks(raw: np.ndarray, type_id: int) -> tuple[np.ndarray, np.ndarray]:
+KINDS = {Q4_0: "q4_0", Q8_0: "q8_0", Q4_K: "q4_k", Q6_K: "q6_k"}
+
+
+def _decode_blocks(raw: np.ndarray, type_id: int) -> SourceBlocks:
     n = raw.shape[0]
+    kind = KINDS[type_id]
     if type_id == Q8_0:
         blocks = raw.reshape(n, -1, 34)
         scales = blocks[..., :2].copy().view("<f2")[..., 0]
         codes = blocks[..., 2:].copy().view(np.int8)
-    else:
+        return SourceBlocks(kind, codes.reshape(n, -1), scales.astype(np.float16))
+    if type_id == Q4_0:
         blocks = raw.reshape(n, -1, 18)
         scales = blocks[..., :2].copy().view("<f2")[..., 0]
         q = blocks[..., 2:]
         codes = np.concatenate([q & 0x0F, q >> 4], axis=-1).astype(np.int8) - np.int8(8)
-    return codes.reshape(n, -1), scales.astype(np.float16)
+        return SourceBlocks(kind, codes.reshape(n, -1), scales.astype(np.float16))
+    if type_id == Q4_K:
+        # 144 bytes per 256 values: d, dmin (float16), 12 bytes of packed 6-bit (sc, m) for the eight
+        # sub-blocks of 32, then 128 bytes of nibbles: byte i of each 32-byte group holds sub-block
+        # 2g's value i in its low nibble and sub-block 2g+1's in its high one
+        from gguf.quants import Q4_K as layout
+
+        blocks = raw.reshape(-1, 144)
+        d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+        sc, m = layout.get_scale_min(blocks[:, 4:16].copy())
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        codes = (qs & np.uint8(0x0F)).astype(np.int8).reshape(n, -1)
+        scales = (d * sc.astype(np.float32)).reshape(n, -1)
+        offsets = (dmin * m.astype(np.float32)).reshape(n, -1)
+        return SourceBlocks(kind, codes, scales, offsets)
+    if type_id == Q6_K:
+        # 210 bytes per 256 values: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales
+        # (one per 16 values), d (float16) last
+        blocks = raw.reshape(-1, 210)
+        ql = blocks[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        low = (ql & np.uint8(0x0F)).reshape(-1, 8, 32)
+        high = (qh & np.uint8(0x03)).reshape(-1, 8, 32)
+        codes = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).reshape(n, -1)
+        sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+        d = blocks[:, 208:210].copy().view("<f2").astype(np.float32)
+        return SourceBlocks(kind, codes, (d * sc).reshape(n, -1))
+    raise ValueError(f"internal error: no raw blocks for type {_type_name(type_id)}")
+
+
+def _matmul_params(cfg: ModelConfig):
+    """(our name, shape, GGUF name) of every matmul parameter (embed, attn.q/k/v/o, mlp.gate/up/down)."""
+    for ours, shape in param_shapes(cfg).items():
+        leaf = ours.split(".", 2)[-1]
+        if len(shape) == 2 and leaf in ("embed", "attn.q", "attn.k", "attn.v", "attn.o",
+                                        "mlp.gate", "mlp.up", "mlp.down"):
+            yield ours, tuple(shape), gguf_name(ours)
 
 
 def source_blocks(path_or_file, cfg: ModelConfig, lazy: bool = False) -> dict[str, SourceBlocks]:
-    """The matmul parameters (embed, attn.q/k/v/o, mlp.gate/up/down) the file stores as Q4_0 or
-    Q8_0, as codes and scales (embedding rows trimmed to cfg.vocab_size, as the params are).
+    """The matmul parameters (embed, attn.q/k/v/o, mlp.gate/up/down) the file stores as Q4_0, Q8_0,
+    Q4_K or Q6_K, as codes and scales (embedding rows trimmed to cfg.vocab_size, as the params are).
     `lazy`: {name: (kind, shape, decode)} instead, `decode()` giving the SourceBlocks when called
     (the file stays open while they live): a streamed export decodes one tensor at a time."""
     f = _open(path_or_file)
     out = {}
-    for ours, shape in param_shapes(cfg).items():
-        leaf = ours.split(".", 2)[-1]
-        if len(shape) != 2 or leaf not in ("embed", "attn.q", "attn.k", "attn.v", "attn.o",
-                                           "mlp.gate", "mlp.up", "mlp.down"):
-            continue
-        name = gguf_name(ours)
+    for ours, shape, name in _matmul_params(cfg):
         t = f.tensors.get(name)
-        if t is None or t.type not in (Q4_0, Q8_0):
+        if t is None or t.type not in KINDS:
             continue
-        kind = "q8_0" if t.type == Q8_0 else "q4_0"
+        kind = KINDS[t.type]
 
-        def decode(name=name, rows=shape[0], type_id=t.type, kind=kind):
-            return SourceBlocks(kind, *_decode_blocks(np.asarray(f.raw(name))[:rows], type_id))
+        def decode(name=name, rows=shape[0], type_id=t.type):
+            return _decode_blocks(np.asarray(f.raw(name))[:rows], type_id)
 
-        out[ours] = (kind, tuple(shape), decode) if lazy else decode()
+        out[ours] = (kind, shape, decode) if lazy else decode()
     return out
 
 
-__all__ = ["GGUFFile", "TensorInfo", "SourceBlocks", "config_from_gguf", "source_blocks",
+def mix_kept(path_or_file, cfg: ModelConfig) -> set[str]:
+    """The layer matmuls a mixed-precision file keeps wider than the rest: those stored as Q6_K or
+    Q8_0 in a file whose other layer matmuls are 4- or 5-bit types (llama.cpp's Q4_K_M gives its
+    attn_v and half of its ffn_down Q6_K, or Q8_0 where a width is not a multiple of 256: the
+    layers its recipe judged sensitive). Empty for a file of one precision (an all-Q8_0 file is
+    not a mix: exported to int4, all of it is int4). The table is not counted: its precision is
+    the recipe's (int4-b32 vs int4-b32-e8)."""
+    f = _open(path_or_file)
+    types = {ours: f.tensors[name].type_name for ours, _, name in _matmul_params(cfg)
+             if ours != "embed" and name in f.tensors}
+    if not any(t in NARROW_TYPES for t in types.values()):
+        return set()
+    return {n for n, t in types.items() if t in WIDE_TYPES}
+
+
+__all__ = ["GGUFFile", "TensorInfo", "SourceBlocks", "config_from_gguf", "source_blocks", "mix_kept",
            "load_gguf", "is_gguf", "gguf_sources", "gguf_name", "SUPPORTED_TYPES", "SUPPORTED_ARCHS"]
