@@ -58,6 +58,9 @@ class Request:
             from models import get_config
 
             get_config(self.model)  # an unknown name fails here, in one line
+        if self.gguf_blocks != "keep" and (not self.gguf or self.options.quant in (None, "fp16")):
+            raise ValueError(f"--gguf-blocks {self.gguf_blocks} is about a GGUF checkpoint's own quantized blocks: "
+                             "pass it with a .gguf --checkpoint and an integer --quant recipe, or leave it out")
         self.options.validate(self.target)
         cfg = self.config()
         if cfg is None:  # a checkpoint whose config cannot be read here: the loader says why

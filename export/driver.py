@@ -387,8 +387,8 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
     written into the artifact exactly where the target's format holds them (`usable_carried`)
     and the weight is not rotated (an input whose readers include such blocks is not rotated);
     `kept`: the layers a mixed-precision source holds wider (models.loaders.gguf.mix_kept),
-    written at 8 bits by the int4 recipes (ONNX: 8-bit MatMulNBits; TFLite: int8 per channel). With --int4-method gptq the calibration runs
-    here (a `timer` stage)."""
+    written at 8 bits by the int4 recipes (ONNX: 8-bit MatMulNBits; TFLite: int8 per channel).
+    With --int4-method gptq the calibration runs here (a `timer` stage)."""
     recipe = plan.recipe
     carried = usable_carried(plan, carried)
     kept = frozenset(kept) if recipe is not None and recipe.block else frozenset()

@@ -708,6 +708,13 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     assert not [t.name for t in model.graph.initializer if t.name.endswith(".offsets")]
 
     assert export_main(args + ["--target", "tflite", "--out", str(tmp_path / "tfl")]) == 0
+    capsys.readouterr()
+    # --gguf-blocks is about a GGUF's blocks under an integer recipe: anything else is one line, exit 2
+    fixture = str(Path(__file__).parent / "fixtures" / "gemma3-tiny-trained")
+    for bad in (["--checkpoint", fixture, "--quant", "int4-b32"], ["--checkpoint", str(info["path"])]):
+        assert export_main(bad + ["--gguf-blocks", "requantize", "--target", "onnx", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--gguf-blocks requantize" in err[0], err
     from conftest import quantized_payloads
 
     (tfl,) = (tmp_path / "tfl").glob("*.tflite")

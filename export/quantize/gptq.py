@@ -28,9 +28,10 @@ The tied table, where the recipe holds it at int4, is GPTQ'd as the LM head (the
 final normed hidden state), symmetric, a slice of rows at a time; the lookup reads the same codes,
 which GPTQ does not weigh (measured: the table alone at int4 costs perplexity ratio 1.083 with
 GPTQ, 1.128 with the default search, on the real Gemma 3 270M). Not GPTQ'd: an int8 table
-(int4-b32-e8: round to nearest costs ~nothing there), a checkpoint's carried Q4_0 blocks (exact: they feed the calibration
-as they are), the vision tower (the calibration is text), weights whose width does not divide
-into the block.
+(int4-b32-e8: round to nearest costs ~nothing there), a checkpoint's carried int4 blocks (Q4_0,
+Q4_K: exact, they feed the calibration as they are), the layers a mixed-precision GGUF keeps at
+8 bits (`skip`: f32 in the calibration), the vision tower (the calibration is text), weights whose
+width does not divide into the block.
 """
 
 from __future__ import annotations
