@@ -111,8 +111,8 @@ class Request:
 
         from export.memory import GiB, estimate
 
-        need = int(1.05 * estimate(cfg, self.target, self.options.quant, self.options.dtype, verify=False,
-                                   vision=self.vision).artifact_bytes) + 64 * 2**20
+        need = int(1.05 * (estimate(cfg, self.target, self.options.quant, self.options.dtype, verify=False,
+                                    vision=self.vision).artifact_bytes + self.source_extra_bytes(cfg))) + 64 * 2**20
         free = shutil.disk_usage(self.options.out_dir).free if free is None else free
         if need > free:
             raise ValueError(f"the artifact needs about {need / GiB:.1f} GiB and {self.options.out_dir} has "
@@ -132,6 +132,27 @@ class Request:
         if self.checkpoint is not None:
             return load_checkpoint(self.checkpoint, self.model, vision=self.vision, lazy=True)
         return init_model(get_config(self.model), self.random_init, vision=self.vision, lazy=True)
+
+    def source_extra_bytes(self, cfg) -> int:
+        """What a GGUF's own blocks add to the recipe's artifact (export/quantize/sizes.ideal_bytes),
+        from the file's header: the layers its mix keeps at 8 bits (4 more bits per weight in an
+        int4 recipe) and, on ONNX, the Q4_K layers' f32 offsets (one per 32 weights). 0 otherwise."""
+        from export.quantize.recipes import RECIPES
+        from export.targets import TARGETS
+
+        recipe = RECIPES.get(self.options.quant) if self.options.quant else None
+        if recipe is None or not recipe.block or not self.gguf or self.gguf_blocks == "requantize":
+            return 0
+        from models.loaders.gguf import source_blocks
+
+        extra = 0
+        kept = self.kept(cfg)
+        for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
+            if name in kept:
+                extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
+            elif kind == "q4_k" and TARGETS[self.target].quant_table == "onnx" and name != "embed":
+                extra += shape[0] * shape[1] // 32 * 4
+        return extra
 
     def kept(self, cfg) -> set[str]:
         """The layers a mixed-precision GGUF (Q4_K_M, ...) holds at 6-8 bits while its others are

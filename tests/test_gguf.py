@@ -706,6 +706,14 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     assert {dict((a.name, a.i) for a in n.attribute)["bits"] for n in model.graph.node
             if n.op_type == "MatMulNBits"} == {4}
     assert not [t.name for t in model.graph.initializer if t.name.endswith(".offsets")]
+    # what the file's blocks add, as the disk check estimates it from the header, is what they add
+    from export.cli import build_parser, parse_request
+
+    request = parse_request(build_parser().parse_args(args + ["--target", "onnx"]))
+    extra = request.source_extra_bytes(cfg)
+    size = lambda f: sum(p.stat().st_size for p in f.glob("model.onnx*"))  # noqa: E731
+    grown = size(folder) - size(req)
+    assert 0.7 * extra < grown < 1.6 * extra, (grown, extra)
 
     assert export_main(args + ["--target", "tflite", "--out", str(tmp_path / "tfl")]) == 0
     capsys.readouterr()
