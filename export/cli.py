@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the int4 recipes choose codes: mse (default: per-block least-error scales, no data) "
                          "or gptq (error-compensating rounding from the model's own activations on a calibration "
                          "text shipped with the project; more accurate, minutes longer; same file and speed)")
+    ap.add_argument("--gptq-damp", type=float, default=None, metavar="SHARE",
+                    help="--int4-method gptq: the damping added to the calibration statistic's diagonal, as a share "
+                         "of its mean (default 0.3; lower fits the calibration text more closely: "
+                         "docs/quantization.md#gptq---int4-method-gptq)")
     ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
                     help="a GGUF checkpoint's own blocks with --quant: keep (default: written exactly where the "
                          "target's format holds them, Q4_0 and Q4_K into int4, Q8_0 and Q6_K into ONNX's 8-bit "
@@ -330,7 +334,8 @@ def parse_request(args) -> Request:
         out_dir=args.out, max_len=args.max_seq_len,
         prefill_lens=None if args.prefill_lens is None else parse_prefill_lens(args.prefill_lens),
         context_buckets=parse_buckets(args.context_buckets), kv_cache=args.kv_cache,
-        dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
+        dtype=args.dtype, quant=args.quant, int4_method=args.int4_method, gptq_damp=args.gptq_damp,
+        calibration_text=args.calibration_text, onnx_ops=args.onnx_ops,
         onnx_compute=args.onnx_compute,
         smoothing=not args.no_smoothing, rotation=not args.no_rotation,
         tokenizer=args.tokenizer or args.checkpoint, verify=not args.no_verify, verify_steps=args.verify_steps,

@@ -466,7 +466,7 @@ def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress
     return gptq_blocks(stored, plan.cfg, recipe.bits, recipe.block, asymmetric=plan.target.quant_table == "onnx",
                        scratch=scratch, tokenizer=calibration_tokenizer(plan), carried=same,
                        text=plan.options.calibration_text, table=not recipe.table_bits, progress=progress,
-                       skip=kept)
+                       skip=kept, damp=plan.options.gptq_damp)
 
 
 def usable_carried(plan: Plan, carried: dict | None) -> dict | None:

@@ -29,6 +29,7 @@ class ExportOptions:
     quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
     int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
     calibration_text: Path | None = None  # GPTQ's / smoothing's text; default export/quantize/calibration.txt
+    gptq_damp: float | None = None  # GPTQ's damping, a share of H's mean diagonal; None: gptq.DAMP
     smoothing: bool = True  # TFLite dynamic-int8: activation smoothing folded into the weights (export/quantize/smooth.py)
     rotation: bool = True  # dynamic-int8 (TFLite), int4: matmul inputs rotated per block (export/quantize/rotate.py)
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)
@@ -96,6 +97,12 @@ class ExportOptions:
         if self.int4_method != "mse" and (self.quant is None or not self.quant.startswith("int4")):
             raise ValueError(f"--int4-method {self.int4_method} chooses int4 codes: pass an int4 recipe "
                              "(--quant int4-b32, int4-b128 or int4-b32-e8), or drop --int4-method")
+        if self.gptq_damp is not None:
+            if self.int4_method != "gptq":
+                raise ValueError("--gptq-damp is GPTQ's damping: add --int4-method gptq, or drop --gptq-damp")
+            if not 0.0 < self.gptq_damp <= 10.0:
+                raise ValueError(f"--gptq-damp {self.gptq_damp} is out of range: pass a share of the statistic's "
+                                 "mean diagonal above 0 and at most 10 (default 0.3)")
         if self.calibration_text is not None:
             from export.quantize.smooth import wanted
 

@@ -272,3 +272,26 @@ def test_memory_estimate_counts_the_calibration():
         assert gptq.export_bytes == max(plain.export_bytes, need)
     assert gptq.export_bytes > plain.export_bytes  # 12b: four 15360^2 f32 matrices and a layer
     assert 8 * GiB < need < 14 * GiB
+
+
+def test_gptq_damp_option():
+    """--gptq-damp reaches the rounding (a lower damping fits the statistic more closely: a
+    different, lower output error on the calibration inputs) and is refused in one line without
+    GPTQ or out of range."""
+    from export.options import ExportOptions
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 64)).astype(np.float32) * np.exp(rng.normal(0, 1, 64)).astype(np.float32)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    h = x.T.astype(np.float64) @ x
+    err = {}
+    for damp in (None, G.DAMP, 0.01):
+        (b,) = G.quantize_group([w], h, 4, 32, asymmetric=True, damp=damp)
+        err[damp] = float(np.square(x @ (b.dequantize() - w).T).mean())
+    assert err[None] == err[G.DAMP] and err[0.01] < err[G.DAMP]
+    for opts, match in ((dict(quant="int4-b32", gptq_damp=0.1), "add --int4-method gptq"),
+                        (dict(quant="int4-b32", int4_method="gptq", gptq_damp=0.0), "out of range")):
+        with pytest.raises(ValueError, match=match) as info:
+            ExportOptions(**opts).validate("onnx")
+        assert "\n" not in str(info.value)
+    ExportOptions(quant="int4-b32", int4_method="gptq", gptq_damp=0.1).validate("onnx")

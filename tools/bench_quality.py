@@ -398,6 +398,7 @@ def main(argv=None) -> int:
                     help="TFLite dynamic-int8 without its activation smoothing (export/quantize/smooth.py)")
     ap.add_argument("--no-rotation", action="store_true",
                     help="TFLite dynamic-int8 without its down-projection rotation (export/quantize/rotate.py)")
+    ap.add_argument("--gptq-damp", type=float, default=None, help="with --int4 gptq: the export's --gptq-damp")
     ap.add_argument("--onnx-compute", choices=["int8", "f32"], default="int8",
                     help="ONNX integer recipes: MatMulNBits' activations, as the export's --onnx-compute")
     ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
@@ -472,6 +473,7 @@ def main(argv=None) -> int:
         gptq = args.int4 == "gptq" and recipe.startswith("int4")
         opts = ExportOptions(out_dir=out_dir, max_len=args.tokens, prefill_lens=(min(128, args.tokens // 2),), quant=quant, verify=False,
                              tokenizer=tok_path, engine_check=False, int4_method="gptq" if gptq else "mse",
+                             gptq_damp=args.gptq_damp if gptq else None,
                              smoothing=not args.no_smoothing, rotation=not args.no_rotation,
                              onnx_compute=args.onnx_compute if target == "onnx" and quant and quant != "fp16" else "int8")
         result = export(cfg, params, target, opts, carried=carried, kept=kept)

@@ -195,14 +195,14 @@ def _to_blocks(out, bits: int, asymmetric: bool) -> BlockQuantized:
 
 
 def quantize_group(weights: list[np.ndarray], hessian: np.ndarray, bits: int, block: int,
-                   asymmetric: bool) -> list[BlockQuantized]:
+                   asymmetric: bool, damp: float | None = None) -> list[BlockQuantized]:
     """GPTQ of matmuls that read one input (H its statistic), as one matrix, split back per weight."""
     from export.quantize.algorithms import gptq, mse_search
 
     w = np.concatenate([np.asarray(x, np.float32) for x in weights]) if len(weights) > 1 else \
         np.asarray(weights[0], np.float32)
     kw = GPTQ_ASYMMETRIC_SEARCH if asymmetric else GPTQ_SYMMETRIC_SEARCH
-    whole = _to_blocks(gptq(w, hessian, bits, block, damp=DAMP, scale_fn=mse_search, **kw),
+    whole = _to_blocks(gptq(w, hessian, bits, block, damp=DAMP if damp is None else damp, scale_fn=mse_search, **kw),
                        bits, asymmetric)
     out, r = [], 0
     for x in weights:
@@ -232,7 +232,8 @@ def _spilled(stem: Path, shape, bits: int, block: int, asym: bool, origin: str) 
     return PendingBlocks(tuple(shape), bits, block, load, origin)
 
 
-def _table_blocks(value, hessian: np.ndarray, bits: int, block: int, folder: Path) -> PendingBlocks:
+def _table_blocks(value, hessian: np.ndarray, bits: int, block: int, folder: Path,
+                  damp: float | None = None) -> PendingBlocks:
     """GPTQ of the tied table as the LM head (H: the final normed hidden state's statistic),
     symmetric (the lookup reads it too), a slice of rows at a time (rows are independent given
     H), written straight into memory-mapped files: the f32 table is never whole."""
@@ -243,7 +244,7 @@ def _table_blocks(value, hessian: np.ndarray, bits: int, block: int, folder: Pat
     codes = np.lib.format.open_memmap(f"{stem}.codes.npy", "w+", np.int8, (n, k))
     scales = np.lib.format.open_memmap(f"{stem}.scales.npy", "w+", np.float16, (n, k // block))
     for r, rows in row_chunks(value, 64 << 20):
-        b = quantize_group([rows], hessian, bits, block, asymmetric=False)[0]
+        b = quantize_group([rows], hessian, bits, block, asymmetric=False, damp=damp)[0]
         codes[r:r + len(rows)] = b.codes
         scales[r:r + len(rows)] = b.scales
     codes.flush()
@@ -254,13 +255,14 @@ def _table_blocks(value, hessian: np.ndarray, bits: int, block: int, folder: Pat
 
 def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, scratch: Path, tokenizer=None,
                 seed: int = 0, carried: dict | None = None, max_len: int | None = None, text: Path | None = None,
-                table: bool = False, progress=None, skip=()) -> dict[str, PendingBlocks]:
+                table: bool = False, progress=None, skip=(), damp: float | None = None) -> dict[str, PendingBlocks]:
     """GPTQ blocks of every weight `gptq_names` lists (see the module doc), spilled to `scratch`;
     with `table`, also the tied table (as the LM head, from the last layer's output: recipes
     whose table is int4). params: the export's stored weights (arrays or models.lazy.LazyTensor);
     carried: name -> BlockQuantized / PendingBlocks the checkpoint holds (used as they are in
     the calibration). skip: names written another way (a mixed-precision source's layers kept at
-    8 bits: f32 in the calibration). progress(i, n, label) after each layer."""
+    8 bits: f32 in the calibration). damp: DAMP unless given (--gptq-damp). progress(i, n, label)
+    after each layer."""
     import jax.numpy as jnp
 
     from export.quantize.blocks import resolved
@@ -284,7 +286,7 @@ def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, s
             names = [n for n in names if n in todo]
             if not names:
                 continue
-            group = quantize_group([weights[n] for n in names], hs[first], bits, block, asymmetric)
+            group = quantize_group([weights[n] for n in names], hs[first], bits, block, asymmetric, damp)
             for n, b in zip(names, group):
                 out[n] = _spill(b, scratch, n)
                 weights[n] = b.dequantize()
@@ -300,7 +302,7 @@ def gptq_blocks(params: dict, cfg, bits: int, block: int, *, asymmetric: bool, s
         if HEAD_ROTATION in params:  # the LM head's input as the graph has it (export/quantize/rotate.py)
             h = rotate_blocks(h, jnp.asarray(np.asarray(params[HEAD_ROTATION], np.float32)))
         h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
-        out[TABLE] = _table_blocks(params[TABLE], h.T @ h, bits, block, scratch)
+        out[TABLE] = _table_blocks(params[TABLE], h.T @ h, bits, block, scratch, damp)
         if progress is not None:
             progress(n_layers + 1, n_layers + 1, "gptq table")
     missing = todo - set(out)
