@@ -140,24 +140,30 @@ class Request:
         from export.quantize.recipes import RECIPES
         from export.targets import TARGETS
 
-        recipe = RECIPES.get(self.options.quant) if self.options.quant else None
-        if recipe is None or not recipe.block or not self.gguf or self.gguf_blocks == "requantize":
+        if not self.carried_from_gguf:
             return 0
         from models.loaders.gguf import source_blocks
 
-        extra = 0
-        kept = self.kept(cfg)
+        recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg), 0
         for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
             if name in kept:
                 extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
-            elif kind == "q4_k" and TARGETS[self.target].quant_table == "onnx" and name != "embed":
+            elif kind == "q4_k" and TARGETS[self.target].quant_table == "onnx" and name != "embed" and recipe.block:
                 extra += shape[0] * shape[1] // 32 * 4
         return extra
 
+    @property
+    def carried_from_gguf(self) -> bool:
+        """Whether the checkpoint's own blocks go into the artifact: a GGUF, an integer recipe and
+        --gguf-blocks keep."""
+        return self.gguf and self.options.quant not in (None, "fp16") and self.gguf_blocks == "keep"
+
     def kept(self, cfg) -> set[str]:
         """The layers a mixed-precision GGUF (Q4_K_M, ...) holds at 6-8 bits while its others are
-        4-5 bits (models.loaders.gguf.mix_kept): the int4 recipes write them at 8 bits."""
-        if not self.gguf or self.options.quant is None or self.gguf_blocks == "requantize":
+        4-5 bits (models.loaders.gguf.mix_kept): the int4 (block) recipes write them at 8 bits."""
+        from export.quantize.recipes import RECIPES
+
+        if not self.carried_from_gguf or not RECIPES[self.options.quant].block:
             return set()
         from models.loaders.gguf import mix_kept
 
@@ -167,8 +173,7 @@ class Request:
         """A GGUF checkpoint's own Q4_0 / Q8_0 / Q4_K / Q6_K blocks, written exactly where the
         target's format holds them (export/quantize/blocks.py, driver.usable_carried): int4
         recipes take Q4_0 (both targets) and Q4_K (ONNX), ONNX's 8-bit MatMulNBits Q8_0 and Q6_K."""
-        quant = self.options.quant
-        if not self.gguf or quant is None or quant == "fp16" or self.gguf_blocks == "requantize":
+        if not self.carried_from_gguf:
             return None
         from export.quantize.blocks import pending_source_blocks
         from models.loaders.gguf import source_blocks
@@ -411,7 +416,6 @@ def run(args) -> int:
             kinds = sorted({b.origin for b in usable.values()})
             print(f"  {len(usable)} tensors stored {', '.join(kinds)} in the checkpoint: written exactly where "
                   f"--quant {request.options.quant} holds them")
-        kept = kept if plan.recipe is not None and plan.recipe.block else set()
         if kept:
             print(f"  {len(kept)} layers the checkpoint's mix keeps at 6-8 bits (Q6_K, Q8_0): written at 8 bits")
         result = driver.run(plan, params, timer, consume=True, carried=carried, kept=kept)

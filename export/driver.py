@@ -478,7 +478,7 @@ def usable_carried(plan: Plan, carried: dict | None) -> dict | None:
     onnx = plan.target.quant_table == "onnx"
     from export.quantize.sizes import TABLE
 
-    return {n: b for n, b in carried.items() if not getattr(b, "onnx_only", False) or (onnx and n != TABLE)}
+    return {n: b for n, b in carried.items() if not b.onnx_only or (onnx and n != TABLE)}
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None, kept=()) -> dict | None:
