@@ -136,9 +136,8 @@ class Request:
     def source_extra_bytes(self, cfg) -> int:
         """What a GGUF's own blocks add to the recipe's artifact (export/quantize/sizes.ideal_bytes),
         from the file's header: the layers its mix keeps at 8 bits (4 more bits per weight in an
-        int4 recipe) and, on ONNX, the Q4_K layers' f32 offsets (one per 32 weights). 0 otherwise."""
+        int4 recipe) and the Q4_K layers' f32 offsets (one per 32 weights, both targets). 0 otherwise."""
         from export.quantize.recipes import RECIPES
-        from export.targets import TARGETS
 
         if not self.carried_from_gguf:
             return 0
@@ -148,8 +147,8 @@ class Request:
         for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
             if name in kept:
                 extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
-            elif kind == "q4_k" and TARGETS[self.target].quant_table == "onnx" and name != "embed" and recipe.block:
-                extra += shape[0] * shape[1] // 32 * 4
+            elif kind == "q4_k" and name != "embed" and recipe.block == 32:
+                extra += shape[0] * shape[1] // 32 * 4  # ONNX: f32 offsets; TFLite: the offsets' f32 matmul weight
         return extra
 
     @property
@@ -171,8 +170,9 @@ class Request:
 
     def carried(self, cfg) -> dict | None:
         """A GGUF checkpoint's own Q4_0 / Q8_0 / Q4_K / Q6_K blocks, written exactly where the
-        target's format holds them (export/quantize/blocks.py, driver.usable_carried): int4
-        recipes take Q4_0 (both targets) and Q4_K (ONNX), ONNX's 8-bit MatMulNBits Q8_0 and Q6_K."""
+        target's format holds them (export/quantize/blocks.py, driver.usable_carried): int4-b32
+        recipes take Q4_0 and Q4_K (TFLite: its offsets as a second matmul, driver.offsets_apart),
+        ONNX's 8-bit MatMulNBits Q8_0 and Q6_K."""
         if not self.carried_from_gguf:
             return None
         from export.quantize.blocks import pending_source_blocks
@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
                     help="a GGUF checkpoint's own blocks with --quant: keep (default: written exactly where the "
                          "target's format holds them, Q4_0 and Q4_K into int4, Q8_0 and Q6_K into ONNX's 8-bit "
-                         "MatMulNBits, and the layers a 4-bit mix such as Q4_K_M keeps at 6-8 bits stay 8-bit) or "
-                         "requantize (every weight dequantized and quantized by the recipe alone)")
+                         "MatMulNBits, and the layers a 4-bit mix such as Q4_K_M keeps at 6-8 bits stay 8-bit; "
+                         "TFLite adds a small f32 matmul per Q4_K / Q4_0 weight for their offsets and negative "
+                         "scales, 11-18%% slower decode) or requantize (every weight dequantized and quantized by the "
+                         "recipe alone)")
     ap.add_argument("--calibration-text", type=Path, metavar="FILE",
                     help="the calibration text of GPTQ and of TFLite's dynamic-int8 smoothing (UTF-8; a few thousand "
                          "tokens or more, like what the model will read); default: export/quantize/calibration.txt, "
@@ -416,6 +418,13 @@ def run(args) -> int:
             kinds = sorted({b.origin for b in usable.values()})
             print(f"  {len(usable)} tensors stored {', '.join(kinds)} in the checkpoint: written exactly where "
                   f"--quant {request.options.quant} holds them")
+            if plan.target.quant_table == "tflite" and plan.recipe is not None and plan.recipe.block:
+                from export.quantize.blocks import needs_offsets
+
+                offsets = sum(needs_offsets(b) for b in usable.values())
+                if offsets:
+                    print(f"  {offsets} of them with per-block offsets (Q4_K's offsets, Q4_0's negative scales: a small "
+                          "f32 matmul each, which costs decode speed; --gguf-blocks requantize drops them)")
         if kept:
             print(f"  {len(kept)} layers the checkpoint's mix keeps at 6-8 bits (Q6_K, Q8_0): written at 8 bits")
         result = driver.run(plan, params, timer, consume=True, carried=carried, kept=kept)

@@ -433,6 +433,8 @@ def storage(plan: Plan, params: dict, carried: dict | None = None, timer: Timer 
             scratch.cleanup()
             raise
     blocks = quantized_blocks(plan, stored, carried, kept)
+    if blocks and plan.target.quant_table == "tflite":
+        blocks, stored = offsets_apart(blocks, stored)
     from models.lazy import cast
 
     return Weights(stored, compute, {k: cast(v, np.float32) for k, v in source.items()}, blocks, scratch, folds,
@@ -470,15 +472,49 @@ def gptq(plan: Plan, stored: dict, carried: dict | None, scratch: Path, progress
 
 
 def usable_carried(plan: Plan, carried: dict | None) -> dict | None:
-    """The carried blocks the target's format holds exactly: Q4_K (offsets, float32 scales) and
-    Q6_K (float32 scales) only in ONNX, and not as the table (GatherBlockQuantized reads it, which
-    takes no offsets; a table's k-quant is re-quantized by the recipe)."""
+    """The carried blocks the target's format holds exactly: Q4_K (offsets, float32 scales) in
+    ONNX, and in TFLite as symmetric int4 plus the offsets' small matmul (`offsets_apart`);
+    Q6_K (float32 scales, blocks of 16) only in ONNX (TFLite's int8 is per channel); a Q4_K
+    table only in TFLite (ONNX's GatherBlockQuantized reads the table, which takes no offsets:
+    there a table's k-quant is re-quantized by the recipe)."""
     if not carried:
         return carried
     onnx = plan.target.quant_table == "onnx"
     from export.quantize.sizes import TABLE
 
-    return {n: b for n, b in carried.items() if not b.onnx_only or (onnx and n != TABLE)}
+    return {n: b for n, b in carried.items()
+            if not b.onnx_only or (n != TABLE if onnx else b.bits == 4)}
+
+
+def offsets_apart(blocks: dict, stored: dict) -> tuple[dict, dict]:
+    """TFLite: every weight carried from the checkpoint at 4 bits (a GGUF's Q4_K, whose
+    blocks have offsets; its Q4_0, whose blocks have negative scales: blocks.needs_offsets) as
+    symmetric, positive-scale int4 blocks plus `<name>_offsets`, f32 [N, K / 32], the constant
+    models.layers.dense adds per block (`BlockQuantized.split_offsets`): the file's weight
+    exactly, where XNNPACK's kernel alone would move a code per negative-scale block
+    (`BlockQuantized.positive`) or re-quantize a Q4_K. Its stored weight becomes the symmetric
+    part. The table likewise (models.model.TABLE_OFFSETS: the lookup adds its offsets' row, the LM
+    head their block-sum matmul). Pending blocks stay pending (each side decodes the source again
+    when the writer takes it). The rest as they are."""
+    from export.quantize.blocks import PendingBlocks, needs_offsets, resolved
+    from models.layers import OFFSETS
+    from models.lazy import LazyTensor
+
+    split = [n for n, b in blocks.items() if needs_offsets(b)]
+    if not split:
+        return blocks, stored
+    blocks, stored = dict(blocks), dict(stored)
+    for name in split:
+        b = blocks[name]
+        n, k = b.shape
+
+        def part(i, b=b):
+            return resolved(b).split_offsets()[i]
+
+        blocks[name] = PendingBlocks(b.shape, b.bits, b.block, lambda part=part: part(0), f"{b.origin} (offsets apart)")
+        stored[name] = LazyTensor((n, k), np.float32, lambda part=part: part(0).dequantize(), name)
+        stored[name + OFFSETS] = LazyTensor((n, k // b.block), np.float32, lambda part=part: part(1), name + OFFSETS)
+    return blocks, stored
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None, kept=()) -> dict | None:

@@ -27,7 +27,7 @@ from models.cache import (
 )
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm, attention_mask, cached_attention, scaled_dot_product_attention
-from models.layers import Params, apply_rope, dense, rms_norm, rope_frequencies, rotated
+from models.layers import Params, apply_rope, linear, rms_norm, rope_frequencies, rotated
 
 
 def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_valid, cache: dict,
@@ -39,9 +39,9 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
     ([B, T, E], new cache)."""
     b, t, _ = h.shape
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = dense(h, p["attn.q"]).reshape(b, t, heads, d)
-    k = dense(h, p["attn.k"]).reshape(b, t, kv_heads, d)
-    v = dense(h, p["attn.v"]).reshape(b, t, kv_heads, d)
+    q = linear(p, "attn.q", h).reshape(b, t, heads, d)
+    k = linear(p, "attn.k", h).reshape(b, t, kv_heads, d)
+    v = linear(p, "attn.v", h).reshape(b, t, kv_heads, d)
     if cfg.qk_norm:  # QK-norm before RoPE (Gemma 3)
         q = rms_norm(q, p["attn.q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["attn.k_norm"], cfg.norm_eps)
@@ -66,7 +66,7 @@ def attention_block(p: Params, cfg: ModelConfig, kind: LayerKind, h, start, num_
                                        rope_freqs=freqs, scale=cfg.query_scale, logit_cap=cfg.attn_softcap,
                                        window=cfg.window_span, **rope)
     # [B, T, H, D] -> [B, T, H*D]
-    out = dense(rotated(p, "attn.o_rotation", out.reshape(b, t, heads * d)), p["attn.o"], p.get("attn.o_bias"))
+    out = linear(p, "attn.o", rotated(p, "attn.o_rotation", out.reshape(b, t, heads * d)), "attn.o_bias")
     if int8:
         return out, {"k": ck[0], "v": cv[0], "k_scale": ck[1], "v_scale": cv[1]}
     return out, {"k": ck, "v": cv}

@@ -6,17 +6,17 @@ from __future__ import annotations
 from models.attention import attention_block
 from models.config import LayerKind, ModelConfig
 from models.fused import AttentionForm
-from models.layers import Params, dense, gelu_tanh, rms_norm, rotated
+from models.layers import Params, gelu_tanh, linear, rms_norm, rotated
 
 
 def geglu_mlp(p: Params, x):
     """down(gelu_tanh(gate(x)) * up(x)), biases where the family has them. An export may add
     `mlp.down_rotation` (export/quantize/rotate.py: down's input rotated per block, its weight
     rotated to match; the same function), as the layer may rotate each norm's output."""
-    gate = dense(x, p["mlp.gate"], p.get("mlp.gate_bias"))
-    up = dense(x, p["mlp.up"], p.get("mlp.up_bias"))
+    gate = linear(p, "mlp.gate", x, "mlp.gate_bias")
+    up = linear(p, "mlp.up", x, "mlp.up_bias")
     y = rotated(p, "mlp.down_rotation", gelu_tanh(gate) * up)
-    return dense(y, p["mlp.down"], p.get("mlp.down_bias"))
+    return linear(p, "mlp.down", y, "mlp.down_bias")
 
 
 def gemma_layer(p: Params, cfg: ModelConfig, kind: LayerKind, x, positions, start, num_valid,

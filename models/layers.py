@@ -53,14 +53,40 @@ def tap(fn):
         _TAP = None
 
 
-def dense(x, w, bias=None):
-    """x [..., in] @ w[out, in].T (+ bias). Weights are stored [out, in] (becomes FULLY_CONNECTED)."""
+OFFSETS = "_offsets"  # suffix of a weight's optional per-block constants (`dense`'s `offsets`)
+
+
+def dense(x, w, bias=None, offsets=None):
+    """x [..., in] @ w[out, in].T (+ bias). Weights are stored [out, in] (becomes FULLY_CONNECTED).
+
+    offsets: None, or f32 [out, in / g], a constant added to every weight of each block of g
+    inputs (the weight is w + offsets repeated g times along its inputs), computed as the
+    input's block sums times offsets^T: a second, g times narrower FULLY_CONNECTED. An export
+    adds it as `<weight>_offsets` where a TFLite int4 weight carries a zero point or an offset
+    that XNNPACK's symmetric blockwise kernel cannot hold (a GGUF's Q4_K blocks: value =
+    code * scale - offset; export/quantize/blocks.BlockQuantized.split_offsets)."""
     if _TAP is not None:
         _TAP(w, x)
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32)
+    if offsets is not None:
+        y = y + offsets_term(x, offsets)
     if bias is not None:
         y = y + bias.astype(F32)
     return y.astype(x.dtype)
+
+
+def offsets_term(x, offsets):
+    """What per-block constants offsets [out, G] add to x [..., in] @ w.T: the input's sums over
+    each of the G blocks of in / G channels times offsets^T, f32 [..., out]."""
+    g = offsets.shape[1]
+    sums = x.reshape(*x.shape[:-1], g, x.shape[-1] // g).astype(F32).sum(axis=-1)
+    return jnp.einsum("...g,og->...o", sums, offsets.astype(F32), preferred_element_type=F32)
+
+
+def linear(p, name: str, x, bias: str | None = None):
+    """`dense` of x by the parameter `name` of p (a Params view), with its optional bias
+    parameter and its optional `<name>_offsets`."""
+    return dense(x, p[name], None if bias is None else p.get(bias), p.get(name + OFFSETS))
 
 
 def rotate_blocks(x, w, inverse: bool = False):

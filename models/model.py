@@ -15,7 +15,7 @@ from models.config import Family, ModelConfig
 from models.fused import AttentionForm, embedding_lookup
 from models.gemma import gemma_layer
 from models.griffin import griffin_layer
-from models.layers import F32, Params, rms_norm, rotate_blocks, rotated
+from models.layers import F32, OFFSETS, Params, offsets_term, rms_norm, rotate_blocks, rotated
 from models.multimodal import image_blocks, split_flag
 
 _LAYER_FNS = {
@@ -38,12 +38,18 @@ EMBED_CHANNEL_SCALE = "embed_channel_scale"
 # Optional [b, b] rotation of the LM head's input per block of b channels, the tied table's columns
 # rotated to match (export/quantize/rotate.py); the lookup rotates its rows back. Checkpoints never hold it.
 HEAD_ROTATION = "final_norm_rotation"
+# the int4 table's per-block constants [V, E / 32] where TFLite holds a checkpoint's own blocks
+# (export/driver.offsets_apart): the lookup adds its row, the LM head its block-sum matmul
+TABLE_OFFSETS = "embed" + OFFSETS
 
 
 def embed_tokens(params: dict, cfg: ModelConfig, tokens):
     """tokens [B, T] -> [B, T, E], scaled by sqrt(E) rounded as the reference does."""
     dtype = activation_dtype(params)
     x = embedding_lookup(params["embed"], tokens).astype(dtype)
+    if TABLE_OFFSETS in params:  # a TFLite int4 table's per-block constants (models.layers.dense's offsets)
+        c = embedding_lookup(params[TABLE_OFFSETS], tokens)  # [B, T, E / g]
+        x = x + jnp.repeat(c, x.shape[-1] // c.shape[-1], axis=-1).astype(dtype)
     if HEAD_ROTATION in params:  # the table's columns are rotated (export/quantize/rotate.py): rotate the rows back
         x = rotate_blocks(x, params[HEAD_ROTATION], inverse=True)
     x = x * jnp.asarray(cfg.embed_scale(dtype), dtype)
@@ -146,4 +152,6 @@ def unembed(params: dict, cfg: ModelConfig, x):
     x = rotated(params, HEAD_ROTATION, head_input(params, cfg, x))
     table = params["embed"].astype(x.dtype)
     logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=F32)
+    if TABLE_OFFSETS in params:
+        logits = logits + offsets_term(x, params[TABLE_OFFSETS])
     return logits if cap is None else cap * jnp.tanh(logits)

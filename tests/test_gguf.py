@@ -597,8 +597,10 @@ def test_gguf_blocks_carried_exactly(tmp_path, target, quant, kind):
     """A Q4_0 GGUF exported with --quant int4-b32 holds exactly the file's codes and scales on both
     targets (the tied table included: a QAT model's table is trained for its int4 numbers), and a
     Q8_0 one exported to ONNX dynamic-int8 its 8-bit blocks; the gate (against the file's own
-    dequantized model) passes. TFLite's blocks with a negative Q4_0 scale are negated, the one
-    code at +8 steps clipped to +7 (XNNPACK refuses negative scales)."""
+    dequantized model) passes. XNNPACK refuses negative scales, which Q4_0 gives about half its
+    blocks: TFLite holds them exactly as symmetric INT4 blocks plus per-block offsets
+    (BlockQuantized.split_offsets: an f32 matmul of the input's block sums; for the table also
+    a lookup of its offsets' row), where negating them would move one code per block (+8 -> +7)."""
     from conftest import quantized_payloads
     from export.cli import main as export_main
     from export.quantize.blocks import from_source_blocks
@@ -614,12 +616,12 @@ def test_gguf_blocks_carried_exactly(tmp_path, target, quant, kind):
     blocks = {n: from_source_blocks(b) for n, b in source_blocks(info["path"], cfg).items()}
     assert len(blocks) == 1 + 7 * cfg.num_layers and "embed" in blocks
     codes, scales = quantized_payloads(made[0])
-    moved = 0
+    negative = 0
     for name, b in blocks.items():
-        if target == "tflite":  # XNNPACK takes positive scales only: negated blocks, 1 code in 32 moves
-            b, n = b.positive()
-            moved += n
-            assert n <= b.scales.size and b.scales.min() > 0
+        if target == "tflite":  # the same weight exactly: ~code and -scale where a scale is negative,
+            negative += int((b.scales < 0).sum())  # and the offsets
+            b, _offsets = b.split_offsets()
+            assert b.scales.min() > 0
             assert b.tflite_int4().tobytes() in codes and b.scales.tobytes() in scales, name
         else:
             packed, s = b.nbits()
@@ -629,8 +631,10 @@ def test_gguf_blocks_carried_exactly(tmp_path, target, quant, kind):
         from export.lowering.tflite.inspect import read
 
         assert read(made[0]).metadata.quant_method == "mse"  # carried blocks: the int4 rotation is off
-        assert moved > 0  # random Q4_0 blocks: about half have negative scales
+        assert negative > 0  # random Q4_0 blocks: about half have negative scales
         assert len(codes) == len(blocks)  # nothing else is int4, the table is stored once
+        parity = json.loads(next(out.glob("*.parity.json")).read_text())
+        assert parity["mean_rel_rms"] < 0.05, parity  # dynamic int8 activations only (0.1+ with codes moved)
 
 
 def _q4_k_m_like(arch: str) -> dict[str, str]:
@@ -652,8 +656,9 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     are 8-bit MatMulNBits (Q6_K's own blocks of 16 where its input is not rotated), the Q4_0 ones
     theirs: with f32 compute the export computes the file's own model to float rounding (a wrong
     offset, scale or code would not). `--gguf-blocks requantize` makes every layer int4 by the
-    recipe alone, and TFLite, which holds neither k-quant exactly, re-quantizes the Q4_K layers and
-    writes the kept ones int8 per channel (gate passes)."""
+    recipe alone. TFLite writes the Q4_K layers as symmetric INT4 blocks plus their offsets' f32
+    block-sum matmul (the same weight; their re-quantization fails the gate on this file) and the
+    kept ones int8 per channel."""
     import onnx
 
     from export.cli import main as export_main
@@ -716,7 +721,8 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     assert 0.7 * extra < grown < 1.6 * extra, (grown, extra)
 
     assert export_main(args + ["--target", "tflite", "--out", str(tmp_path / "tfl")]) == 0
-    capsys.readouterr()
+    offsets = sum(b.kind in ("q4_0", "q4_k") for b in source.values())
+    assert f"{offsets} of them with per-block offsets" in capsys.readouterr().out
     # --gguf-blocks is about a GGUF's blocks under an integer recipe: anything else is one line, exit 2
     fixture = str(Path(__file__).parent / "fixtures" / "gemma3-tiny-trained")
     for bad in (["--checkpoint", fixture, "--quant", "int4-b32"], ["--checkpoint", str(info["path"])]):
@@ -728,6 +734,35 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     (tfl,) = (tmp_path / "tfl").glob("*.tflite")
     codes, _ = quantized_payloads(tfl)  # INT4 tensors: every matmul and the table once, but the kept (int8)
     assert len(codes) == 1 + 7 * cfg.num_layers - len(kept)
+    # TFLite carries the Q4_K downs too: symmetric INT4 blocks (the file's codes - 8, its scales in
+    # float16) and the offsets as an f32 matmul of the input's block sums (models.layers.dense), and
+    # the Q4_0 weights with their negative scales made positive exactly the same way
+    from ai_edge_litert import schema_py_generated as S
+
+    from export.quantize.tflite import _buffer_view, _int4_tensors
+
+    buf = bytearray(tfl.read_bytes())
+    int4 = {name: (bytes(c), np.array(sc)) for name, _shape, c, sc, _b in _int4_tensors(buf)}
+    model = S.Model.GetRootAs(buf, 0)
+    sg = model.Subgraphs(0)
+    floats = {sg.Tensors(i).Name().decode(): sg.Tensors(i) for i in range(sg.TensorsLength())}
+    for i in range(0, cfg.num_layers, 2):
+        down = f"layers.{i}.mlp.down"
+        sym, const = from_source_blocks(source[down]).split_offsets()
+        assert int4[down][0] == sym.tflite_int4().tobytes()
+        np.testing.assert_array_equal(int4[down][1], sym.scales.reshape(-1))
+        t = floats[down + "_offsets"]
+        assert t.Type() == S.TensorType.FLOAT32
+        np.testing.assert_array_equal(_buffer_view(buf, model.Buffers(t.Buffer())).view(np.float32).reshape(const.shape),
+                                      const)
+    # every weight carried at 4 bits has them (Q4_0's negative scales too, the table included), no other
+    assert {n for n in floats if n.endswith("_offsets")} == {
+        f"{n}_offsets" for n, b in source.items() if b.kind in ("q4_0", "q4_k")}
+    # ... which the re-quantized export cannot match: its Q4_K layers' error fails the gate here
+    keep = json.loads(next((tmp_path / "tfl").glob("*parity.json")).read_text())
+    assert export_main(args + ["--target", "tflite", "--gguf-blocks", "requantize", "--out", str(tmp_path / "tfr")]) == 1
+    req = json.loads(next((tmp_path / "tfr").glob("*parity.json")).read_text())
+    assert keep["passed"] and keep["mean_rel_rms"] < 0.6 * req["mean_rel_rms"], (keep, req)
 
 
 def test_cli_unknown_architecture_exits_2(tmp_path, capsys):

@@ -477,3 +477,42 @@ def test_gguf_k_quant_blocks_run_exactly_in_onnx(rank):
     y4, y6 = session.run(None, {"x": x})
     np.testing.assert_allclose(y4.reshape(k, n), q4k.dequantize().T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y6.reshape(k, n), q6k.dequantize().T, rtol=1e-5, atol=1e-6)
+
+
+def test_offsets_apart_are_the_same_weight_for_tflite():
+    """TFLite's symmetric INT4 form of blocks with offsets or zero points
+    (BlockQuantized.split_offsets, the driver's offsets_apart): codes in [-8, 7], positive nonzero
+    float16 scales, and a per-block f32 constant that models.layers.dense adds through the
+    input's block sums: together the same weight (a GGUF Q4_K with negative and zero scales, an
+    asymmetric block search, a GGUF Q4_0 with negative scales), and a matmul by them equals the
+    matmul by the dequantized weight."""
+    import jax.numpy as jnp
+
+    from export.quantize.blocks import from_source_blocks, mse, mse_asymmetric, needs_offsets
+    from models.layers import dense
+    from models.loaders.gguf import SourceBlocks
+
+    rng = np.random.default_rng(3)
+    k, n = 256, 24
+    scales = (rng.integers(-60, 61, (n, k // 32)) * 2**-9).astype(np.float32)  # float16-exact, some negative
+    scales[3, 2] = 0.0  # a block of one value
+    q4k = from_source_blocks(SourceBlocks("q4_k", rng.integers(0, 16, (n, k)).astype(np.int8), scales,
+                                          (rng.integers(0, 64, (n, k // 32)) * 1e-3).astype(np.float32)))
+    asym = mse_asymmetric(rng.normal(size=(n, k)).astype(np.float32) + 0.3, 4, 32)
+    plain = mse(rng.normal(size=(n, k)).astype(np.float32), 4, 32)
+    q40 = from_source_blocks(SourceBlocks("q4_0", rng.integers(-8, 8, (n, k)).astype(np.int8),
+                                          (rng.integers(-60, 61, (n, k // 32)) * 2**-9).astype(np.float16)))
+    assert (scales < 0).any() and q4k.onnx_only and asym.zeros is not None and not q40.onnx_only
+    x = rng.normal(size=(2, 5, k)).astype(np.float32)
+    for b in (q4k, asym, q40):
+        sym, const = b.split_offsets()
+        assert not sym.onnx_only and sym.codes.min() >= -8 and sym.codes.max() <= 7
+        assert sym.scales.dtype == np.float16 and (sym.scales > 0).all() and const.shape == b.scales.shape
+        np.testing.assert_allclose(sym.dequantize() + np.repeat(const, 32, axis=1), b.dequantize(),
+                                   rtol=1e-6, atol=1e-6)
+        y = np.asarray(dense(jnp.asarray(x), jnp.asarray(sym.dequantize()), offsets=jnp.asarray(const)))
+        np.testing.assert_allclose(y, x @ b.dequantize().T, rtol=2e-5, atol=2e-5)
+        assert sym.tflite_int4().size == n * k // 2
+    same, zero = plain.split_offsets()  # positive scales, no zero point: the same codes, constants 0
+    np.testing.assert_array_equal(same.codes, plain.codes)
+    assert not zero.any() and not needs_offsets(plain) and needs_offsets(q4k)

@@ -187,6 +187,9 @@ def _dynamic_int8():
     def fake(x, w, bias=None):
         return dense(rows8(x), channels8(w), bias)
 
+    def fake_linear(p, name, x, bias=None):  # models.layers.linear (no offsets in these models)
+        return fake(x, p[name], None if bias is None else p.get(bias))
+
     def fake_embed(params, cfg, tokens):
         return embed_tokens(dict(params, embed=channels8(jnp.asarray(params["embed"], jnp.float32))), cfg, tokens)
 
@@ -200,14 +203,15 @@ def _dynamic_int8():
     mods = (models.attention, models.gemma, models.griffin)
     embed_tokens, unembed = M.embed_tokens, M.unembed
     jax.clear_caches()  # no trace of the plain matmuls is reused, and none of these is kept
-    for m in mods:
-        m.dense = fake
+    saved = [(m, n, getattr(m, n)) for m in mods for n in ("dense", "linear") if hasattr(m, n)]
+    for m, n, _ in saved:
+        setattr(m, n, fake if n == "dense" else fake_linear)
     M.embed_tokens, M.unembed = fake_embed, fake_unembed
     try:
         yield
     finally:
-        for m in mods:
-            m.dense = dense
+        for m, n, real in saved:
+            setattr(m, n, real)
         M.embed_tokens, M.unembed = embed_tokens, unembed
         jax.clear_caches()
 

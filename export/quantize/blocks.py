@@ -123,6 +123,41 @@ class BlockQuantized:
         scales = np.where(neg, -self.scales, self.scales).astype(np.float16)
         return BlockQuantized(codes, scales, self.bits, self.origin + " (scales made positive)"), clipped
 
+    def split_offsets(self) -> tuple["BlockQuantized", np.ndarray]:
+        """(symmetric blocks with float16 scales, every scale positive, f32 constants [N, K / block]):
+        value = code * scale + constant, what a TFLite INT4 tensor (XNNPACK's symmetric blockwise
+        kernel) plus models.layers.dense's `offsets` compute. (code - zero) * s - offset = code * s
+        + (-zero * s - offset); a negative scale (GGUF Q4_0 gives half its blocks one) is made
+        positive exactly, code * s = (-code - 1) * (-s) - s, the -s going into the constant (no code
+        leaves [-8, 7], unlike `positive`). The one change is a float32 scale's float16 rounding (a
+        GGUF Q4_K's d * sc has up to 17 significant bits: relative 2^-12, a 500th of a step at the
+        largest code); a block whose scale is 0 in float16 (XNNPACK refuses it) keeps only its
+        constant."""
+        if self.bits != 4:
+            raise ValueError(f"internal error: {self.origin} {self.bits}-bit blocks have no TFLite int4 form")
+        s = self.scales.astype(np.float32)
+        const = np.zeros(s.shape, np.float32)
+        if self.zeros is not None:
+            const -= self.zeros.astype(np.float32) * s
+        if self.offsets is not None:
+            const -= self.offsets
+        neg = s < 0
+        codes = self.codes
+        if neg.any():
+            n, k = codes.shape
+            blocks = codes.reshape(n, -1, self.block)
+            codes = np.where(neg[..., None], ~blocks, blocks).reshape(n, k)  # ~c = -c - 1, in [-8, 7]
+            const = np.where(neg, const - s, const)  # c * s = (~c) * (-s) - s
+            s = np.abs(s)
+        half = s.astype(np.float16)
+        empty = half == 0  # XNNPACK refuses a zero scale: such a block is its constant alone (codes 0)
+        if empty.any():
+            n, k = codes.shape
+            codes = np.where(empty[..., None], 0, codes.reshape(n, -1, self.block)).reshape(n, k)
+            half = np.where(empty, np.finfo(np.float16).tiny, half).astype(np.float16)
+        return BlockQuantized(np.ascontiguousarray(codes, np.int8), half, self.bits,
+                              self.origin + " (offsets apart)"), const.astype(np.float32)
+
     # ---- the targets' layouts ----
     def tflite_int4(self) -> np.ndarray:
         """The INT4 tensor's bytes: two's complement nibbles, element 2i low, 2i+1 high (packed
@@ -257,6 +292,14 @@ class PendingBlocks:
             raise RuntimeError(f"internal error: planned int{self.bits} blocks of {self.block} {self.shape}, "
                                f"computed int{b.bits} blocks of {b.block} {b.shape}")
         return b
+
+
+def needs_offsets(b) -> bool:
+    """Whether TFLite's symmetric, positive-scale INT4 can hold these 4-bit blocks exactly only
+    with `dense`'s per-block offsets (BlockQuantized.split_offsets): a checkpoint's own blocks
+    (GGUF Q4_K: offsets and float32 scales; Q4_0: negative scales), not ours (positive scales,
+    no zero point on TFLite)."""
+    return b.bits == 4 and (b.onnx_only or b.origin.startswith("gguf "))
 
 
 def resolved(b) -> BlockQuantized:

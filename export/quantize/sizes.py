@@ -16,8 +16,9 @@ from export.quantize.recipes import RECIPES
 
 def is_quantized_weight(name: str, shape: tuple) -> bool:
     """A matmul weight or the embedding (2-D, both sides at least 16; not the convolution, nor
-    an input rotation, export/quantize/rotate.py, which stays f32 ahead of a dynamic-int8 matmul)."""
-    return len(shape) == 2 and min(shape) >= 16 and not name.endswith(("conv_w", "_rotation"))
+    an input rotation, export/quantize/rotate.py, which stays f32 ahead of a dynamic-int8 matmul,
+    nor a weight's block offsets, models.layers.dense, which stay f32)."""
+    return len(shape) == 2 and min(shape) >= 16 and not name.endswith(("conv_w", "_rotation", "_offsets"))
 
 
 TABLE = "embed"  # the tied embedding table, also the LM head

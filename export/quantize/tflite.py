@@ -55,14 +55,16 @@ def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.reshape(-1).astype(np.float32)
 
 
-def layout(recipe: Recipe | None, blocks: dict | None):
+def layout(recipe: Recipe | None, blocks: dict | None, holes=()):
     """How `recipe` stores each hole (export.lowering.tflite.streamed.Layouts: hole -> Layout,
     as data, for the converter's child process): INT4 blocks for the weights planned at 4 bits,
     INT8 per channel for the table of a recipe with `table_bits` 8, for the weights an int4 recipe
     plans at 8 bits (a mixed-precision GGUF's wide layers) and for every quantizable
     weight of the 8-bit recipes (a DEQUANTIZE before the readers unless dynamic), float
-    otherwise."""
+    otherwise; the block offsets among `holes` (models.layers.dense's `<weight>_offsets`, read
+    by a FULLY_CONNECTED too) float32."""
     from export.lowering.tflite.streamed import Layout, Layouts
+    from models.layers import OFFSETS
 
     if recipe is None or recipe.bits == 16:
         return Layouts()
@@ -73,6 +75,7 @@ def layout(recipe: Recipe | None, blocks: dict | None):
         # the layers a mixed-precision GGUF keeps at 6-8 bits (planned at 8: blocks.plan_blocks `kept`):
         # int8 per channel, read by FULLY_CONNECTED with dynamic int8 activations as the table's
         named.update({n: (Layout("INT8"), None) for n, b in (blocks or {}).items() if b.bits == 8 and n != TABLE})
+        named.update({n: (Layout("FLOAT32"), None) for n in holes if n.endswith(OFFSETS)})
         return Layouts(recipe.name, named)
     return Layouts(recipe.name, quantized=Layout("INT8", dequantize=not recipe.dynamic))
 

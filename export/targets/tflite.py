@@ -68,10 +68,13 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
     from export.quantize.ahead import Ahead
     from export.quantize.tflite import encoder, int4_encoded, int4_holes, layout
     from models.fused import inlined
+    from models.layers import OFFSETS
     from models.lazy import materialize
 
     params = weights.stored if params is None else params
-    holes = [n for n, v in params.items() if is_quantized_weight(n, tuple(v.shape))]
+    # the weights, and an int4 weight's block offsets (models.layers.dense: f32 holes, streamed as
+    # the weights are, never through the converter)
+    holes = [n for n, v in params.items() if is_quantized_weight(n, tuple(v.shape)) or n.endswith(OFFSETS)]
     skeleton = path.with_name(path.name + ".skeleton.tmp")
     trace = inlined() if plan.options.inline_composites else contextlib.nullcontext()
     blocks = weights.blocks
@@ -87,7 +90,7 @@ def write_model(plan, weights, signatures, path: Path, timer, params: dict | Non
                 signatures = lowered(signatures, params, weights.compute, timer.progress)
             names, inlined_values = converter_weights(params, holes)
             job = {"signatures": signatures, "names": names, "holes": holes, "inlined": inlined_values,
-                   "skeleton": str(skeleton), "metadata": metadata, "layouts": layout(plan.recipe, blocks)}
+                   "skeleton": str(skeleton), "metadata": metadata, "layouts": layout(plan.recipe, blocks, holes)}
             placement = converter.place(job, lambda names: materialize({n: params[n] for n in names}))
             del job, signatures
         with timer.stage(f"write weights ({plan.quant or plan.storage})", record="weights"):
