@@ -136,19 +136,27 @@ class Request:
     def source_extra_bytes(self, cfg) -> int:
         """What a GGUF's own blocks add to the recipe's artifact (export/quantize/sizes.ideal_bytes),
         from the file's header: the layers its mix keeps at 8 bits (4 more bits per weight in an
-        int4 recipe) and the Q4_K layers' f32 offsets (one per 32 weights, both targets). 0 otherwise."""
+        int4 recipe) and the f32 offsets of the 4-bit blocks that need them (one per 32 weights: Q4_K
+        on both targets, Q4_0 on TFLite, driver.offsets_apart). 0 otherwise."""
         from export.quantize.recipes import RECIPES
 
         if not self.carried_from_gguf:
             return 0
         from models.loaders.gguf import source_blocks
 
+        from export.targets import TARGETS
+
         recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg), 0
+        tflite = TARGETS[self.target].quant_table == "tflite"
         for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
             if name in kept:
                 extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
-            elif kind == "q4_k" and name != "embed" and recipe.block == 32:
-                extra += shape[0] * shape[1] // 32 * 4  # ONNX: f32 offsets; TFLite: the offsets' f32 matmul weight
+                continue
+            carried4 = recipe.block == 32 and (name != "embed" or (tflite and recipe.table_bits is None))
+            # f32 offsets, one per 32 weights: ONNX's Q4_K (not its table); TFLite's Q4_K and Q4_0
+            # (negative scales), driver.offsets_apart
+            if carried4 and (kind == "q4_k" and (name != "embed" or tflite) or kind == "q4_0" and tflite):
+                extra += shape[0] * shape[1] // 32 * 4
         return extra
 
     @property

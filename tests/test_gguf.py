@@ -763,6 +763,10 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     assert export_main(args + ["--target", "tflite", "--gguf-blocks", "requantize", "--out", str(tmp_path / "tfr")]) == 1
     req = json.loads(next((tmp_path / "tfr").glob("*parity.json")).read_text())
     assert keep["passed"] and keep["mean_rel_rms"] < 0.6 * req["mean_rel_rms"], (keep, req)
+    # the disk check's estimate of what the file's blocks add holds on TFLite too (kept layers, offsets)
+    extra = parse_request(build_parser().parse_args(args + ["--target", "tflite"])).source_extra_bytes(cfg)
+    grown = tfl.stat().st_size - next((tmp_path / "tfr").glob("*.tflite")).stat().st_size
+    assert 0.7 * extra < grown < 1.6 * extra, (grown, extra)
 
 
 def test_cli_unknown_architecture_exits_2(tmp_path, capsys):
