@@ -758,6 +758,11 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     # every weight carried at 4 bits has them (Q4_0's negative scales too, the table included), no other
     assert {n for n in floats if n.endswith("_offsets")} == {
         f"{n}_offsets" for n, b in source.items() if b.kind in ("q4_0", "q4_k")}
+    from export.inspect import describe  # and `export inspect` names them
+
+    forms = describe(tfl)["weights"]
+    assert forms["FULLY_CONNECTED block offsets"]["FLOAT32"][0] == offsets - 1  # the layers'
+    assert forms["EMBEDDING_LOOKUP block offsets"]["FLOAT32"][0] == 1  # the table's (the LM head reads it too)
     # ... which the re-quantized export cannot match: its Q4_K layers' error fails the gate here
     keep = json.loads(next((tmp_path / "tfl").glob("*parity.json")).read_text())
     assert export_main(args + ["--target", "tflite", "--gguf-blocks", "requantize", "--out", str(tmp_path / "tfr")]) == 1

@@ -100,7 +100,9 @@ def _stored_form(t, S, type_names) -> str:
 
 def _weight_kinds(model, sg, ops, S, type_names) -> dict:
     """The stored form of every constant operand of one signature's subgraph `sg` (all signatures
-    share their weights; `ops` are its (op name, op) pairs), keyed by the op that uses it."""
+    share their weights; `ops` are its (op name, op) pairs), keyed by the op that uses it (the
+    per-block offsets of a checkpoint's carried int4 blocks, models.layers.OFFSETS, as "<op> block
+    offsets"; the suffix is spelled here so that inspecting needs no JAX)."""
 
     def is_const(ti):
         data = model.Buffers(sg.Tensors(ti).Buffer())
@@ -129,6 +131,8 @@ def _weight_kinds(model, sg, ops, S, type_names) -> dict:
                 continue  # shapes, positions and other small constants are not weights
             form = _stored_form(t, S, type_names) + (" (DEQUANTIZE at load)" if src != ti else "")
             key = f"{name} {_OPERANDS.get((name, slot), f'input {slot}')}"
+            if (t.Name() or b"").decode().endswith("_offsets"):  # a carried int4 weight's offsets
+                key = f"{name} block offsets"
             owner = first.setdefault(t.Buffer(), key)
             if owner != key:  # one tensor read by two ops (the tied table): its bytes count once
                 form += f" = the {owner} tensor"
