@@ -139,12 +139,11 @@ class Request:
         int4 recipe) and the f32 offsets of the 4-bit blocks that need them (one per 32 weights: Q4_K
         on both targets, Q4_0 on TFLite, driver.offsets_apart). 0 otherwise."""
         from export.quantize.recipes import RECIPES
+        from export.targets import TARGETS
 
         if not self.carried_from_gguf:
             return 0
         from models.loaders.gguf import source_blocks
-
-        from export.targets import TARGETS
 
         recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg), 0
         tflite = TARGETS[self.target].quant_table == "tflite"

@@ -62,9 +62,10 @@ def dense(x, w, bias=None, offsets=None):
     offsets: None, or f32 [out, in / g], a constant added to every weight of each block of g
     inputs (the weight is w + offsets repeated g times along its inputs), computed as the
     input's block sums times offsets^T: a second, g times narrower FULLY_CONNECTED. An export
-    adds it as `<weight>_offsets` where a TFLite int4 weight carries a zero point or an offset
-    that XNNPACK's symmetric blockwise kernel cannot hold (a GGUF's Q4_K blocks: value =
-    code * scale - offset; export/quantize/blocks.BlockQuantized.split_offsets)."""
+    adds it as `<weight>_offsets` where a TFLite int4 weight carries an offset or a negative
+    scale that XNNPACK's symmetric, positive-scale blockwise kernel cannot hold (a GGUF's Q4_K
+    blocks, value = code * scale - offset; its Q4_0 blocks' negative scales:
+    export/quantize/blocks.BlockQuantized.split_offsets, export/driver.offsets_apart)."""
     if _TAP is not None:
         _TAP(w, x)
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32)
