@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "target's format holds them, Q4_0 and Q4_K into int4, Q8_0 and Q6_K into ONNX's 8-bit "
                          "MatMulNBits, and the layers a 4-bit mix such as Q4_K_M keeps at 6-8 bits stay 8-bit; "
                          "TFLite adds a small f32 matmul per Q4_K / Q4_0 weight for their offsets and negative "
-                         "scales, 11-18%% slower decode) or requantize (every weight dequantized and quantized by the "
+                         "scales: 4-18%% slower decode measured) or requantize (every weight dequantized and quantized by the "
                          "recipe alone)")
     ap.add_argument("--calibration-text", type=Path, metavar="FILE",
                     help="the calibration text of GPTQ and of TFLite's dynamic-int8 smoothing (UTF-8; a few thousand "
