@@ -147,14 +147,14 @@ class Request:
 
         recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg), 0
         tflite = TARGETS[self.target].quant_table == "tflite"
+        # f32 offsets, one per 32 weights (carried at int4-b32 only): Q4_K's on both targets, Q4_0's
+        # (negative scales) on TFLite (driver.offsets_apart); a table only on TFLite at int4
+        with_offsets = ("q4_k", "q4_0") if tflite else ("q4_k",)
+        table_carried = tflite and recipe.table_bits is None
         for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
             if name in kept:
                 extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
-                continue
-            carried4 = recipe.block == 32 and (name != "embed" or (tflite and recipe.table_bits is None))
-            # f32 offsets, one per 32 weights: ONNX's Q4_K (not its table); TFLite's Q4_K and Q4_0
-            # (negative scales), driver.offsets_apart
-            if carried4 and (kind == "q4_k" and (name != "embed" or tflite) or kind == "q4_0" and tflite):
+            elif recipe.block == 32 and kind in with_offsets and (name != "embed" or table_carried):
                 extra += shape[0] * shape[1] // 32 * 4
         return extra
 
@@ -428,7 +428,7 @@ def run(args) -> int:
             if plan.target.quant_table == "tflite" and plan.recipe is not None and plan.recipe.block:
                 from export.quantize.blocks import needs_offsets
 
-                offsets = sum(needs_offsets(b) for b in usable.values())
+                offsets = sum(needs_offsets(b) and b.block == plan.recipe.block for b in usable.values())
                 if offsets:
                     print(f"  {offsets} of them with per-block offsets (Q4_K's offsets, Q4_0's negative scales: a small "
                           "f32 matmul each, which costs decode speed; --gguf-blocks requantize drops them)")

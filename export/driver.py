@@ -494,9 +494,10 @@ def offsets_apart(blocks: dict, stored: dict) -> tuple[dict, dict]:
     exactly, where XNNPACK's kernel alone would move a code per negative-scale block
     (`BlockQuantized.positive`) or re-quantize a Q4_K. Its stored weight becomes the symmetric
     part. The table likewise (models.model.TABLE_OFFSETS: the lookup adds its offsets' row, the LM
-    head their block-sum matmul). Pending blocks stay pending (each side decodes the source again
-    when the writer takes it). The rest as they are."""
-    from export.quantize.blocks import PendingBlocks, needs_offsets, resolved
+    head their block-sum matmul). Pending blocks stay pending: the first of a weight's two holes
+    the writer takes decodes and splits it once, and the other part waits for its hole (`_parts`).
+    The rest as they are."""
+    from export.quantize.blocks import PendingBlocks, needs_offsets
     from models.layers import OFFSETS
     from models.lazy import LazyTensor
 
@@ -507,14 +508,30 @@ def offsets_apart(blocks: dict, stored: dict) -> tuple[dict, dict]:
     for name in split:
         b = blocks[name]
         n, k = b.shape
-
-        def part(i, b=b):
-            return resolved(b).split_offsets()[i]
-
+        part = _parts(b)
         blocks[name] = PendingBlocks(b.shape, b.bits, b.block, lambda part=part: part(0), f"{b.origin} (offsets apart)")
         stored[name] = LazyTensor((n, k), np.float32, lambda part=part: part(0).dequantize(), name)
         stored[name + OFFSETS] = LazyTensor((n, k // b.block), np.float32, lambda part=part: part(1), name + OFFSETS)
     return blocks, stored
+
+
+def _parts(b):
+    """part(i): `BlockQuantized.split_offsets()[i]` of the blocks b (pending: decoded when first
+    asked), computed once for both parts; each part is dropped when taken, so nothing of the
+    weight stays once the writer has both (a part asked for again is computed again)."""
+    import threading
+
+    from export.quantize.blocks import resolved
+
+    held, lock = {}, threading.Lock()  # the INT4 part may be taken by export.quantize.ahead's threads
+
+    def part(i):
+        with lock:
+            if i not in held:
+                held.update(enumerate(resolved(b).split_offsets()))
+            return held.pop(i)
+
+    return part
 
 
 def quantized_blocks(plan: Plan, stored: dict, carried: dict | None, kept=()) -> dict | None:

@@ -516,3 +516,18 @@ def test_offsets_apart_are_the_same_weight_for_tflite():
     same, zero = plain.split_offsets()  # positive scales, no zero point: the same codes, constants 0
     np.testing.assert_array_equal(same.codes, plain.codes)
     assert not zero.any() and not needs_offsets(plain) and needs_offsets(q4k)
+
+    # the export's split (driver.offsets_apart): a pending carried weight is decoded once for both
+    # of its holes, its stored weight is the symmetric part, and ours are left as they are
+    from export.driver import offsets_apart
+    from export.quantize.blocks import PendingBlocks
+
+    decoded = []
+    pending = PendingBlocks(q4k.shape, 4, 32, lambda: decoded.append(1) or q4k, "gguf Q4_K", onnx_only=True)
+    blocks, stored = offsets_apart({"w": pending, "ours": plain}, {"w": None, "ours": "kept"})
+    assert blocks["ours"] is plain and stored["ours"] == "kept" and not decoded
+    sym, const = q4k.split_offsets()
+    np.testing.assert_array_equal(stored["w_offsets"].load(), const)
+    np.testing.assert_array_equal(blocks["w"].resolve().codes, sym.codes)
+    assert len(decoded) == 1
+    np.testing.assert_array_equal(stored["w"].load(), sym.dequantize())

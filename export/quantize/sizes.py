@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.quantize.onnx import block_for
+from models.layers import OFFSETS
 from export.quantize.recipes import RECIPES
 
 
@@ -18,7 +19,7 @@ def is_quantized_weight(name: str, shape: tuple) -> bool:
     """A matmul weight or the embedding (2-D, both sides at least 16; not the convolution, nor
     an input rotation, export/quantize/rotate.py, which stays f32 ahead of a dynamic-int8 matmul,
     nor a weight's block offsets, models.layers.dense, which stay f32)."""
-    return len(shape) == 2 and min(shape) >= 16 and not name.endswith(("conv_w", "_rotation", "_offsets"))
+    return len(shape) == 2 and min(shape) >= 16 and not name.endswith(("conv_w", "_rotation", OFFSETS))
 
 
 TABLE = "embed"  # the tied embedding table, also the LM head
