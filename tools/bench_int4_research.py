@@ -9,6 +9,8 @@ line per variant to --out. Results and conclusions: docs/notes/int4.md.
     OMP_NUM_THREADS=1 python tools/bench_int4_research.py --out build/int4_research.jsonl
     # --steps sources: the loss split by the GGUF storage type each linear layer came from
     # --steps mixed: GPTQ int4 with the checkpoint's higher-precision layers left as stored
+    # --steps acts: the checkpoint's own weights, every activation scheme above (int8 activations
+    #   alone: what a Q4_0 file carried exactly into each runtime loses)
 """
 
 from __future__ import annotations
@@ -90,7 +92,25 @@ def act_block32_sym8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (torch.clamp(torch.round(xb / s), -127, 127) * s).reshape(sh)
 
 
-ACTS = {None: None, "tok8": act_token_asym8, "blk8": act_block32_sym8}
+def act_group_asym8(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """Per-row asymmetric int8 (as XNNPACK's) over each group of `group` channels: what feeding
+    XNNPACK one row per group (the input masked to each group, rows summed after the matmul)
+    would compute."""
+    sh = x.shape
+    return act_token_asym8(x.reshape(*sh[:-1], sh[-1] // group, group)).reshape(sh)
+
+
+def act_split_asym8(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Two XNNPACK rows per token: the input clipped to +-alpha x its RMS, and what the clip took
+    off (the spikes), each quantized per row; the matmul's rows summed after it."""
+    t = alpha * x.pow(2).mean(-1, keepdim=True).sqrt()
+    main = torch.maximum(torch.minimum(x, t), -t)
+    return act_token_asym8(main) + act_token_asym8(x - main)
+
+
+ACTS = {None: None, "tok8": act_token_asym8, "blk8": act_block32_sym8, "grp128": act_group_asym8,
+        "grp32": lambda x: act_group_asym8(x, 32), "split2": act_split_asym8,
+        "split3": lambda x: act_split_asym8(x, 3.0)}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -295,6 +315,11 @@ def main():
 
     record(0, "f32", "f32", None, r=ref)
     tab_np = W.orig_table.numpy()
+    if "acts" in steps:
+        for a in ("tok8", "blk8", "grp128", "grp32", "split2", "split3"):
+            ev.set_act(a)
+            record("acts", "as stored", "as stored", a)
+        ev.set_act(None)
     tables = {}
     if "1" in steps:
         for name in ["int4 RTN absmax/7", "int4 MSE search", "int8 per row"]:
