@@ -102,7 +102,8 @@ class Request:
         from export.targets import TARGETS
 
         check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate,
-                   gptq=o.int4_method == "gptq", smooth=wanted(o.quant, TARGETS[self.target].quant_table, o.smoothing))
+                   gptq=o.int4_method == "gptq", smooth=wanted(o.quant, TARGETS[self.target].quant_table, o.smoothing),
+                   extra_artifact=self.source_extra_bytes(cfg))
 
     def check_disk(self, cfg, free: int | None = None):
         """Refuse an export whose artifact (estimated from the config) would not fit the free space

@@ -114,10 +114,13 @@ def smooth_bytes(shapes: dict) -> int:
 
 def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
              vision: bool = True, gate: str = "auto", available: int | None = None, gptq: bool = False,
-             smooth: bool = False) -> Estimate:
+             smooth: bool = False, extra_artifact: int = 0) -> Estimate:
     """The pipeline's peak resident memory for this export, from the config's parameter shapes
     (`gptq`: --int4-method gptq's calibration, `smooth`: TFLite dynamic-int8's smoothing
-    calibration; both run before the weights are written)."""
+    calibration; both run before the weights are written). `extra_artifact`: bytes a checkpoint's
+    own blocks add to the recipe's artifact (a GGUF's 8-bit layers and block offsets:
+    export/cli.Request.source_extra_bytes), which the gate's runtime holds too; they are streamed
+    like the weights, so the export's own peak does not grow."""
     shapes = param_shapes_with_vision(cfg, vision)
     n = sum(math.prod(s) for s in shapes.values())
     f32 = 4 * n
@@ -128,6 +131,7 @@ def estimate(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bo
         artifact = ideal_bytes(fake, quant, "onnx" if target == "onnx" else "tflite")
     else:
         artifact = n * (4 if dtype == "f32" else 2)
+    artifact += extra_artifact
     largest = 4 * max(math.prod(s) for s in shapes.values())
     layers = _layer_bytes(shapes)
     tower = 4 * sum(math.prod(s) for k, s in shapes.items() if k.startswith(("vision.", "mm.")))
@@ -176,11 +180,11 @@ def total_memory() -> int:
 
 def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: bool = True,
                vision: bool = True, available: int | None = None, gate: str = "auto", gptq: bool = False,
-               smooth: bool = False) -> Estimate:
+               smooth: bool = False, extra_artifact: int = 0) -> Estimate:
     """ValueError (one line: the memory needed, the machine's, and what would fit) when the export
     cannot fit; the estimate otherwise."""
     available = total_memory() if available is None else available
-    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq, smooth)
+    est = estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq, smooth, extra_artifact)
     if est.peak <= available:
         return est
     stage = f"its parity gate ({est.gate})" if est.gate_bytes > est.export_bytes else "the export"
@@ -189,7 +193,8 @@ def check_fits(cfg, target: str, quant: str | None, dtype: str = "f32", verify: 
         hints.append("--gate streamed")
     if verify and est.export_bytes <= available:
         hints.append("--no-verify (no parity gate)")
-    if smooth and estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq).peak <= available:
+    if smooth and estimate(cfg, target, quant, dtype, verify, vision, gate, available, gptq,
+                           extra_artifact=extra_artifact).peak <= available:
         hints.append("--no-smoothing")
     if target != "onnx":
         other = estimate(cfg, "onnx", quant, dtype, verify, vision, gate, available, gptq)

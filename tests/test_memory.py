@@ -132,3 +132,26 @@ def test_smoothing_calibration_is_counted():
     need = memory.smooth_bytes(memory.param_shapes_with_vision(cfg, False))
     assert smooth.export_bytes == max(plain.export_bytes, need) and need > 2 * memory.GiB
     assert smooth.peak >= plain.peak
+
+
+def test_a_checkpoints_own_blocks_count_in_the_gates_runtime(machine_of, tmp_path, monkeypatch):
+    """What a GGUF's own blocks add to the artifact (8-bit kept layers, block offsets) is held by the
+    gate's runtime: the estimate grows by the runtime's share of it (the export streams them), and
+    the CLI's check passes its header's figure (Request.source_extra_bytes)."""
+    from export.cli import Request, build_parser, parse_request
+
+    cfg = get_config("gemma3-1b")
+    for gate in ("memory", "streamed"):
+        plain = memory.estimate(cfg, "tflite", "int4-b32", vision=False, gate=gate)
+        extra = memory.estimate(cfg, "tflite", "int4-b32", vision=False, gate=gate, extra_artifact=GiB)
+        assert extra.artifact_bytes == plain.artifact_bytes + GiB
+        assert extra.export_bytes == plain.export_bytes
+        assert extra.gate_bytes - plain.gate_bytes >= GiB
+    machine_of(24)
+    args = build_parser().parse_args(["--model", "gemma3-1b", "--random-init", "0", "--target", "tflite",
+                                      "--no-vision", "--quant", "int4-b32", "--out", str(tmp_path)])
+    request = parse_request(args)
+    request.check_memory()  # fits
+    monkeypatch.setattr(Request, "source_extra_bytes", lambda self, cfg: 40 * GiB)
+    with pytest.raises(ValueError, match="needs about"):
+        request.check_memory()
