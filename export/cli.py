@@ -68,9 +68,10 @@ class Request:
         from export.driver import resolve
 
         resolve(cfg, self.target, self.options)  # context, prefill lengths, recipe x model, tokenizer
+        extra = self.source_extra_bytes(cfg)  # a GGUF's header, read once for both checks
         if self.memory_check:
-            self.check_memory(cfg=cfg)
-        self.check_disk(cfg)
+            self.check_memory(cfg=cfg, extra=extra)
+        self.check_disk(cfg, extra=extra)
 
     def config(self):
         """The model's config before any weights load (the registry's, or the checkpoint's own
@@ -89,9 +90,10 @@ class Request:
                 return None
         return cfg if self.vision else dataclasses.replace(cfg, vision=None)
 
-    def check_memory(self, available: int | None = None, cfg=None):
+    def check_memory(self, available: int | None = None, cfg=None, extra: int | None = None):
         """Refuse, before any weights load, an export whose estimated peak memory exceeds this
-        machine's (export/memory.py). A config that cannot be read here is left to the loader."""
+        machine's (export/memory.py). A config that cannot be read here is left to the loader.
+        `extra`: `source_extra_bytes(cfg)` where the caller has it."""
         from export.memory import check_fits
 
         cfg = cfg or self.config()
@@ -103,17 +105,18 @@ class Request:
 
         check_fits(cfg, self.target, o.quant, o.dtype, o.verify, self.vision, available, gate=o.gate,
                    gptq=o.int4_method == "gptq", smooth=wanted(o.quant, TARGETS[self.target].quant_table, o.smoothing),
-                   extra_artifact=self.source_extra_bytes(cfg))
+                   extra_artifact=self.source_extra_bytes(cfg) if extra is None else extra)
 
-    def check_disk(self, cfg, free: int | None = None):
+    def check_disk(self, cfg, free: int | None = None, extra: int | None = None):
         """Refuse an export whose artifact (estimated from the config) would not fit the free space
-        of --out, with both numbers."""
+        of --out, with both numbers. `extra`: `source_extra_bytes(cfg)` where the caller has it."""
         import shutil
 
         from export.memory import GiB, estimate
 
+        extra = self.source_extra_bytes(cfg) if extra is None else extra
         need = int(1.05 * (estimate(cfg, self.target, self.options.quant, self.options.dtype, verify=False,
-                                    vision=self.vision).artifact_bytes + self.source_extra_bytes(cfg))) + 64 * 2**20
+                                    vision=self.vision).artifact_bytes + extra)) + 64 * 2**20
         free = shutil.disk_usage(self.options.out_dir).free if free is None else free
         if need > free:
             raise ValueError(f"the artifact needs about {need / GiB:.1f} GiB and {self.options.out_dir} has "
@@ -144,15 +147,16 @@ class Request:
 
         if not self.carried_from_gguf:
             return 0
-        from models.loaders.gguf import source_blocks
+        from models.loaders.gguf import GGUFFile, source_blocks
 
-        recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg), 0
+        f = GGUFFile(self.checkpoint)  # its header parsed once for both questions
+        recipe, kept, extra = RECIPES[self.options.quant], self.kept(cfg, f), 0
         tflite = TARGETS[self.target].quant_table == "tflite"
         # f32 offsets, one per 32 weights (carried at int4-b32 only): Q4_K's on both targets, Q4_0's
         # (negative scales) on TFLite (driver.offsets_apart); a table only on TFLite at int4
         with_offsets = ("q4_k", "q4_0") if tflite else ("q4_k",)
         table_carried = tflite and recipe.table_bits is None
-        for name, (kind, shape, _decode) in source_blocks(self.checkpoint, cfg, lazy=True).items():
+        for name, (kind, shape, _decode) in source_blocks(f, cfg, lazy=True).items():
             if name in kept:
                 extra += shape[0] * shape[1] * (8 - recipe.bits) // 8
             elif recipe.block == 32 and kind in with_offsets and (name != "embed" or table_carried):
@@ -165,16 +169,17 @@ class Request:
         --gguf-blocks keep."""
         return self.gguf and self.options.quant not in (None, "fp16") and self.gguf_blocks == "keep"
 
-    def kept(self, cfg) -> set[str]:
+    def kept(self, cfg, gguf=None) -> set[str]:
         """The layers a mixed-precision GGUF (Q4_K_M, ...) holds at 6-8 bits while its others are
-        4-5 bits (models.loaders.gguf.mix_kept): the int4 (block) recipes write them at 8 bits."""
+        4-5 bits (models.loaders.gguf.mix_kept): the int4 (block) recipes write them at 8 bits.
+        `gguf`: the checkpoint already open (a GGUFFile), else it is opened here."""
         from export.quantize.recipes import RECIPES
 
         if not self.carried_from_gguf or not RECIPES[self.options.quant].block:
             return set()
         from models.loaders.gguf import mix_kept
 
-        return mix_kept(self.checkpoint, cfg)
+        return mix_kept(self.checkpoint if gguf is None else gguf, cfg)
 
     def carried(self, cfg) -> dict | None:
         """A GGUF checkpoint's own Q4_0 / Q8_0 / Q4_K / Q6_K blocks, written exactly where the

@@ -203,3 +203,21 @@ def test_gguf_4bit_mix_into_onnx_int4(tmp_path, capsys):
     extra = parse_request(build_parser().parse_args(args + ["--target", "tflite"])).source_extra_bytes(cfg)
     grown = tfl.stat().st_size - next((tmp_path / "tfr").glob("*.tflite")).stat().st_size
     assert 0.7 * extra < grown < 1.6 * extra, (grown, extra)
+
+
+def test_the_checks_before_an_export_read_the_gguf_blocks_once(tmp_path, monkeypatch):
+    """The memory and disk checks both count what the file's blocks add to the artifact
+    (Request.source_extra_bytes: Q4_0's offsets here); the header is read for it once, and both
+    checks get the same figure."""
+    from export import memory
+    from export.cli import Request, build_parser, parse_request
+
+    info = write_tiny_gguf(tmp_path / "tiny-Q4_0.gguf", "gemma3", _all_matmuls("gemma3", "Q4_0"))
+    request = parse_request(build_parser().parse_args(["--checkpoint", str(info["path"]), "--target", "tflite",
+                                                       "--quant", "int4-b32", "--out", str(tmp_path / "out")]))
+    calls, seen = [], []
+    real, check = Request.source_extra_bytes, memory.check_fits
+    monkeypatch.setattr(Request, "source_extra_bytes", lambda self, cfg: calls.append(1) or real(self, cfg))
+    monkeypatch.setattr(memory, "check_fits", lambda *a, **k: seen.append(k["extra_artifact"]) or check(*a, **k))
+    request.validate()
+    assert len(calls) == 1 and seen[0] > 0

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from export.quantize.onnx import block_for
-from models.layers import OFFSETS
 from export.quantize.recipes import RECIPES
+from models.layers import OFFSETS
 
 
 def is_quantized_weight(name: str, shape: tuple) -> bool:
