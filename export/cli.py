@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "text shipped with the project; more accurate, minutes longer; same file and speed)")
     ap.add_argument("--gptq-damp", type=float, default=None, metavar="SHARE",
                     help="--int4-method gptq: the damping added to the calibration statistic's diagonal, as a share "
-                         "of its mean (default 0.3; lower fits the calibration text more closely: "
+                         "of its mean (default 0.1 for ONNX's codes with zero points, 0.3 for TFLite's symmetric ones; "
+                         "lower fits the calibration text more closely: "
                          "docs/quantization.md#gptq---int4-method-gptq)")
     ap.add_argument("--gguf-blocks", choices=["keep", "requantize"], default="keep",
                     help="a GGUF checkpoint's own blocks with --quant: keep (default: written exactly where the "

