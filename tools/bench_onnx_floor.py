@@ -10,8 +10,10 @@ genai_config.json):
 
   step      one decode step in onnxruntime-genai after a 128-token prompt (--steps greedy tokens
             timed, median of --repeats), in ms and tok/s: what bench_anchors' dec@128 measures
-  weights   the same model's weight-reading nodes alone: every MatMulNBits and GatherBlockQuantized
-            (and Gather/MatMul whose weight is an initializer) copied into a graph of their own,
+  weights   the same model's weight-reading nodes alone: every MatMulNBits, GatherBlockQuantized,
+            Gather and MatMul whose weight operands are all initializers (a gather whose scales
+            are reshaped at run time, as both graphs' embedding lookups are, is left out: it reads
+            one row), copied into a graph of their own,
             each fed a one-token input of its width, run by an onnxruntime session with the same
             threads (median of --runs): the time a step spends in the weights' kernels when nothing
             else runs. The initializers are the folder's own (external data, not copied).
