@@ -212,8 +212,8 @@ def quantize_group(weights: list[np.ndarray], hessian: np.ndarray, bits: int, bl
     w = np.concatenate([np.asarray(x, np.float32) for x in weights]) if len(weights) > 1 else \
         np.asarray(weights[0], np.float32)
     kw = GPTQ_ASYMMETRIC_SEARCH if asymmetric else GPTQ_SYMMETRIC_SEARCH
-    whole = _to_blocks(gptq(w, hessian, bits, block, damp=default_damp(asymmetric) if damp is None else damp, scale_fn=mse_search, **kw),
-                       bits, asymmetric)
+    damp = default_damp(asymmetric) if damp is None else damp
+    whole = _to_blocks(gptq(w, hessian, bits, block, damp=damp, scale_fn=mse_search, **kw), bits, asymmetric)
     out, r = [], 0
     for x in weights:
         n = np.shape(x)[0]
